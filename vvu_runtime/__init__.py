@@ -1,0 +1,1 @@
+"""vvu: virtio-vhost-user appliances and the vhost-user backends they carry."""
