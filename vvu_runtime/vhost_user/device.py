@@ -9,6 +9,27 @@ socket on a host and over the VVU transport inside an appliance.
 Devices touch rings only through :class:`Vring` (``pop``/``push``/``notify``),
 so that inflight tracking, dirty logging and interrupt suppression stay in one
 place.
+
+Call order, per connection (owned by the vhost_user engineer; tell them before
+relying on anything not written here):
+
+* ``features()``, ``protocol_features()``, ``num_queues()``, ``max_queue_size()``
+  may be called at any time, also before a connection; return constants.
+* ``set_features(f)`` after SET_FEATURES (``f`` without the vhost-user bits 26/30).
+* ``queue_started(vring)`` when a ring has memory, size, addresses and a kick (or
+  NOFD = polling); ``process(vring)`` on every kick from then on, and once right
+  after start and after SET_VRING_ENABLE(1) so buffers made available before are
+  not missed. ``process`` may see a started but disabled ring (``vring.enabled``
+  False): consume without side effects (net: drop TX, leave RX alone).
+* ``queue_stopped(vring)`` on GET_VRING_BASE, RESET_DEVICE, a ring failure or a
+  disconnect; ``reset()`` after all rings stopped on disconnect/RESET_DEVICE/
+  RESET_OWNER. The same device object then serves the next connection.
+* A :class:`~vvu_runtime.virtio.errors.VirtioError` raised from ``process`` fails
+  only that ring (``vring.fail``: logged, err notifier, NEEDS_RESET); any other
+  exception is logged and drops the connection. Never block in these hooks: they
+  run on the event loop shared by every session of the process.
+* ``get_config``/``set_config`` need the CONFIG protocol feature: return it from
+  ``protocol_features()`` (``1 << 9``) when the device has a config space.
 """
 
 from __future__ import annotations

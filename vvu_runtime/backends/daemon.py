@@ -1,0 +1,179 @@
+"""The shared runner of backend programs (``vvu-switch``, ``vvu-blk``).
+
+A backend CLI parses its own options, builds one :class:`VhostUserDevice` per
+vhost-user socket, and hands them to :func:`run`::
+
+    from vvu_runtime.backends.daemon import Endpoint, run
+
+    def main() -> int:
+        args = parse()
+        endpoints = [Endpoint(PortDevice(sw, name), path) for name, path in args.ports]
+        return run(endpoints, program="vvu-switch", log_level=args.log_level,
+                   setup=lambda loop: sw.attach_uplink(loop))
+
+``run(endpoints, *, program, log_level, setup, cleanup, ready) -> int``
+
+* ``endpoints``: :class:`Endpoint` objects, or ``(device, socket_path)`` pairs
+  (server mode). One device per socket; the device object lives as long as the
+  process and sees ``reset()`` on every disconnect, so a reconnecting QEMU finds
+  it ready again.
+* ``program``: the name logs and messages start with.
+* ``log_level``: a ``logging`` level name or number. Logs go to stderr as
+  ``program: LEVEL logger: message``; every session line names its device
+  (``device.name``, e.g. ``port vm1``) so a multi-port switch's log is readable.
+* ``setup(loop)``: called inside the running event loop before the sockets
+  listen (attach an uplink reader, start timers). An exception here ends the run
+  with exit code 1 and a one-line message.
+* ``cleanup()``: called after all sessions stopped and sockets are removed.
+* ``ready()``: called once every socket listens (or every client connected once).
+
+Behaviour: one asyncio event loop runs every session; SIGTERM and SIGINT stop
+listening, end the sessions (each ring stopped, ``device.reset()``, memory
+unmapped, fds closed), remove the listening socket files, and return 0. A socket
+path that cannot be bound (bad directory, a live socket already there) returns 1
+with a clear message, as does any unexpected error (logged with a traceback).
+A stale socket file left by a dead process is replaced.
+
+Exit codes: :data:`EXIT_OK` 0, :data:`EXIT_FAILURE` 1 (CLIs use 2 for usage errors,
+as argparse does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from vvu_runtime.vhost_user.device import VhostUserDevice
+from vvu_runtime.vhost_user.errors import VhostUserError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One vhost-user socket and the device served on it.
+
+    ``client=False`` (default): listen on ``socket_path`` (QEMU connects with
+    ``-chardev socket,path=...,reconnect-ms=...``). ``client=True``: connect to a
+    QEMU listening there (``-chardev socket,path=...,server=on``), retrying every
+    ``retry_interval`` seconds, and again after each disconnect.
+    """
+
+    device: VhostUserDevice
+    socket_path: str | os.PathLike[str]
+    client: bool = False
+    retry_interval: float = 1.0
+
+
+EndpointSpec = Endpoint | tuple[VhostUserDevice, "str | os.PathLike[str]"]
+
+
+def configure_logging(program: str, level: str | int = "INFO") -> None:
+    """Log to stderr as ``program: LEVEL logger: message`` (idempotent)."""
+    if isinstance(level, str):
+        level = level.upper()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_vvu_daemon", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{program}: %(levelname)s %(name)s: %(message)s"))
+    handler._vvu_daemon = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _endpoint(spec: EndpointSpec) -> Endpoint:
+    if isinstance(spec, Endpoint):
+        return spec
+    device, path = spec
+    return Endpoint(device, path)
+
+
+async def serve(endpoints: Sequence[EndpointSpec], stop: asyncio.Event, *,
+                ready: Callable[[], None] | None = None) -> None:
+    """Serve ``endpoints`` in the running loop until ``stop`` is set, then clean up.
+
+    Raises :class:`VhostUserError` (or OSError) when a socket cannot be set up; what
+    was already set up is closed first.
+    """
+    from vvu_runtime.vhost_user.server import VhostUserClient, VhostUserServer
+
+    servers: list[VhostUserServer | VhostUserClient] = []
+    try:
+        for spec in endpoints:
+            ep = _endpoint(spec)
+            if ep.client:
+                client = VhostUserClient(ep.socket_path, ep.device,
+                                         retry_interval=ep.retry_interval)
+                client.start()
+                servers.append(client)
+            else:
+                server = VhostUserServer(ep.socket_path, ep.device)
+                server.start()
+                servers.append(server)
+        if ready is not None:
+            ready()
+        await stop.wait()
+    finally:
+        for s in servers:
+            s.close()
+
+
+def run(endpoints: Sequence[EndpointSpec], *, program: str = "vvu",
+        log_level: str | int = "INFO",
+        setup: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+        cleanup: Callable[[], None] | None = None,
+        ready: Callable[[], None] | None = None) -> int:
+    """Run the backend until SIGTERM/SIGINT; returns the process exit code."""
+    configure_logging(program, log_level)
+    if not endpoints:
+        log.error("no vhost-user sockets to serve")
+        return EXIT_FAILURE
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if setup is not None:
+                setup(loop)
+
+            def announce() -> None:
+                for spec in endpoints:
+                    ep = _endpoint(spec)
+                    mode = "connecting to" if ep.client else "listening on"
+                    log.info("%s: %s %s", ep.device.name, mode, os.fspath(ep.socket_path))
+                if ready is not None:
+                    ready()
+
+            await serve(endpoints, stop, ready=announce)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        log.info("stopped")
+        return EXIT_OK
+
+    code = EXIT_FAILURE
+    try:
+        code = asyncio.run(main())
+    except (VhostUserError, OSError) as exc:
+        log.error("%s", exc)
+    except Exception:
+        log.exception("unexpected error")
+    finally:
+        if cleanup is not None:
+            try:
+                cleanup()
+            except Exception:
+                log.exception("cleanup failed")
+    return code

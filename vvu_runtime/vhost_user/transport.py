@@ -1,0 +1,351 @@
+"""What a vhost-user session needs from the medium it runs over.
+
+Two transports carry the same protocol:
+
+* the **socket transport** (this module): an AF_UNIX SOCK_STREAM connection, file
+  descriptors passed as SCM_RIGHTS; memory regions arrive as fds to mmap, kicks as
+  eventfds to wait on, calls and errors as eventfds to write;
+* the **VVU transport** (``vvu_runtime.driver``, later): messages arrive through the
+  VVU device's rx/tx virtqueues with no fds; memory is a window of a PCI BAR,
+  kicks are MSI-X interrupts (a vfio eventfd, or a poll), calls are doorbell
+  writes.
+
+The session is written against this seam only:
+
+* :class:`Channel` - receive one whole message (header, payload, fds), send one,
+  ``fileno()`` for the event loop, ``close()``;
+* :class:`Transport` - the per-connection resources a message refers to:
+  ``map_region(region, fd)`` gives a :class:`MappedRegion`, ``kick_source`` turns the
+  fd of SET_VRING_KICK into a :class:`KickSource`, ``notifier`` turns the fd of
+  SET_VRING_CALL/ERR into a :class:`Notifier`. On the VVU transport the fd argument
+  is ``None`` and the transport looks the resource up by queue index instead.
+
+:class:`UnixChannel` is the socket channel. It reads the 12-byte header with its
+ancillary fds, then exactly ``size`` bytes of payload; fds of a message that is
+rejected are closed before the error propagates, so a hostile peer cannot make the
+process leak descriptors.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import os
+import select
+import socket
+import struct
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from vvu_runtime.vhost_user.errors import (
+    ConnectionClosed,
+    FramingError,
+    TransportError,
+)
+from vvu_runtime.virtio.memory import MappedRegion, MemoryRegion, map_fd
+
+# --------------------------------------------------------------------------- notifiers
+
+
+class Notifier(ABC):
+    """Where the back-end signals the front-end (call, err, log)."""
+
+    @abstractmethod
+    def signal(self) -> None:
+        """Raise the notification. Must not block and must not raise on a full counter."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the resource behind the notifier."""
+
+
+class KickSource(ABC):
+    """Where the front-end's kicks arrive: something the event loop can wait on."""
+
+    @abstractmethod
+    def fileno(self) -> int:
+        """A descriptor that becomes readable on a kick."""
+
+    @abstractmethod
+    def drain(self) -> None:
+        """Consume the pending kicks (after the descriptor became readable)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the resource behind the kick source."""
+
+
+class EventFdNotifier(Notifier):
+    """An eventfd the front-end gave us (SET_VRING_CALL/ERR, SET_LOG_FD). Owns the fd."""
+
+    __slots__ = ("fd",)
+
+    _ONE = struct.pack("=Q", 1)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def signal(self) -> None:
+        try:
+            os.write(self.fd, self._ONE)
+        except BlockingIOError:
+            pass  # the counter is saturated: the front-end has a wake-up pending anyway
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class EventFdKick(KickSource):
+    """An eventfd the front-end kicks (SET_VRING_KICK). Owns the fd."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 8)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Transport(ABC):
+    """Resources of one connection that messages refer to (memory, kicks, calls)."""
+
+    @abstractmethod
+    def map_region(self, region: MemoryRegion, fd: int | None) -> MappedRegion:
+        """Map one memory-table entry. Raises GuestMemoryError."""
+
+    @abstractmethod
+    def kick_source(self, index: int, fd: int | None) -> KickSource | None:
+        """The kick source of queue ``index`` (None: poll the ring)."""
+
+    @abstractmethod
+    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
+        """The call or err (``kind`` "call"/"err"/"log") notifier of queue ``index``."""
+
+
+class SocketTransport(Transport):
+    """The socket transport: everything comes as an fd. Takes ownership of the fds."""
+
+    def map_region(self, region: MemoryRegion, fd: int | None) -> MappedRegion:
+        if fd is None:
+            from vvu_runtime.virtio.errors import GuestMemoryError
+
+            raise GuestMemoryError(f"memory region {region}: no fd to map")
+        return map_fd(region, fd)
+
+    def kick_source(self, index: int, fd: int | None) -> KickSource | None:
+        return None if fd is None else EventFdKick(fd)
+
+    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
+        return None if fd is None else EventFdNotifier(fd)
+
+
+# --------------------------------------------------------------------------- channels
+
+HEADER = struct.Struct("=III")
+HEADER_SIZE = HEADER.size
+
+#: Most fds one message may carry (QEMU sends at most 8; a few spare to detect excess).
+MAX_FDS = 16
+
+
+@dataclass(slots=True)
+class Frame:
+    """One message as it came off the wire: header fields, payload, fds (owned)."""
+
+    request: int
+    flags: int
+    payload: bytes
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+class Channel(ABC):
+    """A bidirectional message channel of the vhost-user protocol."""
+
+    @abstractmethod
+    def recv_frame(self, timeout: float | None = None) -> Frame:
+        """Block until one whole message has arrived (ConnectionClosed on EOF)."""
+
+    @abstractmethod
+    def recv_frame_nowait(self) -> Frame | None:
+        """Read what is available; a whole message, or None if it is not complete yet."""
+
+    @abstractmethod
+    def send_frame(self, request: int, flags: int, payload: bytes,
+                   fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one message (fds are not closed: the caller keeps them)."""
+
+    @abstractmethod
+    def fileno(self) -> int:
+        """Descriptor to wait on for incoming messages."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the channel (idempotent)."""
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """Whether close() was called."""
+
+
+class UnixChannel(Channel):
+    """A vhost-user connection over an AF_UNIX stream socket with SCM_RIGHTS.
+
+    ``max_payload`` bounds the payload size accepted before it is read (a header
+    announcing more is a :class:`FramingError`). ``limit_for`` may give a tighter
+    bound per request code (from the message table). The socket is made
+    non-blocking; :meth:`recv_frame` waits with ``select``.
+    """
+
+    def __init__(self, sock: socket.socket, *, max_payload: int = 4096,
+                 limit_for: dict[int, int] | None = None, name: str = "") -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.max_payload = max_payload
+        self.limit_for = limit_for or {}
+        self.name = name or f"fd {sock.fileno()}"
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._header: tuple[int, int, int] | None = None
+        self._closed = False
+        self._anc_size = socket.CMSG_SPACE(MAX_FDS * 4)
+
+    # -- receiving
+    def _recv_some(self, want: int) -> bool:
+        """One recvmsg of at most ``want`` bytes; False when nothing was available."""
+        try:
+            data, anc, msg_flags, _ = self.sock.recvmsg(want, self._anc_size,
+                                                        socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._drop_partial()
+            raise TransportError(f"{self.name}: receive failed: {exc}") from exc
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+                self._fds.extend(fds)
+        if msg_flags & socket.MSG_CTRUNC:
+            self._drop_partial()
+            raise FramingError(f"{self.name}: more than {MAX_FDS} fds on one message "
+                               "(ancillary data truncated)")
+        if not data:
+            partial = bool(self._buf) or self._header is not None
+            self._drop_partial()
+            if partial:
+                raise TransportError(f"{self.name}: peer hung up in the middle of a message")
+            raise ConnectionClosed(f"{self.name}: peer closed the connection")
+        self._buf += data
+        return True
+
+    def _drop_partial(self) -> None:
+        close_fds(self._fds)
+        self._buf.clear()
+        self._header = None
+
+    def recv_frame_nowait(self) -> Frame | None:
+        if self._closed:
+            raise ConnectionClosed(f"{self.name}: channel is closed")
+        while True:
+            if self._header is None:
+                need = HEADER_SIZE - len(self._buf)
+                if need > 0:
+                    if not self._recv_some(need):
+                        return None
+                    continue
+                request, flags, size = HEADER.unpack(self._buf)
+                self._buf.clear()
+                limit = self.limit_for.get(request, self.max_payload)
+                if size > limit:
+                    self._drop_partial()
+                    raise FramingError(
+                        f"{self.name}: request {request} announces a {size}-byte payload, "
+                        f"more than the {limit} bytes allowed", request)
+                self._header = (request, flags, size)
+            request, flags, size = self._header
+            need = size - len(self._buf)
+            if need > 0:
+                if not self._recv_some(need):
+                    return None
+                continue
+            frame = Frame(request, flags, bytes(self._buf), self._fds)
+            self._buf.clear()
+            self._fds = []
+            self._header = None
+            return frame
+
+    def recv_frame(self, timeout: float | None = None) -> Frame:
+        while True:
+            frame = self.recv_frame_nowait()
+            if frame is not None:
+                return frame
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                raise TransportError(f"{self.name}: no message within {timeout} s")
+
+    # -- sending
+    def send_frame(self, request: int, flags: int, payload: bytes,
+                   fds: list[int] | tuple[int, ...] = ()) -> None:
+        if self._closed:
+            raise ConnectionClosed(f"{self.name}: channel is closed")
+        data = memoryview(HEADER.pack(request, flags, len(payload)) + payload)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
+            if fds else []
+        while data:
+            try:
+                sent = self.sock.sendmsg([data], anc)
+            except (BlockingIOError, InterruptedError):
+                _, ready, _ = select.select([], [self.sock], [], 5.0)
+                if not ready:
+                    raise TransportError(f"{self.name}: peer does not read (send timed out)")\
+                        from None
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                    raise ConnectionClosed(f"{self.name}: peer closed the connection") from exc
+                raise TransportError(f"{self.name}: send failed: {exc}") from exc
+            data = data[sent:]
+            anc = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_partial()
+        self.sock.close()

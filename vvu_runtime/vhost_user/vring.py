@@ -1,0 +1,296 @@
+"""One virtqueue of a vhost-user session, as the device sees it.
+
+The session (``backend.BackendSession``) fills a :class:`Vring` from the
+SET_VRING_* messages and starts it; the device (``VhostUserDevice``) only calls
+
+* :meth:`Vring.pop` - the next available :class:`DescriptorChain` or ``None``;
+* :meth:`Vring.push` - return a chain with the number of bytes written into it;
+* :meth:`Vring.notify` - after a batch of pushes: signal the front-end if the
+  driver wants it (EVENT_IDX / NO_INTERRUPT honoured by the queue);
+* :meth:`Vring.has_available`, :meth:`Vring.kick_suppression` (polling devices);
+* :meth:`Vring.fail` - the ring is broken (a VirtioError from a hostile chain):
+  log, stop serving this ring, signal the err notifier, set NEEDS_RESET;
+
+and reads ``index``, ``size``, ``enabled``, ``started``, ``features``, ``name``.
+
+Rules for devices:
+
+* Call these from the session's event-loop thread only (use
+  ``loop.call_soon_threadsafe`` from worker threads). They are not locked.
+* ``process(vring)`` may be called on a started but **disabled** ring
+  (``vring.enabled`` is False): consume without side effects (net: drop TX,
+  do not fill RX), as the vhost-user spec requires.
+* Dirty logging (live migration) and inflight tracking (INFLIGHT_SHMFD) happen
+  inside pop/push: devices never see them. ``push`` marks the written bytes of the
+  chain's writable buffers dirty; do not write beyond ``written``.
+* After ``queue_stopped`` the Vring object may be started again later (new queue
+  object inside, same Vring); do not keep chains popped before a stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from vvu_runtime.vhost_user.transport import KickSource, Notifier
+from vvu_runtime.virtio.errors import RingError, VirtioError
+from vvu_runtime.virtio.memory import GuestMemory
+from vvu_runtime.virtio.queue import DescriptorChain, RingAddresses, Virtqueue
+
+log = logging.getLogger(__name__)
+
+VIRTIO_F_RING_PACKED = 1 << 34
+
+#: Builds the ring implementation when a Vring starts:
+#: (index, size, addresses, memory, features, base) -> Virtqueue.
+QueueFactory = Callable[[int, int, RingAddresses, GuestMemory, int, int], Virtqueue]
+
+
+def default_queue_factory(index: int, size: int, addresses: RingAddresses,
+                          memory: GuestMemory, features: int, base: int) -> Virtqueue:
+    """Split or packed ring, by the negotiated RING_PACKED bit."""
+    if features & VIRTIO_F_RING_PACKED:
+        try:
+            from vvu_runtime.virtio.packed import PackedQueue  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:  # pragma: no cover - until packed.py lands
+            raise RingError("packed rings are not implemented yet") from exc
+        queue: Virtqueue = PackedQueue(index, size, addresses, memory, features, base)
+        return queue
+    try:
+        from vvu_runtime.virtio.split import SplitQueue  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:  # pragma: no cover - until split.py lands
+        raise RingError("split rings are not implemented yet") from exc
+    queue = SplitQueue(index, size, addresses, memory, features, base)
+    return queue
+
+
+class InflightTracker(Protocol):
+    """Inflight bookkeeping of one queue in the INFLIGHT_SHMFD area (see backend.py)."""
+
+    def fetched(self, chain: DescriptorChain) -> None:
+        """``chain`` was popped: mark it inflight (with its submission order)."""
+
+    def completing(self, chain: DescriptorChain) -> None:
+        """``chain`` is about to be pushed (before the used ring is written)."""
+
+    def completed(self, chain: DescriptorChain) -> None:
+        """``chain`` was pushed (after the used ring was written)."""
+
+    def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
+        """Chains recorded as inflight by a previous connection, in submission order."""
+
+
+class _StoppedQueue(Virtqueue):
+    """Stands in for the ring while the Vring is stopped: nothing available."""
+
+    index = -1
+    size = 0
+
+    def pop(self) -> DescriptorChain | None:
+        return None
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        raise RingError("push on a stopped ring")
+
+    def should_notify(self) -> bool:
+        return False
+
+    def set_kick_suppression(self, suppress: bool) -> bool:
+        return False
+
+    def get_base(self) -> int:
+        return 0
+
+    def has_available(self) -> bool:
+        return False
+
+
+_STOPPED = _StoppedQueue()
+
+
+class Vring:
+    """Per-queue state of one vhost-user session, and the device's handle on a ring.
+
+    Session-owned attributes (set from messages): ``size`` (SET_VRING_NUM),
+    ``addresses`` (SET_VRING_ADDR), ``base`` (SET_VRING_BASE), ``kick``/``call``/``err``
+    (SET_VRING_KICK/CALL/ERR; ``None`` = NOFD), ``kick_nofd`` (polling requested),
+    ``enabled`` (SET_VRING_ENABLE), ``features`` (SET_FEATURES), ``inflight``.
+    """
+
+    __slots__ = (
+        "_memory", "_on_fail", "_queue", "_resubmit", "_tracking", "addresses", "base",
+        "call", "device_name", "enabled", "err", "failed", "features", "index", "inflight",
+        "kick", "kick_nofd", "name", "queue_factory", "size", "started",
+    )
+
+    def __init__(self, index: int, device_name: str = "device",
+                 on_fail: Callable[[Vring, BaseException], None] | None = None,
+                 queue_factory: QueueFactory = default_queue_factory) -> None:
+        self.index = index
+        self.device_name = device_name
+        self.name = f"{device_name} queue {index}"
+        self.size = 0
+        self.addresses: RingAddresses | None = None
+        self.base = 0
+        self.kick: KickSource | None = None
+        self.kick_nofd = False
+        self.call: Notifier | None = None
+        self.err: Notifier | None = None
+        self.enabled = False
+        self.started = False
+        self.failed = False
+        self.features = 0
+        self.inflight: InflightTracker | None = None
+        self.queue_factory = queue_factory
+        self._on_fail = on_fail
+        self._queue: Virtqueue = _STOPPED
+        self._memory: GuestMemory | None = None
+        self._tracking = False
+        self._resubmit: list[DescriptorChain] = []
+
+    def __repr__(self) -> str:
+        state = "started" if self.started else "stopped"
+        return f"<Vring {self.name} size={self.size} {state} enabled={self.enabled}>"
+
+    # ------------------------------------------------------------ device API (hot path)
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None. Raises DescriptorError/GuestMemoryError."""
+        if not self._tracking:
+            return self._queue.pop()
+        if self._resubmit:
+            return self._resubmit.pop(0)
+        chain = self._queue.pop()
+        if chain is not None and self.inflight is not None:
+            self.inflight.fetched(chain)
+        return chain
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """Give ``chain`` back to the driver with ``written`` bytes filled in."""
+        memory = self._memory
+        if memory is not None and memory.dirty_log is not None and written > 0:
+            self._log_writes(memory, chain, written)
+        if self._tracking and self.inflight is not None:
+            self.inflight.completing(chain)
+            self._queue.push(chain, written)
+            self.inflight.completed(chain)
+            return
+        self._queue.push(chain, written)
+
+    def notify(self) -> None:
+        """After pushes: raise the call notification if the driver wants one."""
+        if self._queue.should_notify():
+            call = self.call
+            if call is not None:
+                call.signal()
+
+    def has_available(self) -> bool:
+        """Whether pop() would return a chain."""
+        return bool(self._resubmit) or self._queue.has_available()
+
+    def kick_suppression(self, suppress: bool) -> bool:
+        """Ask the driver not to kick (polling) or to kick again.
+
+        Returns True when buffers are already available (poll once more).
+        """
+        return self._queue.set_kick_suppression(suppress)
+
+    def fail(self, exc: BaseException) -> None:
+        """The ring is broken: stop serving it, signal err, let the session set NEEDS_RESET."""
+        if self.failed:
+            return
+        self.failed = True
+        log.error("%s: ring failed, no longer served: %s", self.name, exc)
+        self._queue = _STOPPED
+        self._resubmit.clear()
+        if self.err is not None:
+            self.err.signal()
+        if self._on_fail is not None:
+            self._on_fail(self, exc)
+
+    @staticmethod
+    def _log_writes(memory: GuestMemory, chain: DescriptorChain, written: int) -> None:
+        for buf, gpa in zip(chain.writable, chain.writable_gpas, strict=False):
+            n = min(len(buf), written)
+            if n <= 0:
+                break
+            memory.mark_dirty(gpa, n)
+            written -= n
+
+    # ---------------------------------------------------------------- session API
+    @property
+    def queue(self) -> Virtqueue | None:
+        """The ring implementation while started."""
+        return None if self._queue is _STOPPED else self._queue
+
+    @property
+    def ready(self) -> bool:
+        """Configured enough to start: size, addresses and a kick (fd or NOFD)."""
+        return self.size > 0 and self.addresses is not None and (
+            self.kick is not None or self.kick_nofd)
+
+    def start(self, memory: GuestMemory) -> None:
+        """Build the ring over ``memory`` from size/addresses/base/features.
+
+        Raises VirtioError (RingError, GuestMemoryError) when the configuration does
+        not describe a ring inside memory.
+        """
+        if self.addresses is None or self.size == 0:
+            raise RingError(f"{self.name}: cannot start without size and addresses")
+        queue = self.queue_factory(self.index, self.size, self.addresses, memory,
+                                   self.features, self.base)
+        self._memory = memory
+        self._queue = queue
+        self.failed = False
+        self.started = True
+        self._resubmit = []
+        if self.inflight is not None:
+            self._resubmit = self.inflight.resubmit(queue)
+            if self._resubmit:
+                log.info("%s: resubmitting %d inflight requests", self.name,
+                         len(self._resubmit))
+        self._tracking = self.inflight is not None
+
+    def restart(self, memory: GuestMemory) -> None:
+        """Rebuild the ring after a memory table change, keeping the ring position."""
+        if not self.started:
+            return
+        base = self._queue.get_base()
+        queue = self.queue_factory(self.index, self.size, self.addresses or RingAddresses(0, 0, 0),
+                                   memory, self.features, base)
+        self._memory = memory
+        self._queue = queue
+
+    def stop(self) -> int:
+        """Stop serving the ring; the vring base to report (GET_VRING_BASE)."""
+        if self._queue is not _STOPPED:
+            self.base = self._queue.get_base()
+        self._queue = _STOPPED
+        self._memory = None
+        self._resubmit = []
+        self._tracking = False
+        self.started = False
+        return self.base
+
+    def close_notifiers(self) -> None:
+        """Close kick/call/err (disconnect)."""
+        for res in (self.kick, self.call, self.err):
+            if res is not None:
+                res.close()
+        self.kick = self.call = self.err = None
+        self.kick_nofd = False
+
+    def reset(self) -> None:
+        """Back to the state after construction (disconnect, RESET_DEVICE)."""
+        self.stop()
+        self.close_notifiers()
+        self.size = 0
+        self.addresses = None
+        self.base = 0
+        self.enabled = False
+        self.failed = False
+        self.features = 0
+        self.inflight = None
+
+
+__all__ = ["InflightTracker", "QueueFactory", "VirtioError", "Vring", "default_queue_factory"]
