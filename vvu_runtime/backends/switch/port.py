@@ -1,0 +1,371 @@
+"""A switch port: the vhost-user-net device behind one vhost-user connection.
+
+:class:`SwitchPort` is what the vhost-user session drives. It knows nothing of
+sockets or transports: TX rings (odd indexes) are drained into the switch, RX
+rings (even indexes) are where the switch delivers. The same object serves
+every connection on its socket (``reset()`` between them), so a consumer that
+reconnects finds its port again.
+
+Receive-side details that matter:
+
+* **MRG_RXBUF**: a frame larger than one buffer spans several RX chains, and
+  ``num_buffers`` in the first header says how many. Without it, a frame must
+  fit one chain or it is dropped (``rx_buffer_small``).
+* **Ring full**: chains popped for a frame that then does not fit (the ring ran
+  dry in the middle of a merged frame) are kept in a per-queue reserve and used
+  first for the next frame, rather than returned empty (which a Linux guest
+  counts as a length error). They are given up when the ring stops.
+* **Multiqueue**: receiveq_k = 2k, transmitq_k = 2k+1. The RX queue is chosen by
+  a flow hash (addresses and ports), so one flow stays in order on one queue;
+  only enabled queues are used (the guest enables as many pairs as it wants).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from vvu_runtime.backends.switch.offload import SoftFrame
+from vvu_runtime.backends.switch.switch import Drop, Frame, Port, RingLike, Switch
+from vvu_runtime.vhost_user.device import VhostUserDevice
+from vvu_runtime.virtio.errors import DescriptorError, VirtioError
+from vvu_runtime.virtio.net import (
+    VIRTIO_F_VERSION_1,
+    NetConfig,
+    NetFeature,
+    NetStatus,
+    feature_mask,
+    header_size,
+)
+
+if TYPE_CHECKING:
+    from vvu_runtime.virtio.queue import DescriptorChain
+
+log = logging.getLogger(__name__)
+
+# Ring-layout bits handled by the virtio package (the session adds the vhost-user ones).
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_RING_PACKED = 34
+
+#: Offloads offered on every port: checksums, TSO, ECN, UFO and USO both ways.
+OFFLOAD_FEATURES = feature_mask(
+    NetFeature.CSUM, NetFeature.GUEST_CSUM,
+    NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6,
+    NetFeature.HOST_ECN, NetFeature.GUEST_ECN, NetFeature.HOST_UFO, NetFeature.GUEST_UFO,
+    NetFeature.HOST_USO, NetFeature.GUEST_USO4, NetFeature.GUEST_USO6,
+)
+
+BASE_FEATURES = OFFLOAD_FEATURES | feature_mask(
+    NetFeature.MRG_RXBUF, VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX,
+)
+
+_NUM_BUFFERS = struct.Struct("<H")
+_CSUM_FIELDS = struct.Struct("<HH")
+
+
+def _has_packed_rings() -> bool:
+    """Offer RING_PACKED only once the packed ring implementation exists."""
+    import importlib.util
+
+    return importlib.util.find_spec("vvu_runtime.virtio.packed") is not None
+
+
+class RxQueue:
+    """One started receive ring of a port, with chains held back for the next frame."""
+
+    __slots__ = ("reserve", "touched", "vring")
+
+    def __init__(self, vring: RingLike) -> None:
+        self.vring = vring
+        self.reserve: list[DescriptorChain] = []
+        self.touched = False
+
+    def notify(self) -> None:
+        try:
+            self.vring.notify()
+        except VirtioError as exc:
+            self.vring.fail(exc)
+
+
+class SwitchPort(Port, VhostUserDevice):
+    """One vhost-user-net port of the switch."""
+
+    def __init__(self, switch: Switch, port_name: str, *, queue_pairs: int = 1,
+                 mac: bytes | None = None, offloads: bool = True,
+                 packed: bool | None = None, queue_size: int = 1024) -> None:
+        if queue_pairs < 1 or queue_pairs > 0x8000:
+            raise ValueError(f"queue pairs must be 1..32768, got {queue_pairs}")
+        Port.__init__(self, port_name)
+        self.queue_pairs = queue_pairs
+        self.config = NetConfig(mac=mac or bytes(6), status=NetStatus.LINK_UP,
+                                max_virtqueue_pairs=queue_pairs)
+        offered = BASE_FEATURES if offloads else BASE_FEATURES & ~OFFLOAD_FEATURES
+        if queue_pairs > 1:
+            offered |= NetFeature.MQ.mask
+        if packed is None:
+            packed = _has_packed_rings()
+        if packed:
+            offered |= 1 << VIRTIO_F_RING_PACKED
+        if mac is not None:
+            offered |= NetFeature.MAC.mask
+        self._offered = offered
+        self._queue_size = queue_size
+        self.negotiated = 0
+        self.mergeable = False
+        #: Started RX queues in index order; the switch delivers to these.
+        self.rx_queues: list[RxQueue] = []
+        self._rx: dict[int, RxQueue] = {}
+        self._tx: dict[int, RingLike] = {}
+        switch.add_port(self)
+
+    # ---------------------------------------------------------- VhostUserDevice
+    def num_queues(self) -> int:
+        return 2 * self.queue_pairs
+
+    def max_queue_size(self) -> int:
+        return self._queue_size
+
+    def features(self) -> int:
+        return self._offered
+
+    def protocol_features(self) -> int:
+        return 1 << 9  # CONFIG: serve GET_CONFIG from our config space
+
+    def set_features(self, features: int) -> None:
+        self.negotiated = features
+        self.hdr_size = header_size(features)
+        self.mergeable = bool(features >> NetFeature.MRG_RXBUF & 1)
+        self.set_offloads(features)
+        log.info("%s: features %#x negotiated (header %d bytes, mergeable rx %s, "
+                 "offloads %s)", self.name, features, self.hdr_size,
+                 "on" if self.mergeable else "off", self.describe_offloads())
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return self.config.read(offset, size)
+
+    def queue_started(self, vring: RingLike) -> None:  # a Vring
+        index = vring.index
+        if index >= self.num_queues():
+            log.warning("%s: queue %d is beyond the %d queues offered; ignored",
+                        self.name, index, self.num_queues())
+            return
+        if index & 1:
+            self._tx[index] = vring
+            log.debug("%s: transmit queue %d started", self.name, index)
+            return
+        was_up = self.up
+        self._rx[index] = RxQueue(vring)
+        self.rx_queues = [self._rx[i] for i in sorted(self._rx)]
+        log.debug("%s: receive queue %d started", self.name, index)
+        if not was_up:
+            log.info("%s: link up", self.name)
+
+    def queue_stopped(self, vring: RingLike) -> None:
+        index = vring.index
+        if index & 1:
+            self._tx.pop(index, None)
+            return
+        q = self._rx.pop(index, None)
+        if q is None:
+            return
+        # Chains in the reserve die with the ring (the vring contract forbids
+        # pushing them after a stop); the driver gets them back when it resets.
+        q.reserve.clear()
+        self.rx_queues = [self._rx[i] for i in sorted(self._rx)]
+        if not self.rx_queues:
+            log.info("%s: link down", self.name)
+            if self.switch is not None:
+                self.switch.port_down(self)
+
+    def process(self, vring: RingLike) -> None:
+        if vring.index & 1 and self.switch is not None:
+            self.switch.forward_chains(self, vring, self.hdr_size)
+        # An RX kick only means fresh buffers: frames are never queued inside the
+        # switch (a full ring drops), so there is nothing to resume.
+
+    def reset(self) -> None:
+        if self.rx_queues or self._tx:
+            log.info("%s: reset", self.name)
+        self._rx.clear()
+        self._tx.clear()
+        self.rx_queues = []
+        self.negotiated = 0
+        self.mergeable = False
+        self.hdr_size = 12
+        self.set_offloads(0)
+        if self.switch is not None:
+            self.switch.port_down(self)
+
+    # ---------------------------------------------------------------- Port
+    @property
+    def up(self) -> bool:
+        return bool(self.rx_queues)
+
+    def status_line(self) -> str:
+        if not self.rx_queues:
+            return "down"
+        enabled = sum(1 for q in self.rx_queues if q.vring.enabled)
+        return f"up {enabled}/{self.queue_pairs}q"
+
+    def describe_offloads(self) -> str:
+        names = [f.name.lower() for f in NetFeature
+                 if OFFLOAD_FEATURES >> f.value & 1 and self.negotiated >> f.value & 1]
+        return ",".join(names) or "none"
+
+    def _pick_queue(self, frame: Frame) -> RxQueue | None:
+        qs = self.rx_queues
+        if len(qs) == 1:
+            q = qs[0]
+        elif qs:
+            q = qs[frame.flow_hash() % len(qs)]
+        else:
+            return None
+        if q.vring.enabled:
+            return q
+        enabled = [x for x in qs if x.vring.enabled]
+        if not enabled:
+            return None
+        return enabled[frame.flow_hash() % len(enabled)]
+
+    def deliver(self, frame: Frame) -> None:
+        q = self._pick_queue(frame)
+        if q is None:
+            self.counters.drop(Drop.PORT_DOWN)
+            return
+        if (frame.flags or frame.gso_type) and not self.accepts(frame):
+            switch = self.switch
+            soft = switch.software_frames(self, frame) if switch is not None else None
+            if soft is not None:
+                for sf in soft:
+                    if not self._deliver_soft(q, sf):
+                        break
+            return
+        views = frame.views
+        hs = frame.hdr_size
+        hd = self.hdr_size
+        n = frame.length
+        ring = q.vring
+        try:
+            chain = q.reserve.pop() if q.reserve else ring.pop()
+        except VirtioError as exc:
+            self._ring_error(q, exc)
+            return
+        if chain is None:
+            self.counters.drop(Drop.RX_RING_FULL)
+            return
+        if hs == hd and len(views) == 1:
+            # Fast path: one source buffer, one destination buffer it fits in.
+            w = chain.writable
+            if w and len(w[0]) >= n:
+                w0 = w[0]
+                v0 = views[0]
+                w0[:n] = v0
+                if hd == 12:
+                    w0[10] = 1  # num_buffers = 1 (little-endian u16)
+                    w0[11] = 0
+                if v0[0] != frame.flags:
+                    w0[0] = frame.flags
+                try:
+                    ring.push(chain, n)
+                except VirtioError as exc:
+                    self._ring_error(q, exc)
+                    return
+                c = self.counters
+                c.out_packets += 1
+                c.out_bytes += n - hs
+                if not q.touched:
+                    self.switch.touch(q)  # type: ignore[union-attr]
+                return
+        hdr = bytearray(hd)
+        src = views[0] if len(views[0]) >= hs else memoryview(frame.linear())
+        hdr[0:10] = src[0:10]
+        hdr[0] = frame.flags
+        self._write(q, chain, hdr, frame.payload_views(), n - hs)
+
+    def _deliver_soft(self, q: RxQueue, sf: SoftFrame) -> bool:
+        hdr = bytearray(self.hdr_size)
+        hdr[0] = sf.flags
+        if sf.flags:
+            _CSUM_FIELDS.pack_into(hdr, 6, sf.csum_start, sf.csum_offset)
+        return self._write(q, None, hdr, [memoryview(sf.data)], len(sf.data))
+
+    def _write(self, q: RxQueue, chain: DescriptorChain | None, hdr: bytearray,
+               payload: list[memoryview], payload_len: int) -> bool:
+        """Scatter header + payload over as many RX chains as it takes (MRG_RXBUF).
+
+        ``chain`` is one already popped for this frame, or None. Returns False when
+        the frame was dropped.
+        """
+        ring = q.vring
+        total = len(hdr) + payload_len
+        chains: list[DescriptorChain] = []
+        cap = 0
+        while True:
+            if chain is None:
+                try:
+                    chain = q.reserve.pop() if q.reserve else ring.pop()
+                except VirtioError as exc:
+                    self._ring_error(q, exc)
+                    return False
+                if chain is None:
+                    q.reserve.extend(reversed(chains))
+                    self.counters.drop(Drop.RX_RING_FULL)
+                    return False
+            size = sum(map(len, chain.writable))
+            if size == 0:
+                self._ring_error(q, DescriptorError(
+                    f"receive chain {chain.head} has no device-writable buffer"))
+                return False
+            chains.append(chain)
+            cap += size
+            if cap >= total:
+                break
+            if not self.mergeable:
+                q.reserve.append(chain)
+                self.counters.drop(Drop.RX_BUFFER_SMALL)
+                return False
+            chain = None
+        if len(hdr) >= 12:
+            _NUM_BUFFERS.pack_into(hdr, 10, len(chains))
+        srcs = [memoryview(hdr), *payload]
+        nsrc = len(srcs)
+        si = 0
+        so = 0
+        try:
+            for c in chains:
+                written = 0
+                for w in c.writable:
+                    wl = len(w)
+                    wo = 0
+                    while wo < wl and si < nsrc:
+                        s = srcs[si]
+                        take = min(wl - wo, len(s) - so)
+                        w[wo:wo + take] = s[so:so + take]
+                        wo += take
+                        so += take
+                        if so == len(s):
+                            si += 1
+                            so = 0
+                    written += wo
+                    if si == nsrc:
+                        break
+                ring.push(c, written)
+        except VirtioError as exc:
+            self._ring_error(q, exc)
+            return False
+        counters = self.counters
+        counters.out_packets += 1
+        counters.out_bytes += payload_len
+        if self.switch is not None:
+            self.switch.touch(q)
+        return True
+
+    def _ring_error(self, q: RxQueue, exc: VirtioError) -> None:
+        """The destination's RX ring broke: its fault, counted and failed here."""
+        self.counters.drop(Drop.RX_RING_ERROR)
+        log.warning("%s: receive queue %d is broken, failing it: %s",
+                    self.name, q.vring.index, exc)
+        q.reserve.clear()
+        q.vring.fail(exc)

@@ -1,0 +1,612 @@
+"""The L2 learning switch: forwarding, flooding, offload decisions, counters.
+
+One :class:`Switch` owns the forwarding database and every port. A port is a
+:class:`Port`: a vhost-user connection (``port.SwitchPort``) or the TAP uplink
+(``uplink.TapUplink``). Frames enter through :meth:`Switch.forward_chains`
+(a vhost-user TX ring was kicked) or :meth:`Switch.forward_buffer` (the uplink
+read a frame) and leave through :meth:`Port.deliver`.
+
+The forwarding loop is the hot path and is written for speed: one clock read
+per batch, the MAC pair cut out with one ``struct`` call, per-frame state kept
+in a single reused :class:`Frame`, ingress counters summed locally and added
+once, and every destination RX ring notified once per batch rather than once
+per frame. Everything else is written for clarity.
+
+Offloads are decided per destination. A frame with NEEDS_CSUM or a GSO type
+is passed on untouched (header included) to a port that negotiated the
+matching GUEST_* feature; any other port gets the result of
+:func:`offload.software_offload` (checksum completed, segments cut), computed
+at most once per frame and variant even when flooding.
+
+Errors are attributed to whoever caused them: a broken TX chain fails the
+sender's ring; a broken RX ring fails that destination ring only and the frame
+counts as dropped there; malformed frames are dropped and counted at the ingress
+port. Nothing a guest sends raises out of the loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from vvu_runtime.backends.switch.fdb import (
+    DEFAULT_AGEING_TIME,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_PER_PORT,
+    Fdb,
+    FdbEntry,
+)
+from vvu_runtime.backends.switch.offload import OffloadError, SoftFrame, software_offload
+from vvu_runtime.virtio.errors import VirtioError
+from vvu_runtime.virtio.net import ETH_HLEN, GSO_ECN, GsoType, HdrFlags, NetFeature
+
+if TYPE_CHECKING:
+    from vvu_runtime.virtio.queue import DescriptorChain
+
+log = logging.getLogger(__name__)
+
+#: Largest frame accepted from a port: a 64 KiB GSO frame plus Ethernet, VLAN and
+#: virtio headers. Anything longer is dropped (a guest can describe gigabytes).
+MAX_FRAME_LEN = 65535 + ETH_HLEN + 8 + 12
+
+_MAC_PAIR = struct.Struct("6s6s")
+_U16 = struct.Struct("<H")
+_NEEDS_CSUM = int(HdrFlags.NEEDS_CSUM)
+_DATA_VALID = int(HdrFlags.DATA_VALID)
+_UDP_L4 = int(GsoType.UDP_L4)
+
+
+class Drop(enum.Enum):
+    """Why a frame was dropped; each is counted on the port it is attributed to."""
+
+    # attributed to the ingress port
+    RUNT = "runt"  # shorter than a virtio-net header + Ethernet header
+    OVERSIZE = "oversize"  # longer than any frame a NIC would send
+    BAD_SOURCE = "bad_source"  # multicast or all-zero source MAC
+    OFFLOAD_NOT_NEGOTIATED = "offload_not_negotiated"  # GSO/csum the port did not negotiate
+    OFFLOAD_MALFORMED = "offload_malformed"  # headers do not allow the software offload
+    HAIRPIN = "hairpin"  # destination is the port it came from
+    TX_DISABLED = "tx_queue_disabled"  # sent on a started but disabled ring
+    TX_RING_ERROR = "tx_ring_error"  # a broken TX chain; the ring was failed
+    # attributed to the destination port
+    PORT_DOWN = "port_down"  # no RX ring started (or none enabled)
+    RX_RING_FULL = "rx_ring_full"  # no buffer available
+    RX_BUFFER_SMALL = "rx_buffer_small"  # frame larger than one buffer, no MRG_RXBUF
+    RX_RING_ERROR = "rx_ring_error"  # the destination ring broke; it was failed
+    UPLINK_ERROR = "uplink_error"  # the TAP refused the frame
+
+
+class RingLike(Protocol):
+    """What the switch uses of a ``vhost_user.vring.Vring`` (fakes in tests)."""
+
+    index: int
+    enabled: bool
+    name: str
+
+    def pop(self) -> DescriptorChain | None: ...
+
+    def push(self, chain: DescriptorChain, written: int) -> None: ...
+
+    def notify(self) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+@dataclass(slots=True)
+class PortCounters:
+    """Per-port counters, from the switch's point of view: ``in`` = frames the
+    switch received from the port, ``out`` = frames it sent to the port."""
+
+    in_packets: int = 0
+    in_bytes: int = 0
+    out_packets: int = 0
+    out_bytes: int = 0
+    flooded: int = 0  # frames from this port that were flooded
+    segmented: int = 0  # frames to this port that needed a software offload
+    drops: dict[Drop, int] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+    def drop(self, reason: Drop, n: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + n
+
+
+def offload_table(features: int, *, guest: bool) -> tuple[bool, list[bool], bool, bool]:
+    """What a port's negotiated ``features`` allow, as lookup tables for the hot path.
+
+    ``guest=True``: what may be *delivered* to the port as-is (GUEST_* bits);
+    ``guest=False``: what the port may *send* (CSUM/HOST_* bits).
+    Returns ``(csum, gso_ok[256] indexed by the gso_type byte, uso4, uso6)``;
+    ``gso_ok[UDP_L4]`` is only True when both IPv4 and IPv6 USO are allowed.
+    """
+    def on(bit: NetFeature) -> bool:
+        return bool(features >> bit & 1)
+
+    if guest:
+        csum = on(NetFeature.GUEST_CSUM)
+        tso4, tso6 = on(NetFeature.GUEST_TSO4), on(NetFeature.GUEST_TSO6)
+        ecn, ufo = on(NetFeature.GUEST_ECN), on(NetFeature.GUEST_UFO)
+        uso4, uso6 = on(NetFeature.GUEST_USO4), on(NetFeature.GUEST_USO6)
+    else:
+        csum = on(NetFeature.CSUM)
+        tso4, tso6 = on(NetFeature.HOST_TSO4), on(NetFeature.HOST_TSO6)
+        ecn, ufo = on(NetFeature.HOST_ECN), on(NetFeature.HOST_UFO)
+        uso4 = uso6 = on(NetFeature.HOST_USO)
+    # Offloads need checksum offload underneath (the spec makes them depend on it).
+    table = [False] * 256
+    table[GsoType.NONE] = True
+    if csum:
+        table[GsoType.TCPV4] = tso4
+        table[GsoType.TCPV6] = tso6
+        table[GsoType.UDP] = ufo
+        table[_UDP_L4] = uso4 and uso6
+        table[GsoType.TCPV4 | GSO_ECN] = tso4 and ecn
+        table[GsoType.TCPV6 | GSO_ECN] = tso6 and ecn
+    return csum, table, csum and uso4, csum and uso6
+
+
+class Port:
+    """Something frames are forwarded to: a vhost-user port or the uplink.
+
+    Subclasses set ``hdr_size`` and the offload tables when features are known
+    and implement :meth:`deliver`.
+    """
+
+    #: Whether the DATA_VALID flag of this port's frames may be believed (only the
+    #: host kernel's TAP; a guest's DATA_VALID is stripped).
+    trusted_data_valid = False
+
+    def __init__(self, port_name: str, *, kind: str = "port") -> None:
+        #: The operator's name for the port (``--port NAME=...``), used in tables.
+        self.port_name = port_name
+        #: How logs name it ("port vm1", "uplink tap0").
+        self.name = f"{kind} {port_name}"
+        self.counters = PortCounters()
+        self.switch: Switch | None = None
+        self.hdr_size = 12
+        self.set_offloads(0)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    def set_offloads(self, features: int, *, send: int | None = None) -> None:
+        """Derive the hot-path tables from negotiated virtio-net ``features``
+        (``send`` when what the port may send differs from ``features``)."""
+        (self.accept_csum, self.accept_gso, self.accept_uso4,
+         self.accept_uso6) = offload_table(features, guest=True)
+        self.send_csum, self.send_gso, self.send_uso4, self.send_uso6 = offload_table(
+            features if send is None else send, guest=False)
+
+    @property
+    def up(self) -> bool:
+        """Whether frames can be delivered now."""
+        return False
+
+    def deliver(self, frame: Frame) -> None:
+        """Send ``frame`` out of this port (count it, or count why not)."""
+        raise NotImplementedError
+
+    def accepts(self, frame: Frame) -> bool:
+        """Whether ``frame``'s offloads may be delivered to this port untouched."""
+        if frame.flags & _NEEDS_CSUM and not self.accept_csum:
+            return False
+        gso = frame.gso_type
+        if gso == _UDP_L4 and not self.accept_gso[gso]:
+            return self.accept_uso6 if frame.is_ipv6() else self.accept_uso4
+        return self.accept_gso[gso]
+
+    def status_line(self) -> str:
+        """Short state for the status table ("up 2/2 rxq", "down")."""
+        return "up" if self.up else "down"
+
+
+class Frame:
+    """The frame being forwarded: where its bytes are and what its header says.
+
+    One instance per switch, reused for every frame (no allocation per frame).
+    ``views`` hold the virtio-net header (``hdr_size`` bytes, the sender's size)
+    followed by the Ethernet frame, possibly scattered; ``eth``/``eth_off`` point
+    at a contiguous copy of at least the first 14 Ethernet bytes.
+    """
+
+    __slots__ = ("_hash", "_linear", "_soft", "eth", "eth_off", "flags", "gso_type",
+                 "hdr_size", "ingress", "length", "views")
+
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
+        self.hdr_size = 12
+        self.length = 0  # header + frame
+        self.eth: memoryview | bytes = b""
+        self.eth_off = 0
+        self.flags = 0
+        self.gso_type = 0
+        self.ingress: Port | None = None
+        self._hash: int | None = None
+        self._soft: dict[bool, list[SoftFrame]] | None = None
+        self._linear: bytes | None = None
+
+    @property
+    def frame_len(self) -> int:
+        """Bytes of the Ethernet frame (without the virtio-net header)."""
+        return self.length - self.hdr_size
+
+    def linear(self) -> bytes:
+        """Header and frame as one bytes object (slow paths only)."""
+        if self._linear is None:
+            views = self.views
+            self._linear = bytes(views[0]) if len(views) == 1 else b"".join(views)
+        return self._linear
+
+    def payload_views(self) -> list[memoryview]:
+        """The Ethernet frame as a list of views (the sender's header skipped)."""
+        skip = self.hdr_size
+        out: list[memoryview] = []
+        for v in self.views:
+            n = len(v)
+            if skip >= n:
+                skip -= n
+                continue
+            out.append(v[skip:] if skip else v)
+            skip = 0
+        return out
+
+    def ethertype(self) -> int:
+        buf, off = self.eth, self.eth_off
+        et = buf[off + 12] << 8 | buf[off + 13]
+        if et in (0x8100, 0x88A8):
+            lin = memoryview(self.linear())
+            off = self.hdr_size + 16
+            if len(lin) >= off + 2:
+                et = lin[off] << 8 | lin[off + 1]
+        return et
+
+    def is_ipv6(self) -> bool:
+        return self.ethertype() == 0x86DD
+
+    def flow_hash(self) -> int:
+        """A hash of the flow (IP addresses and ports, else MACs) to pick an RX queue."""
+        h = self._hash
+        if h is not None:
+            return h
+        lin = memoryview(self.linear())[self.hdr_size:]
+        n = len(lin)
+        et = lin[12] << 8 | lin[13]
+        if et == 0x0800 and n >= 34:
+            ihl = (lin[14] & 0x0F) * 4
+            key = bytes(lin[26:34])
+            # Ports only for unfragmented TCP/UDP, so all fragments stay together.
+            if lin[23] in (6, 17) and not (lin[20] << 8 | lin[21]) & 0x3FFF \
+                    and n >= 14 + ihl + 4:
+                key += bytes(lin[14 + ihl:18 + ihl])
+        elif et == 0x86DD and n >= 54:
+            key = bytes(lin[22:54])
+            if lin[20] in (6, 17) and n >= 58:
+                key += bytes(lin[54:58])
+        else:
+            key = bytes(lin[0:12])
+        h = self._hash = zlib.crc32(key)
+        return h
+
+    def software(self, partial_ok: bool) -> list[SoftFrame]:
+        """The frames a NIC would put on the wire for this one (cached per variant).
+
+        Raises OffloadError for frames whose headers do not allow it.
+        """
+        soft = self._soft
+        if soft is None:
+            soft = self._soft = {}
+        done = soft.get(partial_ok)
+        if done is None:
+            lin = memoryview(self.linear())
+            hs = self.hdr_size
+            done = software_offload(
+                lin[hs:], self.flags, self.gso_type,
+                gso_size=int(_U16.unpack_from(lin, 4)[0]),
+                csum_start=int(_U16.unpack_from(lin, 6)[0]),
+                csum_offset=int(_U16.unpack_from(lin, 8)[0]),
+                partial_ok=partial_ok)
+            soft[partial_ok] = done
+        return done
+
+
+class Switch:
+    """An L2 learning switch over any number of ports."""
+
+    def __init__(self, *, ageing_time: float = DEFAULT_AGEING_TIME,
+                 max_fdb_entries: int = DEFAULT_MAX_ENTRIES,
+                 max_fdb_per_port: int = DEFAULT_MAX_PER_PORT,
+                 clock: Clock | None = None) -> None:
+        self.fdb: Fdb[Port] = Fdb(ageing_time, max_fdb_entries, max_fdb_per_port)
+        self.ports: list[Port] = []
+        self.clock: Clock = clock or time.monotonic
+        self.started_at = self.clock()
+        self._frame = Frame()
+        #: RX queues written to in the current batch, notified once at its end.
+        self._touched: list[Touchable] = []
+
+    # -------------------------------------------------------------------- ports
+    def add_port(self, port: Port) -> Port:
+        if any(p.port_name == port.port_name for p in self.ports):
+            raise ValueError(f"port name {port.port_name!r} is used twice")
+        port.switch = self
+        self.ports.append(port)
+        return port
+
+    def port_down(self, port: Port) -> None:
+        """``port`` lost its link: forget the addresses learned on it."""
+        n = self.fdb.flush_port(port)
+        if n:
+            log.info("%s: down, forgot %d learned address(es)", port.name, n)
+
+    def touch(self, queue: Touchable) -> None:
+        """Remember an RX queue written in this batch (notified at the end)."""
+        if not queue.touched:
+            queue.touched = True
+            self._touched.append(queue)
+
+    def flush_notifications(self) -> None:
+        touched = self._touched
+        if not touched:
+            return
+        self._touched = []
+        for q in touched:
+            q.touched = False
+            q.notify()
+
+    def age(self) -> int:
+        """Expire old FDB entries (called from a timer)."""
+        return self.fdb.age(self.clock())
+
+    # ------------------------------------------------------------------ ingress
+    def forward_chains(self, port: Port, ring: RingLike, hdr_size: int) -> None:
+        """Drain ``ring`` (a TX ring of ``port``): forward every frame, return every chain.
+
+        A chain that breaks the ring rules fails ``ring`` (the sender's), never a
+        destination. Destinations are notified once, after the batch.
+        """
+        if not ring.enabled:
+            self._drain_disabled(port, ring)
+            return
+        frame = self._frame
+        frame.hdr_size = hdr_size
+        frame.ingress = port
+        min_len = hdr_size + ETH_HLEN
+        now = self.clock()
+        table = self.fdb._table  # direct access: the common "known source" case inline
+        fdb = self.fdb
+        counters = port.counters
+        pkts = nbytes = 0
+        try:
+            while True:
+                try:
+                    chain = ring.pop()
+                except VirtioError as exc:
+                    counters.drop(Drop.TX_RING_ERROR)
+                    ring.fail(exc)
+                    return
+                if chain is None:
+                    break
+                views = chain.readable
+                if len(views) == 1:
+                    v0 = views[0]
+                    n = len(v0)
+                    if n < min_len:
+                        counters.drop(Drop.RUNT)
+                        ring.push(chain, 0)
+                        continue
+                    frame.eth = v0
+                    frame.eth_off = hdr_size
+                else:
+                    n = sum(map(len, views))
+                    if n < min_len:
+                        counters.drop(Drop.RUNT)
+                        ring.push(chain, 0)
+                        continue
+                    if n > MAX_FRAME_LEN:
+                        counters.drop(Drop.OVERSIZE)
+                        ring.push(chain, 0)
+                        continue
+                    v0 = views[0]
+                    if len(v0) == hdr_size and len(views[1]) >= ETH_HLEN:
+                        # Linux puts the header in its own descriptor when the skb
+                        # header is cloned (every TCP segment).
+                        frame.eth = views[1]
+                        frame.eth_off = 0
+                    elif len(v0) >= min_len:
+                        frame.eth = v0
+                        frame.eth_off = hdr_size
+                    else:
+                        head = b"".join(views)[:min_len]
+                        v0 = memoryview(head)
+                        frame.eth = head
+                        frame.eth_off = hdr_size
+                frame.views = views
+                frame.length = n
+                frame._hash = None
+                frame._soft = None
+                frame._linear = None
+                pkts += 1
+                nbytes += n
+                self._forward(port, frame, v0, now, table, fdb, counters)
+                ring.push(chain, 0)
+        finally:
+            counters.in_packets += pkts
+            counters.in_bytes += nbytes - pkts * hdr_size
+            try:
+                ring.notify()
+            except VirtioError as exc:
+                ring.fail(exc)
+            self.flush_notifications()
+
+    def forward_buffer(self, port: Port, buf: memoryview, hdr_size: int) -> None:
+        """Forward one frame held in ``buf`` (virtio-net header first), e.g. from a TAP.
+
+        The caller calls :meth:`flush_notifications` after its batch.
+        """
+        counters = port.counters
+        n = len(buf)
+        if n < hdr_size + ETH_HLEN:
+            counters.drop(Drop.RUNT)
+            return
+        frame = self._frame
+        frame.hdr_size = hdr_size
+        frame.ingress = port
+        frame.views = [buf]
+        frame.length = n
+        frame.eth = buf
+        frame.eth_off = hdr_size
+        frame._hash = None
+        frame._soft = None
+        frame._linear = None
+        counters.in_packets += 1
+        counters.in_bytes += n - hdr_size
+        self._forward(port, frame, buf, self.clock(), self.fdb._table, self.fdb, counters)
+
+    def _forward(self, port: Port, frame: Frame, hdr: memoryview, now: float,
+                 table: dict[bytes, FdbEntry[Port]], fdb: Fdb[Port],
+                 counters: PortCounters) -> None:
+        """Learn, check offloads, look up, deliver or flood one frame."""
+        dst_mac, src_mac = _MAC_PAIR.unpack_from(frame.eth, frame.eth_off)
+        if src_mac[0] & 1 or src_mac == b"\0\0\0\0\0\0":
+            counters.drop(Drop.BAD_SOURCE)
+            return
+        entry = table.get(src_mac)
+        if entry is not None and entry.port is port:
+            entry.seen = now
+        else:
+            fdb.learn(src_mac, port, now)
+        flags = hdr[0]
+        gso = hdr[1]
+        if flags or gso:
+            if flags & _DATA_VALID and not port.trusted_data_valid:
+                flags &= ~_DATA_VALID
+            if flags & _NEEDS_CSUM and not port.send_csum:
+                counters.drop(Drop.OFFLOAD_NOT_NEGOTIATED)
+                return
+            if not port.send_gso[gso] and not (gso == _UDP_L4 and (
+                    port.send_uso6 if frame.is_ipv6() else port.send_uso4)):
+                counters.drop(Drop.OFFLOAD_NOT_NEGOTIATED)
+                return
+        frame.flags = flags
+        frame.gso_type = gso
+        if dst_mac[0] & 1:
+            self._flood(port, frame, counters)
+            return
+        dst = fdb.lookup(dst_mac, now)
+        if dst is None:
+            self._flood(port, frame, counters)
+        elif dst is port:
+            counters.drop(Drop.HAIRPIN)
+        else:
+            dst.deliver(frame)
+
+    def _flood(self, port: Port, frame: Frame, counters: PortCounters) -> None:
+        counters.flooded += 1
+        for p in self.ports:
+            if p is not port and p.up:
+                p.deliver(frame)
+
+    def _drain_disabled(self, port: Port, ring: RingLike) -> None:
+        """A started but disabled TX ring: consume and drop, as the spec asks."""
+        n = 0
+        while True:
+            try:
+                chain = ring.pop()
+            except VirtioError as exc:
+                port.counters.drop(Drop.TX_RING_ERROR)
+                ring.fail(exc)
+                return
+            if chain is None:
+                break
+            ring.push(chain, 0)
+            n += 1
+        if n:
+            port.counters.drop(Drop.TX_DISABLED, n)
+            try:
+                ring.notify()
+            except VirtioError as exc:
+                ring.fail(exc)
+
+    # ------------------------------------------------------------------ egress helper
+    def software_frames(self, dst: Port, frame: Frame) -> list[SoftFrame] | None:
+        """``frame`` offloaded in software for ``dst``; None (dropped, counted) if impossible."""
+        try:
+            soft = frame.software(partial_ok=dst.accept_csum)
+        except OffloadError as exc:
+            ingress = frame.ingress
+            if ingress is not None:
+                ingress.counters.drop(Drop.OFFLOAD_MALFORMED)
+                log.debug("%s: cannot offload a frame for %s in software: %s",
+                          ingress.name, dst.name, exc)
+            return None
+        dst.counters.segmented += 1
+        return soft
+
+    # ------------------------------------------------------------------ status
+    def status_table(self) -> str:
+        """The per-port counters as an aligned text table (for logs and the status file)."""
+        now = self.clock()
+        head = ("port", "state", "in pkts", "in bytes", "out pkts", "out bytes", "flooded",
+                "sw-offload", "drops")
+        rows = [head]
+        for p in self.ports:
+            c = p.counters
+            rows.append((p.port_name, p.status_line(), str(c.in_packets), str(c.in_bytes),
+                         str(c.out_packets), str(c.out_bytes), str(c.flooded),
+                         str(c.segmented), str(c.dropped)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                           for i, (cell, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+                 for r in rows]
+        for p in self.ports:
+            if p.counters.drops:
+                reasons = ", ".join(f"{r.value}={n}" for r, n in
+                                    sorted(p.counters.drops.items(), key=lambda kv: kv[0].value))
+                lines.append(f"drops on {p.port_name}: {reasons}")
+        fc = self.fdb.counters
+        lines.append(f"fdb: {len(self.fdb)} address(es), ageing {self.fdb.ageing_time:g}s; "
+                     f"learned {fc.learned}, moved {fc.moved}, aged {fc.aged}, "
+                     f"refused (table full) {fc.refused_full}; up {now - self.started_at:.0f}s")
+        return "\n".join(lines)
+
+    def fdb_table(self) -> list[tuple[str, str, float]]:
+        """(MAC, port, age in seconds) for every learned address."""
+        from vvu_runtime.virtio.net import format_mac
+
+        now = self.clock()
+        return sorted((format_mac(mac), e.port.port_name, now - e.seen) for mac, e in self.fdb)
+
+    def status_dict(self) -> dict[str, object]:
+        """Counters as plain data (JSON status file)."""
+        return {
+            "ports": {
+                p.port_name: {
+                    "state": p.status_line(),
+                    "in_packets": p.counters.in_packets, "in_bytes": p.counters.in_bytes,
+                    "out_packets": p.counters.out_packets, "out_bytes": p.counters.out_bytes,
+                    "flooded": p.counters.flooded, "sw_offload": p.counters.segmented,
+                    "drops": {r.value: n for r, n in p.counters.drops.items()},
+                } for p in self.ports
+            },
+            "fdb": [{"mac": m, "port": pn, "age": round(a, 1)} for m, pn, a in self.fdb_table()],
+        }
+
+
+class Clock(Protocol):
+    def __call__(self) -> float: ...
+
+
+class Touchable(Protocol):
+    """An RX queue the switch notifies once per batch."""
+
+    touched: bool
+
+    def notify(self) -> None: ...
+

@@ -1,0 +1,206 @@
+"""Frame builders, checksum verifiers and a fake ring, for tests and benchmarks.
+
+Nothing on the packet path imports this module.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+from vvu_runtime.backends.switch.offload import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    checksum_finish,
+    checksum_sum,
+    parse_layout,
+)
+from vvu_runtime.virtio.net import HDR_SIZE, VirtioNetHdr
+from vvu_runtime.virtio.queue import DescriptorChain
+
+
+def mac(n: int) -> bytes:
+    """A locally administered unicast MAC numbered ``n``: 02:00:00:00:xx:xx."""
+    return bytes([2, 0, 0, 0, (n >> 8) & 0xFF, n & 0xFF])
+
+
+BROADCAST = b"\xff" * 6
+
+
+def ether(dst: bytes, src: bytes, ethertype: int, payload: bytes = b"") -> bytes:
+    return dst + src + struct.pack("!H", ethertype) + payload
+
+
+def ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, *, ident: int = 0x1234,
+         ttl: int = 64, frag: int = 0x4000) -> bytes:
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, frag,
+                                ttl, proto, 0, src, dst))
+    struct.pack_into("!H", hdr, 10, checksum_finish(checksum_sum(hdr)))
+    return bytes(hdr) + payload
+
+
+def ipv6(src: bytes, dst: bytes, nexthdr: int, payload: bytes, hop: int = 64) -> bytes:
+    return struct.pack("!IHBB16s16s", 0x60000000, len(payload), nexthdr, hop, src,
+                       dst) + payload
+
+
+def tcp(sport: int, dport: int, seq: int, payload: bytes, *, flags: int = 0x18,
+        ack: int = 0, window: int = 65535) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, window, 0,
+                       0) + payload
+
+
+def udp(sport: int, dport: int, payload: bytes) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+IP4_A = bytes([10, 0, 0, 1])
+IP4_B = bytes([10, 0, 0, 2])
+IP6_A = bytes.fromhex("fd000000000000000000000000000001")
+IP6_B = bytes.fromhex("fd000000000000000000000000000002")
+
+
+def tcp4_frame(dst: bytes, src: bytes, payload: bytes, *, seq: int = 1000,
+               flags: int = 0x18, sport: int = 40000, dport: int = 5001) -> bytes:
+    """An IPv4 TCP frame with its TCP checksum field 0 (fill with a helper below)."""
+    return ether(dst, src, 0x0800, ipv4(IP4_A, IP4_B, IPPROTO_TCP,
+                                        tcp(sport, dport, seq, payload, flags=flags)))
+
+
+def tcp6_frame(dst: bytes, src: bytes, payload: bytes, *, seq: int = 1000,
+               flags: int = 0x18) -> bytes:
+    return ether(dst, src, 0x86DD, ipv6(IP6_A, IP6_B, IPPROTO_TCP,
+                                        tcp(40000, 5001, seq, payload, flags=flags)))
+
+
+def udp4_frame(dst: bytes, src: bytes, payload: bytes, *, sport: int = 40000,
+               dport: int = 5001) -> bytes:
+    return ether(dst, src, 0x0800, ipv4(IP4_A, IP4_B, IPPROTO_UDP, udp(sport, dport, payload),
+                                        frag=0))
+
+
+def udp6_frame(dst: bytes, src: bytes, payload: bytes) -> bytes:
+    return ether(dst, src, 0x86DD, ipv6(IP6_A, IP6_B, IPPROTO_UDP, udp(40000, 5001, payload)))
+
+
+def _l4_sums(frame: bytes | bytearray) -> tuple[int, int, int]:
+    """(l4 offset, pseudo-header sum, checksum field offset) of a TCP/UDP frame."""
+    lay = parse_layout(frame)
+    l4_len = len(frame) - lay.l4
+    addrs = frame[lay.l3 + 8:lay.l3 + 40] if lay.ipv6 else frame[lay.l3 + 12:lay.l3 + 20]
+    pseudo = checksum_sum(addrs, lay.proto + l4_len)
+    return lay.l4, pseudo, 16 if lay.proto == IPPROTO_TCP else 6
+
+
+def with_partial_csum(frame: bytes) -> tuple[bytes, int, int]:
+    """The frame as a guest with CSUM sends it: L4 field = pseudo-header seed.
+
+    Returns (frame, csum_start, csum_offset).
+    """
+    l4, pseudo, at = _l4_sums(frame)
+    out = bytearray(frame)
+    folded = pseudo % 0xFFFF or 0xFFFF
+    struct.pack_into("!H", out, l4 + at, folded)
+    return bytes(out), l4, at
+
+
+def with_full_csum(frame: bytes) -> bytes:
+    """The frame with a correct L4 checksum."""
+    l4, pseudo, at = _l4_sums(frame)
+    out = bytearray(frame)
+    struct.pack_into("!H", out, l4 + at, 0)
+    struct.pack_into("!H", out, l4 + at, checksum_finish(checksum_sum(out[l4:], pseudo)))
+    return bytes(out)
+
+
+def l4_checksum_ok(frame: bytes | bytearray) -> bool:
+    """Whether the TCP/UDP checksum of ``frame`` verifies."""
+    l4, pseudo, _ = _l4_sums(frame)
+    return checksum_sum(frame[l4:], pseudo) % 0xFFFF == 0
+
+
+def ipv4_header_ok(frame: bytes | bytearray, l3: int = 14) -> bool:
+    ihl = (frame[l3] & 0x0F) * 4
+    return checksum_sum(frame[l3:l3 + ihl]) % 0xFFFF == 0
+
+
+def net_hdr(flags: int = 0, gso_type: int = 0, hdr_len: int = 0, gso_size: int = 0,
+            csum_start: int = 0, csum_offset: int = 0, size: int = HDR_SIZE) -> bytes:
+    return VirtioNetHdr(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+                        0).pack(size)
+
+
+# --------------------------------------------------------------------------- fake ring
+
+@dataclass
+class FakeRing:
+    """A ring in plain Python memory with the Vring device API (pop/push/notify/fail)."""
+
+    index: int
+    enabled: bool = True
+    name: str = "fake"
+    avail: deque[DescriptorChain] = field(default_factory=deque)
+    used: list[tuple[DescriptorChain, int]] = field(default_factory=list)
+    notifications: int = 0
+    failed: BaseException | None = None
+    pop_error: BaseException | None = None
+    push_error: BaseException | None = None
+    _next_head: int = 0
+
+    def pop(self) -> DescriptorChain | None:
+        if self.failed is not None:
+            return None
+        if self.pop_error is not None and self.avail:
+            raise self.pop_error
+        return self.avail.popleft() if self.avail else None
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        if self.push_error is not None:
+            raise self.push_error
+        if written > sum(len(w) for w in chain.writable):
+            raise AssertionError(f"pushed {written} bytes into a smaller chain")
+        self.used.append((chain, written))
+
+    def notify(self) -> None:
+        self.notifications += 1
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed = exc
+
+    def add_tx(self, *parts: bytes) -> DescriptorChain:
+        """A driver → device chain made of ``parts`` (one descriptor each)."""
+        chain = DescriptorChain(self._next_head, readable=[memoryview(p) for p in parts])
+        self._next_head += 1
+        self.avail.append(chain)
+        return chain
+
+    def add_rx(self, *sizes: int) -> DescriptorChain:
+        """A device-writable chain of buffers of ``sizes`` bytes."""
+        chain = DescriptorChain(self._next_head,
+                                writable=[memoryview(bytearray(s)) for s in sizes])
+        self._next_head += 1
+        self.avail.append(chain)
+        return chain
+
+    def received(self) -> list[bytes]:
+        """Bytes written into each used chain, in order (header included)."""
+        out = []
+        for chain, written in self.used:
+            data = b"".join(bytes(w) for w in chain.writable)[:written]
+            out.append(data)
+        return out
+
+    def received_frames(self, hdr_size: int = HDR_SIZE,
+                        mergeable: bool = True) -> list[tuple[VirtioNetHdr, bytes]]:
+        """Reassemble merged buffers into (header, frame) pairs."""
+        out: list[tuple[VirtioNetHdr, bytes]] = []
+        chunks = self.received()
+        i = 0
+        while i < len(chunks):
+            hdr = VirtioNetHdr.unpack(chunks[i], hdr_size)
+            count = hdr.num_buffers if mergeable and hdr_size == HDR_SIZE else 1
+            data = chunks[i][hdr_size:] + b"".join(chunks[i + 1:i + count])
+            out.append((hdr, data))
+            i += max(count, 1)
+        return out
