@@ -35,16 +35,22 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vvu_runtime.launch.toolchain import Toolchain
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODULES",
+    "ConsumerAssets",
     "CpioEntry",
     "CpioFormatError",
     "InitramfsError",
     "KernelModules",
     "build_consumer_initramfs",
+    "consumer_assets",
     "consumer_init_script",
     "iter_names",
     "read_cpio",
@@ -353,9 +359,9 @@ export PS1='vvu# ' HOME=/root TERM=dumb
 echo "{READY_BANNER}"
 while true; do
     if [ -n "$console" ]; then
-        setsid sh -c "exec sh -i </dev/$console >/dev/$console 2>&1"
+        setsid sh -c "stty -echo 2>/dev/null; exec sh -i" </dev/$console >/dev/$console 2>&1
     else
-        setsid cttyhack sh -i
+        setsid cttyhack sh -c 'stty -echo 2>/dev/null; exec sh -i'
     fi
     sleep 1
 done
@@ -480,3 +486,26 @@ def iter_names(data: bytes) -> Iterator[str]:
         data = gzip.decompress(data)
     for entry in read_cpio(data):
         yield entry.name
+
+
+@dataclass(frozen=True)
+class ConsumerAssets:
+    """What a consumer guest boots: the tools tree's kernel plus our initramfs."""
+
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+
+
+def consumer_assets(
+    toolchain: Toolchain, modules: Sequence[str] = DEFAULT_MODULES
+) -> ConsumerAssets:
+    """Kernel and (cached) initramfs for consumer guests from the tools tree."""
+    kernel = KernelModules(toolchain.path("modules"))
+    initrd = build_consumer_initramfs(
+        busybox=toolchain.path("busybox"),
+        kernel=kernel,
+        cache_dir=toolchain.initramfs_cache,
+        modules=modules,
+    )
+    return ConsumerAssets(toolchain.path("kernel"), initrd, kernel.version)
