@@ -1,37 +1,196 @@
-"""Listening and connecting vhost-user endpoints (placeholder until the session lands)."""
+"""Listening and connecting vhost-user endpoints of a back-end.
+
+:class:`VhostUserServer` listens on a UNIX socket path (QEMU connects with
+``-chardev socket,path=...,reconnect-ms=...``) and serves one
+:class:`BackendSession` at a time: a second concurrent connection is refused
+with a log line (and closed) while the first goes on. It accepts reconnections
+forever; ``close()`` ends the session and removes the socket file.
+
+:class:`VhostUserClient` connects to a front-end that listens
+(``-chardev socket,path=...,server=on``), retrying every ``retry_interval``
+seconds until it succeeds, and again after each disconnect.
+
+Both run on the current asyncio event loop (``start()`` must be called from a
+running loop or with ``loop=`` given).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import os
+import socket
+import stat
 
+from vvu_runtime.vhost_user import messages as m
+from vvu_runtime.vhost_user.backend import BackendSession
 from vvu_runtime.vhost_user.device import VhostUserDevice
+from vvu_runtime.vhost_user.errors import TransportError
+from vvu_runtime.vhost_user.transport import UnixChannel
+
+log = logging.getLogger(__name__)
+
+
+def backend_channel(sock: socket.socket, name: str) -> UnixChannel:
+    """A channel on which a back-end reads front-end requests."""
+    return UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
+                       limit_for=m.request_limits(m.Direction.FRONTEND, False), name=name)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove ``path`` if it is a socket nobody listens on; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TransportError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: left by a dead process
+        return
+    finally:
+        probe.close()
+    raise TransportError(f"{path}: another process is listening there")
 
 
 class VhostUserServer:
-    """Listen on a UNIX socket path and serve one session at a time."""
+    """Listen on ``path`` and serve ``device``, one connection at a time."""
 
-    def __init__(self, path: str | os.PathLike[str], device: VhostUserDevice) -> None:
+    def __init__(self, path: str | os.PathLike[str], device: VhostUserDevice, *,
+                 loop: asyncio.AbstractEventLoop | None = None, backlog: int = 4) -> None:
         self.path = os.fspath(path)
         self.device = device
+        self.loop = loop
+        self.backlog = backlog
+        self.session: BackendSession | None = None
+        self.connections = 0
+        self._sock: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
 
     def start(self) -> None:
-        raise NotImplementedError("vhost-user server lands with the backend session")
+        """Bind and listen; raises TransportError/OSError with the path in the message."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            sock.listen(self.backlog)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {self.path}: {exc.strerror or exc}") \
+                from exc
+        sock.setblocking(False)
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        self._sock = sock
+        self.loop.add_reader(sock.fileno(), self._on_accept)
+        log.debug("%s: listening on %s", self.device.name, self.path)
+
+    def _on_accept(self) -> None:
+        assert self._sock is not None and self.loop is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("%s: accept on %s failed: %s", self.device.name, self.path, exc)
+            return
+        if self.session is not None and not self.session.closed:
+            log.warning("%s: refusing a second connection on %s (one front-end at a time)",
+                        self.device.name, self.path)
+            conn.close()
+            return
+        self.connections += 1
+        name = f"{self.path} #{self.connections}"
+        self.session = BackendSession(backend_channel(conn, name), self.device,
+                                      loop=self.loop, on_close=self._session_closed,
+                                      name=f"connection {self.connections}")
+        self.session.start()
+
+    def _session_closed(self, session: BackendSession) -> None:
+        if self.session is session:
+            self.session = None
 
     def close(self) -> None:
-        pass
+        """End the session, stop listening, remove the socket file (idempotent)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self._sock is not None:
+            if self.loop is not None:
+                self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 class VhostUserClient:
-    """Connect to a listening front-end, retrying, and serve the session."""
+    """Connect to a front-end listening on ``path``, retrying, and serve ``device``."""
 
     def __init__(self, path: str | os.PathLike[str], device: VhostUserDevice, *,
-                 retry_interval: float = 1.0) -> None:
+                 retry_interval: float = 1.0,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.path = os.fspath(path)
         self.device = device
         self.retry_interval = retry_interval
+        self.loop = loop
+        self.session: BackendSession | None = None
+        self.connections = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._warned = False
 
     def start(self) -> None:
-        raise NotImplementedError("vhost-user client lands with the backend session")
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        self._try_connect()
+
+    def _try_connect(self) -> None:
+        assert self.loop is not None
+        self._timer = None
+        if self._closed:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            if not self._warned:
+                log.info("%s: cannot connect to %s (%s); retrying every %.1f s",
+                         self.device.name, self.path,
+                         errno.errorcode.get(exc.errno or 0, exc), self.retry_interval)
+                self._warned = True
+            self._timer = self.loop.call_later(self.retry_interval, self._try_connect)
+            return
+        self._warned = False
+        self.connections += 1
+        self.session = BackendSession(
+            backend_channel(sock, f"{self.path} #{self.connections}"), self.device,
+            loop=self.loop, on_close=self._session_closed,
+            name=f"connection {self.connections}")
+        self.session.start()
+
+    def _session_closed(self, session: BackendSession) -> None:
+        if self.session is session:
+            self.session = None
+        if not self._closed and self.loop is not None:
+            self._timer = self.loop.call_later(self.retry_interval, self._try_connect)
 
     def close(self) -> None:
-        pass
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.session is not None:
+            self.session.close()
+            self.session = None

@@ -22,21 +22,26 @@ Rules for devices:
   do not fill RX), as the vhost-user spec requires.
 * Dirty logging (live migration) and inflight tracking (INFLIGHT_SHMFD) happen
   inside pop/push: devices never see them. ``push`` marks the written bytes of the
-  chain's writable buffers dirty; do not write beyond ``written``.
+  chain's writable buffers dirty (the ring does it); do not write beyond ``written``.
+* ``pop_many``/``push_many`` batch a burst (one avail read, one used-index
+  publish); prefer them on hot paths, then call ``notify`` once.
 * After ``queue_stopped`` the Vring object may be started again later (new queue
   object inside, same Vring); do not keep chains popped before a stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
-from vvu_runtime.vhost_user.transport import KickSource, Notifier
 from vvu_runtime.virtio.errors import RingError, VirtioError
 from vvu_runtime.virtio.memory import GuestMemory
 from vvu_runtime.virtio.queue import DescriptorChain, RingAddresses, Virtqueue
+
+if TYPE_CHECKING:
+    from vvu_runtime.vhost_user.transport import KickSource, Notifier
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +172,36 @@ class Vring:
 
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Give ``chain`` back to the driver with ``written`` bytes filled in."""
-        memory = self._memory
-        if memory is not None and memory.dirty_log is not None and written > 0:
-            self._log_writes(memory, chain, written)
-        if self._tracking and self.inflight is not None:
-            self.inflight.completing(chain)
+        if not self._tracking:
             self._queue.push(chain, written)
-            self.inflight.completed(chain)
             return
-        self._queue.push(chain, written)
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.completing(chain)
+            self._queue.push(chain, written)
+            inflight.completed(chain)
+        else:
+            self._queue.push(chain, written)
+
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        """Up to ``limit`` chains at once (one avail-index read for the batch)."""
+        if not self._tracking:
+            return self._queue.pop_many(limit)
+        chains: list[DescriptorChain] = []
+        while len(chains) < limit:
+            chain = self.pop()
+            if chain is None:
+                break
+            chains.append(chain)
+        return chains
+
+    def push_many(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
+        """Push ``(chain, written)`` pairs, published with one used-index update."""
+        if not self._tracking:
+            self._queue.push_many(completions)
+            return
+        for chain, written in completions:
+            self.push(chain, written)
 
     def notify(self) -> None:
         """After pushes: raise the call notification if the driver wants one."""
@@ -201,21 +227,14 @@ class Vring:
             return
         self.failed = True
         log.error("%s: ring failed, no longer served: %s", self.name, exc)
+        with contextlib.suppress(VirtioError):
+            self.base = self._queue.get_base()
         self._queue = _STOPPED
         self._resubmit.clear()
         if self.err is not None:
             self.err.signal()
         if self._on_fail is not None:
             self._on_fail(self, exc)
-
-    @staticmethod
-    def _log_writes(memory: GuestMemory, chain: DescriptorChain, written: int) -> None:
-        for buf, gpa in zip(chain.writable, chain.writable_gpas, strict=False):
-            n = min(len(buf), written)
-            if n <= 0:
-                break
-            memory.mark_dirty(gpa, n)
-            written -= n
 
     # ---------------------------------------------------------------- session API
     @property
@@ -251,13 +270,19 @@ class Vring:
                          len(self._resubmit))
         self._tracking = self.inflight is not None
 
+    def set_log(self, log_all: bool) -> None:
+        """Follow LOG_ALL or the ring's log flag changing while the ring runs."""
+        set_log = getattr(self._queue, "set_log", None)
+        if set_log is not None and self.started:
+            set_log(log_all, self.addresses)
+
     def restart(self, memory: GuestMemory) -> None:
         """Rebuild the ring after a memory table change, keeping the ring position."""
-        if not self.started:
+        if not self.started or self.failed or self.addresses is None:
             return
         base = self._queue.get_base()
-        queue = self.queue_factory(self.index, self.size, self.addresses or RingAddresses(0, 0, 0),
-                                   memory, self.features, base)
+        queue = self.queue_factory(self.index, self.size, self.addresses, memory,
+                                   self.features, base)
         self._memory = memory
         self._queue = queue
 
