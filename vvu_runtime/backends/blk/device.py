@@ -49,6 +49,7 @@ from vvu_runtime.virtio.blk import (
     RequestType,
     Status,
 )
+from vvu_runtime.virtio.errors import DescriptorError
 
 if TYPE_CHECKING:
     from vvu_runtime.vhost_user.vring import Vring
@@ -87,7 +88,7 @@ _IOERR = Status.IOERR.value
 _UNSUPP = Status.UNSUPP.value
 
 
-class BadChain(Exception):
+class BadChain(DescriptorError):
     """A chain that is not a virtio-blk request at all (no header or no status byte)."""
 
 

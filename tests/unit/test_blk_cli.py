@@ -1,0 +1,83 @@
+"""The vvu-blk program: options, a session over its socket, clean SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vvu_runtime.backends.blk.cli import parse_args
+from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend, setup_queue
+from vvu_runtime.virtio.blk import BlkConfig, BlkRequestHeader, RequestType, Status
+from vvu_runtime.virtio.features import VirtioFeature
+
+
+def test_parse_args() -> None:
+    args = parse_args(["--socket", "s", "--image", "i", "--queues", "4", "--read-only",
+                       "--direct", "--serial", "abc"])
+    assert (args.socket, args.image, args.queues, args.read_only, args.direct, args.serial) == (
+        "s", "i", 4, True, True, "abc")
+    for bad in (["--queues", "0"], ["--serial", "x" * 21]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--socket", "s", "--image", "i", *bad])
+        assert exc.value.code == 2
+
+
+def run_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vvu_runtime.backends.blk.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_missing_image_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run_cli("--socket", str(tmp_path / "s"), "--image", str(tmp_path / "nope.raw"))
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "nope.raw" in out and "Traceback" not in out
+
+
+def test_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "blk.sock"
+    proc = run_cli("--socket", str(sock), "--image", str(image), "--queues", "2",
+                   "--serial", "cli-test")
+    try:
+        fe = VhostUserFrontend.connect(sock, retry_for=20)
+        ram = GuestRam(1 << 20)
+        fe.negotiate(features=(1 << 64) - 1 & ~int(VirtioFeature.RING_PACKED))
+        assert fe.get_queue_num() == 2
+        assert BlkConfig.unpack(fe.get_config(0, 60)).capacity == 2048
+        fe.set_mem_table([(ram.region, ram.fd)])
+        dq = setup_queue(fe, ram, 0, 16)
+        hdr, data, status = ram.alloc(16), ram.alloc(512), ram.alloc(1)
+        ram.view(hdr, 16)[:] = BlkRequestHeader(RequestType.OUT, 0, 7).pack()
+        ram.view(data, 512)[:] = b"\x77" * 512
+        dq.ring.add([(hdr, 16), (data, 512)], [(status, 1)], token=0)
+        dq.kick()
+        assert dq.wait_call(10)
+        assert dq.ring.get_used() == [(0, 1)]
+        assert ram.view(status, 1)[0] == Status.OK
+        assert image.read_bytes()[7 * 512:8 * 512] == b"\x77" * 512
+        fe.close()
+        dq.close()
+        ram.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert not sock.exists()
+    assert "disk disk.raw" in out  # logs name the disk
+    assert "Traceback" not in out
+
+
+def test_socket_directory_missing(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(4096))
+    proc = run_cli("--socket", str(tmp_path / "no" / "such" / "dir.sock"), "--image", str(image))
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+
