@@ -53,7 +53,7 @@ class HeaderFlags(IntFlag):
     NEED_REPLY = 0x8
 
 
-KNOWN_FLAGS = VERSION_MASK | HeaderFlags.REPLY | HeaderFlags.NEED_REPLY
+KNOWN_FLAGS = VERSION_MASK | int(HeaderFlags.REPLY) | int(HeaderFlags.NEED_REPLY)
 
 
 class FrontendRequest(IntEnum):
