@@ -1,0 +1,212 @@
+"""vvu-blk against qemu-storage-daemon's vhost-user-blk export, in one run.
+
+Both targets serve the same raw image (in the host page cache, buffered I/O on
+both sides) and are pinned to the same single CPU; the same front-end drives
+both: ``qemu-img bench`` through QEMU's blkio driver (libblkio's
+``virtio-blk-vhost-user``), pinned to another CPU. 4 KiB reads at queue depth
+1 and 32. Prints IOPS and the ratio vvu-blk / qsd, then a cProfile of vvu-blk
+under the QD32 load (top entries by own time) to show where the time goes.
+
+    .venv/bin/python benchmarks/blk_bench.py [--count N] [--depths 1,32] [--no-profile]
+
+Needs the tool chain (``./setup``): qemu-img with the blkio driver and
+qemu-storage-daemon come from its tools tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pstats
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vvu_runtime.launch.toolchain import Toolchain, ToolchainError
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCK = 4096
+
+
+@dataclass
+class Result:
+    target: str
+    depth: int
+    iops: float
+
+
+def cpus() -> tuple[int, int]:
+    """(front-end CPU, target CPU): two different CPUs when there are two."""
+    avail = sorted(os.sched_getaffinity(0))
+    if len(avail) == 1:
+        return avail[0], avail[0]
+    return avail[0], avail[1]
+
+
+def make_image(path: Path, size_mib: int) -> None:
+    """A raw image full of non-zero data (holes would make reads unrealistically cheap)."""
+    chunk = (bytes(range(256)) * (1 << 12))  # 1 MiB
+    with path.open("wb") as f:
+        for i in range(size_mib):
+            f.write(chunk[i % 256:] + chunk[:i % 256])
+    # Warm the page cache: both targets then read from memory.
+    with path.open("rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str,
+                    timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening:\n{out}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not create {path} within {timeout} s")
+
+
+@contextlib.contextmanager
+def target(argv: Sequence[str], sock: Path, what: str, cpu: int,
+           log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a vhost-user-blk target pinned to ``cpu`` until the block ends (SIGTERM)."""
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    with log.open("wb") as logf:
+        proc = subprocess.Popen(["taskset", "-c", str(cpu), *argv], stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            wait_for_socket(sock, proc, what)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{log.read_text(errors='replace')[-3000:]}") from None
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def bench(tc: Toolchain, sock: Path, depth: int, count: int, cpu: int) -> float:
+    """IOPS of ``count`` 4 KiB reads at ``depth`` through the blkio driver."""
+    opts = f"driver=virtio-blk-vhost-user,path={sock},cache.direct=on"
+    argv = ["taskset", "-c", str(cpu), *tc.command(
+        ["qemu-img", "bench", "--image-opts", opts, "-c", str(count), "-d", str(depth),
+         "-s", str(BLOCK), "-S", str(BLOCK)])]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out.stdout)
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"qemu-img bench failed (exit {out.returncode}):\n"
+                           f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return count / float(m.group(1))
+
+
+def measure(tc: Toolchain, name: str, sock: Path, depths: Sequence[int], count: int,
+            cpu: int, repeat: int) -> list[Result]:
+    bench(tc, sock, 1, min(count, 2000), cpu)  # warm up (connect path, caches)
+    results = []
+    for depth in depths:
+        best = max(bench(tc, sock, depth, count, cpu) for _ in range(repeat))
+        print(f"  {name:>10}  QD{depth:<3} {best:>10,.0f} IOPS", flush=True)
+        results.append(Result(name, depth, best))
+    return results
+
+
+def qsd_argv(tc: Toolchain, image: Path, sock: Path) -> list[str]:
+    return tc.command([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off,aio=threads",
+        "--blockdev", "driver=raw,node-name=disk0,file=file0",
+        "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
+                    f"addr.path={sock},writable=on,num-queues=1",
+    ])
+
+
+def vvu_argv(image: Path, sock: Path, profile: Path | None = None) -> list[str]:
+    cli = ["-m", "vvu_runtime.backends.blk.cli", "--socket", str(sock), "--image", str(image),
+           "--log-level", "WARNING"]
+    if profile is not None:
+        return [sys.executable, "-m", "cProfile", "-o", str(profile), *cli]
+    return [sys.executable, *cli]
+
+
+def print_table(results: list[Result], depths: Sequence[int]) -> None:
+    by = {(r.target, r.depth): r.iops for r in results}
+    print()
+    print(f"{'4 KiB reads (qemu-img bench)':<36}{'qsd IOPS':>12}{'vvu-blk IOPS':>14}"
+          f"{'ratio':>8}")
+    for d in depths:
+        q, v = by[("qsd", d)], by[("vvu-blk", d)]
+        print(f"{'queue depth ' + str(d):<36}{q:>12,.0f}{v:>14,.0f}{v / q:>8.2f}")
+
+
+def print_profile(path: Path, top: int) -> None:
+    print()
+    print(f"cProfile of vvu-blk under QD32 reads, top {top} by own time:")
+    stats = pstats.Stats(str(path))
+    stats.strip_dirs().sort_stats("tottime").print_stats(top)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200_000, help="requests per run")
+    parser.add_argument("--depths", default="1,32", help="queue depths, comma separated")
+    parser.add_argument("--image-mib", type=int, default=256, help="image size")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per point (best kept)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
+    parser.add_argument("--top", type=int, default=20, help="profile entries shown")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    depths = [int(d) for d in args.depths.split(",")]
+
+    tc = Toolchain()
+    try:
+        tc.require_built()
+    except ToolchainError as exc:
+        print(f"blk_bench: {exc}", file=sys.stderr)
+        return 2
+    fe_cpu, be_cpu = cpus()
+    work = Path(tempfile.mkdtemp(prefix="vvu-blk-bench-"))
+    try:
+        image = work / "disk.raw"
+        make_image(image, args.image_mib)
+        sock = work / "blk.sock"
+        print(f"image {args.image_mib} MiB in page cache; target on CPU {be_cpu}, "
+              f"qemu-img bench on CPU {fe_cpu}; {args.count} requests per run")
+        results: list[Result] = []
+        with target(qsd_argv(tc, image, sock), sock, "qemu-storage-daemon", be_cpu,
+                    work / "qsd.log"):
+            results += measure(tc, "qsd", sock, depths, args.count, fe_cpu, args.repeat)
+        with target(vvu_argv(image, sock), sock, "vvu-blk", be_cpu, work / "vvu.log"):
+            results += measure(tc, "vvu-blk", sock, depths, args.count, fe_cpu, args.repeat)
+        print_table(results, depths)
+        if not args.no_profile:
+            prof = work / "vvu-blk.prof"
+            with target(vvu_argv(image, sock, prof), sock, "vvu-blk (cProfile)", be_cpu,
+                        work / "vvu-prof.log"):
+                bench(tc, sock, max(depths), args.count, fe_cpu)
+            print_profile(prof, args.top)
+    finally:
+        if args.keep:
+            print(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
