@@ -73,20 +73,32 @@ def _has_packed_rings() -> bool:
 
 
 class RxQueue:
-    """One started receive ring of a port, with chains held back for the next frame."""
+    """One started receive ring of a port.
 
-    __slots__ = ("reserve", "touched", "vring")
+    ``pending`` collects the chains filled during a burst; :meth:`flush` (called
+    by the switch at the end of the burst) publishes them with one used-index
+    update and notifies once. ``reserve`` holds chains popped for a merged frame
+    that then did not fit; they are used first for the next frame.
+    """
 
-    def __init__(self, vring: RingLike) -> None:
+    __slots__ = ("pending", "port", "reserve", "touched", "vring")
+
+    def __init__(self, vring: RingLike, port: SwitchPort) -> None:
         self.vring = vring
+        self.port = port
         self.reserve: list[DescriptorChain] = []
+        self.pending: list[tuple[DescriptorChain, int]] = []
         self.touched = False
 
-    def notify(self) -> None:
+    def flush(self) -> None:
+        pending = self.pending
         try:
+            if pending:
+                self.pending = []
+                self.vring.push_many(pending)
             self.vring.notify()
         except VirtioError as exc:
-            self.vring.fail(exc)
+            self.port._ring_error(self, exc)
 
 
 class SwitchPort(Port, VhostUserDevice):
@@ -156,7 +168,7 @@ class SwitchPort(Port, VhostUserDevice):
             log.debug("%s: transmit queue %d started", self.name, index)
             return
         was_up = self.up
-        self._rx[index] = RxQueue(vring)
+        self._rx[index] = RxQueue(vring, self)
         self.rx_queues = [self._rx[i] for i in sorted(self._rx)]
         log.debug("%s: receive queue %d started", self.name, index)
         if not was_up:
@@ -267,11 +279,7 @@ class SwitchPort(Port, VhostUserDevice):
                     w0[11] = 0
                 if v0[0] != frame.flags:
                     w0[0] = frame.flags
-                try:
-                    ring.push(chain, n)
-                except VirtioError as exc:
-                    self._ring_error(q, exc)
-                    return
+                q.pending.append((chain, n))
                 c = self.counters
                 c.out_packets += 1
                 c.out_bytes += n - hs
@@ -333,28 +341,25 @@ class SwitchPort(Port, VhostUserDevice):
         nsrc = len(srcs)
         si = 0
         so = 0
-        try:
-            for c in chains:
-                written = 0
-                for w in c.writable:
-                    wl = len(w)
-                    wo = 0
-                    while wo < wl and si < nsrc:
-                        s = srcs[si]
-                        take = min(wl - wo, len(s) - so)
-                        w[wo:wo + take] = s[so:so + take]
-                        wo += take
-                        so += take
-                        if so == len(s):
-                            si += 1
-                            so = 0
-                    written += wo
-                    if si == nsrc:
-                        break
-                ring.push(c, written)
-        except VirtioError as exc:
-            self._ring_error(q, exc)
-            return False
+        pending = q.pending
+        for c in chains:
+            written = 0
+            for w in c.writable:
+                wl = len(w)
+                wo = 0
+                while wo < wl and si < nsrc:
+                    s = srcs[si]
+                    take = min(wl - wo, len(s) - so)
+                    w[wo:wo + take] = s[so:so + take]
+                    wo += take
+                    so += take
+                    if so == len(s):
+                        si += 1
+                        so = 0
+                written += wo
+                if si == nsrc:
+                    break
+            pending.append((c, written))
         counters = self.counters
         counters.out_packets += 1
         counters.out_bytes += payload_len
@@ -368,4 +373,5 @@ class SwitchPort(Port, VhostUserDevice):
         log.warning("%s: receive queue %d is broken, failing it: %s",
                     self.name, q.vring.index, exc)
         q.reserve.clear()
+        q.pending.clear()
         q.vring.fail(exc)

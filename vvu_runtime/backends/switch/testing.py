@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vvu_runtime.backends.switch.offload import (
@@ -155,6 +156,19 @@ class FakeRing:
             raise self.pop_error
         return self.avail.popleft() if self.avail else None
 
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        out: list[DescriptorChain] = []
+        while len(out) < limit:
+            chain = self.pop()
+            if chain is None:
+                break
+            out.append(chain)
+        return out
+
+    def push_many(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
+        for chain, written in completions:
+            self.push(chain, written)
+
     def push(self, chain: DescriptorChain, written: int) -> None:
         if self.push_error is not None:
             raise self.push_error
@@ -203,4 +217,114 @@ class FakeRing:
             data = chunks[i][hdr_size:] + b"".join(chunks[i + 1:i + count])
             out.append((hdr, data))
             i += max(count, 1)
+        return out
+
+
+# --------------------------------------------------------------------------- driver side
+
+class DriverPort:
+    """A virtio-net driver in this process, connected to a switch port.
+
+    Does what a guest's virtio-net driver does, through the vhost-user front-end
+    (``vhost_user.frontend``) and a split driver ring: negotiates, shares a memfd
+    as guest RAM, fills the receive ring, sends frames with a virtio-net header,
+    and reassembles received frames (MRG_RXBUF). For tests and tools; the
+    benchmark drives rings in bulk instead.
+    """
+
+    def __init__(self, path: str, *, exclude: int = 0, queue_size: int = 256,
+                 rx_buffer: int = 2048, tx_buffer: int = 2048, timeout: float = 5.0) -> None:
+        from vvu_runtime.vhost_user import messages as m
+        from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend, setup_queue
+
+        self.fe = VhostUserFrontend.connect(path, retry_for=timeout)
+        offered = self.fe.get_features()
+        self.fe.negotiate(features=offered & ~m.VHOST_F_LOG_ALL & ~exclude)
+        self.features = self.fe.features
+        self.queue_size = queue_size
+        self.rx_buffer = rx_buffer
+        self.tx_buffer = tx_buffer
+        rings = 2 * (queue_size * 18 + 4096 * 3)
+        self.ram = GuestRam(queue_size * (rx_buffer + tx_buffer) + rings + (1 << 20))
+        self.fe.set_mem_table([(self.ram.region, self.ram.fd)])
+        self.rxq = setup_queue(self.fe, self.ram, 0, queue_size)
+        self.txq = setup_queue(self.fe, self.ram, 1, queue_size)
+        self.mergeable = bool(self.features >> 15 & 1)
+        self._tx_free = [self.ram.alloc(tx_buffer) for _ in range(queue_size)]
+        self._rx_bufs = [self.ram.alloc(rx_buffer) for _ in range(queue_size)]
+        for gpa in self._rx_bufs:
+            self.rxq.ring.add([], [(gpa, rx_buffer)], gpa)
+        self.rxq.kick()
+        self._partial: list[bytes] = []
+        self._partial_left = 0
+
+    def close(self) -> None:
+        self.fe.close()
+        self.rxq.close()
+        self.txq.close()
+        self.ram.close()
+
+    def __enter__(self) -> DriverPort:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _reclaim_tx(self) -> None:
+        for gpa, _ in self.txq.ring.get_used():
+            self._tx_free.append(gpa)
+
+    def send(self, frame: bytes, hdr: bytes | None = None, *, kick: bool = True) -> None:
+        """Queue one frame (header defaults to all zeroes) and kick."""
+        data = (net_hdr() if hdr is None else hdr) + frame
+        if len(data) > self.tx_buffer:
+            raise ValueError(f"{len(data)}-byte frame does not fit {self.tx_buffer}-byte buffers")
+        if not self._tx_free:
+            self._reclaim_tx()
+        if not self._tx_free:
+            self.txq.wait_call(1.0)
+            self._reclaim_tx()
+        gpa = self._tx_free.pop()
+        self.ram.view(gpa, len(data))[:] = data
+        self.txq.ring.add([(gpa, len(data))], [], gpa)
+        if kick and self.txq.ring.kick_needed():
+            self.txq.kick()
+
+    def receive(self, count: int = 1, timeout: float = 5.0) -> list[tuple[VirtioNetHdr, bytes]]:
+        """Wait until ``count`` frames arrived (or ``timeout``); returns what came."""
+        import time
+
+        out: list[tuple[VirtioNetHdr, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < count:
+            out.extend(self.poll())
+            if len(out) >= count:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not self.rxq.ring.enable_interrupts():
+                self.rxq.wait_call(min(left, 0.2))
+        return out
+
+    def poll(self) -> list[tuple[VirtioNetHdr, bytes]]:
+        """Frames received so far (buffers go back to the ring)."""
+        out: list[tuple[VirtioNetHdr, bytes]] = []
+        used = self.rxq.ring.get_used()
+        for gpa, written in used:
+            chunk = bytes(self.ram.view(gpa, written))
+            self.rxq.ring.add([], [(gpa, self.rx_buffer)], gpa)
+            if self._partial_left:
+                self._partial.append(chunk)
+                self._partial_left -= 1
+            else:
+                hdr = VirtioNetHdr.unpack(chunk)
+                self._partial = [chunk]
+                self._partial_left = (hdr.num_buffers - 1) if self.mergeable else 0
+            if not self._partial_left:
+                whole = b"".join(self._partial)
+                out.append((VirtioNetHdr.unpack(whole), whole[HDR_SIZE:]))
+                self._partial = []
+        if used and self.rxq.ring.kick_needed():
+            self.rxq.kick()
         return out
