@@ -9,6 +9,7 @@ DMA-mapped guest RAM, MSI-X completions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,10 +67,8 @@ class DeviceProcess:
     def fds(self) -> dict[int, str]:
         out = {}
         for name in os.listdir(f"/proc/{self.proc.pid}/fd"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 out[int(name)] = os.readlink(f"/proc/{self.proc.pid}/fd/{name}")
-            except FileNotFoundError:
-                pass
         return out
 
     def maps(self) -> str:

@@ -439,7 +439,7 @@ class ConfigSpace:
     def set_bits16(self, offset: int, bits: int, on: bool) -> None:
         """Device-side change of a 16-bit register (e.g. status INTx), not a default."""
         value = self.u16(offset)
-        value = value | bits if on else value & ~bits
+        value = value | bits if on else value & ~int(bits)
         self.data[offset:offset + 2] = value.to_bytes(2, "little")
 
     def check(self, offset: int, count: int) -> None:
@@ -590,7 +590,7 @@ class IrqLines:
         what = f"{self.name}: SET_IRQS {PciIrq(index).name} flags {flags:#x} [{start}, +{count})"
         data_type = flags & IRQ_SET_DATA_MASK
         action = flags & IRQ_SET_ACTION_MASK
-        if flags & ~(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
+        if flags & ~int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
             raise IrqError(f"{what}: unknown flag bits")
         if bin(data_type).count("1") != 1 or bin(action).count("1") != 1:
             raise IrqError(f"{what}: exactly one data type and one action must be set")

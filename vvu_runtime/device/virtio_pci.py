@@ -679,7 +679,7 @@ class VirtioPciDevice(PciDevice):
             self._virtio_reset()
             return
         old = self.status
-        device_owned = DeviceStatus.DEVICE_NEEDS_RESET
+        device_owned = int(DeviceStatus.DEVICE_NEEDS_RESET)
         value = (value & ~device_owned) | (old & device_owned)
         if old & ~value:
             self.status = old | value
@@ -691,10 +691,10 @@ class VirtioPciDevice(PciDevice):
             why = self._features_problem(self.driver_features)
             if why is not None:
                 log.warning("%s: FEATURES_OK refused: %s", self.name, why)
-                value &= ~DeviceStatus.FEATURES_OK
-                new_bits &= ~DeviceStatus.FEATURES_OK
+                value &= ~int(DeviceStatus.FEATURES_OK)
+                new_bits &= ~int(DeviceStatus.FEATURES_OK)
         if new_bits & DeviceStatus.DRIVER_OK and not value & DeviceStatus.FEATURES_OK:
-            self.status = value & ~DeviceStatus.DRIVER_OK
+            self.status = value & ~int(DeviceStatus.DRIVER_OK)
             self.needs_reset("driver set DRIVER_OK without FEATURES_OK")
             return
         self.status = value

@@ -366,7 +366,7 @@ class Session:
         req = DmaMap.unpack(msg.payload)
         if req.argsz < DmaMap.STRUCT.size:
             raise MessageError(f"DMA_MAP argsz {req.argsz} < {DmaMap.STRUCT.size}")
-        if req.flags & ~(DmaMapFlags.READ | DmaMapFlags.WRITE):
+        if req.flags & ~int(DmaMapFlags.READ | DmaMapFlags.WRITE):
             raise MessageError(f"DMA_MAP flags {req.flags:#x} has unknown bits")
         if len(msg.fds) > 1:
             raise MessageError(f"DMA_MAP carries {len(msg.fds)} fds, at most 1")
@@ -382,7 +382,7 @@ class Session:
         if req.flags & DmaUnmapFlags.GET_DIRTY_BITMAP:
             raise MessageError("DMA_UNMAP with GET_DIRTY_BITMAP: dirty tracking is not "
                                "supported", errno=errno.ENOTSUP)
-        if req.flags & ~DmaUnmapFlags.ALL:
+        if req.flags & ~int(DmaUnmapFlags.ALL):
             raise MessageError(f"DMA_UNMAP flags {req.flags:#x} has unknown bits")
         if req.flags & DmaUnmapFlags.ALL:
             self.device.dma.unmap_all()
