@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from vvu_runtime.device.entropy import HOLE_BYTE, SHM_MARKER
 from vvu_runtime.device.vfio_user.client import VfioUserClient
 from vvu_runtime.launch.initramfs import DEFAULT_MODULES, ConsumerAssets, consumer_assets
 from vvu_runtime.launch.machine import QemuMachine
@@ -30,6 +31,7 @@ from vvu_runtime.launch.toolchain import Toolchain, ToolchainError
 pytestmark = pytest.mark.integration
 
 SLOT = "0000:00:05.0"
+SHM_SIZE = 2 << 20
 SYSFS = f"/sys/bus/pci/devices/{SLOT}"
 
 
@@ -47,13 +49,15 @@ def rng_guest_assets(toolchain: Toolchain) -> ConsumerAssets:
 class DeviceProcess:
     """The toy device model in its own process."""
 
-    def __init__(self, socket_path: Path, log_path: Path, device_id: int) -> None:
+    def __init__(self, socket_path: Path, log_path: Path, device_id: int,
+                 shared_memory: int = 0) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vvu_runtime.device.entropy", "--socket", str(socket_path),
-             "--device-id", str(device_id), "--name", "rng-test"],
+             "--device-id", str(device_id), "--name", "rng-test",
+             "--shared-memory", str(shared_memory)],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not socket_path.exists():
@@ -88,7 +92,8 @@ class DeviceProcess:
 
 @pytest.fixture
 def device_process(tmp_path: Path) -> Iterator[DeviceProcess]:
-    dev = DeviceProcess(tmp_path / "rng.sock", tmp_path / "device.log", device_id=4)
+    dev = DeviceProcess(tmp_path / "rng.sock", tmp_path / "device.log", device_id=4,
+                        shared_memory=SHM_SIZE)
     try:
         yield dev
     finally:
@@ -122,8 +127,11 @@ def test_guest_drives_the_device_and_killing_it_leaks_nothing(
         resources = con.check(f"cat {SYSFS}/resource").split("\n")
         bar0_start, bar0_end, _ = (int(x, 16) for x in resources[0].split())
         bar1_start, _, _ = (int(x, 16) for x in resources[1].split())
+        bar2_start, bar2_end, bar2_flags = (int(x, 16) for x in resources[2].split())
         assert bar0_start and bar0_end - bar0_start + 1 == 0x4000
         assert bar1_start
+        assert bar2_start and bar2_end - bar2_start + 1 == SHM_SIZE
+        assert bar2_flags & 0x2000 and bar2_flags & 0x100000  # 64-bit, prefetchable
         # The guest's virtio-pci and virtio_rng drove the transport to DRIVER_OK ...
         status = con.check(f"cat {SYSFS}/virtio*/status").strip()
         assert int(status, 16) & 0xF == 0xF, status
@@ -143,6 +151,19 @@ def test_guest_drives_the_device_and_killing_it_leaks_nothing(
         assert high == 0x3  # VERSION_1 | ACCESS_PLATFORM (bits 32, 33)
         con.check(f"devmem {bar0_start + 0x16:#x} 16 0")  # queue_select = 0
         assert int(con.check(f"devmem {bar0_start + 0x18:#x} 16").strip(), 16) == 256
+
+        # BAR2: QEMU mmapped both sparse areas (zero copy), the hole stays trapped.
+        mtree = vm.qmp("human-monitor-command", **{"command-line": "info mtree -f"})
+        assert "BAR 2 mmaps[0]" in mtree and "BAR 2 mmaps[1]" in mtree, mtree
+        marker = int.from_bytes(SHM_MARKER[:4], "little")
+        assert int(con.check(f"devmem {bar2_start:#x} 32").strip(), 16) == marker
+        hole = SHM_SIZE // 2
+        assert int(con.check(f"devmem {bar2_start + hole:#x} 32").strip(), 16) == \
+            int.from_bytes(bytes([HOLE_BYTE]) * 4, "little")
+        con.check(f"devmem {bar2_start + hole + 0x1100:#x} 32 0xc0ffee42")
+        memfd = next(fd for fd, target in dev.fds().items() if "bar2" in target)
+        with open(f"/proc/{dev.proc.pid}/fd/{memfd}", "rb") as shm:
+            assert os.pread(shm.fileno(), 4, hole + 0x1100) == bytes.fromhex("42eeffc0")
 
         assert "client negotiated vfio-user" in dev.log()
         assert len(dev.fds()) > len(baseline)  # the client, eventfds ...
