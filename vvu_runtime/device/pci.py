@@ -213,8 +213,9 @@ class Bar:
                 break
             lo = max(pos, r.offset)
             hi = min(end, r.end)
-            got = r.read(lo - r.offset, hi - lo)
-            out[lo - offset:lo - offset + len(got[:hi - lo])] = got[:hi - lo]
+            # A handler returning the wrong length must not resize the reply.
+            got = r.read(lo - r.offset, hi - lo)[:hi - lo].ljust(hi - lo, b"\0")
+            out[lo - offset:hi - offset] = got
             pos = hi
         return bytes(out)
 
@@ -452,7 +453,8 @@ class ConfigSpace:
         for w in self._windows:
             lo, hi = max(offset, w.offset), min(offset + count, w.offset + w.length)
             if lo < hi:
-                out[lo - offset:hi - offset] = w.read(lo - w.offset, hi - lo)[:hi - lo]
+                got = w.read(lo - w.offset, hi - lo)[:hi - lo].ljust(hi - lo, b"\0")
+                out[lo - offset:hi - offset] = got
         return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:

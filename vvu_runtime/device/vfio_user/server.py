@@ -223,6 +223,8 @@ class ServerState(enum.Enum):
 class SessionStats:
     messages: int = 0
     errors: int = 0
+    #: Messages that asked for no reply (posted writes).
+    posted: int = 0
     by_command: dict[str, int] = field(default_factory=dict)
 
 
@@ -301,6 +303,8 @@ class Session:
         """Serve one message: reply (or error reply) unless NO_REPLY; close its fds."""
         header = msg.header
         self.stats.messages += 1
+        if header.no_reply:
+            self.stats.posted += 1
         key = Command.name_of(header.command)
         self.stats.by_command[key] = self.stats.by_command.get(key, 0) + 1
         reply: Reply | None = None
@@ -532,8 +536,9 @@ class Session:
         self._reader.discard()
         self._out.clear()
         self.sock.close()
-        log.info("%s: client disconnected (%s) after %d messages, %d refused", self.name, why,
-                 self.stats.messages, self.stats.errors)
+        log.info("%s: client disconnected (%s) after %d messages (%d posted), %d refused; %s",
+                 self.name, why, self.stats.messages, self.stats.posted, self.stats.errors,
+                 ", ".join(f"{k} {v}" for k, v in sorted(self.stats.by_command.items())))
         try:
             self.device.client_disconnected()
         except Exception:
