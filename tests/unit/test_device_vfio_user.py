@@ -637,3 +637,34 @@ def test_listening_server_reconnect_and_no_leaks(tmp_path: os.PathLike[str]) -> 
         assert server.sessions_served == 2
     assert not os.path.exists(path)
     device.close()
+
+
+def test_engine_states_refuse_calls_that_do_not_fit(tmp_path: os.PathLike[str]) -> None:
+    from vvu_runtime.device.errors import StateError
+
+    not_a_socket = os.path.join(os.fspath(tmp_path), "file")
+    with open(not_a_socket, "w"):
+        pass
+    device = ScratchDevice()
+    path = os.path.join(os.fspath(tmp_path), "s.sock")
+    with ServerThread(lambda: VfioUserServer(device, path)) as thread:
+        server = thread.server
+        assert server is not None
+        with pytest.raises(StateError, match="needs a socket path"):
+            thread.call(VfioUserServer(device).start)
+        with pytest.raises(StateError, match="not a socket"):
+            thread.call(VfioUserServer(device, not_a_socket).start)
+        thread.call(server.start)
+        with pytest.raises(StateError, match="start\\(\\) in state listening"):
+            thread.call(server.start)
+        a, b = socket.socketpair()
+        thread.call(lambda: server.attach(b))
+        assert server.state is ServerState.CONNECTED
+        with pytest.raises(StateError, match="attach\\(\\) in state connected"):
+            thread.call(lambda: server.attach(socket.socket(socket.AF_UNIX)))
+        a.close()
+        thread.call(server.close)
+        assert server.state is ServerState.CLOSED
+        with pytest.raises(StateError):
+            thread.call(server.start)
+    device.close()
