@@ -659,12 +659,12 @@ def test_engine_states_refuse_calls_that_do_not_fit(tmp_path: os.PathLike[str]) 
             thread.call(server.start)
         a, b = socket.socketpair()
         thread.call(lambda: server.attach(b))
-        assert server.state is ServerState.CONNECTED
+        assert thread.call(lambda: server.state) is ServerState.CONNECTED
         with pytest.raises(StateError, match="attach\\(\\) in state connected"):
             thread.call(lambda: server.attach(socket.socket(socket.AF_UNIX)))
         a.close()
         thread.call(server.close)
-        assert server.state is ServerState.CLOSED
+        assert thread.call(lambda: server.state) is ServerState.CLOSED
         with pytest.raises(StateError):
             thread.call(server.start)
     device.close()
