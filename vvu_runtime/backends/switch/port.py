@@ -227,26 +227,18 @@ class SwitchPort(Port, VhostUserDevice):
         return ",".join(names) or "none"
 
     def _pick_queue(self, frame: Frame) -> RxQueue | None:
-        qs = self.rx_queues
-        if len(qs) == 1:
-            q = qs[0]
-        elif qs:
-            q = qs[frame.flow_hash() % len(qs)]
-        else:
+        """The RX queue for ``frame``: by flow hash among the enabled ones."""
+        qs = [q for q in self.rx_queues if q.vring.enabled]
+        if not qs:
             return None
-        if q.vring.enabled:
-            return q
-        enabled = [x for x in qs if x.vring.enabled]
-        if not enabled:
-            return None
-        return enabled[frame.flow_hash() % len(enabled)]
+        return qs[0] if len(qs) == 1 else qs[frame.flow_hash() % len(qs)]
 
     def deliver(self, frame: Frame) -> None:
-        q = self._pick_queue(frame)
-        if q is None:
-            self.counters.drop(Drop.PORT_DOWN)
-            return
-        if (frame.flags or frame.gso_type) and not self.accepts(frame):
+        if not self.accepts(frame):
+            q = self._pick_queue(frame)
+            if q is None:
+                self.counters.drop(Drop.PORT_DOWN)
+                return
             switch = self.switch
             soft = switch.software_frames(self, frame) if switch is not None else None
             if soft is not None:
@@ -254,30 +246,36 @@ class SwitchPort(Port, VhostUserDevice):
                     if not self._deliver_soft(q, sf):
                         break
             return
+        self.deliver_plain(frame)
+
+    def deliver_plain(self, frame: Frame) -> None:
+        """The hot path: copy the frame (header included) into one RX buffer."""
+        qs = self.rx_queues
+        q: RxQueue | None = qs[0] if len(qs) == 1 and qs[0].vring.enabled \
+            else self._pick_queue(frame)
+        if q is None:
+            self.counters.drop(Drop.PORT_DOWN)
+            return
         views = frame.views
         hs = frame.hdr_size
-        hd = self.hdr_size
         n = frame.length
-        ring = q.vring
         try:
-            chain = q.reserve.pop() if q.reserve else ring.pop()
+            chain = q.reserve.pop() if q.reserve else q.vring.pop()
         except VirtioError as exc:
             self._ring_error(q, exc)
             return
         if chain is None:
             self.counters.drop(Drop.RX_RING_FULL)
             return
-        if hs == hd and len(views) == 1:
-            # Fast path: one source buffer, one destination buffer it fits in.
+        if len(views) == 1 and hs == self.hdr_size:
             w = chain.writable
             if w and len(w[0]) >= n:
                 w0 = w[0]
-                v0 = views[0]
-                w0[:n] = v0
-                if hd == 12:
-                    w0[10] = 1  # num_buffers = 1 (little-endian u16)
-                    w0[11] = 0
-                if v0[0] != frame.flags:
+                w0[:n] = views[0]
+                if hs == 12:
+                    w0[10] = 1  # num_buffers = 1 (little-endian u16); two item stores
+                    w0[11] = 0  # are cheaper than a slice or a struct call
+                if frame.rewrite_flags:
                     w0[0] = frame.flags
                 q.pending.append((chain, n))
                 c = self.counters
@@ -286,10 +284,10 @@ class SwitchPort(Port, VhostUserDevice):
                 if not q.touched:
                     self.switch.touch(q)  # type: ignore[union-attr]
                 return
-        hdr = bytearray(hd)
-        src = views[0] if len(views[0]) >= hs else memoryview(frame.linear())
-        hdr[0:10] = src[0:10]
-        hdr[0] = frame.flags
+        hdr = bytearray(self.hdr_size)
+        hdr[0:10] = frame.header()[0:10]
+        if frame.rewrite_flags:
+            hdr[0] = frame.flags
         self._write(q, chain, hdr, frame.payload_views(), n - hs)
 
     def _deliver_soft(self, q: RxQueue, sf: SoftFrame) -> bool:

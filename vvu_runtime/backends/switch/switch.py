@@ -40,7 +40,6 @@ from vvu_runtime.backends.switch.fdb import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_PER_PORT,
     Fdb,
-    FdbEntry,
 )
 from vvu_runtime.backends.switch.offload import OffloadError, SoftFrame, software_offload
 from vvu_runtime.virtio.errors import VirtioError
@@ -60,6 +59,7 @@ MAX_FRAME_LEN = 65535 + ETH_HLEN + 8 + 12
 BURST = 64
 
 _MAC_PAIR = struct.Struct("6s6s")
+_ZERO_MAC = bytes(6)
 _U16 = struct.Struct("<H")
 _NEEDS_CSUM = int(HdrFlags.NEEDS_CSUM)
 _DATA_VALID = int(HdrFlags.DATA_VALID)
@@ -202,6 +202,12 @@ class Port:
         """Send ``frame`` out of this port (count it, or count why not)."""
         raise NotImplementedError
 
+    def deliver_plain(self, frame: Frame) -> None:
+        """:meth:`deliver` for a frame whose header has no flags and no GSO type
+        (``frame.flags``/``gso_type`` are not set on this path)."""
+        frame.flags = frame.gso_type = 0
+        self.deliver(frame)
+
     def accepts(self, frame: Frame) -> bool:
         """Whether ``frame``'s offloads may be delivered to this port untouched."""
         if frame.flags & _NEEDS_CSUM and not self.accept_csum:
@@ -221,25 +227,41 @@ class Frame:
 
     One instance per switch, reused for every frame (no allocation per frame).
     ``views`` hold the virtio-net header (``hdr_size`` bytes, the sender's size)
-    followed by the Ethernet frame, possibly scattered; ``eth``/``eth_off`` point
-    at a contiguous copy of at least the first 14 Ethernet bytes.
+    followed by the Ethernet frame, possibly scattered. Only ``views`` and
+    ``length`` are set per frame on the fast path; ``flags``/``gso_type`` only
+    when the header has any (the fast path delivers with :meth:`Port.deliver_plain`).
+    Slow paths compute what they need (a linear copy, the flow hash, software
+    offloads) on demand and cache it until :meth:`reset`; ``dirty`` says whether
+    there is anything to forget.
     """
 
-    __slots__ = ("_hash", "_linear", "_soft", "eth", "eth_off", "flags", "gso_type",
-                 "hdr_size", "ingress", "length", "views")
+    __slots__ = ("_cache_key", "_hash", "_linear", "_soft", "flags", "gso_type", "hdr_size",
+                 "ingress", "length", "rewrite_flags", "views")
 
     def __init__(self) -> None:
         self.views: list[memoryview] = []
         self.hdr_size = 12
         self.length = 0  # header + frame
-        self.eth: memoryview | bytes = b""
-        self.eth_off = 0
         self.flags = 0
         self.gso_type = 0
         self.ingress: Port | None = None
+        #: The header's flags differ from the sender's (a DATA_VALID not believed):
+        #: receivers write ``flags`` instead of copying the byte.
+        self.rewrite_flags = False
+        self._cache_key: object = None
         self._hash: int | None = None
         self._soft: dict[bool, list[SoftFrame]] | None = None
         self._linear: bytes | None = None
+
+    def _cached(self) -> None:
+        """Drop the slow-path caches if they belong to an earlier frame. They are
+        keyed by the identity of ``views`` (the chain's own list, kept alive by the
+        key), so the hot path never has to reset anything."""
+        if self._cache_key is not self.views:
+            self._cache_key = self.views
+            self._hash = None
+            self._soft = None
+            self._linear = None
 
     @property
     def frame_len(self) -> int:
@@ -248,10 +270,17 @@ class Frame:
 
     def linear(self) -> bytes:
         """Header and frame as one bytes object (slow paths only)."""
+        self._cached()
         if self._linear is None:
             views = self.views
             self._linear = bytes(views[0]) if len(views) == 1 else b"".join(views)
         return self._linear
+
+    def header(self) -> memoryview:
+        """The sender's virtio-net header."""
+        v0 = self.views[0]
+        hs = self.hdr_size
+        return v0[:hs] if len(v0) >= hs else memoryview(self.linear())[:hs]
 
     def payload_views(self) -> list[memoryview]:
         """The Ethernet frame as a list of views (the sender's header skipped)."""
@@ -266,14 +295,19 @@ class Frame:
             skip = 0
         return out
 
+    def _eth(self) -> memoryview:
+        """At least the Ethernet header, contiguous."""
+        v0 = self.views[0]
+        hs = self.hdr_size
+        if len(v0) >= hs + 64 or len(self.views) == 1:
+            return v0[hs:]
+        return memoryview(self.linear())[hs:]
+
     def ethertype(self) -> int:
-        buf, off = self.eth, self.eth_off
-        et = buf[off + 12] << 8 | buf[off + 13]
-        if et in (0x8100, 0x88A8):
-            lin = memoryview(self.linear())
-            off = self.hdr_size + 16
-            if len(lin) >= off + 2:
-                et = lin[off] << 8 | lin[off + 1]
+        eth = self._eth()
+        et = eth[12] << 8 | eth[13]
+        if et in (0x8100, 0x88A8) and len(eth) >= 18:
+            et = eth[16] << 8 | eth[17]
         return et
 
     def is_ipv6(self) -> bool:
@@ -281,10 +315,11 @@ class Frame:
 
     def flow_hash(self) -> int:
         """A hash of the flow (IP addresses and ports, else MACs) to pick an RX queue."""
+        self._cached()
         h = self._hash
         if h is not None:
             return h
-        lin = memoryview(self.linear())[self.hdr_size:]
+        lin = self._eth()
         n = len(lin)
         et = lin[12] << 8 | lin[13]
         if et == 0x0800 and n >= 34:
@@ -308,6 +343,7 @@ class Frame:
 
         Raises OffloadError for frames whose headers do not allow it.
         """
+        self._cached()
         soft = self._soft
         if soft is None:
             soft = self._soft = {}
@@ -381,6 +417,10 @@ class Switch:
         publish per burst on the TX ring, and the frames delivered in the burst
         published and notified once per destination RX queue. A chain that breaks
         the ring rules fails ``ring`` (the sender's), never a destination.
+
+        The loop is the switch's hot path: the common case (one source descriptor,
+        no offload flags, a learned unicast destination) is inlined here; every
+        other case goes through :meth:`_forward_slow`.
         """
         if not ring.enabled:
             self._drain_disabled(port, ring)
@@ -389,10 +429,17 @@ class Switch:
         frame.hdr_size = hdr_size
         frame.ingress = port
         min_len = hdr_size + ETH_HLEN
-        table = self.fdb._table  # direct access: the common "known source" case inline
         fdb = self.fdb
+        table_get = fdb._table.get  # the FDB's dict, read directly on the fast path
+        ageing = fdb.ageing_time
+        unpack_macs = _MAC_PAIR.unpack_from
         counters = port.counters
-        forward = self._forward
+        slow = self._forward_slow
+        send_gso = port.send_gso
+        send_csum = port.send_csum
+        zero_mac = _ZERO_MAC
+        v0: memoryview | bytes
+        eth: memoryview | bytes
         pkts = nbytes = 0
         try:
             while True:
@@ -413,38 +460,58 @@ class Switch:
                         if n < min_len:
                             counters.drop(Drop.RUNT)
                             continue
-                        frame.eth = v0
-                        frame.eth_off = hdr_size
+                        eth = v0
+                        eth_off = hdr_size
                     else:
                         n = sum(map(len, views))
-                        if n < min_len:
-                            counters.drop(Drop.RUNT)
+                        eth, eth_off = self._scattered(views, n, hdr_size, counters)
+                        if not eth:
                             continue
-                        if n > MAX_FRAME_LEN:
-                            counters.drop(Drop.OVERSIZE)
-                            continue
-                        v0 = views[0]
-                        if len(v0) == hdr_size and len(views[1]) >= ETH_HLEN:
-                            # Linux puts the header in its own descriptor when the skb
-                            # header is cloned (every TCP segment).
-                            frame.eth = views[1]
-                            frame.eth_off = 0
-                        elif len(v0) >= min_len:
-                            frame.eth = v0
-                            frame.eth_off = hdr_size
-                        else:
-                            head = b"".join(views)[:min_len]
-                            v0 = memoryview(head)
-                            frame.eth = head
-                            frame.eth_off = hdr_size
+                        # The header: at the start of eth, or all of views[0].
+                        v0 = eth if eth_off else views[0]
                     frame.views = views
                     frame.length = n
-                    frame._hash = None
-                    frame._soft = None
-                    frame._linear = None
                     pkts += 1
                     nbytes += n
-                    forward(port, frame, v0, now, table, fdb, counters)
+                    dst_mac, src_mac = unpack_macs(eth, eth_off)
+                    if src_mac[0] & 1 or src_mac == zero_mac:
+                        counters.drop(Drop.BAD_SOURCE)
+                        continue
+                    entry = table_get(src_mac)
+                    if entry is not None and entry.port is port:
+                        entry.seen = now
+                    else:
+                        fdb.learn(src_mac, port, now)
+                    flags = v0[0]
+                    gso = v0[1]
+                    if flags or gso:
+                        # Offloads the port negotiated (NEEDS_CSUM on every TCP/UDP
+                        # frame of a Linux guest) stay on the fast path; anything
+                        # else is checked on the slow one.
+                        if flags & ~_NEEDS_CSUM or not send_gso[gso] \
+                                or (flags and not send_csum) or dst_mac[0] & 1:
+                            slow(port, frame, dst_mac, now)
+                            continue
+                        entry = table_get(dst_mac)
+                        if entry is None or now - entry.seen > ageing:
+                            slow(port, frame, dst_mac, now)
+                        elif entry.port is port:
+                            counters.drop(Drop.HAIRPIN)
+                        else:
+                            frame.flags = flags
+                            frame.gso_type = gso
+                            entry.port.deliver(frame)
+                        continue
+                    if dst_mac[0] & 1:
+                        slow(port, frame, dst_mac, now)
+                        continue
+                    entry = table_get(dst_mac)
+                    if entry is None or now - entry.seen > ageing:
+                        slow(port, frame, dst_mac, now)
+                    elif entry.port is port:
+                        counters.drop(Drop.HAIRPIN)
+                    else:
+                        entry.port.deliver_plain(frame)
                 try:
                     ring.push_many([(c, 0) for c in chains])
                 except VirtioError as exc:
@@ -463,6 +530,26 @@ class Switch:
             except VirtioError as exc:
                 ring.fail(exc)
 
+    @staticmethod
+    def _scattered(views: list[memoryview], n: int, hdr_size: int,
+                   counters: PortCounters) -> tuple[memoryview | bytes, int]:
+        """Where the Ethernet header of a multi-descriptor frame is; ``(b"", 0)`` if
+        the frame is dropped (counted)."""
+        if n < hdr_size + ETH_HLEN:
+            counters.drop(Drop.RUNT)
+            return b"", 0
+        if n > MAX_FRAME_LEN:
+            counters.drop(Drop.OVERSIZE)
+            return b"", 0
+        v0 = views[0]
+        if len(v0) == hdr_size and len(views[1]) >= ETH_HLEN:
+            # Linux puts the header in its own descriptor when the skb header is
+            # cloned (every TCP segment).
+            return views[1], 0
+        if len(v0) >= hdr_size + ETH_HLEN:
+            return v0, hdr_size
+        return b"".join(views)[:hdr_size + ETH_HLEN], hdr_size
+
     def forward_buffer(self, port: Port, buf: memoryview, hdr_size: int) -> None:
         """Forward one frame held in ``buf`` (virtio-net header first), e.g. from a TAP.
 
@@ -478,58 +565,63 @@ class Switch:
         frame.ingress = port
         frame.views = [buf]
         frame.length = n
-        frame.eth = buf
-        frame.eth_off = hdr_size
-        frame._hash = None
-        frame._soft = None
-        frame._linear = None
         counters.in_packets += 1
         counters.in_bytes += n - hdr_size
-        self._forward(port, frame, buf, self.clock(), self.fdb._table, self.fdb, counters)
-
-    def _forward(self, port: Port, frame: Frame, hdr: memoryview, now: float,
-                 table: dict[bytes, FdbEntry[Port]], fdb: Fdb[Port],
-                 counters: PortCounters) -> None:
-        """Learn, check offloads, look up, deliver or flood one frame."""
-        dst_mac, src_mac = _MAC_PAIR.unpack_from(frame.eth, frame.eth_off)
-        if src_mac[0] & 1 or src_mac == b"\0\0\0\0\0\0":
+        now = self.clock()
+        dst_mac, src_mac = _MAC_PAIR.unpack_from(buf, hdr_size)
+        if src_mac[0] & 1 or src_mac == _ZERO_MAC:
             counters.drop(Drop.BAD_SOURCE)
             return
-        entry = table.get(src_mac)
-        if entry is not None and entry.port is port:
-            entry.seen = now
-        else:
-            fdb.learn(src_mac, port, now)
+        self.fdb.learn(src_mac, port, now)
+        self._forward_slow(port, frame, dst_mac, now)
+
+    def _forward_slow(self, port: Port, frame: Frame, dst_mac: bytes, now: float) -> None:
+        """Everything but a plain learned unicast: offload flags, multicast, unknown."""
+        hdr = frame.header()
         flags = hdr[0]
         gso = hdr[1]
         if flags or gso:
-            if flags & _DATA_VALID and not port.trusted_data_valid:
-                flags &= ~_DATA_VALID
+            if flags & ~_NEEDS_CSUM and not (port.trusted_data_valid and
+                                             flags & ~_NEEDS_CSUM == _DATA_VALID):
+                # DATA_VALID / RSC_INFO mean nothing on transmit; a guest's are dropped.
+                flags &= _NEEDS_CSUM
             if flags & _NEEDS_CSUM and not port.send_csum:
-                counters.drop(Drop.OFFLOAD_NOT_NEGOTIATED)
+                port.counters.drop(Drop.OFFLOAD_NOT_NEGOTIATED)
                 return
             if not port.send_gso[gso] and not (gso == _UDP_L4 and (
                     port.send_uso6 if frame.is_ipv6() else port.send_uso4)):
-                counters.drop(Drop.OFFLOAD_NOT_NEGOTIATED)
+                port.counters.drop(Drop.OFFLOAD_NOT_NEGOTIATED)
                 return
         frame.flags = flags
         frame.gso_type = gso
-        if dst_mac[0] & 1:
-            self._flood(port, frame, counters)
-            return
-        dst = fdb.lookup(dst_mac, now)
-        if dst is None:
-            self._flood(port, frame, counters)
-        elif dst is port:
-            counters.drop(Drop.HAIRPIN)
-        else:
-            dst.deliver(frame)
+        frame.rewrite_flags = flags != hdr[0]
+        try:
+            self._deliver_slow(port, frame, dst_mac, now, not (flags or gso))
+        finally:
+            frame.rewrite_flags = False
 
-    def _flood(self, port: Port, frame: Frame, counters: PortCounters) -> None:
-        counters.flooded += 1
+    def _deliver_slow(self, port: Port, frame: Frame, dst_mac: bytes, now: float,
+                      plain: bool) -> None:
+        if dst_mac[0] & 1:
+            dst = None
+        else:
+            dst = self.fdb.lookup(dst_mac, now)
+            if dst is port:
+                port.counters.drop(Drop.HAIRPIN)
+                return
+        if dst is not None:
+            if plain:
+                dst.deliver_plain(frame)
+            else:
+                dst.deliver(frame)
+            return
+        port.counters.flooded += 1
         for p in self.ports:
             if p is not port and p.up:
-                p.deliver(frame)
+                if plain:
+                    p.deliver_plain(frame)
+                else:
+                    p.deliver(frame)
 
     def _drain_disabled(self, port: Port, ring: RingLike) -> None:
         """A started but disabled TX ring: consume and drop, as the spec asks."""

@@ -202,13 +202,14 @@ class TapUplink(Port):
             return
         views = frame.views
         v0 = views[0]
-        if frame.hdr_size == HDR_SIZE and len(v0) >= HDR_SIZE and v0[0] == frame.flags:
+        if frame.hdr_size == HDR_SIZE and len(v0) >= HDR_SIZE and not frame.rewrite_flags:
             out: list[memoryview | bytes | bytearray] = list(views)
         else:
             hdr = bytearray(HDR_SIZE)
             src = v0 if len(v0) >= frame.hdr_size else memoryview(frame.linear())
             hdr[0:10] = src[0:10]
-            hdr[0] = frame.flags
+            if frame.rewrite_flags:
+                hdr[0] = frame.flags
             out = [hdr, *frame.payload_views()]
         try:
             os.writev(self.fd, out)

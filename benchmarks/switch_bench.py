@@ -1,0 +1,634 @@
+"""vvu-switch throughput between two vhost-user-net front-ends, in one run.
+
+The switch runs as its own process (the real ``vvu-switch`` program) with two
+ports. A second process plays both guests: two vhost-user front-ends
+(``vhost_user.frontend``, two connections), each sharing a memfd as guest RAM
+and driving split rings from the driver side. They drive the rings *in bulk*:
+descriptors are written once and buffers recycled by moving ring indexes, a few
+Python operations per burst rather than per frame, so that the switch's cost
+is what gets measured. (One process for both guests because on a two-CPU
+machine the switch gets one CPU and the guests share the other.) The switch's
+own CPU time is reported next to the rate, and the rate per switch CPU-second:
+on a shared or loaded machine that is the figure to compare.
+
+Cases:
+* 64 B frames, sender → receiver (unicast, learned): packets per second;
+* 64 KiB TCP segments with TSO on both ends (passed through whole, the receiver
+  using 4 KiB mergeable buffers): Gbit/s of frame bytes;
+* the same 64 KiB segments to a receiver without TSO/GUEST_CSUM: the switch
+  segments and checksums in software (the slow path): Gbit/s.
+
+Then a cProfile of the switch under the 64 B load (a separate, shorter run:
+profiling slows it down) shows where the time goes. If DPDK's ``dpdk-testpmd``
+is found (tool chain or PATH) the 64 B case runs against testpmd in io-fwd mode
+with two ``net_vhost`` ports as well, and the ratio is printed.
+
+    .venv/bin/python benchmarks/switch_bench.py [--duration 5] [--no-profile] [--only 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import multiprocessing as mp
+import multiprocessing.sharedctypes
+import os
+import pstats
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from vvu_runtime.backends.switch.testing import (  # noqa: E402
+    mac,
+    net_hdr,
+    tcp4_frame,
+    with_partial_csum,
+)
+from vvu_runtime.virtio.net import GsoType, HdrFlags, NetFeature  # noqa: E402
+
+MAC_TX = mac(0xA)
+MAC_RX = mac(0xB)
+QUEUE_SIZE = 1024
+DESC = struct.Struct("<QIHH")
+VIRTQ_DESC_F_WRITE = 2
+NO_TSO_RX = (NetFeature.GUEST_TSO4.mask | NetFeature.GUEST_TSO6.mask
+             | NetFeature.GUEST_CSUM.mask | NetFeature.GUEST_UFO.mask
+             | NetFeature.GUEST_USO4.mask | NetFeature.GUEST_USO6.mask
+             | NetFeature.GUEST_ECN.mask)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    frame: bytes  # Ethernet frame (no virtio header)
+    hdr: bytes  # virtio-net header the sender uses
+    rx_buffer: int
+    rx_exclude: int = 0
+    unit: str = "Mpps"
+
+
+def cases() -> dict[str, Case]:
+    small = tcp4_frame(MAC_RX, MAC_TX, bytes(64 - 54))  # 64 B: Ethernet + IPv4 + TCP + 10
+    payload = bytes(range(256)) * 255 + bytes(65535 - 54 - 255 * 256)
+    big, start, off = with_partial_csum(tcp4_frame(MAC_RX, MAC_TX, payload))
+    tso_hdr = net_hdr(HdrFlags.NEEDS_CSUM, GsoType.TCPV4, 54, 1448, start, off)
+    return {
+        "64": Case("64 B frames", small, net_hdr(), 2048),
+        "64k": Case("64 KiB TSO, passed through", big, tso_hdr, 4096, unit="Gbit/s"),
+        "64k-sw": Case("64 KiB TSO, segmented in software", big, tso_hdr, 2048,
+                       rx_exclude=NO_TSO_RX, unit="Gbit/s"),
+    }
+
+
+# --------------------------------------------------------------------- bulk ring driving
+
+class BulkRing:
+    """A split ring driven from the driver side in bulk (see the module docstring).
+
+    Descriptor ``i`` always points at buffer ``i`` and avail slot ``i`` always
+    names descriptor ``i``; the switch completes TX in order, so recycling is
+    just moving the avail index. For RX the used heads are copied back into
+    the avail ring in one slice operation (the switch may complete out of order
+    when a merged frame runs the ring dry).
+    """
+
+    def __init__(self, dq: Any, ram: Any, size: int) -> None:
+        from vvu_runtime.virtio.features import need_event
+
+        self.dq = dq
+        self.size = size
+        self.mask = size - 1
+        ring = dq.ring
+        self.desc = ram.view(ring.desc_addr, 16 * size)
+        self.avail16 = ram.view(ring.avail_addr, 6 + 2 * size).cast("H")
+        used = ram.view(ring.used_addr, 6 + 8 * size)
+        self.used16 = used.cast("H")
+        self.used32 = used[4:4 + 8 * size].cast("I")
+        self.avail_idx = 0
+        self.last_used = 0
+        self.need_event = need_event
+        self.avail_event_at = 2 + 4 * size
+        self.used_event_at = 2 + size
+
+    def publish_all(self, buffers: list[tuple[int, int]], flags: int) -> None:
+        for i, (gpa, length) in enumerate(buffers):
+            DESC.pack_into(self.desc, 16 * i, gpa, length, flags, 0)
+            self.avail16[2 + i] = i
+        self.advance(len(buffers))
+
+    def advance(self, n: int) -> None:
+        old = self.avail_idx
+        new = self.avail_idx = (old + n) & 0xFFFF
+        self.avail16[1] = new
+        if self.need_event(self.used16[self.avail_event_at], new, old):
+            os.eventfd_write(self.dq.kick_fd, 1)
+
+    def completed(self) -> int:
+        return int((self.used16[1] - self.last_used) & 0xFFFF)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until the device publishes more used buffers (or ``timeout``)."""
+        # Interrupt when a quarter of the ring is done, not at every frame.
+        self.avail16[self.used_event_at] = (self.last_used + self.size // 4) & 0xFFFF
+        if self.completed():
+            return
+        r, _, _ = select.select([self.dq.call_fd], [], [], timeout)
+        if r:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.dq.call_fd)
+
+    def used_runs(self, n: int) -> Iterator[tuple[int, int]]:
+        """The used slots of the next ``n`` entries as (start, end) runs without wrap."""
+        start = self.last_used & self.mask
+        while n:
+            run = min(n, self.size - start)
+            yield start, start + run
+            n -= run
+            start = 0
+
+
+def _connect(path: str, exclude: int) -> Any:
+    from vvu_runtime.vhost_user import messages as m
+    from vvu_runtime.vhost_user.frontend import VhostUserFrontend
+
+    fe = VhostUserFrontend.connect(path, retry_for=10)
+    offered = fe.get_features()
+    fe.negotiate(features=offered & ~m.VHOST_F_LOG_ALL & ~exclude)
+    return fe
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+class Receiver:
+    """The receiving guest: fills its RX ring, counts what arrives, recycles in bulk."""
+
+    def __init__(self, path: str, case: Case) -> None:
+        from vvu_runtime.vhost_user.frontend import GuestRam, setup_queue
+
+        self.case = case
+        self.fe = _connect(path, case.rx_exclude)
+        self.ram = ram = GuestRam(QUEUE_SIZE * case.rx_buffer + (8 << 20))
+        self.fe.set_mem_table([(ram.region, ram.fd)])
+        rxq = setup_queue(self.fe, ram, 0, QUEUE_SIZE)
+        txq = setup_queue(self.fe, ram, 1, 16)
+        self.ring = BulkRing(rxq, ram, QUEUE_SIZE)
+        self.bufs = [(ram.alloc(case.rx_buffer, 64), case.rx_buffer) for _ in range(QUEUE_SIZE)]
+        self.ring.publish_all(self.bufs, VIRTQ_DESC_F_WRITE)
+        # Say who we are, so that the sender's frames are unicast to us.
+        hello = net_hdr() + bytes(MAC_TX) + bytes(MAC_RX) + b"\x08\x06" + bytes(46)
+        gpa = ram.alloc(len(hello))
+        ram.view(gpa, len(hello))[:] = hello
+        txq.ring.add([(gpa, len(hello))], [], gpa)
+        txq.kick()
+        self.nbytes = 0
+        self.per_frame = len(case.frame) + 12
+        self.checked = False
+
+    def poll(self) -> int:
+        ring = self.ring
+        n = ring.completed()
+        if not n:
+            return 0
+        used32 = ring.used32
+        if not self.checked:
+            # The switch must deliver what was sent: check the first frame's bytes.
+            head = used32[2 * (ring.last_used & ring.mask)]
+            first = bytes(self.ram.view(self.bufs[head][0],
+                                        min(self.case.rx_buffer, self.per_frame)))
+            if first[12:self.per_frame] != self.case.frame[:len(first) - 12]:
+                raise SystemExit("receiver: frame content differs from what was sent")
+            self.checked = True
+        avail16 = ring.avail16
+        mask = ring.mask
+        a = ring.avail_idx
+        for s, e in ring.used_runs(n):
+            self.nbytes += sum(used32[2 * s + 1:2 * e:2])
+            heads = used32[2 * s:2 * e:2].tolist()
+            # Heads back into the avail ring at the next slots (the run may wrap there).
+            start = a & mask
+            first_run = min(len(heads), ring.size - start)
+            avail16[2 + start:2 + start + first_run] = array("H", heads[:first_run])
+            if first_run < len(heads):
+                rest = len(heads) - first_run
+                avail16[2:2 + rest] = array("H", heads[first_run:])
+            a += len(heads)
+        ring.last_used = (ring.last_used + n) & 0xFFFF
+        ring.advance(n)
+        return n
+
+
+class Sender:
+    """The sending guest: keeps its TX ring full of the same frame, recycles in bulk."""
+
+    def __init__(self, path: str, case: Case) -> None:
+        from vvu_runtime.vhost_user.frontend import GuestRam, setup_queue
+
+        self.fe = _connect(path, 0)
+        data = case.hdr + case.frame
+        size = QUEUE_SIZE if len(data) < 4096 else 256
+        self.ram = ram = GuestRam(size * (len(data) + 64) + (8 << 20))
+        self.fe.set_mem_table([(ram.region, ram.fd)])
+        setup_queue(self.fe, ram, 0, 16)  # an RX ring, unused (nothing is sent to us)
+        txq = setup_queue(self.fe, ram, 1, size)
+        self.ring = BulkRing(txq, ram, size)
+        bufs = []
+        for _ in range(size):
+            gpa = ram.alloc(len(data), 64)
+            ram.view(gpa, len(data))[:] = data
+            bufs.append((gpa, len(data)))
+        self.ring.publish_all(bufs, 0)
+        self.sent = 0
+
+    def poll(self) -> int:
+        ring = self.ring
+        n = ring.completed()
+        if n:
+            ring.last_used = (ring.last_used + n) & 0xFFFF
+            self.sent += n
+            ring.advance(n)
+        return n
+
+
+def traffic(tx_path: str, rx_path: str, case: Case, cpu: int | None, ready: Any, stop: Any,
+            counters: Any) -> None:
+    """Both guests in one process, polling both rings: on a two-CPU machine one CPU
+    is the switch's, and two guest processes would fight over the other."""
+    _pin(cpu)
+    rx = Receiver(rx_path, case)
+    ready.set()
+    while not ready.is_set():
+        pass
+    time.sleep(0.2)  # let the hello frame teach the switch where MAC_RX is
+    tx = Sender(tx_path, case)
+    idle = 0
+    fds = [tx.ring.dq.call_fd, rx.ring.dq.call_fd]
+    while not stop.value:
+        if tx.poll() + rx.poll():
+            counters[0] = rx.nbytes // rx.per_frame
+            counters[1] = rx.nbytes
+            counters[2] = tx.sent
+            idle = 0
+            continue
+        idle += 1
+        if idle > 50:
+            # Nothing moving: sleep until either ring's device interrupts.
+            for ring in (tx.ring, rx.ring):
+                ring.avail16[ring.used_event_at] = ring.last_used
+            if not (tx.ring.completed() or rx.ring.completed()):
+                r, _, _ = select.select(fds, [], [], 0.01)
+                for fd in r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
+    tx.fe.close()
+    rx.fe.close()
+
+
+# --------------------------------------------------------------------- the switch process
+
+@dataclass
+class Result:
+    target: str
+    case: Case
+    rate: float  # Mpps or Gbit/s
+    pps: float
+    sent_pps: float
+    cpu: float  # switch CPU seconds per wall second
+    drops: dict[str, int]
+
+
+def _proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpus() -> tuple[int | None, int | None]:
+    avail = sorted(os.sched_getaffinity(0))
+    if len(avail) < 2:
+        return None, None
+    return avail[0], avail[1]
+
+
+def start_switch(tmp: Path, profile: Path | None, cpu: int | None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable]
+    if profile is not None:
+        cmd += ["-m", "cProfile", "-o", str(profile)]
+    cmd += ["-m", "vvu_runtime.backends.switch.cli",
+            "--port", f"tx={tmp / 'tx.sock'}", "--port", f"rx={tmp / 'rx.sock'}",
+            "--queue-size", str(QUEUE_SIZE), "--status-file", str(tmp / "status.json"),
+            "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, cwd=REPO, preexec_fn=(lambda: _pin(cpu)) if cpu is not None
+                            else None)
+    deadline = time.monotonic() + 20
+    while not ((tmp / "tx.sock").exists() and (tmp / "rx.sock").exists()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"vvu-switch did not start (exit {proc.returncode})")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None = None,
+             peer_sockets: tuple[str, str] | None = None, target_pid: int | None = None
+             ) -> Result:
+    """One measurement: against a fresh vvu-switch, or against ``peer_sockets``."""
+    switch_cpu, guest_cpu = cpus()
+    ctx = mp.get_context("fork")
+    counters = multiprocessing.sharedctypes.RawArray(ctypes.c_uint64, 3)
+    stop = ctx.RawValue(ctypes.c_int, 0)
+    ready = ctx.Event()
+    with tempfile.TemporaryDirectory(prefix="vvu-switch-bench-") as d:
+        tmp = Path(d)
+        proc = None
+        if peer_sockets is None:
+            proc = start_switch(tmp, profile, switch_cpu)
+            tx_path, rx_path = str(tmp / "tx.sock"), str(tmp / "rx.sock")
+            pid = proc.pid
+        else:
+            tx_path, rx_path = peer_sockets
+            assert target_pid is not None
+            pid = target_pid
+        gen = ctx.Process(target=traffic, args=(tx_path, rx_path, case, guest_cpu, ready, stop,
+                                                counters))
+        gen.start()
+        if not ready.wait(20):
+            raise SystemExit("the traffic generator did not come up")
+        try:
+            time.sleep(warmup)
+            t0, f0, b0, s0, c0 = (time.monotonic(), counters[0], counters[1], counters[2],
+                                  _proc_cpu(pid))
+            time.sleep(duration)
+            t1, f1, b1, s1, c1 = (time.monotonic(), counters[0], counters[1], counters[2],
+                                  _proc_cpu(pid))
+        finally:
+            stop.value = 1
+            gen.join(10)
+            if gen.is_alive():
+                gen.kill()
+        drops: dict[str, int] = {}
+        if proc is not None:
+            time.sleep(1.2)  # one more status-file period
+            with contextlib.suppress(OSError, ValueError):
+                status = json.loads((tmp / "status.json").read_text())
+                drops = status["ports"]["rx"]["drops"]
+            stop_process(proc)
+    dt = t1 - t0
+    pps = (f1 - f0) / dt
+    rate = pps / 1e6 if case.unit == "Mpps" else (b1 - b0) * 8 / dt / 1e9
+    return Result("vvu-switch" if peer_sockets is None else "testpmd", case, rate, pps,
+                  (s1 - s0) / dt, (c1 - c0) / dt, drops)
+
+
+# --------------------------------------------------------------------- DPDK peer
+
+def find_testpmd() -> list[str] | None:
+    """How to run dpdk-testpmd: from PATH, or inside the tool chain's sandbox."""
+    path = shutil.which("dpdk-testpmd")
+    if path:
+        return [path]
+    with contextlib.suppress(Exception):
+        from vvu_runtime.launch.toolchain import Toolchain
+
+        tc = Toolchain.discover()  # type: ignore[attr-defined]
+        tree = Path(tc.tools_tree)
+        if (tree / "usr/bin/dpdk-testpmd").exists():
+            return [str(tree / "usr/bin/dpdk-testpmd")]
+    return None
+
+
+def run_testpmd(case: Case, duration: float, warmup: float) -> Result | None:
+    testpmd = find_testpmd()
+    if testpmd is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="vvu-testpmd-") as d:
+        tx, rx = f"{d}/tx.sock", f"{d}/rx.sock"
+        switch_cpu, _ = cpus()
+        lcores = f"{switch_cpu},{switch_cpu}" if switch_cpu is not None else "0,0"
+        cmd = [*testpmd, "-l", lcores.split(",")[0], "--no-pci", "--in-memory",
+               f"--vdev=net_vhost0,iface={tx},queues=1",
+               f"--vdev=net_vhost1,iface={rx},queues=1",
+               "--", "--forward-mode=io", "--auto-start", "--stats-period=0", "--no-lsc-interrupt"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while not (os.path.exists(tx) and os.path.exists(rx)):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    return None
+                time.sleep(0.1)
+            return run_case(case, duration, warmup, peer_sockets=(tx, rx), target_pid=proc.pid)
+        finally:
+            stop_process(proc)
+
+
+# --------------------------------------------------------------------- in-process micro
+
+def micro(case: Case, seconds: float, profile: bool = False) -> float:
+    """The switch's forwarding path alone, in this process, on real split rings and
+    Vrings over a memfd: the driver side is index stores between timed bursts.
+    Returns frames per second; prints a profile with ``profile``."""
+    import cProfile
+
+    from vvu_runtime.backends.switch.port import SwitchPort
+    from vvu_runtime.backends.switch.switch import Switch
+    from vvu_runtime.vhost_user.vring import Vring
+    from vvu_runtime.virtio.memory import GuestMemory, MemoryRegion, map_fd
+    from vvu_runtime.virtio.queue import RingAddresses
+    from vvu_runtime.virtio.split import split_ring_layout
+
+    size = QUEUE_SIZE
+    data = case.hdr + case.frame
+    tx_buf = -(-len(data) // 64) * 64
+    uva = 0x7F00_0000_0000
+    need = size * (tx_buf + case.rx_buffer) + (1 << 20)
+    fd = os.memfd_create("switch-micro")
+    os.ftruncate(fd, need)
+    mem = GuestMemory()
+    mem.add(map_fd(MemoryRegion(0, need, uva, 0), fd))
+    os.close(fd)
+    lay = split_ring_layout(size)
+    sw = Switch()
+    tx_port = SwitchPort(sw, "tx", queue_size=size)
+    rx_port = SwitchPort(sw, "rx", queue_size=size)
+    negotiated = tx_port.features()
+    rx_features = negotiated & ~case.rx_exclude
+    tx_port.set_features(negotiated)
+    rx_port.set_features(rx_features)
+    base = 0
+    rings = {}
+    for name, index, feats in (("tx", 1, negotiated), ("rx", 0, rx_features)):
+        v = Vring(index, f"micro {name}")
+        v.size = size
+        v.addresses = RingAddresses(uva + base + lay.desc_offset, uva + base + lay.avail_offset,
+                                    uva + base + lay.used_offset)
+        v.kick_nofd = True
+        v.enabled = True
+        v.features = feats
+        v.start(mem)
+        rings[name] = (v, base)
+        base += -(-lay.total // 4096) * 4096
+    bufs = base
+    tx_v, tx_base = rings["tx"]
+    rx_v, rx_base = rings["rx"]
+    for i in range(size):
+        gpa = bufs + i * tx_buf
+        mem.translate(gpa, len(data))[:] = data
+        DESC.pack_into(mem.translate(tx_base + lay.desc_offset + 16 * i, 16), 0, gpa,
+                       len(data), 0, 0)
+        rgpa = bufs + size * tx_buf + i * case.rx_buffer
+        DESC.pack_into(mem.translate(rx_base + lay.desc_offset + 16 * i, 16), 0, rgpa,
+                       case.rx_buffer, VIRTQ_DESC_F_WRITE, 0)
+    avails = {}
+    for name, (_, rbase) in rings.items():
+        a16 = mem.translate(rbase + lay.avail_offset, 4 + 2 * size).cast("H")
+        for i in range(size):
+            a16[2 + i] = i
+        avails[name] = a16
+    rx_port.queue_started(rx_v)
+    tx_port.queue_started(tx_v)
+    # The receiver "speaks" once so that the frames are unicast to it.
+    sw.fdb.learn(bytes(MAC_RX), rx_port, sw.clock())
+    per_round = size if len(data) < 4096 else size // 32
+
+    def refill(name: str, n: int) -> None:
+        a16 = avails[name]
+        a16[1] = (a16[1] + n) & 0xFFFF
+
+    frames = 0
+    spent = 0.0
+    prof = cProfile.Profile() if profile else None
+    rx_avail = avails["rx"]
+    rx_queue = rx_v.queue
+    assert rx_queue is not None
+    while spent < seconds:
+        refill("tx", per_round)
+        # Every RX buffer the switch used goes straight back (it completes in order).
+        rx_avail[1] = (rx_queue.used_idx + size) & 0xFFFF  # type: ignore[attr-defined]
+        # CPU time of this thread: the machine may be shared, wall time would lie.
+        t = time.thread_time()
+        if prof is not None:
+            prof.enable()
+        tx_port.process(tx_v)
+        if prof is not None:
+            prof.disable()
+        spent += time.thread_time() - t
+        frames += per_round
+    drops = rx_port.counters.drops
+    if drops:
+        print(f"micro: drops {drops}")
+    if prof is not None:
+        path = Path(tempfile.mkdtemp()) / "micro.prof"
+        prof.dump_stats(str(path))
+        print_profile(path, label="the forwarding path (in-process micro run)")
+    return frames / spent
+
+
+# --------------------------------------------------------------------- report
+
+def print_table(results: list[Result]) -> None:
+    print()
+    print(f"{'target':<11} {'case':<36} {'rate':>14} {'frames/s':>11} {'offered/s':>11} "
+          f"{'CPU':>5} {'rate per CPU-s':>16}  drops")
+    for r in results:
+        drops = ", ".join(f"{k}={v}" for k, v in r.drops.items()) or "-"
+        per_cpu = r.rate / r.cpu if r.cpu > 0 else 0.0
+        print(f"{r.target:<11} {r.case.name:<36} {r.rate:>8.3f} {r.case.unit:<5} "
+              f"{r.pps:>11,.0f} {r.sent_pps:>11,.0f} {r.cpu * 100:>4.0f}% "
+              f"{per_cpu:>9.3f} {r.case.unit:<6}  {drops}")
+
+
+def print_profile(path: Path, top: int = 18,
+                  label: str = "vvu-switch under the 64 B load") -> None:
+    stats = pstats.Stats(str(path))
+    stats.sort_stats("tottime")
+    total = stats.total_tt  # type: ignore[attr-defined]
+    print(f"\ncProfile of {label} (top {top} by own time, {total:.2f} s profiled):")
+    print(f"{'own s':>7} {'own %':>6} {'calls':>10}  function")
+    rows = sorted(stats.stats.items(),  # type: ignore[attr-defined]
+                  key=lambda kv: kv[1][2], reverse=True)[:top]
+    for (file, line, func), (_cc, nc, tt, _ct, _callers) in rows:
+        where = f"{Path(file).name}:{line}" if file != "~" else "builtin"
+        print(f"{tt:>7.2f} {100 * tt / total:>5.1f}% {nc:>10}  {func} ({where})")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
+    p.add_argument("--warmup", type=float, default=1.5)
+    p.add_argument("--only", choices=sorted(cases()), action="append",
+                   help="run only these cases (repeat)")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--no-peer", action="store_true", help="skip DPDK testpmd")
+    p.add_argument("--micro", action="store_true",
+                   help="only the in-process forwarding micro-benchmark (no IPC, no guests)")
+    args = p.parse_args()
+    if args.micro:
+        for key in args.only or list(cases()):
+            c = cases()[key]
+            fps = micro(c, args.duration)
+            rate = f"{fps / 1e6:.3f} Mpps" if c.unit == "Mpps" else \
+                f"{fps * len(c.frame) * 8 / 1e9:.2f} Gbit/s"
+            print(f"micro {c.name:<36} {fps:>12,.0f} frames/s  {rate}")
+        if not args.no_profile:
+            micro(cases()["64"], min(args.duration, 2.0), profile=True)
+        return 0
+    all_cases = cases()
+    chosen = args.only or list(all_cases)
+    switch_cpu, guest_cpu = cpus()
+    print(f"CPUs: switch on {switch_cpu}, guests on {guest_cpu}; ring size {QUEUE_SIZE}; "
+          f"{args.duration:g} s per case after {args.warmup:g} s warm-up")
+    results = []
+    for key in chosen:
+        res = run_case(all_cases[key], args.duration, args.warmup)
+        results.append(res)
+        print_table([res])
+    peer = None
+    if "64" in chosen and not args.no_peer:
+        peer = run_testpmd(all_cases["64"], args.duration, args.warmup)
+        if peer is None:
+            print("\npeer: dpdk-testpmd not found (neither in PATH nor in the tool chain); "
+                  "no comparison run")
+        else:
+            results.append(peer)
+    print_table(results)
+    if peer is not None:
+        ours = next(r for r in results if r.target == "vvu-switch" and r.case.unit == "Mpps")
+        print(f"\nvvu-switch / testpmd at 64 B: {ours.rate / peer.rate:.3f}")
+    if not args.no_profile:
+        with tempfile.TemporaryDirectory(prefix="vvu-switch-prof-") as d:
+            prof = Path(d) / "switch.prof"
+            run_case(all_cases["64"], min(args.duration, 3.0), 1.0, profile=prof)
+            print_profile(prof)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
