@@ -95,7 +95,7 @@ def run_demo(workdir: Path) -> Report:
         with report.step("tool chain") as say:
             tc = Toolchain()
             tc.require_built()
-            say(f"QEMU {tc.qemu_version()}")
+            say("QEMU " + ".".join(map(str, tc.qemu_version())))
         with report.step("consumer kernel + initramfs") as say:
             assets = consumer_assets(tc)
             say(f"Linux {assets.kernel_version}")
