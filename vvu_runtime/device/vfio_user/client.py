@@ -93,10 +93,13 @@ class VfioUserClient:
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        sent = self.sock.sendmsg([data], anc)
-        if sent < len(data):
-            # The fds went with the first byte; a big message may need more calls.
-            self.sock.sendall(data[sent:])
+        try:
+            sent = self.sock.sendmsg([data], anc)
+            if sent < len(data):
+                # The fds went with the first byte; a big message may need more calls.
+                self.sock.sendall(data[sent:])
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ConnectionClosed(f"the server closed the connection: {exc}") from exc
 
     def send(self, command: int, payload: bytes = b"", fds: Sequence[int] = (), *,
              no_reply: bool = False, msg_id: int | None = None) -> Header:
