@@ -22,6 +22,7 @@ import pstats
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,10 +66,18 @@ def make_image(path: Path, size_mib: int) -> None:
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str,
                     timeout: float = 30.0) -> None:
+    """Until ``path`` accepts connections (the file exists from bind(), before listen())."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
-            return
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+                return
+            except OSError:
+                pass
+            finally:
+                probe.close()
         if proc.poll() is not None:
             out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
             raise RuntimeError(f"{what} exited with {proc.returncode} before listening:\n{out}")
@@ -121,15 +130,15 @@ def measure(tc: Toolchain, name: str, sock: Path, depths: Sequence[int], count: 
     results = []
     for depth in depths:
         best = max(bench(tc, sock, depth, count, cpu) for _ in range(repeat))
-        print(f"  {name:>10}  QD{depth:<3} {best:>10,.0f} IOPS", flush=True)
+        print(f"  {name:>20}  QD{depth:<3} {best:>10,.0f} IOPS", flush=True)
         results.append(Result(name, depth, best))
     return results
 
 
-def qsd_argv(tc: Toolchain, image: Path, sock: Path) -> list[str]:
+def qsd_argv(tc: Toolchain, image: Path, sock: Path, aio: str = "threads") -> list[str]:
     return tc.command([
         "qemu-storage-daemon",
-        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off,aio=threads",
+        "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off,aio={aio}",
         "--blockdev", "driver=raw,node-name=disk0,file=file0",
         "--export", f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,"
                     f"addr.path={sock},writable=on,num-queues=1",
@@ -144,20 +153,36 @@ def vvu_argv(image: Path, sock: Path, profile: Path | None = None) -> list[str]:
     return [sys.executable, *cli]
 
 
-def print_table(results: list[Result], depths: Sequence[int]) -> None:
+def print_table(results: list[Result], depths: Sequence[int], peers: Sequence[str]) -> None:
     by = {(r.target, r.depth): r.iops for r in results}
+    cols = [*peers, "vvu-blk"]
     print()
-    print(f"{'4 KiB reads (qemu-img bench)':<36}{'qsd IOPS':>12}{'vvu-blk IOPS':>14}"
-          f"{'ratio':>8}")
+    print("4 KiB reads, qemu-img bench via blkio, IOPS" + "".join(f"{c:>16}" for c in cols)
+          + "".join(f"{'ratio vs ' + p:>22}" for p in peers))
     for d in depths:
-        q, v = by[("qsd", d)], by[("vvu-blk", d)]
-        print(f"{'queue depth ' + str(d):<36}{q:>12,.0f}{v:>14,.0f}{v / q:>8.2f}")
+        line = f"{'queue depth ' + str(d):<43}" + "".join(
+            f"{by[(c, d)]:>16,.0f}" if (c, d) in by else f"{'-':>16}" for c in cols)
+        for p in peers:
+            if (p, d) in by and ("vvu-blk", d) in by:
+                line += f"{by[('vvu-blk', d)] / by[(p, d)]:>22.2f}"
+        print(line)
 
 
-def print_profile(path: Path, top: int) -> None:
-    print()
-    print(f"cProfile of vvu-blk under QD32 reads, top {top} by own time:")
+def print_profile(path: Path, top: int, requests: int) -> None:
     stats = pstats.Stats(str(path))
+    entries = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values())
+    idle = sum(tt for (fn, (_cc, _nc, tt, _ct, _callers)) in entries.items()
+               if fn[2] in ("<method 'poll' of 'select.epoll' objects>",))
+    busy = total - idle
+    process = sum(ct for (fn, (_cc, _nc, _tt, ct, _callers)) in entries.items()
+                  if fn[0].endswith("blk/device.py") and fn[2] == "process")
+    print()
+    print(f"cProfile of vvu-blk under {requests} QD32 reads: {total:.2f} s profiled, "
+          f"{idle:.2f} s idle in epoll, {busy:.2f} s busy; BlkDevice.process "
+          f"{process:.2f} s = {process / requests * 1e6:.1f} us per request "
+          "(with profiler overhead)")
+    print(f"top {top} by own time:")
     stats.strip_dirs().sort_stats("tottime").print_stats(top)
 
 
@@ -169,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per point (best kept)")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run")
     parser.add_argument("--top", type=int, default=20, help="profile entries shown")
+    parser.add_argument("--qsd-aio", default="threads,io_uring",
+                        help="qemu-storage-daemon aio modes to measure (comma separated)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
@@ -188,18 +215,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"image {args.image_mib} MiB in page cache; target on CPU {be_cpu}, "
               f"qemu-img bench on CPU {fe_cpu}; {args.count} requests per run")
         results: list[Result] = []
-        with target(qsd_argv(tc, image, sock), sock, "qemu-storage-daemon", be_cpu,
-                    work / "qsd.log"):
-            results += measure(tc, "qsd", sock, depths, args.count, fe_cpu, args.repeat)
+        peers = []
+        for aio in args.qsd_aio.split(","):
+            peer = f"qsd aio={aio}"
+            try:
+                with target(qsd_argv(tc, image, sock, aio), sock, f"qemu-storage-daemon "
+                            f"(aio={aio})", be_cpu, work / f"qsd-{aio}.log"):
+                    results += measure(tc, peer, sock, depths, args.count, fe_cpu,
+                                       args.repeat)
+                peers.append(peer)
+            except RuntimeError as exc:
+                print(f"  {peer}: cannot measure: {str(exc).splitlines()[0]}")
         with target(vvu_argv(image, sock), sock, "vvu-blk", be_cpu, work / "vvu.log"):
             results += measure(tc, "vvu-blk", sock, depths, args.count, fe_cpu, args.repeat)
-        print_table(results, depths)
+        print_table(results, depths, peers)
         if not args.no_profile:
             prof = work / "vvu-blk.prof"
             with target(vvu_argv(image, sock, prof), sock, "vvu-blk (cProfile)", be_cpu,
                         work / "vvu-prof.log"):
                 bench(tc, sock, max(depths), args.count, fe_cpu)
-            print_profile(prof, args.top)
+            print_profile(prof, args.top, args.count)
     finally:
         if args.keep:
             print(f"work directory kept: {work}")
