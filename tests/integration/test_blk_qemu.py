@@ -23,11 +23,27 @@ pytestmark = pytest.mark.integration
 
 IMAGE_MIB = 64
 
+#: vvu-blk with a slow disk (every request takes 50 ms), so that a SIGKILL lands
+#: while requests are popped but not completed: the inflight area must bring them back.
+SLOW_RUNNER = """
+import sys, time
+from vvu_runtime.backends.blk import cli, device
+
+class SlowBlkDevice(device.BlkDevice):
+    def serve(self, chain):
+        time.sleep(0.05)
+        return super().serve(chain)
+
+cli.BlkDevice = SlowBlkDevice
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
 
 class VvuBlk:
     """A vvu-blk process serving ``image`` on ``socket`` (restartable)."""
 
-    def __init__(self, image: Path, socket: Path, *args: str) -> None:
+    def __init__(self, image: Path, socket: Path, *args: str, slow: bool = False) -> None:
+        self.runner = ["-c", SLOW_RUNNER] if slow else ["-m", "vvu_runtime.backends.blk.cli"]
         self.image = image
         self.socket = socket
         self.args = args
@@ -39,7 +55,7 @@ class VvuBlk:
         self.logs.append(str(log))
         with open(log, "w") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vvu_runtime.backends.blk.cli", "--socket",
+                [sys.executable, *self.runner, "--socket",
                  str(self.socket), "--image", str(self.image), *self.args],
                 stdout=logf, stderr=subprocess.STDOUT, text=True)
         # The socket file appears at bind(), before listen(): wait for the log line
@@ -166,12 +182,23 @@ def test_read_only_disk(toolchain: Toolchain, consumer_assets: ConsumerAssets,
         assert server.stop() == 0
 
 
+KILL_INFLIGHT = pytest.param(True, id="kill-inflight", marks=pytest.mark.xfail(
+    reason="vhost_user session: on reconnect QEMU sends SET_VRING_BASE = used idx (it could "
+           "not GET_VRING_BASE from the dead back-end); the ring must then resume at used idx + "
+           "inflight count (libvhost-user vu_check_queue_inflights), but Vring.start resubmits "
+           "the inflight chains and pops them again from the avail ring: duplicate completions, "
+           "and the guest's virtio-blk breaks", strict=False))
+
+
+@pytest.mark.parametrize("slow", [pytest.param(False, id="idle-kill"), KILL_INFLIGHT])
 def test_consumer_survives_backend_restart_mid_io(
-    toolchain: Toolchain, consumer_assets: ConsumerAssets, blk: VvuBlk, image: Path
+    toolchain: Toolchain, consumer_assets: ConsumerAssets, image: Path, tmp_path: Path,
+    slow: bool
 ) -> None:
     """vvu-blk is killed (SIGKILL) and restarted while the guest writes; QEMU
     reconnects; every write the guest saw acknowledged is in the image."""
-    records = 300
+    records = 120 if slow else 300
+    blk = VvuBlk(image, tmp_path / "blk.sock", "--queues", "2", slow=slow).start()
     with consumer(toolchain, consumer_assets, blk.socket, reconnect=True) as vm:
         c = vm.console
         # Record i: 512 bytes of "i" at sector i, each written with O_DIRECT + fsync;
@@ -186,7 +213,7 @@ def test_consumer_survives_backend_restart_mid_io(
         c.check(f"( {script} ) > /dev/null 2>&1 &")
         # Let some writes through, then crash the back-end mid-stream.
         deadline = time.monotonic() + 120
-        while int(c.check("cat /tmp/acks 2>/dev/null | wc -l") or 0) < 50:
+        while int(c.check("cat /tmp/acks 2>/dev/null | wc -l") or 0) < 30:
             assert time.monotonic() < deadline, "the guest does not write"
             time.sleep(0.5)
         blk.stop(signal.SIGKILL)
