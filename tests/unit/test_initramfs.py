@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from vvu_runtime.launch.initramfs import (
+    CACHE_MAX_AGE_S,
     CpioEntry,
     CpioFormatError,
     InitramfsError,
@@ -147,10 +150,18 @@ def test_build_consumer_initramfs_contents_and_cache(tmp_path: Path) -> None:
     again = build_consumer_initramfs(
         busybox=busybox, kernel=kernel, cache_dir=cache, modules=["virtio_net"]
     )
-    assert again == out and again.stat().st_mtime_ns == mtime
-    # Different inputs, different file; the stale one is removed.
+    assert again == out and again.read_bytes() == out.read_bytes()
+    assert again.stat().st_mtime_ns >= mtime
+    # Different inputs, different file; the other one stays (another user may boot it)
+    # until it has not been used for CACHE_MAX_AGE_S.
     other = build_consumer_initramfs(
         busybox=busybox, kernel=kernel, cache_dir=cache, modules=["virtio_blk"]
     )
-    assert other != out and other.exists() and not out.exists()
+    assert other != out and other.exists() and out.exists()
+    old = time.time() - CACHE_MAX_AGE_S - 10
+    os.utime(out, (old, old))
+    build_consumer_initramfs(
+        busybox=busybox, kernel=kernel, cache_dir=cache, modules=["virtio_blk"]
+    )
+    assert not out.exists() and other.exists()
     assert not list(cache.glob(".consumer-*"))

@@ -23,6 +23,7 @@ Errors: every failure is an :class:`InitramfsError`.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import logging
@@ -32,6 +33,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -460,6 +462,9 @@ def build_consumer_initramfs(
     key = _builder_fingerprint(busybox, kernel, modules)
     out = cache_dir / f"consumer-{kernel.version}-{key}.cpio.gz"
     if out.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(out)  # mark as in use, for _prune()
+        _prune(cache_dir, keep=out)
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("building consumer initramfs for kernel %s -> %s", kernel.version, out)
@@ -474,10 +479,21 @@ def build_consumer_initramfs(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for stale in cache_dir.glob(f"consumer-{kernel.version}-*.cpio.gz"):
-        if stale != out:
-            stale.unlink(missing_ok=True)
+    _prune(cache_dir, keep=out)
     return out
+
+
+#: Cached images unused for this long are removed (others may still use theirs:
+#: different module sets or builder versions live side by side).
+CACHE_MAX_AGE_S = 14 * 24 * 3600
+
+
+def _prune(cache_dir: Path, keep: Path) -> None:
+    now = time.time()
+    for old in cache_dir.glob("consumer-*.cpio.gz"):
+        with contextlib.suppress(OSError):
+            if old != keep and now - old.stat().st_mtime > CACHE_MAX_AGE_S:
+                old.unlink()
 
 
 def iter_names(data: bytes) -> Iterator[str]:

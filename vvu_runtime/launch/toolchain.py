@@ -60,8 +60,8 @@ DEFAULT_CACHE_DIR = Path("/var/cache/vvu")
 #: -device vfio-user-pci appeared in QEMU 10.1.
 MIN_QEMU = (10, 1)
 #: mkosi releases tried in order: sid has 27.x (smaller tools tree, mkosi.tools.conf),
-#: trixie's 25.3 stays available for trixie's whole life.
-MKOSI_SUITES = ("sid", "trixie")
+#: trixie's 25.3 stays available for trixie's whole life. VVU_MKOSI_SUITES overrides.
+MKOSI_SUITES = tuple(os.environ.get("VVU_MKOSI_SUITES", "sid trixie").split())
 #: Inside the tools tree: the host PATH may hold e.g. a pyenv shim shadowing python3.
 SANDBOX_PATH = "/usr/bin:/usr/sbin"
 #: For mkosi itself (it runs host apt/dpkg/python3 while bootstrapping the tree).
@@ -245,6 +245,9 @@ class Toolchain:
     @property
     def tree(self) -> Path:
         """The tools tree as seen from the host."""
+        with contextlib.suppress(ToolchainMissing):
+            if self.mkosi().major < 26:
+                return self.tools_dir / "tools"
         return self.tools_dir / "mkosi.tools"
 
     @property
@@ -331,14 +334,8 @@ class Toolchain:
             pth.write_text(want)
         return pth
 
-    def _mkosi_env(self, install: MkosiInstall) -> list[str]:
-        env = [f"PATH={HOST_PATH}", f"VVU_CACHE_DIR={self.cache_dir}"]
-        if sys.prefix == sys.base_prefix:
-            env.append(f"PYTHONPATH={install.site}")
-        return env
-
     def mkosi_argv(self, *args: str) -> list[str]:
-        """Run mkosi on vvu's configuration (``env … python -m mkosi -C repo …``).
+        """Run mkosi on vvu's configuration (``env … python -m mkosi …``).
 
         Appliance builds use the same tools tree by passing
         ``--tools-tree=`` :attr:`tree` to their own mkosi invocation.
@@ -346,13 +343,25 @@ class Toolchain:
         install = self.mkosi()
         if not (self.repo / "mkosi.conf").is_file():
             raise ToolchainError(f"{self.repo}/mkosi.conf not found: is vvu installed editable?")
-        return [
+        argv = [
             "/usr/bin/env",
-            *self._mkosi_env(install),
+            f"PATH={HOST_PATH}",
+            f"VVU_CACHE_DIR={self.cache_dir}",
+            # Explicit even with the venv's .pth: several caches may share one venv.
+            f"PYTHONPATH={install.site}",
             sys.executable,
             "-m",
             "mkosi",
-            f"--directory={self.repo}",
+        ]
+        if install.major < 26:
+            # mkosi 25 ignores mkosi.tools.conf and puts the tree at OUTPUTDIR/tools;
+            # its "-C DIR sandbox" exits 127, so change directory instead.
+            argv[1:1] = ["sh", "-c", 'cd "$0" && exec /usr/bin/env "$@"', str(self.repo)]
+            argv += [f"--output-directory={self.tools_dir}"]
+        else:
+            argv += [f"--directory={self.repo}"]
+        return [
+            *argv,
             f"--package-cache-directory={self.package_cache}",
             f"--tools-tree-sandbox-tree={self.sources_tree}",
             *args,
@@ -456,7 +465,7 @@ class Toolchain:
         start = time.monotonic()
         self.stamp_file.unlink(missing_ok=True)
         # Dropping the tree makes mkosi rebuild it: its own manifest ignores the apt pin.
-        for stale in (self.tree, self.tools_dir / "mkosi.tools.manifest"):
+        for stale in (self.tree, self.tools_dir / f"{self.tree.name}.manifest"):
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)
             else:
@@ -491,7 +500,11 @@ class Toolchain:
 
     def _command(self, argv: Sequence[str]) -> list[str]:
         self._require_tree()
-        return [*self.mkosi_argv("sandbox", "--"), "/usr/bin/env", f"PATH={SANDBOX_PATH}", *argv]
+        inner = ["/usr/bin/env", "-u", "PYTHONPATH", f"PATH={SANDBOX_PATH}", *argv]
+        if self.mkosi().major < 26:
+            # mkosi 25 runs from the repository (see mkosi_argv): back to the caller's cwd.
+            inner = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', os.getcwd(), *inner]
+        return [*self.mkosi_argv("sandbox", "--"), *inner]
 
     def run(
         self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 300, **kw: Any
