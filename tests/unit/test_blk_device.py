@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vvu_runtime.backends.blk import device as device_mod
 from vvu_runtime.backends.blk.device import F_VERSION_1, BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.virtio.blk import (
@@ -232,6 +233,7 @@ def test_io_error_is_ioerr(device: BlkDevice, monkeypatch: pytest.MonkeyPatch) -
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(device.image, "readv", broken)
+    monkeypatch.setattr(device_mod, "_preadv", broken)  # the fast path's own syscall
     chain = request(RequestType.IN, 0, into=views(512))
     vring = run(device, chain)
     assert status(chain) == Status.IOERR and len(vring.pushed) == 1
@@ -396,11 +398,13 @@ def test_write_through_after_config_write(device: BlkDevice,
 
     monkeypatch.setattr(device.image, "writev", spy)
     run(device, request(RequestType.OUT, 0, out=views(512)))
+    assert True not in calls  # writeback: no per-write sync (fast path or dsync=False)
     device.set_config(32, b"\0")
     assert not device.writeback
     assert BlkConfig.unpack(device.get_config(0, 60)).writeback == 0
+    calls.clear()
     run(device, request(RequestType.OUT, 0, out=views(512)))
-    assert calls == [False, True]
+    assert calls == [True]
     device.reset()
     assert device.writeback
 
@@ -412,3 +416,15 @@ def test_config_write_without_wce_is_ignored(device: BlkDevice) -> None:
     device.set_features(device.features())
     device.set_config(0, b"\0" * 8)  # capacity is read-only
     assert device.capacity == SECTORS
+
+
+def test_fast_path_short_transfer_falls_back(device: BlkDevice, image_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_mod, "_preadv", lambda fd, bufs, off: 0)
+    monkeypatch.setattr(device_mod, "_pwritev", lambda fd, bufs, off: 100)
+    w = request(RequestType.OUT, 1, out=[memoryview(bytearray(b"\x42" * 512))])
+    r = request(RequestType.IN, 1, into=views(512))
+    run(device, w, r)
+    assert status(w) == status(r) == Status.OK
+    assert bytes(r.writable[0]) == b"\x42" * 512
+    assert image_path.read_bytes()[512:1024] == b"\x42" * 512
