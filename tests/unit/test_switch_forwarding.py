@@ -62,7 +62,7 @@ class Node:
             ring.add_tx(hdr, frame)
         else:
             ring.add_tx(hdr + frame)
-        self.port.process(ring)  # type: ignore[arg-type]
+        self.port.process(ring)
 
     def frames(self, queue: int = 0) -> list[bytes]:
         return [f for _, f in self.rx[queue].received_frames()]
@@ -120,7 +120,7 @@ def test_bad_sources_and_runts_dropped(switch: Switch) -> None:
     a.send(ether(mac(2), BROADCAST, 0x0800, bytes(50)))
     a.send(ether(mac(2), bytes(6), 0x0800, bytes(50)))
     a.tx[0].add_tx(net_hdr() + bytes(5))
-    a.port.process(a.tx[0])  # type: ignore[arg-type]
+    a.port.process(a.tx[0])
     assert a.port.counters.drops == {Drop.BAD_SOURCE: 2, Drop.RUNT: 1}
     assert b.frames() == []
     assert len(a.tx[0].used) == 3  # every chain is returned
@@ -130,7 +130,7 @@ def test_tx_chains_returned_and_notified_once_per_batch(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b")
     for i in range(10):
         a.tx[0].add_tx(net_hdr() + ether(BROADCAST, mac(1), 0x0800, bytes([i]) * 50))
-    a.port.process(a.tx[0])  # type: ignore[arg-type]
+    a.port.process(a.tx[0])
     assert len(a.tx[0].used) == 10 and all(w == 0 for _, w in a.tx[0].used)
     assert a.tx[0].notifications == 1
     assert b.rx[0].notifications == 1
@@ -202,7 +202,7 @@ def test_hostile_tx_chain_fails_the_senders_ring_only(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b")
     a.tx[0].add_tx(net_hdr() + ether(BROADCAST, mac(1), 0x0800, bytes(50)))
     a.tx[0].pop_error = DescriptorError("loop in descriptor chain")
-    a.port.process(a.tx[0])  # type: ignore[arg-type]
+    a.port.process(a.tx[0])
     assert isinstance(a.tx[0].failed, DescriptorError)
     assert a.port.counters.drops == {Drop.TX_RING_ERROR: 1}
     assert b.rx[0].failed is None
@@ -255,7 +255,7 @@ def test_port_down_flushes_learned_addresses(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b")
     a.send(ether(BROADCAST, mac(1), 0x0800, bytes(50)))
     assert mac(1) in switch.fdb
-    a.port.queue_stopped(a.rx[0])  # type: ignore[arg-type]
+    a.port.queue_stopped(a.rx[0])
     assert mac(1) not in switch.fdb and not a.port.up
     b.send(ether(mac(1), mac(2), 0x0800, bytes(50)))  # flooded to nobody up
     assert a.rx[0].used == []
@@ -263,8 +263,8 @@ def test_port_down_flushes_learned_addresses(switch: Switch) -> None:
 
 def test_reset_then_reconnect(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b")
-    a.port.queue_stopped(a.rx[0])  # type: ignore[arg-type]
-    a.port.queue_stopped(a.tx[0])  # type: ignore[arg-type]
+    a.port.queue_stopped(a.rx[0])
+    a.port.queue_stopped(a.tx[0])
     a.port.reset()
     assert a.port.status_line() == "down"
     # the same port object serves the next connection
@@ -272,8 +272,8 @@ def test_reset_then_reconnect(switch: Switch) -> None:
     for _ in range(4):
         a2_rx.add_rx(2048)
     a.port.set_features(ALL)
-    a.port.queue_started(a2_rx)  # type: ignore[arg-type]
-    a.port.queue_started(a2_tx)  # type: ignore[arg-type]
+    a.port.queue_started(a2_rx)
+    a.port.queue_started(a2_tx)
     b.send(ether(BROADCAST, mac(2), 0x0800, bytes(50)))
     assert len(a2_rx.used) == 1
 
