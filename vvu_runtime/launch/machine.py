@@ -303,6 +303,7 @@ class QemuMachine:
         args: Sequence[str] = (),
         console: bool = True,
         boot_banner: str | None = READY_BANNER,
+        prompt: str | None = "vvu# ",
         launch_timeout: float = 60.0,
         boot_timeout: float = 300.0,
     ) -> None:
@@ -320,6 +321,7 @@ class QemuMachine:
         self.shared_memory = shared_memory or memory_file is not None
         self.machine_type = machine
         self.boot_banner = boot_banner
+        self.prompt = prompt
         self.launch_timeout = launch_timeout
         self.boot_timeout = boot_timeout
         self._want_console = console
@@ -525,14 +527,16 @@ class QemuMachine:
         return MachineLaunchError(message, self.argv, self.stderr_text())
 
     def wait_for_boot(self, timeout: float | None = None) -> None:
-        """Wait for ``boot_banner`` and then the shell prompt on the console."""
+        """Wait for ``boot_banner`` and then ``prompt`` (if set) on the console."""
         if self.boot_banner is None:
             raise MachineError("wait_for_boot() needs a boot_banner")
         budget = self.boot_timeout if timeout is None else timeout
         start = time.monotonic()
         try:
             self.console.read_until(re.escape(self.boot_banner), budget)
-            self.console.read_until(r"vvu# ", max(5.0, budget - (time.monotonic() - start)))
+            if self.prompt is not None:
+                left = max(5.0, budget - (time.monotonic() - start))
+                self.console.read_until(re.escape(self.prompt), left)
         except MachineError as e:
             raise MachineTimeout(
                 f"{self.name} did not boot ({e}); QEMU stderr:\n{self.stderr_text()}"

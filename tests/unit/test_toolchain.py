@@ -1,0 +1,111 @@
+"""Tool chain plumbing that needs no tools tree: mirrors, mkosi argv, errors, accel choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vvu_runtime.launch.accel import Accelerator, AccelError, choose_accelerator
+from vvu_runtime.launch.toolchain import (
+    FALLBACK_MIRROR,
+    FALLBACK_SECURITY,
+    Toolchain,
+    ToolchainMissing,
+    host_debian_mirrors,
+    main,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_mirrors_from_deb822_sources(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d/debian.sources").write_text(
+        "Types: deb\n"
+        "# a comment\n"
+        "URIs: http://mirror.example/debian/\n"
+        "Suites: bookworm bookworm-updates\n"
+        "Components: main\n"
+        "\n"
+        "Types: deb-src\n"
+        "URIs: http://src.example/debian\n"
+        "Suites: bookworm\n"
+        "\n"
+        "Types: deb\n"
+        "URIs: http://sec.example/debian-security\n"
+        "Suites: bookworm-security\n"
+    )
+    assert host_debian_mirrors(tmp_path) == (
+        "http://mirror.example/debian",
+        "http://sec.example/debian-security",
+    )
+
+
+def test_mirrors_from_one_line_sources_and_fallbacks(tmp_path: Path) -> None:
+    (tmp_path / "sources.list").write_text(
+        "# deb http://commented.example/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] https://one.example/debian bookworm main\n"
+    )
+    assert host_debian_mirrors(tmp_path) == ("https://one.example/debian", FALLBACK_SECURITY)
+    assert host_debian_mirrors(tmp_path / "nothing") == (FALLBACK_MIRROR, FALLBACK_SECURITY)
+
+
+def _fake_mkosi(cache: Path, version: str) -> None:
+    site = cache / "mkosi" / version / "usr/lib/python3/dist-packages/mkosi"
+    site.mkdir(parents=True)
+    (site / "__main__.py").write_text("")
+    (cache / "mkosi/current.json").write_text(
+        json.dumps({"version": version, "root": str(cache / "mkosi" / version)})
+    )
+
+
+def test_nothing_built_gives_actionable_errors(tmp_path: Path) -> None:
+    tc = Toolchain(cache_dir=tmp_path, repo=REPO)
+    assert not tc.is_built()
+    with pytest.raises(ToolchainMissing, match=r"\./setup"):
+        tc.mkosi()
+    _fake_mkosi(tmp_path, "27.1-1")
+    with pytest.raises(ToolchainMissing, match="tools tree is not built"):
+        tc.command(["true"])
+    with pytest.raises(ToolchainMissing, match=r"\./setup"):
+        tc.path("kernel")
+
+
+def test_status_exit_code_when_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VVU_CACHE_DIR", str(tmp_path))
+    assert main(["status"]) == 1
+    assert "MISSING" in capsys.readouterr().out
+
+
+def test_mkosi_argv_per_mkosi_generation(tmp_path: Path) -> None:
+    _fake_mkosi(tmp_path, "27.1-1")
+    tc = Toolchain(cache_dir=tmp_path, repo=REPO)
+    argv = tc.mkosi_argv("summary")
+    assert f"--directory={REPO}" in argv
+    assert f"VVU_CACHE_DIR={tmp_path}" in argv
+    assert argv[-1] == "summary"
+    assert tc.tree == tmp_path / "tools/mkosi.tools"
+
+    old = tmp_path / "old"
+    _fake_mkosi(old, "25.3-7")
+    tc25 = Toolchain(cache_dir=old, repo=REPO)
+    argv25 = tc25.mkosi_argv("summary")
+    # mkosi 25: run from the repo (its -C breaks sandbox), tree at OUTPUTDIR/tools.
+    assert f"--output-directory={old}/tools" in argv25
+    assert str(REPO) in argv25 and f"--directory={REPO}" not in argv25
+    assert tc25.tree == old / "tools/tools"
+
+
+def test_accelerator_args_and_forced_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Accelerator.TCG.qemu_args()[-2:] == ["-cpu", "max"]
+    assert Accelerator.KVM.qemu_args()[:2] == ["-accel", "kvm"]
+    tc = Toolchain(cache_dir=tmp_path, repo=REPO)
+    monkeypatch.setenv("VVU_ACCEL", "tcg")
+    assert choose_accelerator(tc).accel is Accelerator.TCG  # no probe, no tools tree needed
+    monkeypatch.setenv("VVU_ACCEL", "hvf")
+    with pytest.raises(AccelError, match="VVU_ACCEL"):
+        choose_accelerator(tc)
