@@ -150,6 +150,7 @@ class SwitchPort(Port, VhostUserDevice):
         self.hdr_size = header_size(features)
         self.mergeable = bool(features >> NetFeature.MRG_RXBUF & 1)
         self.set_offloads(features)
+        self._update_batching()
         log.info("%s: features %#x negotiated (header %d bytes, mergeable rx %s, "
                  "offloads %s)", self.name, features, self.hdr_size,
                  "on" if self.mergeable else "off", self.describe_offloads())
@@ -170,6 +171,7 @@ class SwitchPort(Port, VhostUserDevice):
         was_up = self.up
         self._rx[index] = RxQueue(vring, self)
         self.rx_queues = [self._rx[i] for i in sorted(self._rx)]
+        self._update_batching()
         log.debug("%s: receive queue %d started", self.name, index)
         if not was_up:
             log.info("%s: link up", self.name)
@@ -186,6 +188,7 @@ class SwitchPort(Port, VhostUserDevice):
         # pushing them after a stop); the driver gets them back when it resets.
         q.reserve.clear()
         self.rx_queues = [self._rx[i] for i in sorted(self._rx)]
+        self._update_batching()
         if not self.rx_queues:
             log.info("%s: link down", self.name)
             if self.switch is not None:
@@ -207,6 +210,7 @@ class SwitchPort(Port, VhostUserDevice):
         self.mergeable = False
         self.hdr_size = 12
         self.set_offloads(0)
+        self._update_batching()
         if self.switch is not None:
             self.switch.port_down(self)
 
@@ -290,6 +294,60 @@ class SwitchPort(Port, VhostUserDevice):
             hdr[0] = frame.flags
         self._write(q, chain, hdr, frame.payload_views(), n - hs)
 
+    def deliver_batch(self, bufs: list[memoryview]) -> None:
+        """Frames collected in a TX burst for this port: one ``pop_many`` for as
+        many RX chains as frames, then one slice copy each (see forward_chains)."""
+        qs = self.rx_queues
+        k = len(bufs)
+        if len(qs) != 1 or not qs[0].vring.enabled:
+            self.counters.drop(Drop.PORT_DOWN, k)
+            return
+        q = qs[0]
+        reserve = q.reserve
+        try:
+            if reserve:
+                chains = reserve[-k:][::-1]
+                del reserve[-k:]
+                if len(chains) < k:
+                    chains += q.vring.pop_many(k - len(chains))
+            else:
+                chains = q.vring.pop_many(k)
+        except VirtioError as exc:
+            self._ring_error(q, exc, k)
+            return
+        hs = self.hdr_size
+        pending = q.pending
+        out = nbytes = 0
+        for buf, chain in zip(bufs, chains):  # noqa: B905 - fewer chains: the rest drop
+            n = len(buf)
+            w = chain.writable
+            if w and len(w[0]) >= n:
+                w0 = w[0]
+                w0[:n] = buf
+                if hs == 12:
+                    w0[10] = 1  # num_buffers = 1
+                    w0[11] = 0
+                pending.append((chain, n))
+                out += 1
+                nbytes += n
+                continue
+            # Smaller buffers than the frame: merge over several chains.
+            hdr = bytearray(hs)
+            hdr[0:10] = buf[0:10]
+            if not self._write(q, chain, hdr, [buf[hs:]], n - hs):
+                break
+        if len(chains) < k:
+            self.counters.drop(Drop.RX_RING_FULL, k - len(chains))
+        c = self.counters
+        c.out_packets += out
+        c.out_bytes += nbytes - out * hs
+        if not q.touched and self.switch is not None:
+            self.switch.touch(q)
+
+    def _update_batching(self) -> None:
+        """Batch delivery needs a single RX queue (no per-frame queue choice)."""
+        self.batch_hdr_size = self.hdr_size if len(self.rx_queues) == 1 else -1
+
     def _deliver_soft(self, q: RxQueue, sf: SoftFrame) -> bool:
         hdr = bytearray(self.hdr_size)
         hdr[0] = sf.flags
@@ -365,9 +423,9 @@ class SwitchPort(Port, VhostUserDevice):
             self.switch.touch(q)
         return True
 
-    def _ring_error(self, q: RxQueue, exc: VirtioError) -> None:
+    def _ring_error(self, q: RxQueue, exc: VirtioError, frames: int = 1) -> None:
         """The destination's RX ring broke: its fault, counted and failed here."""
-        self.counters.drop(Drop.RX_RING_ERROR)
+        self.counters.drop(Drop.RX_RING_ERROR, frames)
         log.warning("%s: receive queue %d is broken, failing it: %s",
                     self.name, q.vring.index, exc)
         q.reserve.clear()
