@@ -315,6 +315,7 @@ class Result:
     sent_pps: float
     cpu: float  # switch CPU seconds per wall second
     drops: dict[str, int]
+    gen_cpu: float = 0.0  # the traffic generator's CPU seconds per wall second
 
 
 def _proc_cpu(pid: int) -> float:
@@ -385,11 +386,12 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
             raise SystemExit("the traffic generator did not come up")
         try:
             time.sleep(warmup)
-            t0, f0, b0, s0, c0 = (time.monotonic(), counters[0], counters[1], counters[2],
-                                  _proc_cpu(pid))
+            assert gen.pid is not None
+            t0, f0, b0, s0, c0, g0 = (time.monotonic(), counters[0], counters[1], counters[2],
+                                      _proc_cpu(pid), _proc_cpu(gen.pid))
             time.sleep(duration)
-            t1, f1, b1, s1, c1 = (time.monotonic(), counters[0], counters[1], counters[2],
-                                  _proc_cpu(pid))
+            t1, f1, b1, s1, c1, g1 = (time.monotonic(), counters[0], counters[1], counters[2],
+                                      _proc_cpu(pid), _proc_cpu(gen.pid))
         finally:
             stop.value = 1
             gen.join(10)
@@ -406,7 +408,7 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
     pps = (f1 - f0) / dt
     rate = pps / 1e6 if case.unit == "Mpps" else (b1 - b0) * 8 / dt / 1e9
     return Result("vvu-switch" if peer_sockets is None else "testpmd", case, rate, pps,
-                  (s1 - s0) / dt, (c1 - c0) / dt, drops)
+                  (s1 - s0) / dt, (c1 - c0) / dt, drops, (g1 - g0) / dt)
 
 
 # --------------------------------------------------------------------- DPDK peer
@@ -558,13 +560,13 @@ def micro(case: Case, seconds: float, profile: bool = False) -> float:
 def print_table(results: list[Result]) -> None:
     print()
     print(f"{'target':<11} {'case':<36} {'rate':>14} {'frames/s':>11} {'offered/s':>11} "
-          f"{'CPU':>5} {'rate per CPU-s':>16}  drops")
+          f"{'CPU':>5} {'rate per CPU-s':>16} {'gen CPU':>7}  drops")
     for r in results:
         drops = ", ".join(f"{k}={v}" for k, v in r.drops.items()) or "-"
         per_cpu = r.rate / r.cpu if r.cpu > 0 else 0.0
         print(f"{r.target:<11} {r.case.name:<36} {r.rate:>8.3f} {r.case.unit:<5} "
               f"{r.pps:>11,.0f} {r.sent_pps:>11,.0f} {r.cpu * 100:>4.0f}% "
-              f"{per_cpu:>9.3f} {r.case.unit:<6}  {drops}")
+              f"{per_cpu:>9.3f} {r.case.unit:<6} {r.gen_cpu * 100:>6.0f}%  {drops}")
 
 
 def print_profile(path: Path, top: int = 18,

@@ -40,13 +40,16 @@ class Rig:
     sockets: dict[str, Path]
     status: Path
 
-    def vm(self, name: str, ip: str, mac: str) -> QemuMachine:
+    def vm(self, name: str, ip: str, mac: str, queues: int = 1) -> QemuMachine:
+        """A consumer on port ``name``; ``queues`` > 1: multiqueue virtio-net (one
+        vCPU per queue pair, so that the guest enables them all)."""
+        mq = f",mq=on,vectors={2 * queues + 2}" if queues > 1 else ""
         return QemuMachine(
             self.tc, name=name, kernel=self.assets.kernel, initrd=self.assets.initrd,
-            append=f"vvu.ip={ip}/24",
+            append=f"vvu.ip={ip}/24", smp=queues,
             args=["-chardev", f"socket,id=net0,path={self.sockets[name]},reconnect-ms=1000",
-                  "-netdev", "vhost-user,id=n0,chardev=net0",
-                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"])
+                  "-netdev", f"vhost-user,id=n0,chardev=net0,queues={queues}",
+                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}{mq}"])
 
     def counters(self) -> dict[str, dict[str, object]]:
         """The switch's per-port counters, fresh (SIGUSR1 rewrites the status file)."""
@@ -70,7 +73,7 @@ def rig(toolchain: Toolchain, consumer_assets: ConsumerAssets,
     switch = BackendProcess(
         "vvu-switch",
         ["--port", f"vm1={sockets['vm1']}", "--port", f"vm2={sockets['vm2']}",
-         "--status-file", str(status), "--log-level", "INFO"],
+         "--queues", "2", "--status-file", str(status), "--log-level", "INFO"],
         list(sockets.values()), workdir / "vvu-switch.log")
     switch.start()
     try:
@@ -112,7 +115,10 @@ def _send_file(src: GuestConsole, dst: GuestConsole, dst_ip: str, kib: int) -> s
 
 
 def test_ping_and_file_transfer_with_offloads_end_to_end(rig: Rig, vm1: QemuMachine) -> None:
-    with rig.vm("vm2", "10.0.0.2", "52:54:00:00:00:02") as vm2:
+    # vm1 uses one queue pair of the two the switch offers, vm2 both.
+    with rig.vm("vm2", "10.0.0.2", "52:54:00:00:00:02", queues=2) as vm2:
+        queues = vm2.console.check("ls /sys/class/net/eth0/queues").split()
+        assert {"rx-0", "rx-1", "tx-0", "tx-1"} <= set(queues), queues
         _wait_link(vm1.console, "10.0.0.2")
         out = vm1.console.check("ping -c 5 -W 5 10.0.0.2")
         assert " 0% packet loss" in out
@@ -130,6 +136,7 @@ def test_ping_and_file_transfer_with_offloads_end_to_end(rig: Rig, vm1: QemuMach
         c = rig.counters()
         v1, v2 = c["vm1"], c["vm2"]
         assert v1["drops"] == {} and v2["drops"] == {}, c
+        assert v1["state"] == "up 1/2q" and v2["state"] == "up 2/2q", c
         # TSO end to end: the sender's large segments arrive whole (far fewer frames
         # than 1500-byte packets would need) and nothing was cut up in software.
         in_pkts, in_bytes = int(v1["in_packets"]), int(v1["in_bytes"])  # type: ignore[call-overload]
