@@ -126,6 +126,15 @@ def test_bad_sources_and_runts_dropped(switch: Switch) -> None:
     assert len(a.tx[0].used) == 3  # every chain is returned
 
 
+def test_oversize_frames_dropped(switch: Switch) -> None:
+    a, b = Node(switch, "a"), Node(switch, "b", rx_buffers=200)
+    huge = ether(BROADCAST, mac(1), 0x0800, bytes(70000))
+    a.send(huge)
+    a.send(huge, split=True)
+    assert a.port.counters.drops == {Drop.OVERSIZE: 2}
+    assert b.frames() == []
+
+
 def test_tx_chains_returned_and_notified_once_per_batch(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b")
     for i in range(10):

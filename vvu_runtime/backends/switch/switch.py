@@ -480,8 +480,8 @@ class Switch:
                     if single:
                         v0 = views[0]
                         n = len(v0)
-                        if n < min_len:
-                            counters.drop(Drop.RUNT)
+                        if n < min_len or n > MAX_FRAME_LEN:
+                            counters.drop(Drop.RUNT if n < min_len else Drop.OVERSIZE)
                             continue
                         # Header fields and both MACs in one struct call.
                         flags, gso, dst_mac, src_mac = unpack_head(v0)
@@ -604,8 +604,8 @@ class Switch:
         """
         counters = port.counters
         n = len(buf)
-        if n < hdr_size + ETH_HLEN:
-            counters.drop(Drop.RUNT)
+        if n < hdr_size + ETH_HLEN or n > MAX_FRAME_LEN:
+            counters.drop(Drop.RUNT if n < hdr_size + ETH_HLEN else Drop.OVERSIZE)
             return
         frame = self._frame
         frame.hdr_size = hdr_size

@@ -1,0 +1,86 @@
+"""The vvu-switch program: argument errors, and a real run (a front-end connects,
+SIGUSR1 writes the counters, SIGTERM stops it and removes the sockets)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vvu_runtime.backends.switch.cli import build_parser, main
+from vvu_runtime.backends.switch.testing import BROADCAST, DriverPort, ether, mac
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["--port", "noequals"],
+    ["--port", "=path"],
+    ["--port", "a b=/tmp/x"],
+    ["--port", "a=/tmp/x", "--port", "a=/tmp/y"],
+    ["--port", "a=/tmp/x", "--port", "b=/tmp/x"],
+    ["--port", "a=/tmp/x", "--queues", "0"],
+    ["--port", "a=/tmp/x", "--ageing-time", "-1"],
+    ["--port", "a=/tmp/x", "--uplink", "a"],
+    ["--port", "a=/tmp/x", "--uplink", "much-too-long-name"],
+])
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "vvu-switch: error:" in capsys.readouterr().err
+
+
+def test_print_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--print-capabilities"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"type": "net"}
+
+
+def test_defaults() -> None:
+    args = build_parser().parse_args(["--port", "vm1=/run/a.sock"])
+    assert args.queues == 1 and args.ageing_time == 300 and args.port[0].name == "vm1"
+
+
+def test_a_real_run(tmp_path: Path) -> None:
+    socks = {n: tmp_path / f"{n}.sock" for n in ("vm1", "vm2")}
+    status = tmp_path / "status.json"
+    log = tmp_path / "switch.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vvu_runtime.backends.switch.cli",
+             "--port", f"vm1={socks['vm1']}", "--port", f"vm2={socks['vm2']}",
+             "--status-file", str(status), "--ageing-time", "60"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not all(s.exists() for s in socks.values()):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        with DriverPort(str(socks["vm1"])) as a, DriverPort(str(socks["vm2"])) as b:
+            a.send(ether(BROADCAST, mac(1), 0x0806, bytes(28)))
+            assert len(b.receive()) == 1
+            proc.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 10
+            while "port counters" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            data = json.loads(status.read_text())
+            assert data["ports"]["vm1"]["in_packets"] == 1
+            assert data["ports"]["vm2"]["out_packets"] == 1
+            assert data["fdb"][0]["mac"] == "02:00:00:00:00:01"
+            text = log.read_text()
+            assert "port vm1: link up" in text
+            assert "vm1   up 1/1q" in text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+        assert not any(s.exists() for s in socks.values())
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
