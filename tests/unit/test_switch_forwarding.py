@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vvu_runtime.backends.switch.port import BASE_FEATURES, OFFLOAD_FEATURES, SwitchPort
 from vvu_runtime.backends.switch.switch import Drop, Switch
@@ -459,3 +461,44 @@ def test_duplicate_port_names_refused(switch: Switch) -> None:
     SwitchPort(switch, "x")
     with pytest.raises(ValueError, match="twice"):
         SwitchPort(switch, "x")
+
+
+# ------------------------------------------------------------------ hostile input
+
+_frames = st.tuples(
+    st.sampled_from([0, 1, 2, 3, 5, 0x81, 0xFF]),  # flags
+    st.sampled_from([0, 1, 3, 4, 5, 0x81, 0x84, 2, 0xFF]),  # gso_type
+    st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),  # hdr_len, gso_size
+    st.integers(0, 0xFFFF), st.integers(0, 0xFFFF),  # csum_start, csum_offset
+    st.binary(min_size=0, max_size=300),  # the rest of the frame
+    st.sampled_from([mac(2), mac(3), BROADCAST, mac(9), mac(1)]),  # destination
+    st.integers(0, 4),  # how to split into descriptors
+    st.booleans(),  # a TCP-looking body
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_frames, min_size=1, max_size=12))
+def test_hostile_frames_never_raise(frames: list[tuple[int, int, int, int, int, int, bytes,
+                                                     bytes, int, bool]]) -> None:
+    switch = Switch(clock=Clock())
+    a = Node(switch, "a")
+    Node(switch, "b", features=NO_OFFLOADS, rx_size=256)
+    Node(switch, "c", features=NO_MRG, rx_buffers=3, rx_size=1500)
+    Node(switch, "d", rx_buffers=40, rx_size=64)
+    switch.fdb.learn(mac(2), switch.ports[1], 0)
+    switch.fdb.learn(mac(3), switch.ports[2], 0)
+    for flags, gso, hdr_len, gso_size, start, off, body, dst, split, tcp in frames:
+        if tcp:
+            body = tcp4_frame(dst, mac(1), body)[12:]
+        frame = dst + mac(1) + body
+        hdr = net_hdr(flags, gso, hdr_len, gso_size, start, off)
+        data = hdr + frame
+        cut = [0, 12, 14, 20, len(data) // 2][split]
+        if 0 < cut < len(data):
+            a.tx[0].add_tx(data[:cut], data[cut:])
+        else:
+            a.tx[0].add_tx(data)
+    a.port.process(a.tx[0])
+    assert a.tx[0].failed is None
+    assert len(a.tx[0].used) == len(frames)  # every chain given back
