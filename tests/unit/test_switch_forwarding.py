@@ -232,11 +232,31 @@ def test_broken_destination_ring_is_the_destinations_fault(switch: Switch) -> No
     assert len(c.frames()) == 1  # the flood went on
 
 
+def test_destination_ring_breaking_in_the_middle_of_a_burst(switch: Switch) -> None:
+    a = Node(switch, "a")
+    b = Node(switch, "b", rx_buffers=0)
+    b.rx[0].add_rx(2048)
+    b.rx[0].add_tx(b"a readable-only chain in a receive ring")
+    b.rx[0].add_rx(2048)
+    b.send(ether(BROADCAST, mac(2), 0x0806, bytes(28)))  # b is known: unicast, batched
+    for i in range(3):
+        a.tx[0].add_tx(net_hdr() + ether(mac(2), mac(1), 0x0800, bytes([i]) * 60))
+    a.port.process(a.tx[0])
+    assert isinstance(b.rx[0].failed, DescriptorError)
+    # the first frame was written but never published: it is lost with the ring
+    assert b.port.counters.out_packets == 0 and b.port.counters.out_bytes == 0
+    assert b.port.counters.drops == {Drop.RX_RING_ERROR: 3}
+    assert a.tx[0].failed is None and len(a.tx[0].used) == 3
+    assert b.rx[0].used == []  # nothing is published on a failed ring
+
+
 def test_push_error_on_destination(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b")
     b.rx[0].push_error = GuestMemoryError("used ring outside memory")
     a.send(ether(BROADCAST, mac(1), 0x0800, bytes(50)))
     assert b.rx[0].failed is not None and a.tx[0].failed is None
+    assert b.port.counters.out_packets == 0
+    assert b.port.counters.drops == {Drop.RX_RING_ERROR: 1}
 
 
 def test_rx_chain_without_writable_buffer_fails_destination(switch: Switch) -> None:

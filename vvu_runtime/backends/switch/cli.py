@@ -129,9 +129,9 @@ class StatusReporter:
                  self.switch.status_table())
 
     def report(self) -> None:
-        """SIGUSR1: the table to the log and the status file, now."""
-        self.log_table()
+        """SIGUSR1: the status file and the table in the log, now."""
         self.write()
+        self.log_table()
 
     def write(self) -> None:
         path = self.status_file

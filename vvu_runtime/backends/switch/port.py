@@ -81,7 +81,7 @@ class RxQueue:
     that then did not fit; they are used first for the next frame.
     """
 
-    __slots__ = ("pending", "port", "reserve", "touched", "vring")
+    __slots__ = ("broken", "pending", "port", "reserve", "touched", "vring")
 
     def __init__(self, vring: RingLike, port: SwitchPort) -> None:
         self.vring = vring
@@ -89,16 +89,21 @@ class RxQueue:
         self.reserve: list[DescriptorChain] = []
         self.pending: list[tuple[DescriptorChain, int]] = []
         self.touched = False
+        #: The ring was failed (until the session stops it and the queue goes away).
+        self.broken = False
 
     def flush(self) -> None:
+        if self.broken:
+            return
         pending = self.pending
         try:
             if pending:
-                self.pending = []
                 self.vring.push_many(pending)
+                self.pending = []
             self.vring.notify()
         except VirtioError as exc:
-            self.port._ring_error(self, exc)
+            # Frames still pending were never published: _ring_error counts them.
+            self.port._ring_error(self, exc, 0)
 
 
 class SwitchPort(Port, VhostUserDevice):
@@ -232,7 +237,7 @@ class SwitchPort(Port, VhostUserDevice):
 
     def _pick_queue(self, frame: Frame) -> RxQueue | None:
         """The RX queue for ``frame``: by flow hash among the enabled ones."""
-        qs = [q for q in self.rx_queues if q.vring.enabled]
+        qs = [q for q in self.rx_queues if q.vring.enabled and not q.broken]
         if not qs:
             return None
         return qs[0] if len(qs) == 1 else qs[frame.flow_hash() % len(qs)]
@@ -299,7 +304,7 @@ class SwitchPort(Port, VhostUserDevice):
         many RX chains as frames, then one slice copy each (see forward_chains)."""
         qs = self.rx_queues
         k = len(bufs)
-        if len(qs) != 1 or not qs[0].vring.enabled:
+        if len(qs) != 1 or not qs[0].vring.enabled or qs[0].broken:
             self.counters.drop(Drop.PORT_DOWN, k)
             return
         q = qs[0]
@@ -317,8 +322,9 @@ class SwitchPort(Port, VhostUserDevice):
             return
         hs = self.hdr_size
         pending = q.pending
+        c = self.counters
         out = nbytes = 0
-        for buf, chain in zip(bufs, chains):  # noqa: B905 - fewer chains: the rest drop
+        for i, (buf, chain) in enumerate(zip(bufs, chains)):  # noqa: B905 - see below
             n = len(buf)
             w = chain.writable
             if w and len(w[0]) >= n:
@@ -331,14 +337,22 @@ class SwitchPort(Port, VhostUserDevice):
                 out += 1
                 nbytes += n
                 continue
-            # Smaller buffers than the frame: merge over several chains.
+            # Smaller buffers than the frame: merge over several chains (counted
+            # there, delivered or dropped). Our own counts first, so that a ring
+            # failing in there finds every pending frame counted.
+            c.out_packets += out
+            c.out_bytes += nbytes - out * hs
+            out = nbytes = 0
             hdr = bytearray(hs)
             hdr[0:10] = buf[0:10]
-            if not self._write(q, chain, hdr, [buf[hs:]], n - hs):
-                break
+            self._write(q, chain, hdr, [buf[hs:]], n - hs)
+            if q.broken:
+                # The ring failed under us: the frames left are lost with it.
+                c.drop(Drop.RX_RING_ERROR, k - i - 1)
+                return
+        # zip stopped at the shorter: frames without a chain found the ring empty.
         if len(chains) < k:
-            self.counters.drop(Drop.RX_RING_FULL, k - len(chains))
-        c = self.counters
+            c.drop(Drop.RX_RING_FULL, k - len(chains))
         c.out_packets += out
         c.out_bytes += nbytes - out * hs
         if not q.touched and self.switch is not None:
@@ -424,10 +438,20 @@ class SwitchPort(Port, VhostUserDevice):
         return True
 
     def _ring_error(self, q: RxQueue, exc: VirtioError, frames: int = 1) -> None:
-        """The destination's RX ring broke: its fault, counted and failed here."""
-        self.counters.drop(Drop.RX_RING_ERROR, frames)
+        """The destination's RX ring broke: its fault, counted and failed here.
+
+        ``frames`` were being delivered; frames already written in this burst but
+        not yet published are lost too: they move from ``out`` to the drops."""
+        c = self.counters
+        lost = q.pending
+        if lost:
+            hs = self.hdr_size
+            c.out_packets -= len(lost)
+            c.out_bytes -= sum(n for _, n in lost) - len(lost) * hs
+        c.drop(Drop.RX_RING_ERROR, frames + len(lost))
         log.warning("%s: receive queue %d is broken, failing it: %s",
                     self.name, q.vring.index, exc)
         q.reserve.clear()
         q.pending.clear()
+        q.broken = True
         q.vring.fail(exc)
