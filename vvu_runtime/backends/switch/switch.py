@@ -456,6 +456,11 @@ class Switch:
         send_csum = port.send_csum
         zero_mac = _ZERO_MAC
         batches: dict[Port, list[memoryview]] = {}
+        # Per burst: destination MAC -> its batch, for plain frames (skips the
+        # lookup, ageing and offload checks for every frame after the first).
+        fast: dict[bytes, list[memoryview]] = {}
+        fast_get = fast.get
+        last_src: bytes | None
         v0: memoryview | bytes
         eth: memoryview | bytes
         flags: int
@@ -474,6 +479,7 @@ class Switch:
                 if not chains:
                     break
                 now = self.clock()
+                last_src = None
                 for chain in chains:
                     views = chain.readable
                     single = len(views) == 1
@@ -497,21 +503,29 @@ class Switch:
                         gso = v0[1]
                     pkts += 1
                     nbytes += n
-                    if src_mac[0] & 1 or src_mac == zero_mac:
-                        counters.drop(Drop.BAD_SOURCE)
-                        continue
-                    entry = table_get(src_mac)
-                    if entry is not None and entry.port is port:
-                        entry.seen = now
-                    else:
-                        fdb.learn(src_mac, port, now)
+                    if src_mac != last_src:
+                        if src_mac[0] & 1 or src_mac == zero_mac:
+                            counters.drop(Drop.BAD_SOURCE)
+                            continue
+                        entry = table_get(src_mac)
+                        if entry is not None and entry.port is port:
+                            entry.seen = now
+                        else:
+                            fdb.learn(src_mac, port, now)
+                        last_src = src_mac  # learned for this burst
+                    if single and not flags and not gso:
+                        # A destination already decided in this burst.
+                        batch = fast_get(dst_mac)
+                        if batch is not None:
+                            batch.append(v0)  # type: ignore[arg-type]
+                            continue
                     if dst_mac[0] & 1 or ((flags or gso) and (
                             flags & ~_NEEDS_CSUM or not send_gso[gso]
                             or (flags and not send_csum))):
                         # Multicast, or offload bits this port did not negotiate
                         # (checked and counted on the slow path).
                         if batches:
-                            self._flush_batches(batches)
+                            self._flush_batches(batches, fast)
                         frame.views = views
                         frame.length = n
                         slow(port, frame, dst_mac, now)
@@ -519,7 +533,7 @@ class Switch:
                     entry = table_get(dst_mac)
                     if entry is None or now - entry.seen > ageing:
                         if batches:
-                            self._flush_batches(batches)
+                            self._flush_batches(batches, fast)
                         frame.views = views
                         frame.length = n
                         slow(port, frame, dst_mac, now)
@@ -536,12 +550,14 @@ class Switch:
                         # (NEEDS_CSUM/GSO frames the destination accepts go as they are.)
                         batch = batches.get(dst)
                         if batch is None:
-                            batches[dst] = [v0]  # type: ignore[list-item]
+                            batch = batches[dst] = [v0]  # type: ignore[list-item]
                         else:
                             batch.append(v0)  # type: ignore[arg-type]
+                        if not (flags or gso):
+                            fast[dst_mac] = batch
                         continue
                     if batches:
-                        self._flush_batches(batches)
+                        self._flush_batches(batches, fast)
                     frame.views = views
                     frame.length = n
                     if flags or gso:
@@ -551,7 +567,7 @@ class Switch:
                     else:
                         dst.deliver_plain(frame)
                 if batches:
-                    self._flush_batches(batches)
+                    self._flush_batches(batches, fast)
                 try:
                     ring.push_many([(c, 0) for c in chains])
                 except VirtioError as exc:
@@ -571,8 +587,10 @@ class Switch:
                 ring.fail(exc)
 
     @staticmethod
-    def _flush_batches(batches: dict[Port, list[memoryview]]) -> None:
+    def _flush_batches(batches: dict[Port, list[memoryview]],
+                       fast: dict[bytes, list[memoryview]]) -> None:
         """Deliver the frames collected per destination (see forward_chains)."""
+        fast.clear()
         for dst, bufs in batches.items():
             dst.deliver_batch(bufs)
         batches.clear()
