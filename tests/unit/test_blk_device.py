@@ -428,3 +428,10 @@ def test_fast_path_short_transfer_falls_back(device: BlkDevice, image_path: Path
     assert status(w) == status(r) == Status.OK
     assert bytes(r.writable[0]) == b"\x42" * 512
     assert image_path.read_bytes()[512:1024] == b"\x42" * 512
+
+
+def test_long_batches_notify_every_few_completions(device: BlkDevice) -> None:
+    chains = [request(RequestType.IN, 0, into=views(512)) for _ in range(40)]
+    vring = run(device, *chains)
+    assert len(vring.pushed) == 40
+    assert vring.notified == 3  # after 16, after 32, and at the end

@@ -107,6 +107,12 @@ class RequestError(Exception):
 class BlkDevice(VhostUserDevice):
     """A virtio-blk device on a raw image, for one vhost-user front-end."""
 
+    #: Completions between two notifies while draining a long batch. Measured with
+    #: qemu-img bench at QD32 (benchmarks/blk_bench.py): 16 gives ~1.5x the IOPS of
+    #: one notify per batch (the driver waits for it to refill) and of 4 or 8 (the
+    #: notifies themselves cost more than the overlap gains).
+    notify_every = 16
+
     def __init__(
         self,
         image: RawImage,
@@ -231,6 +237,7 @@ class BlkDevice(VhostUserDevice):
         pop = vring.pop
         push = vring.push
         serve = self.serve
+        notify_every = self.notify_every
         served = 0
         try:
             while (chain := pop()) is not None:
@@ -247,6 +254,12 @@ class BlkDevice(VhostUserDevice):
                     return
                 push(chain, written)
                 served += 1
+                if served == notify_every:
+                    # Completions stream out mid-batch, so the driver reaps and refills the
+                    # ring while we go on: front-end and back-end overlap instead of
+                    # taking turns (EVENT_IDX keeps these notifies cheap and rare).
+                    vring.notify()
+                    served = 0
         finally:
             # Even when pop() raised on a broken ring, what we completed is announced.
             if served:
