@@ -570,6 +570,9 @@ class Switch:
                     self._flush_batches(batches, fast)
                 try:
                     ring.push_many([(c, 0) for c in chains])
+                    # Per burst, not per call: a sender that keeps the ring full
+                    # learns early that its buffers are free (if it asked to).
+                    ring.notify()
                 except VirtioError as exc:
                     counters.drop(Drop.TX_RING_ERROR)
                     ring.fail(exc)
