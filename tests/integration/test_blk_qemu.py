@@ -236,8 +236,12 @@ def test_consumer_survives_backend_restart_mid_io(
     assert blk.stop() == 0
 
 
-def test_qemu_io_through_libblkio(toolchain: Toolchain, blk: VvuBlk, image: Path) -> None:
+@pytest.mark.parametrize("mode", ["buffered", "direct"])
+def test_qemu_io_through_libblkio(toolchain: Toolchain, image: Path, tmp_path: Path,
+                                  mode: str) -> None:
     """A second, independent front-end: libblkio's virtio-blk-vhost-user driver."""
+    blk = VvuBlk(image, tmp_path / "blk.sock", *(["--direct"] if mode == "direct" else []))
+    blk.start()
     opts = f"driver=virtio-blk-vhost-user,path={blk.socket},cache.direct=on"
     commands = [
         "write -P 0xab 0 1M",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,27 @@ def test_socket_directory_missing(tmp_path: Path) -> None:
     assert proc.returncode == 1, out
     assert "Traceback" not in out
 
+
+
+def test_connect_mode(tmp_path: Path) -> None:
+    """--connect: vvu-blk dials a front-end that listens (QEMU's server=on chardev)."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    sock_path = tmp_path / "fe.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    listener.settimeout(30)
+    proc = run_cli("--socket", str(sock_path), "--image", str(image), "--connect")
+    try:
+        conn, _ = listener.accept()
+        fe = VhostUserFrontend.from_socket(conn)
+        fe.negotiate(features=(1 << 64) - 1 & ~int(VirtioFeature.RING_PACKED))
+        assert BlkConfig.unpack(fe.get_config(0, 60)).capacity == 2048
+        fe.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        listener.close()
+    assert proc.returncode == 0, out
+    assert sock_path.exists()  # the front-end's socket: not ours to remove
