@@ -136,7 +136,8 @@ class BlkDevice(VhostUserDevice):
         self._capacity_bytes = self.capacity << SECTOR_SHIFT
         self._acked = 0
         #: Volatile write cache on (writeback, FLUSH makes data durable) or off
-        #: (write-through: every write is durable when it completes).
+        #: (write-through: every write is durable when it completes). Starts on;
+        #: only a driver (CONFIG_WCE) changes it, for the life of the process.
         self.writeback = True
         self._log_budget = 20
         self._fd = image.fd
@@ -221,9 +222,9 @@ class BlkDevice(VhostUserDevice):
         log.debug("%s: queue %d stopped", self.name, vring.index)
 
     def reset(self) -> None:
+        # `writeback` survives on purpose: QEMU does not repeat SET_CONFIG after a
+        # reconnect, so a guest that chose write-through must keep getting it.
         self._acked = 0
-        self.writeback = True
-        self._fast_write = self._fast and not self.read_only
 
     def process(self, vring: Vring) -> None:
         """Drain the ring: serve and complete every available request, then notify once.
