@@ -1,0 +1,726 @@
+"""The vhost-user side of a VVU device: the consumer QEMU's connection, tunnelled.
+
+:class:`VhostUserTunnel` listens on the device's vhost-user socket (the consumer
+QEMU connects with ``-chardev socket,path=...,reconnect-ms=...``) and is the
+:class:`~vvu_runtime.device.vvu.VvuLink` of one :class:`~vvu_runtime.device.vvu.VvuDevice`.
+It runs on the event loop the device's vfio-user server runs on.
+
+Connection life cycle (docs/vvu-abi.md, the A.7 state machine)::
+
+    listening, not accepting  --driver sets BACKEND_UP-->  accepting
+    accepting  --front-end connects-->  connected: FRONTEND_UP + config interrupt
+    connected  --front-end hangs up / sends bad input-->  dropped: status 0 + config irq
+    connected  --driver clears BACKEND_UP, resets, NEEDS_RESET-->  dropped: no irq
+    dropped  --driver sets BACKEND_UP again-->  accepting (QEMU reconnects)
+
+The socket is bound at start, so a front-end that connects early waits in the
+listen backlog until the driver is ready. One front-end at a time.
+
+Front-end → rxq: one message is read from the socket only while an rxq buffer is
+available (back-pressure). Every message is checked against the vhost-user
+message table; fds are consumed and never forwarded:
+
+* SET_MEM_TABLE / ADD_MEM_REG (/ REM_MEM_REG, if it carries one): every fd must be
+  the provisioned RAM file (same st_dev/st_ino) and each region's
+  ``[mmap_offset, +memory_size)`` must lie inside the file and BAR2;
+* SET_VRING_KICK: the eventfd is watched; a kick is driver aux notification i;
+* SET_VRING_CALL / SET_VRING_ERR / SET_LOG_FD: eventfds for doorbells i, N+i, 2N;
+* SET_BACKEND_REQ_FD: the socket back-end requests from txq go to; the front-end's
+  replies on it come back into rxq;
+* SET_PROTOCOL_FEATURES is masked to :data:`TUNNEL_PROTOCOL_FEATURES`;
+* requests that need a masked feature or carry fds the tunnel cannot represent
+  are refused.
+
+txq → front-end: a message with the REPLY flag goes to the front-end's socket
+(a GET_PROTOCOL_FEATURES reply masked), one without it is a back-end request and
+goes to the back-end request socket (dropped with a log line if there is none).
+txq is popped only while nothing waits to be sent.
+
+Bad input from the front-end (a malformed message, a refused request, a foreign
+memory fd, a vring index past ``max_vhost_queues``) is logged, counted, answered
+with a failure ack if it asked for one, and the connection is dropped (status 0,
+config interrupt); the driver sets BACKEND_UP to take the reconnect. Nothing
+raises out of the loop callbacks: other devices of the process are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vvu_runtime.device.vvu import DoorbellKind, VvuDevice
+from vvu_runtime.vhost_user import messages as m
+from vvu_runtime.vhost_user.errors import (
+    ConnectionClosed,
+    ProtocolError,
+    TransportError,
+    VhostUserError,
+)
+from vvu_runtime.vhost_user.messages import BackendRequest as BR
+from vvu_runtime.vhost_user.messages import FrontendRequest as FR
+from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
+from vvu_runtime.vhost_user.transport import Frame, UnixChannel, close_fds
+from vvu_runtime.virtio.memory import MemoryRegion
+
+log = logging.getLogger(__name__)
+
+#: Protocol features the tunnel can carry (docs/vvu-abi.md).
+TUNNEL_PROTOCOL_FEATURES = m.protocol_mask(
+    PF.MQ, PF.REPLY_ACK, PF.BACKEND_REQ, PF.CONFIG, PF.RESET_DEVICE, PF.CONFIGURE_MEM_SLOTS,
+    PF.STATUS, PF.NET_MTU, PF.RARP,
+)
+
+#: Front-end requests the tunnel refuses, and why.
+REFUSED_FRONTEND: dict[FR, str] = {
+    FR.SET_LOG_BASE: "needs LOG_SHMFD, which the tunnel masks",
+    FR.GET_INFLIGHT_FD: "needs INFLIGHT_SHMFD, which the tunnel masks",
+    FR.SET_INFLIGHT_FD: "needs INFLIGHT_SHMFD, which the tunnel masks",
+    FR.GPU_SET_SOCKET: "carries a socket the tunnel cannot pass on",
+    FR.POSTCOPY_ADVISE: "needs PAGEFAULT, which the tunnel masks",
+    FR.POSTCOPY_LISTEN: "needs PAGEFAULT, which the tunnel masks",
+    FR.POSTCOPY_END: "needs PAGEFAULT, which the tunnel masks",
+    FR.VRING_KICK: "needs INBAND_NOTIFICATIONS, which the tunnel masks",
+    FR.SET_VRING_ENDIAN: "needs CROSS_ENDIAN, which the tunnel masks",
+    FR.CREATE_CRYPTO_SESSION: "needs CRYPTO_SESSION, which the tunnel masks",
+    FR.CLOSE_CRYPTO_SESSION: "needs CRYPTO_SESSION, which the tunnel masks",
+    FR.GET_SHARED_OBJECT: "needs SHARED_OBJECT, which the tunnel masks",
+    FR.SET_DEVICE_STATE_FD: "needs DEVICE_STATE, which the tunnel masks",
+    FR.CHECK_DEVICE_STATE: "needs DEVICE_STATE, which the tunnel masks",
+    FR.GET_SHMEM_CONFIG: "needs SHMEM, which the tunnel masks",
+}
+
+#: Back-end requests (from txq) the tunnel refuses, and why.
+REFUSED_BACKEND: dict[BR, str] = {
+    BR.VRING_HOST_NOTIFIER_MSG: "needs HOST_NOTIFIER, which the tunnel masks",
+    BR.VRING_CALL: "needs INBAND_NOTIFICATIONS, which the tunnel masks",
+    BR.VRING_ERR: "needs INBAND_NOTIFICATIONS, which the tunnel masks",
+    BR.SHARED_OBJECT_ADD: "needs SHARED_OBJECT, which the tunnel masks",
+    BR.SHARED_OBJECT_REMOVE: "needs SHARED_OBJECT, which the tunnel masks",
+    BR.SHARED_OBJECT_LOOKUP: "needs SHARED_OBJECT, which the tunnel masks",
+    BR.SHMEM_MAP: "needs SHMEM, which the tunnel masks",
+    BR.SHMEM_UNMAP: "needs SHMEM, which the tunnel masks",
+    BR.MEM_READ: "needs SHMEM, which the tunnel masks",
+}
+
+#: Messages read per readable event before yielding to other fds.
+BATCH = 32
+_ONE = (1).to_bytes(8, "little")
+
+
+class ConsumerError(VhostUserError):
+    """Bad input from the front-end: the connection is dropped."""
+
+
+def is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _signal(fd: int) -> None:
+    """Write 1 to an eventfd; a saturated counter means a wake-up is pending anyway."""
+    with contextlib.suppress(BlockingIOError):
+        os.write(fd, _ONE)
+
+
+class _Outbox:
+    """Bytes waiting for a non-blocking stream socket (the loop is never blocked)."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                 on_drained: Callable[[], None], on_error: Callable[[OSError], None]) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.on_drained = on_drained
+        self.on_error = on_error
+        self.queue: deque[memoryview] = deque()
+        self.writing = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.queue
+
+    def send(self, data: bytes) -> None:
+        self.queue.append(memoryview(data))
+        if not self.writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self.queue:
+            try:
+                sent = self.sock.send(self.queue[0])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.stop()
+                self.queue.clear()
+                self.on_error(exc)
+                return
+            if sent < len(self.queue[0]):
+                self.queue[0] = self.queue[0][sent:]
+                break
+            self.queue.popleft()
+        if self.queue and not self.writing:
+            self.loop.add_writer(self.sock.fileno(), self._flush)
+            self.writing = True
+        elif not self.queue:
+            was_writing = self.writing
+            self.stop()
+            if was_writing:
+                self.on_drained()
+
+    def stop(self) -> None:
+        if self.writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self.writing = False
+
+
+@dataclass
+class Connection:
+    """One front-end connection and every fd it gave us (all owned, closed together)."""
+
+    number: int
+    channel: UnixChannel
+    outbox: _Outbox
+    kicks: dict[int, int] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)
+    errs: dict[int, int] = field(default_factory=dict)
+    log_fd: int | None = None
+    backend: UnixChannel | None = None
+    backend_outbox: _Outbox | None = None
+    protocol_features: int = 0
+    reading: bool = False
+
+    def fds(self) -> list[int]:
+        out = [*self.kicks.values(), *self.calls.values(), *self.errs.values()]
+        return out + ([self.log_fd] if self.log_fd is not None else [])
+
+
+class VhostUserTunnel:
+    """Listen on ``path`` for the consumer's front-end and tunnel it through ``device``."""
+
+    def __init__(self, device: VvuDevice, path: str | os.PathLike[str], *,
+                 loop: asyncio.AbstractEventLoop | None = None, backlog: int = 4) -> None:
+        self.device = device
+        self.path = os.fspath(path)
+        self.backlog = backlog
+        self._loop = loop
+        self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._accepting = False
+        self.conn: Connection | None = None
+        self.connections = 0
+
+    @property
+    def name(self) -> str:
+        return self.device.name
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @property
+    def state(self) -> str:
+        if self._listener is None:
+            return "closed"
+        if self.conn is not None:
+            return f"connected (#{self.conn.number})"
+        return "accepting" if self._accepting else "waiting for BACKEND_UP"
+
+    # --- listening ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and listen (not accepting until BACKEND_UP); attach to the device."""
+        if self._listener is not None:
+            return
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            sock.listen(self.backlog)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"{self.name}: cannot listen on {self.path}: "
+                                 f"{exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        self._listener = sock
+        self.device.link = self
+        log.info("%s: vhost-user socket %s bound (front-ends wait until BACKEND_UP)",
+                 self.name, self.path)
+        self._update_accepting()
+
+    def close(self) -> None:
+        """Drop the front-end, stop listening, remove the socket file (idempotent)."""
+        self._drop("the device model is shutting down", notify=False)
+        if self._listener is None:
+            return
+        self._set_accepting(False)
+        self._listener.close()
+        self._listener = None
+        if self.device.link is self:
+            self.device.link = None
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+
+    def _update_accepting(self) -> None:
+        self._set_accepting(self._listener is not None and self.conn is None
+                            and self.device.backend_up)
+
+    def _set_accepting(self, on: bool) -> None:
+        if on == self._accepting or self._listener is None:
+            return
+        if on:
+            self.loop.add_reader(self._listener.fileno(), self._on_accept)
+        else:
+            self.loop.remove_reader(self._listener.fileno())
+        self._accepting = on
+
+    def _on_accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("%s: accept on %s failed: %s", self.name, self.path, exc)
+            return
+        if self.conn is not None or not self.device.backend_up:  # pragma: no cover - guarded
+            sock.close()
+            return
+        self.connections += 1
+        channel = UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
+                              limit_for=m.request_limits(m.Direction.FRONTEND, False),
+                              name=f"{self.name} front-end #{self.connections}")
+        conn = Connection(self.connections, channel, _Outbox(
+            sock, self.loop, self._tx_drained, lambda exc: self._frontend_gone(
+                f"cannot send to the front-end: {exc}")))
+        self.conn = conn
+        self._set_accepting(False)
+        log.info("%s: front-end #%d connected", self.name, conn.number)
+        self.device.frontend_connected()
+        self._resume_reading()
+
+    # --- VvuLink (called by the device) -----------------------------------------------
+
+    def backend_up(self) -> None:
+        self._update_accepting()
+
+    def backend_down(self) -> None:
+        self._drop("the driver took BACKEND_UP away (or reset the device)", notify=False)
+        self._update_accepting()
+
+    def rx_space(self) -> None:
+        self._resume_reading()
+
+    def tx_ready(self) -> bool:
+        conn = self.conn
+        if conn is None:
+            return True
+        return conn.outbox.empty and (conn.backend_outbox is None or conn.backend_outbox.empty)
+
+    def tx_message(self, data: bytes) -> None:
+        request, flags, _ = m.HEADER.unpack_from(data)
+        payload = data[m.HEADER_SIZE:]
+        if flags & m.HeaderFlags.REPLY:
+            self._tx_reply(request, flags, payload)
+        else:
+            self._tx_backend_request(request, flags, payload, data)
+
+    def doorbell(self, kind: DoorbellKind, queue: int) -> bool:
+        conn = self.conn
+        if conn is None:
+            return False
+        if kind is DoorbellKind.CALL:
+            fd = conn.calls.get(queue)
+        elif kind is DoorbellKind.ERR:
+            fd = conn.errs.get(queue)
+        else:
+            fd = conn.log_fd
+        if fd is None:
+            return False
+        try:
+            _signal(fd)
+        except OSError as exc:
+            log.warning("%s: signalling the %s eventfd of queue %d failed: %s", self.name,
+                        kind.value, queue, exc)
+            return False
+        return True
+
+    # --- txq → front-end --------------------------------------------------------------
+
+    def _tx_reply(self, request: int, flags: int, payload: bytes) -> None:
+        stats = self.device.stats
+        try:
+            code, value = m.decode(m.Direction.FRONTEND, request, flags, payload, reply=True)
+        except ProtocolError as exc:
+            self.device.appliance_error(f"txq reply: {exc}")
+            return
+        if code is FR.GET_PROTOCOL_FEATURES and isinstance(value, m.U64):
+            masked = value.value & TUNNEL_PROTOCOL_FEATURES
+            if masked != value.value:
+                log.info("%s: GET_PROTOCOL_FEATURES reply %#x masked to %#x (not tunnelled: "
+                         "%s)", self.name, value.value, masked,
+                         ", ".join(_feature_names(value.value & ~masked)))
+            payload = m.U64(masked).pack()
+        conn = self.conn
+        if conn is None:
+            stats.tx_dropped += 1
+            log.info("%s: txq reply %s dropped: no front-end connected", self.name, code.name)
+            return
+        stats.tx_replies += 1
+        log.debug("%s: txq → front-end: %s reply (%d bytes)", self.name, code.name, len(payload))
+        conn.outbox.send(m.HEADER.pack(request, flags, len(payload)) + payload)
+
+    def _tx_backend_request(self, request: int, flags: int, payload: bytes, data: bytes) -> None:
+        stats = self.device.stats
+        try:
+            code, _ = m.decode(m.Direction.BACKEND, request, flags, payload)
+        except ProtocolError as exc:
+            self.device.appliance_error(f"txq back-end request: {exc}")
+            return
+        why = REFUSED_BACKEND.get(BR(code))
+        if why is not None:
+            self.device.appliance_error(f"txq back-end request {code.name}: {why}")
+            return
+        conn = self.conn
+        if conn is None or conn.backend_outbox is None or \
+                not conn.protocol_features & PF.BACKEND_REQ.mask:
+            stats.tx_dropped += 1
+            reason = ("no front-end connected" if conn is None else
+                      "BACKEND_REQ was not negotiated" if not
+                      conn.protocol_features & PF.BACKEND_REQ.mask else
+                      "the front-end gave no back-end request socket")
+            log.info("%s: back-end request %s from txq dropped: %s", self.name, code.name,
+                     reason)
+            return
+        stats.tx_requests += 1
+        log.debug("%s: txq → back-end request socket: %s", self.name, code.name)
+        conn.backend_outbox.send(data)
+
+    def _tx_drained(self) -> None:
+        if self.conn is not None and self.tx_ready():
+            self.device.tx_resume()
+
+    # --- front-end → rxq --------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        conn = self.conn
+        if conn is None or conn.reading:
+            return
+        conn.reading = True
+        self.loop.add_reader(conn.channel.fileno(), self._on_frontend_readable)
+        if conn.backend is not None:
+            self.loop.add_reader(conn.backend.fileno(), self._on_backend_readable)
+
+    def _pause_reading(self, conn: Connection) -> None:
+        if not conn.reading:
+            return
+        conn.reading = False
+        self.loop.remove_reader(conn.channel.fileno())
+        if conn.backend is not None:
+            self.loop.remove_reader(conn.backend.fileno())
+
+    def _on_frontend_readable(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        frame: Frame | None = None
+        try:
+            for _ in range(BATCH):
+                if not self.device.rx_ready():
+                    if self.conn is conn:
+                        self._pause_reading(conn)
+                    break
+                frame = conn.channel.recv_frame_nowait()
+                if frame is None:
+                    break
+                data = self._from_frontend(conn, frame)
+                frame = None
+                if not self.device.rx_put(data) or self.conn is not conn:
+                    break
+        except ConnectionClosed:
+            self._frontend_gone("the front-end closed the connection")
+            return
+        except (ConsumerError, ProtocolError, TransportError) as exc:
+            self._consumer_error(str(exc), frame)
+            return
+        except Exception as exc:  # never let a loop callback die
+            log.exception("%s: internal error on a front-end message", self.name)
+            self._consumer_error(f"internal error: {exc!r}", frame)
+            return
+        finally:
+            if frame is not None:
+                frame.close_fds()
+        self.device.rx_flush()
+
+    def _on_backend_readable(self) -> None:
+        conn = self.conn
+        if conn is None or conn.backend is None:
+            return
+        backend = conn.backend
+        try:
+            for _ in range(BATCH):
+                if not self.device.rx_ready():
+                    if self.conn is conn:
+                        self._pause_reading(conn)
+                    break
+                frame = backend.recv_frame_nowait()
+                if frame is None:
+                    break
+                nfds = len(frame.fds)
+                frame.close_fds()
+                try:
+                    code, _ = m.decode(m.Direction.BACKEND, frame.request, frame.flags,
+                                       frame.payload, nfds, reply=True)
+                except ProtocolError as exc:
+                    raise ConsumerError(f"back-end request socket: {exc}") from exc
+                if nfds:
+                    raise ConsumerError(f"back-end request socket: the {code.name} reply "
+                                        f"carries {nfds} fds; none can be tunnelled")
+                log.debug("%s: front-end → rxq: %s reply to a back-end request", self.name,
+                          code.name)
+                data = m.HEADER.pack(frame.request, frame.flags, len(frame.payload)) \
+                    + frame.payload
+                if not self.device.rx_put(data) or self.conn is not conn:
+                    break
+        except ConnectionClosed:
+            log.info("%s: the front-end closed the back-end request socket", self.name)
+            self._close_backend(conn)
+        except (ConsumerError, ProtocolError, TransportError) as exc:
+            self._consumer_error(str(exc), None)
+            return
+        except Exception as exc:
+            log.exception("%s: internal error on the back-end request socket", self.name)
+            self._consumer_error(f"internal error: {exc!r}", None)
+            return
+        self.device.rx_flush()
+
+    def _from_frontend(self, conn: Connection, frame: Frame) -> bytes:
+        """Check one front-end message, consume its fds; the bytes to put in rxq."""
+        try:
+            code, value = m.decode(m.Direction.FRONTEND, frame.request, frame.flags,
+                                   frame.payload, len(frame.fds))
+        except ProtocolError as exc:
+            raise ConsumerError(str(exc)) from exc
+        request = FR(code)
+        why = REFUSED_FRONTEND.get(request)
+        if why is not None:
+            raise ConsumerError(f"{request.name} is not tunnelled: {why}")
+        payload = frame.payload
+        if request in (FR.SET_MEM_TABLE, FR.ADD_MEM_REG, FR.REM_MEM_REG):
+            regions = (value.regions if isinstance(value, m.MemoryTable)
+                       else (value.region,) if isinstance(value, m.SingleRegion) else ())
+            for i, fd in enumerate(frame.fds):
+                self._check_memory(request, regions[i], fd)
+            frame.close_fds()
+        elif request in (FR.SET_VRING_KICK, FR.SET_VRING_CALL, FR.SET_VRING_ERR):
+            assert isinstance(value, m.VringFile)
+            self._take_vring_fd(conn, request, value, frame)
+        elif request is FR.SET_LOG_FD:
+            self._take_log_fd(conn, frame)
+        elif request is FR.SET_BACKEND_REQ_FD:
+            self._take_backend_socket(conn, frame)
+        elif request is FR.SET_PROTOCOL_FEATURES:
+            assert isinstance(value, m.U64)
+            masked = value.value & TUNNEL_PROTOCOL_FEATURES
+            if masked != value.value:
+                log.warning("%s: SET_PROTOCOL_FEATURES %#x masked to %#x (not tunnelled: %s)",
+                            self.name, value.value, masked,
+                            ", ".join(_feature_names(value.value & ~masked)))
+            conn.protocol_features = masked
+            payload = m.U64(masked).pack()
+        if frame.fds:  # pragma: no cover - decode bounds fds to the requests above
+            raise ConsumerError(f"{request.name}: {len(frame.fds)} unexpected fds")
+        log.debug("%s: front-end → rxq: %s (%d bytes)", self.name, request.name, len(payload))
+        return m.HEADER.pack(frame.request, frame.flags, len(payload)) + payload
+
+    def _check_memory(self, request: FR, region: MemoryRegion, fd: int) -> None:
+        ram = self.device.ram
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ConsumerError(f"{request.name}: cannot stat a memory fd: {exc}") from exc
+        if (st.st_dev, st.st_ino) != ram.identity or not stat.S_ISREG(st.st_mode):
+            raise ConsumerError(
+                f"{request.name}: region at guest {region.guest_phys_addr:#x} is backed by a "
+                f"file other than the provisioned RAM file {ram.describe()} (got dev "
+                f"{st.st_dev:#x} inode {st.st_ino}); start the consumer with "
+                f"memory-backend-file,mem-path={ram.path},share=on")
+        end = region.mmap_offset + region.memory_size
+        limit = min(st.st_size, self.device.shm_size)
+        if region.memory_size == 0 or end > limit:
+            raise ConsumerError(
+                f"{request.name}: region at guest {region.guest_phys_addr:#x} covers file "
+                f"bytes [{region.mmap_offset:#x}, {end:#x}), outside the {limit:#x} bytes of "
+                f"{ram.path} the appliance sees")
+
+    def _check_index(self, request: FR, index: int) -> None:
+        if index >= self.device.max_queues:
+            raise ConsumerError(f"{request.name}: vring {index} is past max_vhost_queues "
+                                f"({self.device.max_queues})")
+
+    def _take_vring_fd(self, conn: Connection, request: FR, value: m.VringFile,
+                       frame: Frame) -> None:
+        self._check_index(request, value.index)
+        fd = frame.fds.pop(0) if frame.fds else None
+        if fd is not None and not is_eventfd(fd):
+            os.close(fd)
+            raise ConsumerError(f"{request.name}: vring {value.index}: the fd is not an eventfd")
+        if fd is not None:
+            os.set_blocking(fd, False)
+        if request is FR.SET_VRING_KICK:
+            old = conn.kicks.pop(value.index, None)
+            if old is not None:
+                self.loop.remove_reader(old)
+                os.close(old)
+            if fd is not None:
+                conn.kicks[value.index] = fd
+                self.loop.add_reader(fd, self._on_kick, conn, value.index, fd)
+            return
+        table = conn.calls if request is FR.SET_VRING_CALL else conn.errs
+        old = table.pop(value.index, None)
+        if old is not None:
+            os.close(old)
+        if fd is not None:
+            table[value.index] = fd
+
+    def _take_log_fd(self, conn: Connection, frame: Frame) -> None:
+        fd = frame.fds.pop(0) if frame.fds else None
+        if fd is not None and not is_eventfd(fd):
+            os.close(fd)
+            raise ConsumerError("SET_LOG_FD: the fd is not an eventfd")
+        if conn.log_fd is not None:
+            os.close(conn.log_fd)
+        conn.log_fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def _take_backend_socket(self, conn: Connection, frame: Frame) -> None:
+        fd = frame.fds.pop(0)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise ConsumerError(f"SET_BACKEND_REQ_FD: the fd is not a socket: {exc}") from exc
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise ConsumerError("SET_BACKEND_REQ_FD: the fd is not a UNIX stream socket")
+        self._close_backend(conn)
+        conn.backend = UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
+                                   limit_for=m.request_limits(m.Direction.BACKEND, True),
+                                   name=f"{self.name} back-end request socket")
+        conn.backend_outbox = _Outbox(sock, self.loop, self._tx_drained,
+                                      lambda exc: self._backend_send_failed(conn, exc))
+        if conn.reading:
+            self.loop.add_reader(conn.backend.fileno(), self._on_backend_readable)
+
+    def _backend_send_failed(self, conn: Connection, exc: OSError) -> None:
+        log.warning("%s: cannot send to the back-end request socket: %s", self.name, exc)
+        self._close_backend(conn)
+        self._tx_drained()
+
+    def _close_backend(self, conn: Connection) -> None:
+        if conn.backend is None:
+            return
+        if conn.reading:
+            self.loop.remove_reader(conn.backend.fileno())
+        if conn.backend_outbox is not None:
+            conn.backend_outbox.stop()
+        conn.backend.close()
+        conn.backend = None
+        conn.backend_outbox = None
+
+    def _on_kick(self, conn: Connection, index: int, fd: int) -> None:
+        try:
+            os.read(fd, 8)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # pragma: no cover - our own eventfd
+            log.warning("%s: reading the kick eventfd of queue %d: %s", self.name, index, exc)
+            return
+        try:
+            self.device.notify_kick(index)
+        except Exception:  # never let a loop callback die
+            log.exception("%s: internal error delivering a kick of queue %d", self.name, index)
+
+    # --- dropping the link ------------------------------------------------------------
+
+    def _consumer_error(self, why: str, frame: Frame | None) -> None:
+        self.device.stats.errors += 1
+        conn = self.conn
+        log.error("%s: front-end error: %s; dropping the connection", self.name, why)
+        if conn is not None and frame is not None and frame.flags & m.HeaderFlags.NEED_REPLY:
+            # Best effort: a failure ack, so the front-end logs why before it sees EOF.
+            ack = m.encode_bytes(frame.request, m.U64(1), reply=True)
+            with contextlib.suppress(OSError):
+                conn.channel.sock.send(ack)
+        if conn is not None:
+            self.device.stats.link_resets += 1
+        self._frontend_gone(why)
+
+    def _frontend_gone(self, why: str) -> None:
+        """The front-end's side ended the link: status 0 and a config interrupt."""
+        self._drop(why, notify=True)
+        self._update_accepting()
+
+    def _drop(self, why: str, *, notify: bool) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        self._pause_reading(conn)
+        conn.outbox.stop()
+        self._close_backend(conn)
+        for fd in conn.kicks.values():
+            self.loop.remove_reader(fd)
+        close_fds(conn.fds())
+        conn.kicks.clear()
+        conn.calls.clear()
+        conn.errs.clear()
+        conn.log_fd = None
+        conn.channel.close()
+        log.info("%s: front-end #%d disconnected (%s)", self.name, conn.number, why)
+        self.device.frontend_disconnected(notify=notify)
+
+
+def _feature_names(bits: int) -> list[str]:
+    return m.features_by_name(bits, {f.value: f.name for f in PF})
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove ``path`` if it is a socket nobody listens on; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TransportError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise TransportError(f"{path}: cannot probe the existing socket: {exc}") from exc
+    finally:
+        probe.close()
+    raise TransportError(f"{path}: another process is listening there")
+
+
+__all__ = ["REFUSED_BACKEND", "REFUSED_FRONTEND", "TUNNEL_PROTOCOL_FEATURES", "ConsumerError",
+           "VhostUserTunnel", "is_eventfd"]
