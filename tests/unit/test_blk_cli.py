@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vvu_runtime.backends.blk.cli import parse_args
+from vvu_runtime.backends.blk.cli import main, parse_args
 from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend, setup_queue
 from vvu_runtime.virtio.blk import BlkConfig, BlkRequestHeader, RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
@@ -21,10 +22,24 @@ def test_parse_args() -> None:
                        "--direct", "--serial", "abc"])
     assert (args.socket, args.image, args.queues, args.read_only, args.direct, args.serial) == (
         "s", "i", 4, True, True, "abc")
+    args = parse_args(["--socket-path", "s", "--blk-file", "i", "--read-only-mode"])
+    assert (args.socket, args.image, args.read_only) == ("s", "i", True)
     for bad in (["--queues", "0"], ["--serial", "x" * 21]):
         with pytest.raises(SystemExit) as exc:
             parse_args(["--socket", "s", "--image", "i", *bad])
         assert exc.value.code == 2
+
+
+def test_missing_socket_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--image", "i"])
+    assert exc.value.code == 2
+
+
+def test_print_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--print-capabilities"]) == 0
+    caps = json.loads(capsys.readouterr().out)
+    assert caps["type"] == "block" and "read-only" in caps["features"]
 
 
 def run_cli(*args: str) -> subprocess.Popen[str]:

@@ -2,6 +2,10 @@
 
     vvu-blk --socket /run/vvu/disk0.sock --image disk0.raw [--read-only]
             [--queues N] [--direct] [--serial ID] [--connect]
+    vvu-blk --print-capabilities
+
+(``--socket-path``, ``--blk-file`` and ``--read-only-mode`` are accepted too, the
+names vhost-user.rst's back-end program conventions use.)
 
 Listens on ``--socket`` (QEMU: ``-chardev socket,id=c,path=SOCK,reconnect-ms=1000
 -device vhost-user-blk-pci,chardev=c``); with ``--connect`` it connects to a
@@ -13,6 +17,7 @@ until SIGTERM/SIGINT, then removes the socket file. Exit codes: 0 clean stop,
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,11 +40,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog=PROGRAM,
         description="vhost-user-blk target serving a raw disk image.",
     )
-    parser.add_argument("--socket", required=True, metavar="PATH",
+    parser.add_argument("--socket", "--socket-path", metavar="PATH",
                         help="vhost-user UNIX socket to listen on (or connect to with --connect)")
-    parser.add_argument("--image", required=True, metavar="FILE",
+    parser.add_argument("--image", "--blk-file", metavar="FILE",
                         help="raw image file or block device")
-    parser.add_argument("--read-only", action="store_true",
+    parser.add_argument("--read-only", "--read-only-mode", action="store_true",
                         help="offer a read-only disk (VIRTIO_BLK_F_RO); writes fail with IOERR")
     parser.add_argument("--queues", type=int, default=1, metavar="N",
                         help="request queues offered (multiqueue); default 1")
@@ -51,7 +56,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="connect to a front-end listening on --socket instead of listening")
     parser.add_argument("--log-level", default="INFO", metavar="LEVEL",
                         help="DEBUG, INFO, WARNING or ERROR; default INFO")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help="print the vhost-user back-end capabilities (JSON) and exit")
     args = parser.parse_args(argv)
+    if args.print_capabilities:
+        return args
+    for name in ("socket", "image"):
+        if getattr(args, name) is None:
+            parser.error(f"--{name} is required")
     if not 1 <= args.queues <= MAX_QUEUES:
         parser.error(f"--queues must be between 1 and {MAX_QUEUES}")
     if len(args.serial.encode()) > ID_BYTES:
@@ -59,8 +71,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: ``--print-capabilities`` answer, per vhost-user.rst "Backend program conventions"
+#: (vhost-user.json): a block back-end taking --blk-file and --read-only-mode.
+CAPABILITIES = {"type": "block", "features": ["blk-file", "read-only"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(CAPABILITIES))
+        return 0
     # Imported here so that --help works even while the session layer is incomplete.
     from vvu_runtime.backends.daemon import Endpoint, run
 
