@@ -473,7 +473,7 @@ class Toolchain:
         self.tools_dir.mkdir(parents=True, exist_ok=True)
         self.package_cache.mkdir(parents=True, exist_ok=True)
         # "--force sandbox": mkosi builds the default tools tree if it is out of date.
-        argv = self.mkosi_argv("--force", "sandbox", "--", "true")
+        argv = self.mkosi_argv("--force", *self._sandbox_verb(), "true")
         result = subprocess.run(argv, check=False)
         if result.returncode != 0 or not self._tree_present():
             raise ToolchainError(
@@ -504,7 +504,11 @@ class Toolchain:
         if self.mkosi().major < 26:
             # mkosi 25 runs from the repository (see mkosi_argv): back to the caller's cwd.
             inner = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', os.getcwd(), *inner]
-        return [*self.mkosi_argv("sandbox", "--"), *inner]
+        return [*self.mkosi_argv(*self._sandbox_verb()), *inner]
+
+    def _sandbox_verb(self) -> list[str]:
+        # mkosi 25 hands a "--" after the verb on to the command line it runs.
+        return ["sandbox"] if self.mkosi().major < 26 else ["sandbox", "--"]
 
     def run(
         self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 300, **kw: Any
