@@ -269,6 +269,10 @@ class DmaArena:
     def used(self) -> int:
         return self._next
 
+    def reset(self) -> None:
+        """Forget every allocation (the device must no longer use any of them)."""
+        self._next = 0
+
     def close(self) -> None:
         self.memory.clear()
         self.buffer.close()
@@ -356,17 +360,23 @@ class PciFunction(ABC):
     def revision(self) -> int:
         return self.config_read(REVISION_ID, 1)
 
+    #: The capability list, walked once (it never changes; each read is a trapped access).
+    _cap_cache: tuple[Capability, ...] | None = None
+
     def capabilities(self) -> Iterator[Capability]:
-        """Walk the capability list (bounded: a looping list ends the walk)."""
-        if not self.config_read(STATUS, 2) & STATUS_CAP_LIST:
-            return
-        pos = self.config_read(CAPABILITY_LIST, 1) & ~3
-        seen: set[int] = set()
-        while pos and pos not in seen and 0x40 <= pos <= CONFIG_SIZE - 4:
-            seen.add(pos)
-            header = self.config_read(pos, 2)
-            yield Capability(header & 0xFF, pos)
-            pos = (header >> 8) & ~3
+        """The capability list (bounded: a looping list ends the walk)."""
+        if self._cap_cache is None:
+            caps: list[Capability] = []
+            if self.config_read(STATUS, 2) & STATUS_CAP_LIST:
+                pos = self.config_read(CAPABILITY_LIST, 1) & ~3
+                seen: set[int] = set()
+                while pos and pos not in seen and 0x40 <= pos <= CONFIG_SIZE - 4:
+                    seen.add(pos)
+                    header = self.config_read(pos, 2)
+                    caps.append(Capability(header & 0xFF, pos))
+                    pos = (header >> 8) & ~3
+            self._cap_cache = tuple(caps)
+        return iter(self._cap_cache)
 
     def find_capability(self, cap_id: int) -> Capability | None:
         return next((c for c in self.capabilities() if c.cap_id == cap_id), None)

@@ -174,7 +174,9 @@ class VirtioPciDriver:
                 log.warning("%s: virtio capability at %#x has length %d; skipped",
                             self.pci.address, at, cap_len)
                 continue
-            raw = bytes(read(at + i, 1) for i in range(cap_len))
+            # Dword reads: each config read is a trapped access (one REGION_READ).
+            raw = b"".join(read(at + i, 4).to_bytes(4, "little")
+                           for i in range(0, cap_len, 4))[:cap_len]
             _len, cfg_type, bar, cap_id, offset, length = struct.unpack_from(
                 "<BBBBxxII", raw, 2)
             multiplier = 0

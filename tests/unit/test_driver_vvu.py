@@ -1,0 +1,383 @@
+"""The whole VVU chain in one process, without VMs.
+
+    front-end (vhost_user.frontend, consumer RAM = a file)
+      -> real UNIX socket -> VVU device model (device.vvu + device.tunnel)
+      -> vfio-user over a socketpair (device.vfio_user server / client)
+      -> driver.testing.VfioUserPciFunction (stands in for vfio-pci: the only double)
+      -> the real driver: virtio_pci, vvu, VvuChannel / VvuTransport / VvuSession
+      -> BackendSession -> vvu-blk's BlkDevice on a temp image, or a switch port
+
+Threads: the device model runs on its vfio-user server thread, the appliance
+(driver + session + backend device) on an event-loop thread, the test body is the
+consumer (a blocking front-end).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_vhost_user_harness import LoopThread
+
+from vvu_runtime.backends.blk.device import BlkDevice
+from vvu_runtime.backends.blk.image import RawImage
+from vvu_runtime.device.tunnel import VhostUserTunnel
+from vvu_runtime.device.vfio_user.client import VfioUserClient
+from vvu_runtime.device.vfio_user.server import ServerThread, VfioUserServer
+from vvu_runtime.device.vvu import VvuDevice
+from vvu_runtime.driver.endpoint import VvuEndpoint
+from vvu_runtime.driver.testing import VfioUserPciFunction
+from vvu_runtime.driver.transport import fd_holes
+from vvu_runtime.driver.vvu import STATUS_BACKEND_UP, STATUS_FRONTEND_UP
+from vvu_runtime.vhost_user import frontend as frontend_mod
+from vvu_runtime.vhost_user.device import VhostUserDevice
+from vvu_runtime.vhost_user.frontend import (
+    DriverQueue,
+    GuestRam,
+    VhostUserFrontend,
+    setup_queue,
+)
+from vvu_runtime.vhost_user.messages import FrontendRequest as FR
+from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
+from vvu_runtime.virtio.blk import BlkConfig, BlkRequestHeader, RequestType, Status
+from vvu_runtime.virtio.features import VirtioFeature
+from vvu_runtime.virtio.memory import GuestMemory, MemoryRegion, map_fd
+
+RAM_SIZE = 8 << 20
+SECTORS = 2048
+QSIZE = 64
+
+
+class FileRam(GuestRam):
+    """Consumer RAM backed by the provisioned file the device model exposes as BAR2."""
+
+    def __init__(self, path: str | Path, size: int = RAM_SIZE, gpa: int = 0) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.region = MemoryRegion(gpa, size, self.UVA_BASE + gpa, 0)
+        self.memory = GuestMemory()
+        self.memory.add(map_fd(self.region, self.fd))
+        self._next = gpa
+
+
+class DeviceModel:
+    """The host side of one consumer link: a VVU device and its vhost-user socket."""
+
+    def __init__(self, tmp: Path, name: str, *, max_queues: int = 8,
+                 interrupts: bool = True) -> None:
+        self.ram_path = tmp / f"{name}.ram"
+        with open(self.ram_path, "wb") as f:
+            f.truncate(RAM_SIZE)
+        self.sock_path = str(tmp / f"{name}.sock")
+        self.device = VvuDevice(name=name, ram_file=self.ram_path, max_queues=max_queues)
+        server = VfioUserServer(self.device)
+        self.thread = ServerThread(lambda: server)
+        self.thread.__enter__()
+        self.tunnel = VhostUserTunnel(self.device, self.sock_path, loop=self.thread.loop)
+        self.thread.call(self.tunnel.start)
+        ours, theirs = socket.socketpair()
+        self.thread.call(lambda: server.attach(theirs))
+        self.client = VfioUserClient(ours)
+        self.client.version()
+        self.pci = VfioUserPciFunction(self.client, interrupts=interrupts)
+
+    def status(self) -> int:
+        return self.thread.call(lambda: self.device.vvu_status)
+
+    def close(self) -> None:
+        self.pci.close()
+        self.client.close()
+        self.thread.call(self.tunnel.close)
+        self.thread.stop()
+        self.device.close()
+
+
+class Appliance:
+    """The appliance side: endpoints on one event loop."""
+
+    def __init__(self) -> None:
+        self.lt = LoopThread()
+        self.endpoints: list[VvuEndpoint] = []
+
+    def serve(self, device: VhostUserDevice, model: DeviceModel, **kw: Any) -> VvuEndpoint:
+        ep = VvuEndpoint(device, pci=model.pci, loop=self.lt.loop, **kw)
+        self.lt.call(ep.start)
+        self.endpoints.append(ep)
+        return ep
+
+    def close(self) -> None:
+        if self.lt.loop.is_closed():
+            return
+        for ep in self.endpoints:
+            self.lt.call(ep.close)
+        self.lt.stop()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def appliance() -> Iterator[Appliance]:
+    app = Appliance()
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def image_path(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.raw"
+    p.write_bytes(bytes(SECTORS * 512))
+    return p
+
+
+# --------------------------------------------------------------------------- blk
+
+
+class BlkDriver:
+    """A virtio-blk driver of the consumer on one queue (requests in consumer RAM)."""
+
+    def __init__(self, dq: DriverQueue, ram: GuestRam) -> None:
+        self.dq = dq
+        self.ram = ram
+
+    def run(self, rtype: int, sector: int = 0, out: bytes = b"", into: int = 0
+            ) -> tuple[int, bytes]:
+        ram = self.ram
+        hdr = ram.alloc(16)
+        ram.view(hdr, 16)[:] = BlkRequestHeader(rtype, 0, sector).pack()
+        readable = [(hdr, 16)]
+        if out:
+            src = ram.alloc(len(out))
+            ram.view(src, len(out))[:] = out
+            readable.append((src, len(out)))
+        data = ram.alloc(into) if into else 0
+        status = ram.alloc(1)
+        ram.view(status, 1)[0] = 0xFF
+        writable = ([(data, into)] if into else []) + [(status, 1)]
+        self.dq.ring.add(readable, writable, token=status)
+        self.dq.kick()
+        assert self.dq.wait_call(), "no call doorbell from the appliance"
+        [(token, written)] = self.dq.ring.get_used()
+        assert token == status and written == into + 1
+        return ram.view(status, 1)[0], bytes(ram.view(data, into)) if into else b""
+
+
+def connect_blk(model: DeviceModel, ram: GuestRam) -> tuple[VhostUserFrontend, BlkDriver]:
+    fe = VhostUserFrontend.connect(model.sock_path, retry_for=5.0)
+    _, pf = fe.negotiate(features=(1 << 64) - 1 & ~int(VirtioFeature.RING_PACKED))
+    # The tunnel masked what it cannot carry (docs/vvu-abi.md).
+    assert pf & PF.REPLY_ACK.mask and pf & PF.CONFIG.mask
+    assert not pf & (PF.INFLIGHT_SHMFD.mask | PF.LOG_SHMFD.mask)
+    fe.set_mem_table([(ram.region, ram.fd)])
+    return fe, BlkDriver(setup_queue(fe, ram, 0, QSIZE), ram)
+
+
+def test_block_write_read_and_frontend_reconnect(tmp_path: Path, image_path: Path,
+                                                 appliance: Appliance) -> None:
+    model = DeviceModel(tmp_path, "disk0")
+    try:
+        with RawImage(str(image_path)) as image:
+            ep = appliance.serve(BlkDevice(image, serial="vvu-disk"), model)
+            wait_for(lambda: model.status() == STATUS_BACKEND_UP, what="BACKEND_UP")
+            ram = FileRam(model.ram_path)
+            fe, drv = connect_blk(model, ram)
+            assert appliance.lt.call(lambda: ep.session is not None)
+            assert model.status() == STATUS_BACKEND_UP | STATUS_FRONTEND_UP
+            cfg = BlkConfig.unpack(fe.get_config(0, 60))
+            assert cfg.capacity == SECTORS
+
+            pattern = os.urandom(16384)
+            assert drv.run(RequestType.OUT, 64, out=pattern) == (Status.OK, b"")
+            assert drv.run(RequestType.FLUSH) == (Status.OK, b"")
+            assert image_path.read_bytes()[64 * 512:64 * 512 + len(pattern)] == pattern
+            assert drv.run(RequestType.IN, 64, into=len(pattern)) == (Status.OK, pattern)
+            assert drv.run(RequestType.GET_ID, into=20) == (Status.OK,
+                                                            b"vvu-disk".ljust(20, b"\0"))
+            doorbells = appliance.lt.call(lambda: ep.vvu.doorbells_rung if ep.vvu else 0)
+            assert doorbells >= 4  # a call per completion: each request waits for its own
+
+            # The consumer goes away: FRONTEND_UP drops, the session ends, BACKEND_UP again.
+            drv.dq.close()
+            fe.close()
+            wait_for(lambda: appliance.lt.call(lambda: ep.session is None),
+                     what="the session to end")
+            wait_for(lambda: model.status() == STATUS_BACKEND_UP, what="re-armed")
+            assert image.fd >= 0  # the device lives on (reset, not closed)
+
+            # ... and comes back, on the same RAM, and sees its data.
+            ram2 = FileRam(model.ram_path)
+            fe2, drv2 = connect_blk(model, ram2)
+            assert drv2.run(RequestType.IN, 64, into=512) == (Status.OK, pattern[:512])
+            assert appliance.lt.call(lambda: ep.connections) == 2
+            drv2.dq.close()
+            fe2.close()
+            ram.close()
+            ram2.close()
+    finally:
+        appliance.close()
+        model.close()
+
+
+def test_fd_holes_follow_the_message_table() -> None:
+    assert fd_holes(FR.SET_MEM_TABLE, struct.pack("=II", 3, 0)) == 3
+    assert fd_holes(FR.SET_MEM_TABLE, struct.pack("=II", 99, 0)) == 8
+    assert fd_holes(FR.SET_VRING_KICK, struct.pack("=Q", 2)) == 1
+    assert fd_holes(FR.SET_VRING_CALL, struct.pack("=Q", 0x102)) == 0  # NOFD
+    assert fd_holes(FR.ADD_MEM_REG, bytes(40)) == 1
+    assert fd_holes(FR.SET_BACKEND_REQ_FD, b"") == 1
+    assert fd_holes(FR.GET_FEATURES, b"") == 0
+    assert fd_holes(FR.SET_INFLIGHT_FD, bytes(24)) == 0  # never tunnelled: refused
+
+
+# --------------------------------------------------------------------------- switch
+
+
+@pytest.fixture
+def file_backed_ports(monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """DriverPort builds its GuestRam itself: make it use the device's RAM file.
+
+    Fill the dict with ``{socket path: RAM file}`` before creating a DriverPort.
+    """
+    files: dict[str, Path] = {}
+    real_connect = VhostUserFrontend.connect
+    current: list[Path] = []
+
+    def connect(path: str, **kw: Any) -> VhostUserFrontend:
+        current[:] = [files[path]]
+        return real_connect(path, **kw)
+
+    def ram(size: int, *args: Any, **kw: Any) -> GuestRam:
+        assert size <= RAM_SIZE
+        return FileRam(current[0], size)
+
+    monkeypatch.setattr(VhostUserFrontend, "connect", staticmethod(connect))
+    monkeypatch.setattr(frontend_mod, "GuestRam", ram)
+    return files
+
+
+def test_packets_cross_a_switch_of_vvu_ports(tmp_path: Path, appliance: Appliance,
+                                             file_backed_ports: dict[str, Path]) -> None:
+    from vvu_runtime.backends.switch.port import SwitchPort
+    from vvu_runtime.backends.switch.switch import Switch
+    from vvu_runtime.backends.switch.testing import BROADCAST, DriverPort, ether, mac
+
+    models = {n: DeviceModel(tmp_path, n) for n in ("vm1", "vm2")}
+    try:
+        switch = Switch()
+        for name, model in models.items():
+            appliance.serve(SwitchPort(switch, name), model)
+            file_backed_ports[model.sock_path] = model.ram_path
+        with DriverPort(models["vm1"].sock_path, queue_size=64) as a, \
+                DriverPort(models["vm2"].sock_path, queue_size=64) as b:
+            hello = ether(BROADCAST, mac(1), 0x0806, bytes(28))
+            a.send(hello)
+            assert [f for _, f in b.receive()] == [hello]
+            frames = [ether(mac(1), mac(2), 0x0800, os.urandom(200 + i)) for i in range(50)]
+            for f in frames:
+                b.send(f, kick=False)
+            b.txq.kick()
+            assert [f for _, f in a.receive(50)] == frames
+            counters = appliance.lt.call(lambda: switch.ports[0].counters)
+            assert counters.in_packets == 1 and counters.out_packets == 50
+    finally:
+        appliance.close()
+        for model in models.values():
+            model.close()
+
+
+# --------------------------------------------------------------------------- poll mode
+
+
+def test_poll_mode_without_interrupts(tmp_path: Path, image_path: Path,
+                                      appliance: Appliance) -> None:
+    """The sysfs path's situation: no MSI-X; status, rxq and rings are polled."""
+    model = DeviceModel(tmp_path, "disk0", interrupts=False)
+    try:
+        with RawImage(str(image_path)) as image:
+            ep = appliance.serve(BlkDevice(image), model, status_poll=0.01)
+            assert ep.vvu is not None and not ep.vvu.interrupts
+            wait_for(lambda: model.status() == STATUS_BACKEND_UP, what="BACKEND_UP")
+            ram = FileRam(model.ram_path)
+            fe, drv = connect_blk(model, ram)
+            data = os.urandom(4096)
+            assert drv.run(RequestType.OUT, 8, out=data) == (Status.OK, b"")
+            assert drv.run(RequestType.IN, 8, into=4096) == (Status.OK, data)
+            # Kicks reach a polled ring; the doorbell (call) still rings.
+            assert appliance.lt.call(lambda: ep.vvu.doorbells_rung if ep.vvu else 0) >= 2
+            drv.dq.close()
+            fe.close()
+            wait_for(lambda: appliance.lt.call(lambda: ep.session is None), what="session end")
+            ram.close()
+    finally:
+        appliance.close()
+        model.close()
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def test_device_needs_reset_is_recovered(tmp_path: Path, image_path: Path,
+                                         appliance: Appliance) -> None:
+    model = DeviceModel(tmp_path, "disk0")
+    try:
+        with RawImage(str(image_path)) as image:
+            ep = appliance.serve(BlkDevice(image), model)
+            ram = FileRam(model.ram_path)
+            fe, drv = connect_blk(model, ram)
+            assert drv.run(RequestType.OUT, 0, out=b"A" * 512)[0] == Status.OK
+            model.thread.call(lambda: model.device.appliance_error("test: break the link"))
+            # The device dropped the front-end and asked for a reset; the driver
+            # re-initialises it and arms BACKEND_UP again.
+            wait_for(lambda: model.status() == STATUS_BACKEND_UP, what="re-armed after reset")
+            wait_for(lambda: appliance.lt.call(lambda: ep.session is None), what="session end")
+            fe.close()
+            ram2 = FileRam(model.ram_path)
+            fe2, drv2 = connect_blk(model, ram2)
+            assert drv2.run(RequestType.IN, 0, into=512) == (Status.OK, b"A" * 512)
+            fe2.close()
+            ram.close()
+            ram2.close()
+    finally:
+        appliance.close()
+        model.close()
+
+
+def test_backend_request_over_txq_and_its_ack_over_rxq(tmp_path: Path, image_path: Path,
+                                                       appliance: Appliance) -> None:
+    import concurrent.futures
+
+    from vvu_runtime.vhost_user.messages import BackendRequest
+
+    model = DeviceModel(tmp_path, "disk0")
+    try:
+        with RawImage(str(image_path)) as image:
+            ep = appliance.serve(BlkDevice(image), model)
+            ram = FileRam(model.ram_path)
+            fe, _drv = connect_blk(model, ram)
+            assert fe.protocol_features & PF.BACKEND_REQ.mask
+            fe.set_backend_req_fd()
+            session = appliance.lt.call(lambda: ep.session)
+            assert session is not None and session.backend is not None
+            result: concurrent.futures.Future[bool] = concurrent.futures.Future()
+            appliance.lt.loop.call_soon_threadsafe(
+                lambda: result.set_result(session.config_changed()))
+            msg = fe.recv_backend_request()  # answers the ack
+            assert msg.request == BackendRequest.CONFIG_CHANGE_MSG and msg.need_reply
+            assert result.result(5)
+            # The session goes on: a front-end request after the exchange works.
+            assert BlkConfig.unpack(fe.get_config(0, 60)).capacity == SECTORS
+            fe.close()
+            ram.close()
+    finally:
+        appliance.close()
+        model.close()

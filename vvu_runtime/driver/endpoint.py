@@ -1,0 +1,241 @@
+"""Serve a vhost-user device over a VVU function, one front-end after another.
+
+:class:`VvuEndpoint` is the VVU counterpart of ``vhost_user.server.VhostUserServer``
+(same ``start()`` / ``close()`` / ``session``), driving the status state machine of
+docs/vvu-abi.md (A.7 of the protocol digest, driver side as DPDK-VVU does it)::
+
+        start: device up, rxq buffers posted, vectors programmed
+                               |
+                               v
+     +--> drain rxq, set BACKEND_UP  (armed: the device accepts a front-end)
+     |                         |
+     |       config interrupt, FRONTEND_UP set
+     |                         v
+     |     session running (VvuSession over a VvuChannel)
+     |                         |
+     |   FRONTEND_UP cleared (front-end gone)  -> session closed
+     |   session ended by us (protocol error)  -> clear BACKEND_UP (device drops
+     |                         |                  the front-end; it reconnects)
+     +-------------------------+
+     DEVICE_NEEDS_RESET: session closed, device re-initialised, armed again.
+     The device reads all-ones (device model gone): logged, the endpoint stops.
+
+Configuration changes arrive as the config MSI-X eventfd; without interrupts the
+status register is polled every ``status_poll`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vvu_runtime.driver.errors import DeviceGone, DriverError
+from vvu_runtime.driver.pci import PciFunction, open_function
+from vvu_runtime.driver.transport import VvuChannel, VvuSession
+from vvu_runtime.driver.vvu import (
+    STATUS_BACKEND_UP,
+    STATUS_FRONTEND_UP,
+    VvuDriver,
+    drain_eventfd,
+)
+from vvu_runtime.vhost_user.backend import BackendSession
+from vvu_runtime.vhost_user.device import VhostUserDevice
+from vvu_runtime.vhost_user.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+#: Status poll period without interrupts (each poll is two trapped reads).
+STATUS_POLL = 0.05
+#: Delay before re-initialising a device that failed.
+RETRY_DELAY = 1.0
+
+
+class VvuEndpoint:
+    """Serve ``device`` on the VVU function ``address`` (or the given ``pci``)."""
+
+    def __init__(self, device: VhostUserDevice, address: str | None = None, *,
+                 pci: PciFunction | None = None, access: str = "auto",
+                 virtio_id: int | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                 status_poll: float = STATUS_POLL, rx_size: int = 128,
+                 tx_size: int = 64) -> None:
+        if (address is None) == (pci is None):
+            raise ValueError("give either a PCI address or a PciFunction")
+        self.device = device
+        self.address = address or (pci.address if pci is not None else "")
+        self.access = access
+        self.virtio_id = virtio_id
+        self.loop = loop
+        self.status_poll = status_poll
+        self.rx_size = rx_size
+        self.tx_size = tx_size
+        self.pci = pci
+        self._owns_pci = pci is None
+        self.vvu: VvuDriver | None = None
+        self.session: VvuSession | None = None
+        self.connections = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._watched: int | None = None
+        self._closed = False
+        self.name = f"{device.name} @ vvu {self.address}"
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Open and start the device, arm it. TransportError (with the address) on failure."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        try:
+            if self.pci is None:
+                self.pci = open_function(self.address, self.access)
+            self.vvu = VvuDriver(self.pci, virtio_id=self.virtio_id, rx_size=self.rx_size,
+                                 tx_size=self.tx_size)
+            self.vvu.start()
+        except DriverError as exc:
+            self._release()
+            raise TransportError(f"VVU device {self.address}: {exc}") from exc
+        n = self.vvu.identity.max_vhost_queues
+        if self.device.num_queues() > n:
+            log.warning("%s: the device has %d queues, the VVU device tunnels %d; queues past "
+                        "that are polled and never signalled", self.name,
+                        self.device.num_queues(), n)
+        self._watch()
+        self._arm()
+
+    def _watch(self) -> None:
+        assert self.vvu is not None and self.loop is not None
+        fd = self.vvu.config_eventfd
+        if fd is not None:
+            self.loop.add_reader(fd, self._on_config)
+            self._watched = fd
+        else:
+            self._timer = self.loop.call_later(self.status_poll, self._on_poll)
+
+    def _unwatch(self) -> None:
+        if self._watched is not None and self.loop is not None:
+            self.loop.remove_reader(self._watched)
+            self._watched = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        """Forget what is left on rxq (a gone front-end's), then accept the next one."""
+        assert self.vvu is not None
+        dropped = self.vvu.drain()
+        if dropped:
+            log.info("%s: dropped %d message(s) of the previous front-end", self.name, dropped)
+        self.vvu.set_backend_up(True)
+        log.info("%s: ready for a front-end (BACKEND_UP)", self.name)
+
+    # -- events -----------------------------------------------------------------------------
+    def _on_config(self) -> None:
+        assert self.vvu is not None
+        drain_eventfd(self.vvu.config_eventfd)
+        self._check(reset_check=True)
+
+    def _on_poll(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        self._check(reset_check=True)
+        if not self._closed and self.vvu is not None and self._watched is None \
+                and self.loop is not None and self._timer is None:
+            self._timer = self.loop.call_later(self.status_poll, self._on_poll)
+
+    def _check(self, *, reset_check: bool) -> None:
+        vvu = self.vvu
+        if vvu is None or self._closed:
+            return
+        try:
+            if reset_check and vvu.needs_reset:
+                log.error("%s: the device needs a reset; re-initialising it", self.name)
+                self._end_session()
+                vvu.start()
+                self._arm()
+                return
+            status = vvu.read_status()
+            if self.session is None:
+                if status & STATUS_FRONTEND_UP:
+                    self._open_session()
+                elif not status & STATUS_BACKEND_UP:
+                    self._arm()
+            elif not status & STATUS_FRONTEND_UP:
+                log.info("%s: front-end disconnected (FRONTEND_UP cleared)", self.name)
+                self._end_session()
+                self._arm()
+        except DeviceGone as exc:
+            log.error("%s: %s; this device is dead until the appliance restarts", self.name,
+                      exc)
+            self._end_session()
+            self._unwatch()
+            self.vvu = None
+        except DriverError as exc:
+            log.error("%s: %s; re-initialising in %.0f s", self.name, exc, RETRY_DELAY)
+            self._end_session()
+            if self.loop is not None:
+                self.loop.call_later(RETRY_DELAY, self._restart)
+
+    def _restart(self) -> None:
+        if self._closed or self.vvu is None:
+            return
+        try:
+            self.vvu.start()
+            self._arm()
+        except DriverError as exc:
+            log.error("%s: %s; retrying in %.0f s", self.name, exc, RETRY_DELAY)
+            if self.loop is not None:
+                self.loop.call_later(RETRY_DELAY, self._restart)
+
+    def _open_session(self) -> None:
+        assert self.vvu is not None
+        self.connections += 1
+        channel = VvuChannel(self.vvu, loop=self.loop,
+                             name=f"{self.name} #{self.connections}")
+        self.session = VvuSession(channel, self.device, loop=self.loop,
+                                  on_close=self._session_closed,
+                                  name=f"vvu {self.address} connection {self.connections}")
+        self.session.start()
+
+    def _end_session(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
+
+    def _session_closed(self, session: BackendSession) -> None:
+        """The session ended (front-end gone, or a fatal error on our side)."""
+        if self.session is not session:
+            return  # ended by _end_session: the caller re-arms
+        self.session = None
+        if self._closed or self.vvu is None:
+            return
+        # Ended on our side (the front-end may still be there): drop it, then re-arm.
+        try:
+            self.vvu.set_backend_up(False)
+            self._arm()
+        except DriverError as exc:
+            log.error("%s: cannot re-arm: %s", self.name, exc)
+
+    def close(self) -> None:
+        """End the session, clear BACKEND_UP (the front-end reconnects to whoever comes
+        next), reset the device and release the function (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._unwatch()
+        self._end_session()
+        if self.vvu is not None:
+            try:
+                self.vvu.set_backend_up(False)
+            except DriverError as exc:
+                log.debug("%s: clearing BACKEND_UP failed: %s", self.name, exc)
+        self._release()
+
+    def _release(self) -> None:
+        if self.vvu is not None:
+            self.vvu.close()
+            self.vvu = None
+        if self.pci is not None and self._owns_pci:
+            self.pci.close()
+            self.pci = None
+
+
+__all__ = ["VvuEndpoint"]

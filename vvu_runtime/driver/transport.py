@@ -1,0 +1,423 @@
+"""The VVU transport: a vhost-user back-end session over a VVU device instead of a socket.
+
+The session (``vhost_user.backend.BackendSession``) is written against two seams
+(``vhost_user.transport``); here they are implemented without file descriptors:
+
+* :class:`VvuChannel` (the ``Channel``): ``recv_frame*`` return the next message the
+  device put on rxq, ``send_frame`` puts one on txq, ``fileno()`` is the rxq MSI-X
+  eventfd (in poll mode an eventfd a timer writes when rxq has messages);
+* :class:`VvuTransport` (the ``Transport``): ``map_region`` maps the region's
+  window of the shared-memory BAR (BAR offset = the region's ``mmap_offset``,
+  docs/vvu-abi.md), ``kick_source`` is the MSI-X eventfd of that queue's kick
+  notification (None in poll mode: the session polls the ring), ``notifier``
+  rings the call/err/log doorbell.
+
+**fd holes.** The device model consumes every fd a front-end sends and forwards
+the payload unchanged (vvu-abi.md, A.9 of the protocol digest). The session's
+codec still counts fds (SET_MEM_TABLE must carry one per region, SET_VRING_KICK
+one unless NOFD, ...), so the channel puts a placeholder fd (a fresh eventfd)
+where the front-end's fd was. The transport never uses a placeholder as the
+resource: it looks the resource up by queue index and closes the placeholder
+(or, for memory regions, leaves it to the session, which closes it after mapping).
+
+**Back-end requests** (SET_BACKEND_REQ_FD): the device keeps the front-end's
+socket; back-end requests travel on txq without the REPLY flag and the
+front-end's acks come back on rxq with it. :class:`VvuSession` (a BackendSession)
+therefore builds its back-end channel on the VVU channel
+(:class:`VvuBackendChannel`) instead of on the placeholder. A request that wants an
+ack waits for the first REPLY message on rxq; front-end requests found meanwhile
+are kept, in order, for the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import select
+import struct
+import time
+from collections.abc import Callable
+
+from vvu_runtime.driver.errors import DriverError
+from vvu_runtime.driver.vvu import VvuDriver, drain_eventfd, format_message, parse_message
+from vvu_runtime.vhost_user import messages as m
+from vvu_runtime.vhost_user.backend import POLL_INTERVAL as SESSION_POLL_INTERVAL
+from vvu_runtime.vhost_user.backend import BackendChannel, BackendSession
+from vvu_runtime.vhost_user.device import VhostUserDevice
+from vvu_runtime.vhost_user.errors import (
+    ConnectionClosed,
+    FramingError,
+    TransportError,
+)
+from vvu_runtime.vhost_user.messages import FrontendRequest as FR
+from vvu_runtime.vhost_user.transport import (
+    Channel,
+    Frame,
+    KickSource,
+    Notifier,
+    Transport,
+)
+from vvu_runtime.virtio.errors import GuestMemoryError
+from vvu_runtime.virtio.memory import MappedRegion, MemoryRegion
+
+log = logging.getLogger(__name__)
+
+_REPLY = int(m.HeaderFlags.REPLY)
+_VRING_NOFD = m.VRING_NOFD
+#: Requests whose fd(s) the device consumed; the rest never carry one over VVU.
+_ONE_FD = frozenset({FR.ADD_MEM_REG, FR.SET_BACKEND_REQ_FD, FR.SET_LOG_FD})
+_VRING_FD = frozenset({FR.SET_VRING_KICK, FR.SET_VRING_CALL, FR.SET_VRING_ERR})
+#: Most regions a SET_MEM_TABLE may list (vhost-user's VHOST_MEMORY_BASELINE_NREGIONS).
+_MAX_REGIONS = 8
+#: Poll period of rxq when the function has no interrupts.
+POLL_INTERVAL = 0.001
+
+
+def fd_holes(request: int, payload: bytes) -> int:
+    """How many fds the front-end attached to ``request`` (the device kept them)."""
+    if request == FR.SET_MEM_TABLE:
+        if len(payload) < 4:
+            return 0
+        return min(int(struct.unpack_from("=I", payload)[0]), _MAX_REGIONS)
+    if request in _VRING_FD:
+        if len(payload) < 8:
+            return 0
+        return 0 if struct.unpack_from("=Q", payload)[0] & _VRING_NOFD else 1
+    return 1 if request in _ONE_FD else 0
+
+
+def _placeholder() -> int:
+    return os.eventfd(0, os.EFD_CLOEXEC)
+
+
+def _close_placeholder(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- channel
+
+
+class VvuChannel(Channel):
+    """The vhost-user message channel of one front-end connection over a VVU device."""
+
+    def __init__(self, vvu: VvuDriver, *, loop: asyncio.AbstractEventLoop | None = None,
+                 name: str = "", poll_interval: float = POLL_INTERVAL) -> None:
+        self.vvu = vvu
+        self.name = name or vvu.name
+        self.loop = loop
+        self.poll_interval = poll_interval
+        self._pending: collections.deque[Frame] = collections.deque()
+        self._replies: collections.deque[Frame] = collections.deque()
+        self._closed = False
+        self._flush_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        rx = vvu.rx_eventfd
+        self._own_fd = rx is None
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if rx is None else rx
+        if self._own_fd and loop is not None:
+            self._timer = loop.call_later(poll_interval, self._poll)
+
+    # -- poll mode
+    def _poll(self) -> None:
+        self._timer = None
+        if self._closed or self.loop is None:
+            return
+        if self.vvu.rx_pending():
+            self._wake()
+        self._timer = self.loop.call_later(self.poll_interval, self._poll)
+
+    def _wake(self) -> None:
+        os.eventfd_write(self._fd, 1)
+
+    # -- receiving
+    def _fetch(self) -> None:
+        """Move every rxq message into the queues (requests, replies)."""
+        drain_eventfd(self._fd)
+        try:
+            raw = self.vvu.receive()
+        except DriverError as exc:
+            raise TransportError(f"{self.name}: rxq: {exc}") from exc
+        for data in raw:
+            try:
+                request, flags, payload = parse_message(data)
+            except DriverError as exc:
+                raise FramingError(f"{self.name}: {exc}") from exc
+            if flags & _REPLY:
+                self._replies.append(Frame(request, flags, payload))
+                continue
+            if request == FR.SET_VRING_KICK:
+                payload = self._kick_or_poll(payload)
+            holes = fd_holes(request, payload)
+            fds = [_placeholder() for _ in range(holes)]
+            self._pending.append(Frame(request, flags, payload, fds))
+
+    def _kick_or_poll(self, payload: bytes) -> bytes:
+        """SET_VRING_KICK of a queue whose kicks cannot reach us (no interrupts, no
+        vector for it): tell the session NOFD, so that it polls the ring."""
+        if len(payload) != 8:
+            return payload  # the codec refuses it
+        value = struct.unpack("=Q", payload)[0]
+        if value & _VRING_NOFD:
+            return payload
+        try:
+            fd = self.vvu.kick_eventfd(value & m.VRING_IDX_MASK)
+        except DriverError as exc:
+            log.error("%s: kick notification %d cannot be programmed (%s); polling it",
+                      self.name, value & m.VRING_IDX_MASK, exc)
+            fd = None
+        return payload if fd is not None else struct.pack("=Q", value | _VRING_NOFD)
+
+    def _drop_stray_replies(self) -> None:
+        while self._replies:
+            frame = self._replies.popleft()
+            log.warning("%s: dropping a reply (request %d) nobody waits for", self.name,
+                        frame.request)
+
+    def recv_frame_nowait(self) -> Frame | None:
+        if self._closed:
+            raise ConnectionClosed(f"{self.name}: channel is closed")
+        if not self._pending:
+            self._fetch()
+            self._drop_stray_replies()
+        return self._pending.popleft() if self._pending else None
+
+    def _wait(self, deadline: float | None) -> None:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._own_fd:
+            time.sleep(min(self.poll_interval, timeout if timeout is not None else 1.0))
+            return
+        select.select([self._fd], [], [], timeout)
+
+    def recv_frame(self, timeout: float | None = None) -> Frame:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            frame = self.recv_frame_nowait()
+            if frame is not None:
+                return frame
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TransportError(f"{self.name}: no message within {timeout} s")
+            self._wait(deadline)
+
+    def recv_reply(self, timeout: float) -> Frame:
+        """The next REPLY message (a front-end's answer to a back-end request).
+
+        Front-end requests that arrive meanwhile stay queued for the session, which
+        is woken up to read them.
+        """
+        deadline = time.monotonic() + timeout
+        self.flush()  # the request must reach the device before we wait for its answer
+        while True:
+            if self._closed:
+                raise ConnectionClosed(f"{self.name}: channel is closed")
+            if not self._replies:
+                before = len(self._pending)
+                self._fetch()
+                if len(self._pending) > before:
+                    self._wake()  # the session's reader must look again
+            if self._replies:
+                return self._replies.popleft()
+            if time.monotonic() >= deadline:
+                raise TransportError(f"{self.name}: no reply from the front-end within "
+                                     f"{timeout} s")
+            self._wait(deadline)
+
+    # -- sending
+    def send_frame(self, request: int, flags: int, payload: bytes,
+                   fds: list[int] | tuple[int, ...] = ()) -> None:
+        if self._closed:
+            raise ConnectionClosed(f"{self.name}: channel is closed")
+        if fds:
+            raise TransportError(f"{self.name}: request {request}: file descriptors cannot "
+                                 "travel over a VVU device")
+        batch = self.loop is not None
+        try:
+            self.vvu.send(format_message(request, flags, payload), kick=not batch)
+        except DriverError as exc:
+            raise TransportError(f"{self.name}: txq: {exc}") from exc
+        if batch and not self._flush_pending:
+            # One notify for every message sent in this turn of the loop (the replies
+            # to a burst of requests), not one each: a notify is a trapped write.
+            self._flush_pending = True
+            assert self.loop is not None
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Notify txq for the messages sent so far (no-op if the device does not ask)."""
+        self._flush_pending = False
+        if self._closed:
+            return
+        try:
+            self.vvu.flush()
+        except DriverError as exc:
+            log.error("%s: txq notify failed: %s", self.name, exc)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._flush_pending:
+            self.flush()  # a reply sent just before the end still goes out
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for frame in self._pending:
+            frame.close_fds()
+        self._pending.clear()
+        self._replies.clear()
+        if self._own_fd:
+            os.close(self._fd)
+        self._fd = -1
+
+
+class VvuBackendChannel(Channel):
+    """The back-end request channel of a VVU connection: txq out, REPLY messages in."""
+
+    def __init__(self, channel: VvuChannel) -> None:
+        self.channel = channel
+        self._closed = False
+
+    def recv_frame(self, timeout: float | None = None) -> Frame:
+        return self.channel.recv_reply(5.0 if timeout is None else timeout)
+
+    def recv_frame_nowait(self) -> Frame | None:
+        try:
+            return self.channel.recv_reply(0.0)
+        except ConnectionClosed:
+            raise
+        except TransportError:
+            return None
+
+    def send_frame(self, request: int, flags: int, payload: bytes,
+                   fds: list[int] | tuple[int, ...] = ()) -> None:
+        if self._closed:
+            raise ConnectionClosed("backend channel is closed")
+        self.channel.send_frame(request, flags, payload, fds)
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.channel.closed
+
+    def close(self) -> None:
+        self._closed = True
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class VectorKick(KickSource):
+    """Kicks of one vhost-user queue: the MSI-X eventfd of its notification (not owned)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def drain(self) -> None:
+        drain_eventfd(self.fd)
+
+
+class DoorbellNotifier(Notifier):
+    """A call/err/log notification: one write to the device's doorbell ``index``."""
+
+    __slots__ = ("_failed", "index", "vvu")
+
+    def __init__(self, vvu: VvuDriver, index: int) -> None:
+        self.vvu = vvu
+        self.index = index
+        self._failed = False
+
+    def signal(self) -> None:
+        try:
+            self.vvu.doorbell(self.index)
+        except DriverError as exc:
+            if not self._failed:
+                self._failed = True
+                log.error("%s: doorbell %d failed: %s", self.vvu.name, self.index, exc)
+
+
+class VvuTransport(Transport):
+    """Memory, kicks and notifications of a VVU connection (see the module docstring)."""
+
+    def __init__(self, vvu: VvuDriver) -> None:
+        self.vvu = vvu
+
+    def map_region(self, region: MemoryRegion, fd: int | None) -> MappedRegion:
+        # ``fd`` is a placeholder the session closes after mapping: not ours.
+        region.validate()
+        try:
+            window = self.vvu.map_shared_memory(region.mmap_offset, region.memory_size)
+        except DriverError as exc:
+            raise GuestMemoryError(f"memory region {region}: {exc}") from exc
+        return MappedRegion(region, window.view, window.mapping)
+
+    def kick_source(self, index: int, fd: int | None) -> KickSource | None:
+        _close_placeholder(fd)
+        if fd is None:
+            return None  # NOFD: the front-end wants the ring polled
+        try:
+            eventfd = self.vvu.kick_eventfd(index)
+        except DriverError as exc:
+            log.error("%s: kick notification %d cannot be programmed (%s); polling it",
+                      self.vvu.name, index, exc)
+            return None
+        return None if eventfd is None else VectorKick(eventfd)
+
+    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
+        _close_placeholder(fd)
+        if fd is None:
+            return None
+        doorbell = self.vvu.doorbell_index(kind, index)
+        if doorbell is None:
+            log.warning("%s: no %s doorbell for queue %d (the device has %d vhost queues)",
+                        self.vvu.name, kind, index, self.vvu.identity.max_vhost_queues)
+            return None
+        return DoorbellNotifier(self.vvu, doorbell)
+
+
+# --------------------------------------------------------------------------- session
+
+
+class VvuSession(BackendSession):
+    """A BackendSession over a VVU channel; its back-end request channel rides on it too."""
+
+    def __init__(self, channel: VvuChannel, device: VhostUserDevice, *,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 on_close: Callable[[BackendSession], None] | None = None,
+                 name: str = "", poll_interval: float = SESSION_POLL_INTERVAL) -> None:
+        super().__init__(channel, device, loop=loop, transport=VvuTransport(channel.vvu),
+                         on_close=on_close, name=name, poll_interval=poll_interval)
+        self.vvu_channel = channel
+
+    def _set_backend_req_fd(self, msg: m.Message) -> None:
+        _close_placeholder(msg.take_fd())
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = BackendChannel(VvuBackendChannel(self.vvu_channel), self.name)
+        return None
+
+
+__all__ = [
+    "DoorbellNotifier",
+    "VectorKick",
+    "VvuBackendChannel",
+    "VvuChannel",
+    "VvuSession",
+    "VvuTransport",
+    "fd_holes",
+]

@@ -1,0 +1,410 @@
+"""The virtio-vhost-user device, driven from the appliance (docs/vvu-abi.md).
+
+:class:`VvuDriver` owns one VVU function and offers what the VVU transport needs:
+
+* **messages**: :meth:`~VvuDriver.receive` returns the vhost-user messages the
+  device put on rxq (queue 0) and re-posts their buffers; :meth:`~VvuDriver.send`
+  puts one message on txq (queue 1). rxq buffers hold 4096 bytes, one message
+  each; the device reads the next front-end message only while a buffer is
+  posted, so buffers go back at once;
+* **status** (device config ``le32 status``): :meth:`~VvuDriver.set_backend_up`
+  writes BACKEND_UP; the device sets/clears FRONTEND_UP and raises a configuration
+  interrupt (``config_eventfd``) when the front-end comes or goes;
+* **doorbells** (device aux notifications, cap 6): :meth:`~VvuDriver.doorbell` -
+  index ``i`` = call of vhost-user queue ``i``, ``N+i`` = its err, ``2N`` = log;
+* **kicks** (driver aux notifications, cap 7): :meth:`~VvuDriver.kick_eventfd`
+  programs notification ``i`` to its own MSI-X vector (``3 + i``) once and
+  returns that vector's eventfd;
+* **shared memory** (cap 8, shmid 1, BAR2 = the consumer's RAM file):
+  :meth:`~VvuDriver.map_shared_memory` maps the window of one memory region, at
+  BAR offset = the region's ``mmap_offset``.
+
+MSI-X vectors: 0 configuration change, 1 rxq, 2 txq (not used: NO_VECTOR), 3+i
+kick notification i. Without interrupts (sysfs) everything is polled and INTx is
+disabled (QEMU without KVM would otherwise trap the mmapped BARs while an INTx
+is pending).
+
+Every register access is a trapped MMIO exit (tens of µs under TCG): the
+message path costs one notify per batch when EVENT_IDX asks for it, the data
+path (the consumer's rings in BAR2) none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vvu_runtime.driver.errors import DeviceError, PciError
+from vvu_runtime.driver.pci import (
+    COMMAND,
+    COMMAND_INTX_DISABLE,
+    BarWindow,
+    DmaArena,
+    DmaBuffer,
+    PciFunction,
+)
+from vvu_runtime.driver.virtio_pci import DriverQueue, Structure, VirtioPciDriver, ring_bytes
+from vvu_runtime.virtio.features import VirtioFeature
+from vvu_runtime.virtio.pci_layout import NO_VECTOR, DeviceStatus, VirtioPciCapType
+
+log = logging.getLogger(__name__)
+
+#: The virtio device ID the device model uses by default (docs/vvu-abi.md "Identity").
+VVU_VIRTIO_ID = 63
+RXQ = 0
+TXQ = 1
+STATUS_BACKEND_UP = 1 << 0
+STATUS_FRONTEND_UP = 1 << 1
+#: Device config: le32 status, le32 max_vhost_queues, u8 uuid[16].
+CONFIG_STATUS = 0
+CONFIG_MAX_VHOST_QUEUES = 4
+CONFIG_UUID = 8
+CONFIG_SIZE = 24
+#: Every rxq buffer holds this much (the largest tunnelled message fits).
+MESSAGE_BUFFER = 4096
+SHMID_MEMORY = 1
+#: Driver aux notification structure: le16 select @0, le16 msix_vector @2.
+AUX_SELECT = 0
+AUX_VECTOR = 2
+
+VECTOR_CONFIG = 0
+VECTOR_RXQ = 1
+VECTOR_KICK_BASE = 3
+
+#: Features the driver accepts (VERSION_1 is required; the device offers no own bits).
+WANTED_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+                      | VirtioFeature.EVENT_IDX)
+#: How long send() waits for a txq slot before giving up.
+SEND_TIMEOUT = 5.0
+
+_HEADER = struct.Struct("=III")
+
+
+@dataclass(frozen=True, slots=True)
+class VvuIdentity:
+    """Read-only device configuration."""
+
+    max_vhost_queues: int
+    uuid: uuidlib.UUID
+
+
+class VvuDriver:
+    """One VVU function, set up and running (see the module docstring).
+
+    ``rx_size``/``tx_size`` are the rxq/txq sizes asked for (capped by the device).
+    Call :meth:`start` before anything else, and again to recover from
+    DEVICE_NEEDS_RESET; :meth:`close` resets the device and frees everything.
+    """
+
+    def __init__(self, pci: PciFunction, *, virtio_id: int | None = None,
+                 rx_size: int = 128, tx_size: int = 64) -> None:
+        self.pci = pci
+        self.virtio = VirtioPciDriver(pci, virtio_id=virtio_id)
+        for cfg_type in (VirtioPciCapType.DEVICE_AUX_NOTIFY_CFG,
+                         VirtioPciCapType.DRIVER_AUX_NOTIFY_CFG):
+            if not self.virtio.has_cap(cfg_type):
+                raise DeviceError(f"{pci.address}: not a VVU device: no {cfg_type.name} "
+                                  "capability")
+        if self.virtio.device_cfg is None or self.virtio.device_cfg.length < CONFIG_SIZE:
+            raise DeviceError(f"{pci.address}: not a VVU device: device config shorter than "
+                              f"{CONFIG_SIZE} bytes")
+        self.name = f"vvu {pci.address}"
+        self.rx_size = rx_size
+        self.tx_size = tx_size
+        self.doorbells: Structure = self.virtio.structure(VirtioPciCapType.DEVICE_AUX_NOTIFY_CFG)
+        self._doorbell_regs = self.doorbells.regs
+        self._doorbell_base = self.doorbells.base
+        self._doorbell_mult = self.doorbells.cap.multiplier
+        self.aux: Structure = self.virtio.structure(VirtioPciCapType.DRIVER_AUX_NOTIFY_CFG)
+        shm = self.virtio.cap(VirtioPciCapType.SHARED_MEMORY_CFG, SHMID_MEMORY)
+        self.shm_bar = shm.bar
+        self.shm_offset = shm.offset
+        self.shm_size = shm.length
+        self.identity = VvuIdentity(0, uuidlib.UUID(int=0))
+        self.interrupts = pci.interrupts
+        self.eventfds: list[int] = []
+        self._dma: DmaBuffer | None = None
+        self._arena: DmaArena | None = None
+        self.rxq: DriverQueue | None = None
+        self.txq: DriverQueue | None = None
+        self._rx_bufs: list[int] = []
+        self._tx_bufs: list[int] = []
+        self._tx_free: list[int] = []
+        self._kick_vectors: dict[int, int | None] = {}
+        self.started = False
+        #: Counters (for logs and tests).
+        self.received = 0
+        self.sent = 0
+        self.doorbells_rung = 0
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """(Re)initialise: reset, negotiate, vectors, queues, rx buffers, DRIVER_OK.
+
+        BACKEND_UP is not set here: the caller does that when it is ready.
+        """
+        self.started = False
+        virtio = self.virtio
+        pci = self.pci
+        pci.enable_bus_master()
+        virtio.negotiate(WANTED_FEATURES)
+        self.identity = virtio.read_config(self._read_identity)
+        n = self.identity.max_vhost_queues
+        if self.interrupts and not self.eventfds:
+            table = pci.msix_table_size()
+            if table < VECTOR_KICK_BASE:
+                raise DeviceError(f"{pci.address}: {table} MSI-X vectors, at least "
+                                  f"{VECTOR_KICK_BASE} needed")
+            self.eventfds = pci.enable_msix(min(table, VECTOR_KICK_BASE + n))
+        if not self.interrupts:
+            cmd = pci.config_read(COMMAND, 2)
+            pci.config_write(COMMAND, 2, cmd | COMMAND_INTX_DISABLE)
+        self._kick_vectors.clear()
+        self._layout()
+        assert self._arena is not None
+        if self.interrupts:
+            virtio.set_config_vector(VECTOR_CONFIG)
+        self.rxq = virtio.setup_queue(RXQ, self.rx_size, self._arena,
+                                      vector=VECTOR_RXQ if self.interrupts else NO_VECTOR)
+        self.txq = virtio.setup_queue(TXQ, self.tx_size, self._arena, vector=NO_VECTOR)
+        self.txq.ring.disable_interrupts()
+        arena = self._arena
+        self._rx_bufs = [arena.alloc(MESSAGE_BUFFER, 64) for _ in range(self.rxq.size)]
+        self._tx_bufs = [arena.alloc(MESSAGE_BUFFER, 64) for _ in range(self.txq.size)]
+        self._tx_free = list(range(self.txq.size - 1, -1, -1))
+        virtio.driver_ok()
+        for i, iova in enumerate(self._rx_bufs):
+            self.rxq.ring.add((), ((iova, MESSAGE_BUFFER),), i)
+        self.rxq.notify()
+        self.started = True
+        log.info("%s: VVU device ready: virtio ID %d, %d vhost queues, uuid %s, rxq %d, "
+                 "txq %d, %s, shared memory BAR%d of %d MiB", self.name, virtio.virtio_id, n,
+                 self.identity.uuid, self.rxq.size, self.txq.size,
+                 f"{len(self.eventfds)} MSI-X vectors" if self.interrupts else "poll mode",
+                 self.shm_bar, self.shm_size >> 20)
+
+    def _read_identity(self, cfg: Structure) -> VvuIdentity:
+        n = cfg.read(CONFIG_MAX_VHOST_QUEUES, 4)
+        raw = b"".join(cfg.read(CONFIG_UUID + 4 * i, 4).to_bytes(4, "little") for i in range(4))
+        return VvuIdentity(n, uuidlib.UUID(bytes=raw))
+
+    def _layout(self) -> None:
+        need = (ring_bytes(self.rx_size) + ring_bytes(self.tx_size)
+                + (self.rx_size + self.tx_size) * MESSAGE_BUFFER + 4096)
+        if self._dma is None:
+            self._dma = self.pci.alloc_dma(need)  # once: every (un)map costs the device
+            self._arena = DmaArena(self._dma)
+        assert self._arena is not None
+        self._arena.reset()
+
+    def close(self) -> None:
+        """Reset the device (it stops using our memory), then free DMA and vectors."""
+        if self.started or self._dma is not None:
+            try:
+                self.virtio.set_status(0)
+            except (PciError, DeviceError) as exc:
+                log.warning("%s: reset on close failed: %s", self.name, exc)
+        self.started = False
+        self.rxq = self.txq = None
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+            self._dma = None
+        self.pci.disable_msix()
+        self.eventfds = []
+
+    # -- status ---------------------------------------------------------------------------
+    def read_status(self) -> int:
+        cfg = self.virtio.device_cfg
+        assert cfg is not None
+        value = cfg.read(CONFIG_STATUS, 4)
+        if value == 0xFFFFFFFF:
+            _ = self.virtio.status  # raises DeviceGone when the whole function is all-ones
+        return value
+
+    def set_backend_up(self, up: bool) -> None:
+        cfg = self.virtio.device_cfg
+        assert cfg is not None
+        cfg.write(CONFIG_STATUS, 4, STATUS_BACKEND_UP if up else 0)
+
+    @property
+    def needs_reset(self) -> bool:
+        return bool(self.virtio.status & DeviceStatus.DEVICE_NEEDS_RESET)
+
+    # -- interrupts -------------------------------------------------------------------------
+    @property
+    def config_eventfd(self) -> int | None:
+        return self.eventfds[VECTOR_CONFIG] if self.eventfds else None
+
+    @property
+    def rx_eventfd(self) -> int | None:
+        return self.eventfds[VECTOR_RXQ] if self.eventfds else None
+
+    def kick_eventfd(self, index: int) -> int | None:
+        """The eventfd that kicks of vhost-user queue ``index`` raise (None: poll it).
+
+        Programs driver aux notification ``index`` → vector ``3 + index`` the first
+        time (select, vector, read back; refused reads 0xffff).
+        """
+        if not self.eventfds or not 0 <= index < self.identity.max_vhost_queues:
+            return None
+        vector = VECTOR_KICK_BASE + index
+        if vector >= len(self.eventfds):
+            return None
+        if index not in self._kick_vectors:
+            self.aux.write(AUX_SELECT, 2, index)
+            self.aux.write(AUX_VECTOR, 2, vector)
+            got = self.aux.read(AUX_VECTOR, 2)
+            if got != vector:
+                log.warning("%s: kick notification %d: vector %d refused (reads %#x); that "
+                            "queue is polled", self.name, index, vector, got)
+                self._kick_vectors[index] = None
+            else:
+                self._kick_vectors[index] = vector
+        programmed = self._kick_vectors[index]
+        return None if programmed is None else self.eventfds[programmed]
+
+    # -- doorbells ----------------------------------------------------------------------------
+    def doorbell_index(self, kind: str, queue: int) -> int | None:
+        """Doorbell of ``kind`` ("call", "err", "log") for ``queue`` (None: none exists)."""
+        n = self.identity.max_vhost_queues
+        if kind == "log":
+            return 2 * n
+        if not 0 <= queue < n:
+            return None
+        return queue if kind == "call" else n + queue if kind == "err" else None
+
+    def doorbell(self, index: int) -> None:
+        """Ring doorbell ``index`` (one trapped 16-bit write)."""
+        self.doorbells_rung += 1
+        self._doorbell_regs.write(self._doorbell_base + index * self._doorbell_mult, 2, index)
+
+    # -- shared memory --------------------------------------------------------------------------
+    def map_shared_memory(self, offset: int, length: int) -> BarWindow:
+        """Map ``[offset, offset+length)`` of the shared memory (the consumer's RAM file)."""
+        if offset < 0 or length <= 0 or offset + length > self.shm_size:
+            raise DeviceError(f"{self.name}: [{offset:#x}, +{length:#x}) is outside the "
+                              f"{self.shm_size:#x}-byte shared memory")
+        return self.pci.map_bar(self.shm_bar, self.shm_offset + offset, length)
+
+    # -- messages ---------------------------------------------------------------------------------
+    def rx_pending(self) -> bool:
+        return self.rxq is not None and self.rxq.ring.has_used()
+
+    def receive(self) -> list[bytes]:
+        """Every message the device put on rxq since the last call; buffers re-posted."""
+        rxq = self.rxq
+        if rxq is None:
+            return []
+        ring = rxq.ring
+        out: list[bytes] = []
+        arena = self._arena
+        assert arena is not None
+        while True:
+            done = ring.get_used()
+            if not done:
+                if not ring.enable_interrupts():
+                    break
+                continue
+            for slot, written in done:
+                iova = self._rx_bufs[slot]
+                if written > MESSAGE_BUFFER:
+                    raise DeviceError(f"{self.name}: rxq used length {written} > "
+                                      f"{MESSAGE_BUFFER}")
+                out.append(bytes(arena.view(iova, written)))
+                ring.add((), ((iova, MESSAGE_BUFFER),), slot)
+        if out:
+            self.received += len(out)
+            rxq.kick()
+        return out
+
+    def drain(self) -> int:
+        """Discard whatever sits on rxq (a front-end that is gone); returns the count."""
+        return len(self.receive())
+
+    def send(self, message: bytes | bytearray | memoryview, *, kick: bool = True) -> None:
+        """Put one message (header + payload) on txq and notify if the device asks.
+
+        With ``kick=False`` the notify waits for :meth:`flush` (one per batch).
+        """
+        txq = self.txq
+        if txq is None:
+            raise DeviceError(f"{self.name}: not started")
+        n = len(message)
+        if n > MESSAGE_BUFFER:
+            raise DeviceError(f"{self.name}: a {n}-byte message does not fit a txq buffer")
+        ring = txq.ring
+        if not self._tx_free:
+            self._reclaim_tx(wait=True)
+        slot = self._tx_free.pop()
+        iova = self._tx_bufs[slot]
+        assert self._arena is not None
+        self._arena.view(iova, n)[:] = message
+        ring.add(((iova, n),), (), slot)
+        if kick:
+            txq.kick()
+        self.sent += 1
+        if len(self._tx_free) < txq.size // 2:
+            self._reclaim_tx(wait=False)
+
+    def flush(self) -> None:
+        """Notify txq if messages were added since the last notify and the device asks."""
+        if self.txq is not None:
+            self.txq.kick()
+
+    def _reclaim_tx(self, *, wait: bool) -> None:
+        assert self.txq is not None
+        ring = self.txq.ring
+        deadline = time.monotonic() + SEND_TIMEOUT
+        while True:
+            for slot, _written in ring.get_used():
+                self._tx_free.append(slot)
+            if self._tx_free or not wait:
+                return
+            if time.monotonic() > deadline:
+                raise DeviceError(f"{self.name}: txq stays full for {SEND_TIMEOUT} s")
+            self.txq.notify()
+            time.sleep(0.001)
+
+
+def parse_message(data: bytes) -> tuple[int, int, bytes]:
+    """(request, flags, payload) of one rxq message; DeviceError if its size lies."""
+    if len(data) < _HEADER.size:
+        raise DeviceError(f"rxq message of {len(data)} bytes is shorter than a header")
+    request, flags, size = _HEADER.unpack_from(data)
+    if _HEADER.size + size != len(data):
+        raise DeviceError(f"rxq message {request}: header says {size} payload bytes, the "
+                          f"buffer holds {len(data) - _HEADER.size}")
+    return request, flags, data[_HEADER.size:]
+
+
+def drain_eventfd(fd: int | None) -> int:
+    """Read (and so reset) an eventfd's counter; 0 when it was not signalled."""
+    if fd is None:
+        return 0
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0
+
+
+def format_message(request: int, flags: int, payload: bytes | Sequence[int]) -> bytes:
+    return _HEADER.pack(request, flags, len(payload)) + bytes(payload)
+
+
+__all__ = [
+    "MESSAGE_BUFFER",
+    "STATUS_BACKEND_UP",
+    "STATUS_FRONTEND_UP",
+    "VVU_VIRTIO_ID",
+    "VvuDriver",
+    "VvuIdentity",
+    "drain_eventfd",
+    "format_message",
+    "parse_message",
+]
