@@ -322,9 +322,12 @@ class SwitchPort(Port, VhostUserDevice):
             return
         hs = self.hdr_size
         pending = q.pending
+        append = pending.append
         c = self.counters
         out = nbytes = 0
-        for i, (buf, chain) in enumerate(zip(bufs, chains)):  # noqa: B905 - see below
+        copied = 0  # frames copied before the last merge-path frame
+        slow = 0  # frames that took the merge path (their own counting)
+        for buf, chain in zip(bufs, chains):  # noqa: B905 - fewer chains: the rest drop
             n = len(buf)
             w = chain.writable
             if w and len(w[0]) >= n:
@@ -333,22 +336,24 @@ class SwitchPort(Port, VhostUserDevice):
                 if hs == 12:
                     w0[10] = 1  # num_buffers = 1
                     w0[11] = 0
-                pending.append((chain, n))
+                append((chain, n))
                 out += 1
                 nbytes += n
                 continue
             # Smaller buffers than the frame: merge over several chains (counted
             # there, delivered or dropped). Our own counts first, so that a ring
             # failing in there finds every pending frame counted.
+            slow += 1
             c.out_packets += out
             c.out_bytes += nbytes - out * hs
+            copied += out
             out = nbytes = 0
             hdr = bytearray(hs)
             hdr[0:10] = buf[0:10]
             self._write(q, chain, hdr, [buf[hs:]], n - hs)
             if q.broken:
                 # The ring failed under us: the frames left are lost with it.
-                c.drop(Drop.RX_RING_ERROR, k - i - 1)
+                c.drop(Drop.RX_RING_ERROR, k - copied - slow)
                 return
         # zip stopped at the shorter: frames without a chain found the ring empty.
         if len(chains) < k:

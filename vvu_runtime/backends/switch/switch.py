@@ -445,6 +445,7 @@ class Switch:
         frame.hdr_size = hdr_size
         frame.ingress = port
         min_len = hdr_size + ETH_HLEN
+        max_len = MAX_FRAME_LEN
         fdb = self.fdb
         table_get = fdb._table.get  # the FDB's dict, read directly on the fast path
         ageing = fdb.ageing_time
@@ -486,7 +487,7 @@ class Switch:
                     if single:
                         v0 = views[0]
                         n = len(v0)
-                        if n < min_len or n > MAX_FRAME_LEN:
+                        if n < min_len or n > max_len:
                             counters.drop(Drop.RUNT if n < min_len else Drop.OVERSIZE)
                             continue
                         # Header fields and both MACs in one struct call.
