@@ -32,6 +32,7 @@ from vvu_runtime.backends.switch.uplink import (
     _OFFLOAD_CHOICES,
     _TO_KERNEL,
     TapUplink,
+    UplinkError,
     tun_offloads_to_features,
 )
 from vvu_runtime.virtio.net import GsoType, HdrFlags, NetFeature, VirtioNetHdr
@@ -134,6 +135,16 @@ def test_offload_mapping() -> None:
         assert f & bit.mask
     with pytest.raises(ValueError):
         TapUplink(Switch(), "a-name-much-too-long")
+
+
+def test_open_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vvu_runtime.backends.switch.uplink as uplink_mod
+
+    monkeypatch.setattr(uplink_mod, "TUN_DEVICE", "/nonexistent/tun")
+    up = TapUplink(Switch(), "tap9")
+    with pytest.raises(UplinkError, match="uplink tap9: cannot open /nonexistent/tun") as info:
+        up.open()
+    assert info.value.errno == 2 and up.fd == -1
 
 
 # --------------------------------------------------------------------------- real TAP

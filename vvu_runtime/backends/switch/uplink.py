@@ -87,7 +87,18 @@ def tun_offloads_to_features(flags: int) -> int:
 
 
 class UplinkError(OSError):
-    """The TAP device could not be opened or configured."""
+    """The TAP device could not be opened or configured (``errno`` kept)."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+_TUNSETIFF_HINTS = {
+    errno.EPERM: " (needs CAP_NET_ADMIN, or a TAP created for this user)",
+    errno.EINVAL: " (an interface of that name exists and is not a TAP?)",
+    errno.EBUSY: " (another process has that TAP open)",
+}
 
 
 class TapUplink(Port):
@@ -114,22 +125,21 @@ class TapUplink(Port):
         try:
             fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise UplinkError(exc.errno, f"uplink {self.ifname}: cannot open {TUN_DEVICE}: "
-                              f"{exc.strerror}") from exc
+            raise UplinkError(f"uplink {self.ifname}: cannot open {TUN_DEVICE}: "
+                              f"{exc.strerror}", exc.errno) from exc
         try:
             req = _IFREQ.pack(self.ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
             try:
                 fcntl.ioctl(fd, TUNSETIFF, req)
             except OSError as exc:
-                hint = " (needs CAP_NET_ADMIN, or a TAP created for this user)" \
-                    if exc.errno == errno.EPERM else ""
-                raise UplinkError(exc.errno, f"uplink {self.ifname}: TUNSETIFF failed: "
-                                  f"{exc.strerror}{hint}") from exc
+                hint = _TUNSETIFF_HINTS.get(exc.errno or 0, "")
+                raise UplinkError(f"uplink {self.ifname}: cannot attach the TAP: "
+                                  f"{exc.strerror}{hint}", exc.errno) from exc
             try:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", HDR_SIZE))
             except OSError as exc:
-                raise UplinkError(exc.errno, f"uplink {self.ifname}: cannot set the "
-                                  f"virtio-net header size: {exc.strerror}") from exc
+                raise UplinkError(f"uplink {self.ifname}: cannot set the virtio-net "
+                                  f"header size: {exc.strerror}", exc.errno) from exc
             chosen = 0
             for flags in _OFFLOAD_CHOICES:
                 try:
