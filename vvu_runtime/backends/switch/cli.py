@@ -2,11 +2,14 @@
 
     vvu-switch --port vm1=/run/vvu/vm1.sock --port vm2=/run/vvu/vm2.sock \\
                [--uplink tap0] [--queues 2] [--status-file /run/vvu/switch.status]
+    vvu-switch --vvu vm1=0000:00:05.0 --vvu vm2=0000:00:06.0 [...]   (in an appliance VM)
 
 Each ``--port NAME=SOCKET`` listens on SOCKET for one vhost-user-net front-end
 (QEMU ``-chardev socket,id=c,path=SOCKET,reconnect-ms=1000 -netdev
 vhost-user,id=n,chardev=c``); a front-end may disconnect and come back without
-restarting the switch. ``--uplink`` attaches a TAP interface (it must exist or
+restarting the switch. Each ``--vvu NAME=PCI_ADDRESS`` is a port whose front-end
+sits behind that virtio-vhost-user function (inside an appliance VM; ``--vvu-access``
+picks vfio-pci or the sysfs poll mode). ``--uplink`` attaches a TAP interface (it must exist or
 be creatable, and be brought up by the operator).
 
 Counters: ``kill -USR1 <pid>`` logs the per-port table; ``--stats-interval``
@@ -47,6 +50,8 @@ STATUS_FILE_PERIOD = 1.0
 class PortSpec:
     name: str
     socket: str
+    #: PCI address of the port's VVU function (then ``socket`` is empty).
+    vvu: str | None = None
 
 
 def _port_spec(text: str) -> PortSpec:
@@ -58,6 +63,11 @@ def _port_spec(text: str) -> PortSpec:
         raise argparse.ArgumentTypeError(
             f"{text!r}: a port name is up to 32 characters without spaces")
     return PortSpec(name, path)
+
+
+def _vvu_spec(text: str) -> PortSpec:
+    spec = _port_spec(text)
+    return PortSpec(spec.name, "", vvu=spec.socket.strip())
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
@@ -89,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="kill -USR1 logs the per-port counters; SIGTERM stops and removes the sockets.")
     p.add_argument("--port", metavar="NAME=SOCKET", action="append", type=_port_spec,
                    default=[], help="a switch port listening on SOCKET (repeat for more)")
+    p.add_argument("--vvu", metavar="NAME=PCI_ADDRESS", action="append", type=_vvu_spec,
+                   default=[], help="a switch port behind a virtio-vhost-user PCI function "
+                   "(inside an appliance VM; repeat for more)")
+    p.add_argument("--vvu-access", choices=["auto", "vfio", "sysfs"], default="auto",
+                   help="how to reach --vvu functions: vfio-pci (needs a vIOMMU), sysfs "
+                   "(poll mode), or auto (vfio when the function has an IOMMU group)")
     p.add_argument("--uplink", metavar="TAPNAME",
                    help="attach a TAP interface as an extra port (needs CAP_NET_ADMIN)")
     p.add_argument("--queues", metavar="N", type=_positive(int), default=1,
@@ -169,15 +185,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_capabilities:
         print(json.dumps({"type": "net"}))
         return 0
-    if not args.port:
-        parser.error("give at least one --port NAME=SOCKET")
-    names = [spec.name for spec in args.port] + ([args.uplink] if args.uplink else [])
+    specs: list[PortSpec] = args.port + args.vvu
+    if not specs:
+        parser.error("give at least one --port NAME=SOCKET or --vvu NAME=PCI_ADDRESS")
+    names = [spec.name for spec in specs] + ([args.uplink] if args.uplink else [])
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         parser.error(f"port name(s) used twice: {', '.join(dupes)}")
     sockets = [os.path.abspath(spec.socket) for spec in args.port]
     if len(set(sockets)) != len(sockets):
         parser.error("two ports on the same socket path")
+    functions = [spec.vvu for spec in args.vvu]
+    if len(set(functions)) != len(functions):
+        parser.error("two ports on the same VVU function")
     if args.queues > 0x8000:
         parser.error("--queues: at most 32768 queue pairs")
 
@@ -185,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     max_fdb_per_port=args.fdb_max_per_port)
     ports = [SwitchPort(switch, spec.name, queue_pairs=args.queues,
                         offloads=not args.no_offloads, queue_size=args.queue_size)
-             for spec in args.port]
+             for spec in specs]
     try:
         uplink = TapUplink(switch, args.uplink) if args.uplink else None
     except ValueError as exc:
@@ -209,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporter.write()
         reporter.log_table()
 
-    endpoints = [Endpoint(port, spec.socket) for port, spec in zip(ports, args.port, strict=True)]
+    endpoints = [Endpoint(port, vvu=spec.vvu, vvu_access=args.vvu_access) if spec.vvu
+                 else Endpoint(port, spec.socket)
+                 for port, spec in zip(ports, specs, strict=True)]
     return run(endpoints, program=PROGRAM, log_level=args.log_level, setup=setup,
                cleanup=cleanup)
 

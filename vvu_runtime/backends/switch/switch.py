@@ -6,11 +6,16 @@ One :class:`Switch` owns the forwarding database and every port. A port is a
 (a vhost-user TX ring was kicked) or :meth:`Switch.forward_buffer` (the uplink
 read a frame) and leave through :meth:`Port.deliver`.
 
-The forwarding loop is the hot path and is written for speed: one clock read
-per batch, the MAC pair cut out with one ``struct`` call, per-frame state kept
-in a single reused :class:`Frame`, ingress counters summed locally and added
-once, and every destination RX ring notified once per batch rather than once
-per frame. Everything else is written for clarity.
+The forwarding loop is the hot path and is written for speed (measured with
+``benchmarks/switch_bench.py``): TX chains are taken in bursts; per frame, one
+``struct`` call yields the header flags and both MACs, the source is learned
+once per burst, and a plain (or accepted-offload) unicast frame is only
+appended to its destination's batch; after the burst each destination takes
+its batch with one ``pop_many`` on its RX ring, one slice copy per frame, one
+``push_many`` and one notification. Anything unusual (multicast, unknown
+destination, an offload to do in software, several source descriptors) first
+flushes the batches, so frames never overtake each other, and goes through
+:meth:`Switch._forward_slow`. Everything off the hot path is written for clarity.
 
 Offloads are decided per destination. A frame with NEEDS_CSUM or a GSO type
 is passed on untouched (header included) to a port that negotiated the
@@ -62,12 +67,13 @@ _MAC_PAIR = struct.Struct("6s6s")
 _ZERO_MAC = bytes(6)
 
 
+_HEAD_STRUCTS = {n: struct.Struct(f"<BB{n - 2}x6s6s") for n in (10, 12)}
+
+
 def _head_struct(hdr_size: int) -> struct.Struct:
     """flags, gso_type, destination and source MAC of a header + frame buffer."""
     return _HEAD_STRUCTS.get(hdr_size) or struct.Struct(f"<BB{hdr_size - 2}x6s6s")
 
-
-_HEAD_STRUCTS = {n: struct.Struct(f"<BB{n - 2}x6s6s") for n in (10, 12)}
 _U16 = struct.Struct("<H")
 _NEEDS_CSUM = int(HdrFlags.NEEDS_CSUM)
 _DATA_VALID = int(HdrFlags.DATA_VALID)
@@ -241,14 +247,14 @@ class Port:
 class Frame:
     """The frame being forwarded: where its bytes are and what its header says.
 
-    One instance per switch, reused for every frame (no allocation per frame).
-    ``views`` hold the virtio-net header (``hdr_size`` bytes, the sender's size)
-    followed by the Ethernet frame, possibly scattered. Only ``views`` and
-    ``length`` are set per frame on the fast path; ``flags``/``gso_type`` only
-    when the header has any (the fast path delivers with :meth:`Port.deliver_plain`).
-    Slow paths compute what they need (a linear copy, the flow hash, software
-    offloads) on demand and cache it until :meth:`reset`; ``dirty`` says whether
-    there is anything to forget.
+    One instance per switch, reused for every frame (no allocation per frame);
+    batched frames never touch it. ``views`` hold the virtio-net header
+    (``hdr_size`` bytes, the sender's size) followed by the Ethernet frame,
+    possibly scattered. ``flags``/``gso_type`` are set only when the header has
+    any (otherwise the frame goes out through :meth:`Port.deliver_plain`). Slow
+    paths compute what they need (a linear copy, the flow hash, software
+    offloads) on demand; those caches belong to the frame whose ``views`` they
+    were made for.
     """
 
     __slots__ = ("_cache_key", "_hash", "_linear", "_soft", "flags", "gso_type", "hdr_size",
