@@ -178,6 +178,9 @@ class _PrivateApt:
             # Downloads land in a root-owned cache; apt's _apt sandbox user cannot write there.
             "-oAPT::Sandbox::User=root",
             "-oAcquire::Retries=3",
+            # Mirrors may serve frozen snapshots whose Release files are past
+            # Valid-Until; signatures are still checked (mkosi does the same).
+            "-oAcquire::Check-Valid-Until=false",
         ]
 
     def run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
@@ -295,8 +298,12 @@ class Toolchain:
             raise ToolchainMissing(f"{KEYRING} is missing: apt-get install debian-archive-keyring")
         apt = _PrivateApt(self.cache_dir / "mkosi/apt", mirror, MKOSI_SUITES)
         _say(f"fetching mkosi: apt-get update ({mirror}: {', '.join(MKOSI_SUITES)})")
-        apt.run("apt-get", "update")
         errors = []
+        try:
+            apt.run("apt-get", "update")
+        except ToolchainError as e:
+            # One suite failing must not stop the fallback to the other.
+            errors.append(f"apt-get update: {e}")
         for suite in MKOSI_SUITES:
             version = apt.candidate("mkosi", suite)
             if version is None:
