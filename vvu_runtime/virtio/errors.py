@@ -13,11 +13,25 @@ Exception tree::
 
 Every one of these means "this device instance got input it must not trust": the
 owner sets NEEDS_RESET (or drops the connection) and keeps serving everything else.
+
+Errors raised while walking a chain carry ``queue`` (the queue index) and ``head``
+(the chain's head index, split, or buffer id, packed). The ring has already
+consumed that chain when the error is raised, so a device that prefers to
+carry on can hand it back (``push`` with 0 bytes) instead of leaking it.
+A buffer outside guest memory inside a chain is a GuestMemoryError, not a
+DescriptorError: callers that care about "hostile chain" catch VirtioError.
 """
+
+from __future__ import annotations
 
 
 class VirtioError(Exception):
     """Base of the virtio layer's errors."""
+
+    def __init__(self, message: str, *, queue: int | None = None, head: int | None = None):
+        super().__init__(message)
+        self.queue = queue
+        self.head = head
 
 
 class GuestMemoryError(VirtioError):

@@ -10,6 +10,7 @@ driver wants an interrupt (EVENT_IDX / NO_INTERRUPT suppression).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vvu_runtime.virtio.memory import GuestMemory
@@ -62,6 +63,12 @@ class DescriptorChain:
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter ``data`` into the writable buffers from ``offset``; returns bytes written."""
+        bufs = self.writable
+        if offset == 0 and len(bufs) == 1 and len(data) <= len(bufs[0]):
+            # The common case (one buffer that fits): one slice assignment.
+            n = len(data)
+            bufs[0][:n] = data
+            return n
         src = memoryview(data)
         done = 0
         for buf in self.writable:
@@ -92,6 +99,21 @@ class Virtqueue(ABC):
     @abstractmethod
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return a chain to the driver, ``written`` bytes of its writable part filled."""
+
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        """Up to ``limit`` chains; ring formats override this with a batched read."""
+        chains: list[DescriptorChain] = []
+        while len(chains) < limit:
+            chain = self.pop()
+            if chain is None:
+                break
+            chains.append(chain)
+        return chains
+
+    def push_many(self, completions: Iterable[tuple[DescriptorChain, int]]) -> None:
+        """Push ``(chain, written)`` pairs; ring formats publish them in one go."""
+        for chain, written in completions:
+            self.push(chain, written)
 
     @abstractmethod
     def should_notify(self) -> bool:
