@@ -514,3 +514,48 @@ def test_call_notifications_follow_event_idx(lt: LoopThread) -> None:
         assert select.select([dq.call_fd], [], [], 0)[0] == []
         dq.close()
     ram.close()
+
+
+def test_transport_without_fd_passing(lt: LoopThread) -> None:
+    """The seam the VVU transport uses: no fds in messages, resources by name."""
+    from vvu_runtime.vhost_user.server import backend_channel
+    from vvu_runtime.vhost_user.transport import SocketTransport, UnixChannel
+    from vvu_runtime.virtio.memory import MappedRegion, map_fd
+
+    ram = GuestRam(RAM)
+
+    class Fdless(SocketTransport):
+        passes_fds = False
+
+        def map_region(self, region: MemoryRegion, fd: int | None) -> MappedRegion:
+            assert fd is None
+            return map_fd(region, ram.fd)  # "the BAR"
+
+    class FdlessChannel(UnixChannel):
+        @property
+        def carries_fds(self) -> bool:
+            return False
+
+    a, b = socket.socketpair()
+    dev = EchoDevice()
+
+    def make() -> BackendSession:
+        ch = backend_channel(a, "vvu")
+        s = BackendSession(FdlessChannel(ch.sock, limit_for=ch.limit_for), dev,
+                           loop=lt.loop, transport=Fdless())
+        s.start()
+        return s
+
+    session = lt.call(make)
+    fe = VhostUserFrontend.from_socket(b)
+    fe.negotiate()
+    assert not fe.protocol_features & PF.INFLIGHT_SHMFD.mask
+    fe.request(FR.SET_MEM_TABLE, m.MemoryTable((ram.region,)))   # no fds
+    lt.sync()
+    assert len(session.memory) == 1
+    fe.set_vring_num(0, 8)
+    fe.set_vring_kick(0, None)
+    lt.sync()
+    fe.close()
+    lt.call(session.close)
+    ram.close()

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -54,13 +53,12 @@ from vvu_runtime.vhost_user.transport import (
     Frame,
     SocketTransport,
     Transport,
-    UnixChannel,
     close_fds,
 )
 from vvu_runtime.vhost_user.vring import VIRTIO_F_RING_PACKED, QueueFactory, Vring
 from vvu_runtime.vhost_user.vring import default_queue_factory as _default_queue_factory
 from vvu_runtime.virtio.errors import VirtioError
-from vvu_runtime.virtio.memory import DirtyLog, GuestMemory
+from vvu_runtime.virtio.memory import DirtyLog, GuestMemory, MappedRegion, MemoryRegion
 from vvu_runtime.virtio.queue import RingAddresses
 
 log = logging.getLogger(__name__)
@@ -180,6 +178,7 @@ class BackendSession:
         self._pollers: dict[int, asyncio.TimerHandle] = {}
         self._watched: dict[int, int] = {}
         self._reading = False
+        self._check_fds = channel.carries_fds and self.transport.passes_fds
         self._handlers: dict[FR, Callable[[m.Message], Reply]] = {
             FR.GET_FEATURES: self._get_features,
             FR.SET_FEATURES: self._set_features,
@@ -225,7 +224,10 @@ class BackendSession:
         dev = self.device.protocol_features() & DEVICE_PROTOCOL_FEATURES
         if _device_overrides_config(self.device):
             dev |= PF.CONFIG.mask
-        return SESSION_PROTOCOL_FEATURES | dev
+        offered = SESSION_PROTOCOL_FEATURES | dev
+        if not self.transport.passes_fds:
+            offered &= ~PF.INFLIGHT_SHMFD.mask  # its reply carries an fd
+        return offered
 
     def has_protocol(self, feature: PF) -> bool:
         return bool(self.protocol_features >> feature.value & 1)
@@ -240,6 +242,10 @@ class BackendSession:
         self.loop.add_reader(self.channel.fileno(), self._on_readable)
         self._reading = True
         log.info("%s: front-end connected", self.name)
+        try:
+            self.device.attach(self)
+        except Exception:
+            log.exception("%s: device attach failed", self.name)
 
     def _on_readable(self) -> None:
         while not self.closed:
@@ -263,7 +269,7 @@ class BackendSession:
             PF.REPLY_ACK)
         try:
             msg = m.decode_message(m.Direction.FRONTEND, frame.request, frame.flags,
-                                   frame.payload, frame.fds)
+                                   frame.payload, frame.fds, check_fds=self._check_fds)
         except ProtocolError as exc:
             frame.close_fds()
             self._refuse(frame.request, None, exc, need_ack, fatal=isinstance(exc, FramingError))
@@ -510,18 +516,27 @@ class BackendSession:
         self._reset_rings_and_device()
         return None
 
-    def _map_regions(self, regions: tuple[Any, ...], fds: list[int]) -> list[Any]:
-        mapped = []
+    def _map_regions(self, regions: tuple[MemoryRegion, ...], fds: list[int]
+                     ) -> list[MappedRegion]:
+        """Map each region through the transport; all or nothing. Consumes ``fds``."""
+        mapped: list[MappedRegion] = []
+        pending: list[int | None] = list(fds) + [None] * (len(regions) - len(fds))
+        fds.clear()
         try:
-            for region, fd in zip(regions, fds, strict=True):
-                region.validate()
+            for i, region in enumerate(regions):
+                fd, pending[i] = pending[i], None
+                try:
+                    region.validate()
+                except BaseException:
+                    if fd is not None:
+                        os.close(fd)
+                    raise
                 mapped.append(self.transport.map_region(region, fd))
         except BaseException:
             for mr in mapped:
                 mr.close()
+            close_fds([fd for fd in pending if fd is not None])
             raise
-        finally:
-            close_fds(fds)  # a mapping keeps the file alive; the fd is no longer needed
         return mapped
 
     def _set_mem_table(self, msg: m.Message) -> None:
@@ -561,7 +576,7 @@ class BackendSession:
             raise RequestError(f"ADD_MEM_REG: all {MAX_MEM_SLOTS} memory slots are used")
         try:
             (mapped,) = self._map_regions((region,), [fd] if fd is not None else [])
-        except (VirtioError, ValueError) as exc:
+        except VirtioError as exc:
             raise RequestError(f"ADD_MEM_REG: {exc}") from exc
         try:
             self.memory.add(mapped)
@@ -584,14 +599,10 @@ class BackendSession:
     def _set_log_base(self, msg: m.Message) -> m.Payload:
         area = msg.get(m.LogArea)
         fd = msg.take_fd()
-        if fd is None:
-            raise RequestError("SET_LOG_BASE without a shared-memory fd (LOG_SHMFD)")
         try:
-            new = DirtyLog(fd, area.mmap_size, area.mmap_offset)
+            new = self.transport.map_log(area.mmap_size, area.mmap_offset, fd)
         except VirtioError as exc:
             raise RequestError(f"SET_LOG_BASE: {exc}") from exc
-        finally:
-            os.close(fd)
         if self.dirty_log is not None:
             self.dirty_log.close()
         self.dirty_log = new
@@ -732,21 +743,13 @@ class BackendSession:
         return None
 
     def _set_backend_req_fd(self, msg: m.Message) -> None:
-        fd = msg.take_fd()
-        assert fd is not None  # decode checked the count
         try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            os.close(fd)
-            raise RequestError(f"SET_BACKEND_REQ_FD: not a socket: {exc}") from exc
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.close()
-            raise RequestError("SET_BACKEND_REQ_FD: not a UNIX stream socket")
+            channel = self.transport.backend_channel(msg.take_fd())
+        except TransportError as exc:
+            raise RequestError(str(exc)) from exc
         if self.backend is not None:
             self.backend.close()
-        self.backend = BackendChannel(
-            UnixChannel(sock, limit_for=m.request_limits(m.Direction.BACKEND, True),
-                        name=f"{self.name} backend channel"), self.name)
+        self.backend = BackendChannel(channel, self.name)
         return None
 
     def _iotlb_msg(self, msg: m.Message) -> m.Payload:
@@ -843,6 +846,7 @@ class BackendSession:
         self.state = SessionState.CLOSED
         try:
             self.device.reset()
+            self.device.attach(None)
         except Exception:
             log.exception("%s: device reset failed", self.name)
         self.memory.dirty_log = None

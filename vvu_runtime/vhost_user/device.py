@@ -28,17 +28,32 @@ relying on anything not written here):
   only that ring (``vring.fail``: logged, err notifier, NEEDS_RESET); any other
   exception is logged and drops the connection. Never block in these hooks: they
   run on the event loop shared by every session of the process.
-* ``get_config``/``set_config`` need the CONFIG protocol feature: return it from
-  ``protocol_features()`` (``1 << 9``) when the device has a config space.
+* ``get_config``/``set_config``: the session offers the CONFIG protocol feature
+  when the device overrides ``get_config`` (or returns ``1 << 9`` from
+  ``protocol_features()``). Raise ``ValueError`` from ``set_config`` to refuse a write.
+  RARP (bit 2) and NET_MTU (bit 4) may also come from ``protocol_features()``; the
+  session then calls optional ``send_rarp(mac: bytes)`` / ``set_mtu(mtu: int)``.
+* ``attach(control)`` when a connection starts, ``attach(None)`` when it ends.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from vvu_runtime.vhost_user.vring import Vring
+
+
+class DeviceControl(Protocol):
+    """What a device may ask of the session driving it (see ``VhostUserDevice.attach``)."""
+
+    name: str
+
+    def config_changed(self) -> bool:
+        """Send BACKEND_CONFIG_CHANGE_MSG (the front-end re-reads the config space).
+        False when the front-end has no backend channel or did not take it."""
+        ...
 
 
 class VhostUserDevice(ABC):
@@ -87,6 +102,12 @@ class VhostUserDevice(ABC):
     @abstractmethod
     def process(self, vring: Vring) -> None:
         """The driver kicked ``vring`` (or a poll found work): serve what is available."""
+
+    def attach(self, control: DeviceControl | None) -> None:  # noqa: B027 - optional hook
+        """A session now drives this device (``control``), or none does (``None``,
+        after ``reset()`` on disconnect). Keep ``control`` to call
+        ``control.config_changed()`` when the config space changes (a resized disk,
+        a link going down); call it from the event-loop thread."""
 
     def reset(self) -> None:  # noqa: B027 - optional hook
         """The front-end went away or sent RESET_DEVICE: forget negotiated state."""

@@ -755,12 +755,14 @@ def check_flags(direction: Direction, request: int, flags: int, *, reply: bool) 
 
 
 def decode(direction: Direction, request: int, flags: int, payload: bytes,
-           nfds: int = 0, *, reply: bool = False) -> tuple[IntEnum, object]:
+           nfds: int = 0, *, reply: bool = False,
+           check_fds: bool = True) -> tuple[IntEnum, object]:
     """Check one message against the table; returns (request code, typed payload).
 
     ``direction`` names who sends the requests of this channel; ``reply=True``
     decodes a reply to such a request. Raises a :class:`ProtocolError` subclass.
     The fds themselves are not touched (the channel closes them on error).
+    ``check_fds=False`` skips the fd-count rules (a transport that strips fds).
     """
     spec = direction.table.get(request)
     if spec is None:
@@ -786,7 +788,7 @@ def decode(direction: Direction, request: int, flags: int, payload: bytes,
         raise PayloadSizeError(f"{name}: payload is {size} bytes, expected {expected}",
                                request)
     lo, hi = fd_range
-    if not lo <= nfds <= hi:
+    if check_fds and not lo <= nfds <= hi:
         want = f"{lo}" if lo == hi else f"{lo} to {hi}"
         raise FdCountError(f"{name}: {nfds} file descriptors, expected {want}", request)
     unpack: Callable[[bytes], object] = kind.unpack  # type: ignore[attr-defined]
@@ -798,6 +800,8 @@ def decode(direction: Direction, request: int, flags: int, payload: bytes,
         raise
     except (struct.error, ValueError) as exc:  # pragma: no cover - sizes checked above
         raise PayloadSizeError(f"{name}: cannot unpack payload: {exc}", request) from exc
+    if not check_fds:
+        return spec.request, value
     if isinstance(value, VringFile) and not reply:
         if value.nofd and nfds:
             raise PayloadValueError(f"{name}: NOFD flag set but an fd is attached", request)
@@ -811,9 +815,10 @@ def decode(direction: Direction, request: int, flags: int, payload: bytes,
 
 
 def decode_message(direction: Direction, request: int, flags: int, payload: bytes,
-                   fds: list[int], *, reply: bool = False) -> Message:
+                   fds: list[int], *, reply: bool = False, check_fds: bool = True) -> Message:
     """:func:`decode` into a :class:`Message` that owns ``fds`` (not closed on error)."""
-    code, value = decode(direction, request, flags, payload, len(fds), reply=reply)
+    code, value = decode(direction, request, flags, payload, len(fds), reply=reply,
+                         check_fds=check_fds)
     return Message(code, flags, value, fds)
 
 

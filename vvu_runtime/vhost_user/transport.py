@@ -43,7 +43,8 @@ from vvu_runtime.vhost_user.errors import (
     FramingError,
     TransportError,
 )
-from vvu_runtime.virtio.memory import MappedRegion, MemoryRegion, map_fd
+from vvu_runtime.virtio.errors import GuestMemoryError
+from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion, map_fd
 
 # --------------------------------------------------------------------------- notifiers
 
@@ -122,11 +123,26 @@ class EventFdKick(KickSource):
 
 
 class Transport(ABC):
-    """Resources of one connection that messages refer to (memory, kicks, calls)."""
+    """Resources of one connection that messages refer to (memory, kicks, calls).
+
+    On the socket transport every resource arrives as an fd of the message; on a
+    transport without fd passing (``passes_fds`` False, the VVU transport) the
+    ``fd`` arguments are ``None`` and the transport finds the resource by what the
+    message names (region, queue index). Methods raise ``VirtioError``
+    (GuestMemoryError) or ``VhostUserError`` (RequestError, TransportError).
+    """
+
+    #: Whether messages carry fds. Without, the session skips fd-count checks and
+    #: does not offer protocol features whose replies carry fds (INFLIGHT_SHMFD).
+    passes_fds: bool = True
 
     @abstractmethod
     def map_region(self, region: MemoryRegion, fd: int | None) -> MappedRegion:
-        """Map one memory-table entry. Raises GuestMemoryError."""
+        """Map one memory-table entry (takes ownership of ``fd``)."""
+
+    @abstractmethod
+    def map_log(self, size: int, offset: int, fd: int | None) -> DirtyLog:
+        """Map the dirty log of SET_LOG_BASE (takes ownership of ``fd``)."""
 
     @abstractmethod
     def kick_source(self, index: int, fd: int | None) -> KickSource | None:
@@ -134,24 +150,55 @@ class Transport(ABC):
 
     @abstractmethod
     def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
-        """The call or err (``kind`` "call"/"err"/"log") notifier of queue ``index``."""
+        """The ``kind`` ("call", "err", "log") notifier of queue ``index`` (None: none)."""
+
+    @abstractmethod
+    def backend_channel(self, fd: int | None) -> Channel:
+        """The back-end → front-end channel of SET_BACKEND_REQ_FD."""
 
 
 class SocketTransport(Transport):
     """The socket transport: everything comes as an fd. Takes ownership of the fds."""
 
+    passes_fds = True
+
     def map_region(self, region: MemoryRegion, fd: int | None) -> MappedRegion:
         if fd is None:
-            from vvu_runtime.virtio.errors import GuestMemoryError
-
             raise GuestMemoryError(f"memory region {region}: no fd to map")
-        return map_fd(region, fd)
+        try:
+            return map_fd(region, fd)
+        finally:
+            os.close(fd)  # the mapping keeps the file alive
+
+    def map_log(self, size: int, offset: int, fd: int | None) -> DirtyLog:
+        if fd is None:
+            raise GuestMemoryError("dirty log without a shared-memory fd (LOG_SHMFD)")
+        try:
+            return DirtyLog(fd, size, offset)
+        finally:
+            os.close(fd)
 
     def kick_source(self, index: int, fd: int | None) -> KickSource | None:
         return None if fd is None else EventFdKick(fd)
 
     def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
         return None if fd is None else EventFdNotifier(fd)
+
+    def backend_channel(self, fd: int | None) -> Channel:
+        from vvu_runtime.vhost_user import messages as m
+
+        if fd is None:
+            raise TransportError("SET_BACKEND_REQ_FD without a socket fd")
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise TransportError(f"SET_BACKEND_REQ_FD: not a socket: {exc}") from exc
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise TransportError("SET_BACKEND_REQ_FD: not a UNIX stream socket")
+        return UnixChannel(sock, limit_for=m.request_limits(m.Direction.BACKEND, True),
+                           name="backend channel")
 
 
 # --------------------------------------------------------------------------- channels
@@ -214,6 +261,11 @@ class Channel(ABC):
     @abstractmethod
     def closed(self) -> bool:
         """Whether close() was called."""
+
+    @property
+    def carries_fds(self) -> bool:
+        """Whether fds travel with messages (False: the VVU transport strips them)."""
+        return True
 
 
 class UnixChannel(Channel):
