@@ -184,12 +184,11 @@ class SplitQueue(Virtqueue):
         self._used_event_at = 2 + size  # in u16 units of the avail ring
         self._avail_event_at = 2 + 4 * size  # in u16 units of the used ring
 
-        #: Next avail ring index to process (free-running u16).
-        self.last_avail_idx = base & 0xFFFF
+        self._last_avail = base & 0xFFFF
         #: Next used ring index to fill (free-running u16), as published in the ring.
         self.used_idx: int = self._used16[1]
         # avail idx as last read: entries up to it are known to be published.
-        self._shadow_avail = self.last_avail_idx
+        self._shadow_avail = self._last_avail
         self._signalled_used = self.used_idx
         self._signalled_valid = False
         self._kicks_enabled = True
@@ -225,15 +224,25 @@ class SplitQueue(Virtqueue):
             self._log_used = addrs.log
 
     @property
+    def last_avail_idx(self) -> int:
+        """Next avail ring index to process (free-running u16)."""
+        return self._last_avail
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        # Moving our position (inflight resubmission) forgets what we knew of avail idx.
+        self._last_avail = self._shadow_avail = value & 0xFFFF
+
+    @property
     def in_flight(self) -> int:
         """Chains popped and not yet pushed."""
-        return (self.last_avail_idx - self.used_idx) & 0xFFFF
+        return (self._last_avail - self.used_idx) & 0xFFFF
 
     # -- the driver's side of things ----------------------------------------------
 
     def _refresh_avail(self) -> int:
         """Re-read avail idx; returns how many entries are ready. Re-arms kicks when empty."""
-        last = self.last_avail_idx
+        last = self._last_avail
         avail: int = self._avail16[1]
         if avail == last:
             if not (self._event_idx and self._kicks_enabled) or self._avail_event == avail:
@@ -262,14 +271,14 @@ class SplitQueue(Virtqueue):
             self._log_ring(4 + 8 * self.size, 2)
 
     def has_available(self) -> bool:
-        return self._avail16[1] != self.last_avail_idx
+        return self._avail16[1] != self._last_avail
 
     def pop(self) -> DescriptorChain | None:
-        last = self.last_avail_idx
+        last = self._last_avail
         if last == self._shadow_avail and not self._refresh_avail():
             return None
         head: int = self._avail16[2 + (last & self._mask)]
-        self.last_avail_idx = (last + 1) & 0xFFFF
+        self._last_avail = (last + 1) & 0xFFFF
         # chain_at()'s fast path, inlined: a method call is a tenth of the budget.
         if head < self.size:
             addr, length, flags, _ = _unpack_desc(self._desc, head << 4)
@@ -285,7 +294,7 @@ class SplitQueue(Virtqueue):
 
     def pop_many(self, limit: int) -> list[DescriptorChain]:
         """Up to ``limit`` available chains (fewer if the driver has fewer ready)."""
-        last = self.last_avail_idx
+        last = self._last_avail
         ready = (self._shadow_avail - last) & 0xFFFF
         if ready < limit:
             ready = self._refresh_avail()
@@ -302,7 +311,7 @@ class SplitQueue(Virtqueue):
         append = chains.append
         for i in range(last, last + n):
             # Advance one by one: if a chain is bad, the ones before it are ours.
-            self.last_avail_idx = (i + 1) & 0xFFFF
+            self._last_avail = (i + 1) & 0xFFFF
             head = avail16[2 + (i & mask)]
             if head < size:  # chain_at()'s fast path, inlined
                 addr, length, flags, _ = _unpack_desc(desc, head << 4)
@@ -512,4 +521,4 @@ class SplitQueue(Virtqueue):
         return self.has_available()
 
     def get_base(self) -> int:
-        return self.last_avail_idx
+        return self._last_avail
