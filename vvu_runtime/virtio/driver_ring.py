@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 from vvu_runtime.virtio.errors import GuestMemoryError, RingError
-from vvu_runtime.virtio.features import AvailFlag, DescFlag, UsedFlag, need_event
+from vvu_runtime.virtio.features import AvailFlag, DescFlag, PackedEventFlag, UsedFlag, need_event
 from vvu_runtime.virtio.memory import GuestMemory, memory_barrier
+from vvu_runtime.virtio.packed import check_packed_queue_size
 from vvu_runtime.virtio.split import (
     DESC,
     DESC_SIZE,
@@ -29,7 +30,7 @@ from vvu_runtime.virtio.split import (
     split_ring_layout,
 )
 
-__all__ = ["Buffer", "SplitDriverRing", "SplitRingLayout", "split_ring_layout"]
+__all__ = ["Buffer", "PackedDriverRing", "SplitDriverRing", "SplitRingLayout", "split_ring_layout"]
 
 T = TypeVar("T")
 
@@ -40,6 +41,8 @@ _pack_desc = DESC.pack_into
 _NEXT = int(DescFlag.NEXT)
 _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
+_P_AVAIL = int(DescFlag.AVAIL)
+_P_USED = int(DescFlag.USED)
 
 
 class SplitDriverRing(Generic[T]):
@@ -91,13 +94,7 @@ class SplitDriverRing(Generic[T]):
                    base + lay.used_offset, event_idx=event_idx)
 
     def _view(self, addr: int, length: int) -> memoryview:
-        mem = self.memory
-        if isinstance(mem, GuestMemory):
-            return mem.translate(addr, length)
-        if addr < 0 or addr + length > len(mem):
-            raise GuestMemoryError(
-                f"range [{addr:#x}, +{length:#x}) is outside the {len(mem):#x}-byte ring memory")
-        return mem[addr:addr + length]
+        return _view(self.memory, addr, length)
 
     # -- state -----------------------------------------------------------------------
 
@@ -229,3 +226,169 @@ class SplitDriverRing(Generic[T]):
             self._avail16[0] = 0
         memory_barrier()
         return self.has_used()
+
+
+class PackedDriverRing(Generic[T]):
+    """Driver side of one packed ring (VIRTIO 1.2 §2.8): buffer ids, wrap counters,
+    chains written tail first and published by the head's flags.
+
+    ``desc`` is the descriptor ring, ``driver_area``/``device_area`` the event
+    suppression structures (what a vhost-user front-end sends as avail/used).
+    """
+
+    def __init__(self, memory: GuestMemory | memoryview, size: int, desc: int,
+                 driver_area: int, device_area: int, *, event_idx: bool = False,
+                 reset: bool = True) -> None:
+        check_packed_queue_size(size)
+        self.size = size
+        self.memory = memory
+        self.desc_addr, self.driver_area, self.device_area = desc, driver_area, device_area
+        self.event_idx = event_idx
+        self._desc = _view(memory, desc, 16 * size)
+        self._drv16 = _view(memory, driver_area, 4).cast("H")
+        self._dev16 = _view(memory, device_area, 4).cast("H")
+        if reset:
+            self._desc[:] = bytes(16 * size)
+            self._drv16[0] = self._drv16[1] = 0
+            self._dev16[0] = self._dev16[1] = 0
+        self._desc16 = self._desc.cast("H")
+        self._desc32 = self._desc.cast("I")
+        self.next_avail = 0
+        self.avail_wrap = 1
+        self.last_used = 0
+        self.used_wrap = 1
+        self._free_slots = size
+        self._ids = list(range(size - 1, -1, -1))  # free buffer ids
+        self._state: dict[int, tuple[T, int]] = {}  # id -> (token, ring slots)
+        self._added_since_kick = 0
+        self._interrupts_desc = False  # EVENT_IDX: used_event follows last_used
+
+    @classmethod
+    def contiguous(cls, memory: GuestMemory | memoryview, size: int, base: int, *,
+                   event_idx: bool = False) -> PackedDriverRing[T]:
+        """Descriptor ring at ``base``, then the driver and device areas."""
+        areas = base + 16 * size
+        return cls(memory, size, base, areas, areas + 4, event_idx=event_idx)
+
+    @property
+    def num_free(self) -> int:
+        return self._free_slots
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._state)
+
+    def _write_chain(self, descs: list[tuple[int, int, int]], token: T) -> int:
+        n = len(descs)
+        if n > self._free_slots or not self._ids:
+            raise RingError(f"ring full: {n} descriptors needed, {self._free_slots} free")
+        buf_id = self._ids.pop()
+        start, wrap = self.next_avail, self.avail_wrap
+        head_flags = 0
+        i, w = start, wrap
+        for k, (addr, length, flags) in enumerate(descs):
+            if k < n - 1:
+                flags |= _NEXT
+            flags |= _P_AVAIL if w else _P_USED
+            _pack_desc(self._desc, 16 * i, addr, length, buf_id, 0)
+            if k == 0:
+                head_flags = flags
+            else:
+                self._desc16[8 * i + 7] = flags
+            i += 1
+            if i == self.size:
+                i, w = 0, w ^ 1
+        # The head's flags last: they make the whole chain available at once.
+        self._desc16[8 * start + 7] = head_flags
+        self.next_avail, self.avail_wrap = i, w
+        self._free_slots -= n
+        self._state[buf_id] = (token, n)
+        self._added_since_kick += n
+        return buf_id
+
+    def add(self, readable: Sequence[Buffer], writable: Sequence[Buffer], token: T) -> int:
+        """Chain the buffers (readable first) and make them available; returns the buffer id."""
+        descs = [(a, n, 0) for a, n in readable] + [(a, n, _WRITE) for a, n in writable]
+        if not descs:
+            raise ValueError("a chain needs at least one buffer")
+        return self._write_chain(descs, token)
+
+    def add_indirect(self, readable: Sequence[Buffer], writable: Sequence[Buffer], token: T,
+                     table_addr: int) -> int:
+        """Like :meth:`add`, through an indirect table at ``table_addr`` (one ring slot)."""
+        entries = [(a, n, 0) for a, n in readable] + [(a, n, _WRITE) for a, n in writable]
+        if not entries:
+            raise ValueError("a chain needs at least one buffer")
+        table = _view(self.memory, table_addr, 16 * len(entries))
+        for k, (addr, length, flags) in enumerate(entries):
+            _pack_desc(table, 16 * k, addr, length, 0, flags)
+        return self._write_chain([(table_addr, 16 * len(entries), _INDIRECT)], token)
+
+    def kick_needed(self) -> bool:
+        """After adds: does the device want a kick? (Linux's virtqueue_kick_prepare_packed.)"""
+        added = self._added_since_kick
+        if not added:
+            return False
+        self._added_since_kick = 0
+        memory_barrier()
+        off_wrap, flags = self._dev16[0], self._dev16[1]
+        if flags != PackedEventFlag.DESC or not self.event_idx:
+            return flags != PackedEventFlag.DISABLE
+        event = off_wrap & 0x7FFF
+        if off_wrap >> 15 != self.avail_wrap:
+            event -= self.size
+        new = self.next_avail
+        return need_event(event & 0xFFFF, new, (new - added) & 0xFFFF)
+
+    def has_used(self) -> bool:
+        flags = self._desc16[8 * self.last_used + 7]
+        want = _P_AVAIL | _P_USED if self.used_wrap else 0
+        return flags & (_P_AVAIL | _P_USED) == want
+
+    def get_used(self) -> list[tuple[T, int]]:
+        """Every buffer the device returned since the last call: ``(token, bytes written)``."""
+        done: list[tuple[T, int]] = []
+        while self.has_used():
+            i = self.last_used
+            buf_id = self._desc16[8 * i + 6]
+            length = self._desc32[4 * i + 2]
+            entry = self._state.pop(buf_id, None)
+            if entry is None:
+                raise RingError(f"device returned buffer id {buf_id} in slot {i}, which is not "
+                                "in flight")
+            token, n = entry
+            self._ids.append(buf_id)
+            self._free_slots += n
+            i += n
+            if i >= self.size:
+                i -= self.size
+                self.used_wrap ^= 1
+            self.last_used = i
+            done.append((token, length))
+        if done and self._interrupts_desc:
+            self._drv16[0] = self.last_used | self.used_wrap << 15
+        return done
+
+    def disable_interrupts(self) -> None:
+        self._interrupts_desc = False
+        self._drv16[1] = PackedEventFlag.DISABLE
+
+    def enable_interrupts(self) -> bool:
+        """Ask for an interrupt at the next used buffer; True if one is already there."""
+        if self.event_idx:
+            self._interrupts_desc = True
+            self._drv16[0] = self.last_used | self.used_wrap << 15
+            self._drv16[1] = PackedEventFlag.DESC
+        else:
+            self._drv16[1] = PackedEventFlag.ENABLE
+        memory_barrier()
+        return self.has_used()
+
+
+def _view(memory: GuestMemory | memoryview, addr: int, length: int) -> memoryview:
+    if isinstance(memory, GuestMemory):
+        return memory.translate(addr, length)
+    if addr < 0 or addr + length > len(memory):
+        raise GuestMemoryError(
+            f"range [{addr:#x}, +{length:#x}) is outside the {len(memory):#x}-byte ring memory")
+    return memory[addr:addr + length]
