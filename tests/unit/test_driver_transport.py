@@ -94,23 +94,26 @@ def vring_file(index: int, nofd: bool = False) -> bytes:
     return struct.pack("=Q", index | (m.VRING_NOFD if nofd else 0))
 
 
-def test_placeholders_stand_in_for_consumed_fds(vvu: FakeVvu) -> None:
+def test_tokens_mark_the_eventfds_the_device_kept(vvu: FakeVvu) -> None:
     kick = os.eventfd(0)
     vvu.kick_fds[1] = kick
     ch = channel(vvu)
+    assert not ch.carries_fds
     table = struct.pack("=II", 2, 0) + bytes(64)
     vvu.inbox += [format_message(FR.SET_MEM_TABLE, V1, table),
                   format_message(FR.SET_VRING_KICK, V1, vring_file(1)),
                   format_message(FR.SET_VRING_KICK, V1, vring_file(2)),
-                  format_message(FR.SET_VRING_CALL, V1, vring_file(0, nofd=True))]
-    frames = [ch.recv_frame_nowait() for _ in range(4)]
+                  format_message(FR.SET_VRING_CALL, V1, vring_file(0, nofd=True)),
+                  format_message(FR.SET_VRING_CALL, V1, vring_file(0))]
+    frames = [ch.recv_frame_nowait() for _ in range(5)]
     assert ch.recv_frame_nowait() is None
-    assert [len(f.fds) for f in frames if f] == [2, 1, 0, 0]
+    assert [len(f.fds) for f in frames if f] == [0, 1, 0, 0, 1]
     # Queue 2 has no kick vector: the session is told NOFD, so it polls that ring.
     assert frames[2] is not None and frames[2].payload == vring_file(2, nofd=True)
     for f in frames:
         assert f is not None
-        msg = m.decode_message(m.Direction.FRONTEND, f.request, f.flags, f.payload, f.fds)
+        msg = m.decode_message(m.Direction.FRONTEND, f.request, f.flags, f.payload, f.fds,
+                               check_fds=False)
         msg.close_fds()
     os.close(kick)
     ch.close()
@@ -196,7 +199,9 @@ def test_poll_mode_channel_wakes_itself(vvu: FakeVvu) -> None:
 def test_transport_resources_by_queue_index(vvu: FakeVvu) -> None:
     kick = os.eventfd(0, os.EFD_NONBLOCK)
     vvu.kick_fds[0] = kick
-    tr = VvuTransport(vvu)  # type: ignore[arg-type]
+    ch = channel(vvu)
+    tr = VvuTransport(ch)
+    assert not tr.passes_fds
     placeholder = os.eventfd(0)
     source = tr.kick_source(0, placeholder)
     assert isinstance(source, VectorKick) and source.fileno() == kick
@@ -211,7 +216,8 @@ def test_transport_resources_by_queue_index(vvu: FakeVvu) -> None:
     err = tr.notifier("err", 2, os.eventfd(0))
     log = tr.notifier("log", 0, os.eventfd(0))
     assert tr.notifier("call", 7, os.eventfd(0)) is None  # past max_vhost_queues
-    assert tr.notifier("call", 0, None) is None
+    assert tr.notifier("call", 0, None) is None  # NOFD
+    assert tr.notifier("log", 0, None) is not None  # SET_LOG_FD: the device kept its fd
     for n in (call, err, log):
         assert n is not None
         n.signal()
@@ -220,5 +226,9 @@ def test_transport_resources_by_queue_index(vvu: FakeVvu) -> None:
     broken.signal()
     broken.signal()  # logged once, never raises
     with pytest.raises(GuestMemoryError, match="outside"):
-        tr.map_region(MemoryRegion(0, 4096, 0x7F00_0000_0000, 1 << 40), 0)
+        tr.map_region(MemoryRegion(0, 4096, 0x7F00_0000_0000, 1 << 40), None)
+    with pytest.raises(GuestMemoryError, match="not tunnelled"):
+        tr.map_log(4096, 0, None)
+    assert isinstance(tr.backend_channel(None), VvuBackendChannel)
     os.close(kick)
+    ch.close()

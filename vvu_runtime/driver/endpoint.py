@@ -11,7 +11,7 @@ docs/vvu-abi.md (A.7 of the protocol digest, driver side as DPDK-VVU does it)::
      |                         |
      |       config interrupt, FRONTEND_UP set
      |                         v
-     |     session running (VvuSession over a VvuChannel)
+     |     session running (BackendSession over a VvuChannel + VvuTransport)
      |                         |
      |   FRONTEND_UP cleared (front-end gone)  -> session closed
      |   session ended by us (protocol error)  -> clear BACKEND_UP (device drops
@@ -31,7 +31,7 @@ import logging
 
 from vvu_runtime.driver.errors import DeviceGone, DriverError
 from vvu_runtime.driver.pci import PciFunction, open_function
-from vvu_runtime.driver.transport import VvuChannel, VvuSession
+from vvu_runtime.driver.transport import VvuChannel, VvuTransport
 from vvu_runtime.driver.vvu import (
     STATUS_BACKEND_UP,
     STATUS_FRONTEND_UP,
@@ -71,7 +71,7 @@ class VvuEndpoint:
         self.pci = pci
         self._owns_pci = pci is None
         self.vvu: VvuDriver | None = None
-        self.session: VvuSession | None = None
+        self.session: BackendSession | None = None
         self.connections = 0
         self._timer: asyncio.TimerHandle | None = None
         self._watched: int | None = None
@@ -190,9 +190,10 @@ class VvuEndpoint:
         self.connections += 1
         channel = VvuChannel(self.vvu, loop=self.loop,
                              name=f"{self.name} #{self.connections}")
-        self.session = VvuSession(channel, self.device, loop=self.loop,
-                                  on_close=self._session_closed,
-                                  name=f"vvu {self.address} connection {self.connections}")
+        self.session = BackendSession(channel, self.device, loop=self.loop,
+                                      transport=VvuTransport(channel),
+                                      on_close=self._session_closed,
+                                      name=f"vvu {self.address} connection {self.connections}")
         self.session.start()
 
     def _end_session(self) -> None:

@@ -6,27 +6,27 @@ The session (``vhost_user.backend.BackendSession``) is written against two seams
 * :class:`VvuChannel` (the ``Channel``): ``recv_frame*`` return the next message the
   device put on rxq, ``send_frame`` puts one on txq, ``fileno()`` is the rxq MSI-X
   eventfd (in poll mode an eventfd a timer writes when rxq has messages);
-* :class:`VvuTransport` (the ``Transport``): ``map_region`` maps the region's
-  window of the shared-memory BAR (BAR offset = the region's ``mmap_offset``,
-  docs/vvu-abi.md), ``kick_source`` is the MSI-X eventfd of that queue's kick
-  notification (None in poll mode: the session polls the ring), ``notifier``
-  rings the call/err/log doorbell.
+* :class:`VvuTransport` (the ``Transport``, ``passes_fds = False``): ``map_region``
+  maps the region's window of the shared-memory BAR (BAR offset = the region's
+  ``mmap_offset``, docs/vvu-abi.md), ``kick_source`` is the MSI-X eventfd of that
+  queue's kick notification, ``notifier`` rings the call/err/log doorbell,
+  ``backend_channel`` is :class:`VvuBackendChannel` on the same channel.
 
-**fd holes.** The device model consumes every fd a front-end sends and forwards
-the payload unchanged (vvu-abi.md, A.9 of the protocol digest). The session's
-codec still counts fds (SET_MEM_TABLE must carry one per region, SET_VRING_KICK
-one unless NOFD, ...), so the channel puts a placeholder fd (a fresh eventfd)
-where the front-end's fd was. The transport never uses a placeholder as the
-resource: it looks the resource up by queue index and closes the placeholder
-(or, for memory regions, leaves it to the session, which closes it after mapping).
+**NOFD.** The device model consumes every fd a front-end sends and forwards the
+payload unchanged (vvu-abi.md, A.9 of the protocol digest), so memory, log and
+back-end channel requests reach the transport with ``fd=None``. For
+SET_VRING_KICK/CALL/ERR, though, the session must still tell "the front-end gave
+an eventfd" from NOFD ("poll the ring", "do not signal"): the channel hands the
+session a token fd (a fresh eventfd, closed by the transport) where the front-end
+had one, and nothing for NOFD - the socket transport's meaning of ``fd``. A kick
+that cannot reach the appliance (no interrupts: the sysfs path; no vector left)
+is turned into NOFD by the channel, so that the session polls that ring.
 
 **Back-end requests** (SET_BACKEND_REQ_FD): the device keeps the front-end's
 socket; back-end requests travel on txq without the REPLY flag and the
-front-end's acks come back on rxq with it. :class:`VvuSession` (a BackendSession)
-therefore builds its back-end channel on the VVU channel
-(:class:`VvuBackendChannel`) instead of on the placeholder. A request that wants an
-ack waits for the first REPLY message on rxq; front-end requests found meanwhile
-are kept, in order, for the session.
+front-end's acks come back on rxq with it. A request that wants an ack waits for
+the first REPLY message on rxq; front-end requests found meanwhile are kept, in
+order, for the session.
 """
 
 from __future__ import annotations
@@ -38,14 +38,10 @@ import os
 import select
 import struct
 import time
-from collections.abc import Callable
 
 from vvu_runtime.driver.errors import DriverError
 from vvu_runtime.driver.vvu import VvuDriver, drain_eventfd, format_message, parse_message
 from vvu_runtime.vhost_user import messages as m
-from vvu_runtime.vhost_user.backend import POLL_INTERVAL as SESSION_POLL_INTERVAL
-from vvu_runtime.vhost_user.backend import BackendChannel, BackendSession
-from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import (
     ConnectionClosed,
     FramingError,
@@ -60,39 +56,30 @@ from vvu_runtime.vhost_user.transport import (
     Transport,
 )
 from vvu_runtime.virtio.errors import GuestMemoryError
-from vvu_runtime.virtio.memory import MappedRegion, MemoryRegion
+from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion
 
 log = logging.getLogger(__name__)
 
 _REPLY = int(m.HeaderFlags.REPLY)
 _VRING_NOFD = m.VRING_NOFD
-#: Requests whose fd(s) the device consumed; the rest never carry one over VVU.
-_ONE_FD = frozenset({FR.ADD_MEM_REG, FR.SET_BACKEND_REQ_FD, FR.SET_LOG_FD})
 _VRING_FD = frozenset({FR.SET_VRING_KICK, FR.SET_VRING_CALL, FR.SET_VRING_ERR})
-#: Most regions a SET_MEM_TABLE may list (vhost-user's VHOST_MEMORY_BASELINE_NREGIONS).
-_MAX_REGIONS = 8
 #: Poll period of rxq when the function has no interrupts.
 POLL_INTERVAL = 0.001
 
 
-def fd_holes(request: int, payload: bytes) -> int:
-    """How many fds the front-end attached to ``request`` (the device kept them)."""
-    if request == FR.SET_MEM_TABLE:
-        if len(payload) < 4:
-            return 0
-        return min(int(struct.unpack_from("=I", payload)[0]), _MAX_REGIONS)
-    if request in _VRING_FD:
-        if len(payload) < 8:
-            return 0
-        return 0 if struct.unpack_from("=Q", payload)[0] & _VRING_NOFD else 1
-    return 1 if request in _ONE_FD else 0
+def had_eventfd(request: int, payload: bytes) -> bool:
+    """Whether the front-end attached an eventfd to ``request`` (SET_VRING_KICK/CALL/ERR
+    without NOFD; the device kept it)."""
+    if request not in _VRING_FD or len(payload) != 8:
+        return False
+    return not struct.unpack_from("=Q", payload)[0] & _VRING_NOFD
 
 
-def _placeholder() -> int:
+def _token() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC)
 
 
-def _close_placeholder(fd: int | None) -> None:
+def _close_token(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
 
@@ -150,8 +137,7 @@ class VvuChannel(Channel):
                 continue
             if request == FR.SET_VRING_KICK:
                 payload = self._kick_or_poll(payload)
-            holes = fd_holes(request, payload)
-            fds = [_placeholder() for _ in range(holes)]
+            fds = [_token()] if had_eventfd(request, payload) else []
             self._pending.append(Frame(request, flags, payload, fds))
 
     def _kick_or_poll(self, payload: bytes) -> bytes:
@@ -261,6 +247,10 @@ class VvuChannel(Channel):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def carries_fds(self) -> bool:
+        return False  # the device consumed them; only NOFD tokens (see the module doc)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -354,11 +344,14 @@ class DoorbellNotifier(Notifier):
 class VvuTransport(Transport):
     """Memory, kicks and notifications of a VVU connection (see the module docstring)."""
 
-    def __init__(self, vvu: VvuDriver) -> None:
-        self.vvu = vvu
+    passes_fds = False
+
+    def __init__(self, channel: VvuChannel) -> None:
+        self.channel = channel
+        self.vvu = channel.vvu
 
     def map_region(self, region: MemoryRegion, fd: int | None) -> MappedRegion:
-        # ``fd`` is a placeholder the session closes after mapping: not ours.
+        _close_token(fd)
         region.validate()
         try:
             window = self.vvu.map_shared_memory(region.mmap_offset, region.memory_size)
@@ -366,8 +359,16 @@ class VvuTransport(Transport):
             raise GuestMemoryError(f"memory region {region}: {exc}") from exc
         return MappedRegion(region, window.view, window.mapping)
 
+    def map_log(self, size: int, offset: int, fd: int | None) -> DirtyLog:
+        _close_token(fd)
+        raise GuestMemoryError("the dirty log is not tunnelled over VVU (LOG_SHMFD is masked)")
+
+    def backend_channel(self, fd: int | None) -> Channel:
+        _close_token(fd)
+        return VvuBackendChannel(self.channel)
+
     def kick_source(self, index: int, fd: int | None) -> KickSource | None:
-        _close_placeholder(fd)
+        _close_token(fd)
         if fd is None:
             return None  # NOFD: the front-end wants the ring polled
         try:
@@ -379,9 +380,9 @@ class VvuTransport(Transport):
         return None if eventfd is None else VectorKick(eventfd)
 
     def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
-        _close_placeholder(fd)
-        if fd is None:
-            return None
+        _close_token(fd)
+        if fd is None and kind != "log":
+            return None  # NOFD: the front-end does not want this one signalled
         doorbell = self.vvu.doorbell_index(kind, index)
         if doorbell is None:
             log.warning("%s: no %s doorbell for queue %d (the device has %d vhost queues)",
@@ -390,34 +391,11 @@ class VvuTransport(Transport):
         return DoorbellNotifier(self.vvu, doorbell)
 
 
-# --------------------------------------------------------------------------- session
-
-
-class VvuSession(BackendSession):
-    """A BackendSession over a VVU channel; its back-end request channel rides on it too."""
-
-    def __init__(self, channel: VvuChannel, device: VhostUserDevice, *,
-                 loop: asyncio.AbstractEventLoop | None = None,
-                 on_close: Callable[[BackendSession], None] | None = None,
-                 name: str = "", poll_interval: float = SESSION_POLL_INTERVAL) -> None:
-        super().__init__(channel, device, loop=loop, transport=VvuTransport(channel.vvu),
-                         on_close=on_close, name=name, poll_interval=poll_interval)
-        self.vvu_channel = channel
-
-    def _set_backend_req_fd(self, msg: m.Message) -> None:
-        _close_placeholder(msg.take_fd())
-        if self.backend is not None:
-            self.backend.close()
-        self.backend = BackendChannel(VvuBackendChannel(self.vvu_channel), self.name)
-        return None
-
-
 __all__ = [
     "DoorbellNotifier",
     "VectorKick",
     "VvuBackendChannel",
     "VvuChannel",
-    "VvuSession",
     "VvuTransport",
-    "fd_holes",
+    "had_eventfd",
 ]
