@@ -14,7 +14,9 @@ vhost-user socket, and hands them to :func:`run`::
 ``run(endpoints, *, program, log_level, setup, cleanup, ready) -> int``
 
 * ``endpoints``: :class:`Endpoint` objects, or ``(device, socket_path)`` pairs
-  (server mode). One device per socket; the device object lives as long as the
+  (server mode). Inside an appliance an Endpoint with ``vvu=PCI_ADDRESS`` serves
+  the device over that virtio-vhost-user function instead of a socket
+  (``vvu_runtime.driver``). One device per socket; the device object lives as long as the
   process and sees ``reset()`` on every disconnect, so a reconnecting QEMU finds
   it ready again.
 * ``program``: the name logs and messages start with.
@@ -47,9 +49,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import VhostUserError
+
+if TYPE_CHECKING:
+    from vvu_runtime.driver.endpoint import VvuEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +71,23 @@ class Endpoint:
     ``-chardev socket,path=...,reconnect-ms=...``). ``client=True``: connect to a
     QEMU listening there (``-chardev socket,path=...,server=on``), retrying every
     ``retry_interval`` seconds, and again after each disconnect.
+
+    ``vvu="0000:00:05.0"`` (no ``socket_path``): serve over the VVU PCI function at
+    that address, reached by ``vvu_access`` ("auto", "vfio" or "sysfs").
     """
 
     device: VhostUserDevice
-    socket_path: str | os.PathLike[str]
+    socket_path: str | os.PathLike[str] = ""
     client: bool = False
     retry_interval: float = 1.0
+    vvu: str | None = None
+    vvu_access: str = "auto"
+
+    def describe(self) -> str:
+        if self.vvu is not None:
+            return f"serving the VVU device {self.vvu} ({self.vvu_access})"
+        mode = "connecting to" if self.client else "listening on"
+        return f"{mode} {os.fspath(self.socket_path)}"
 
 
 EndpointSpec = Endpoint | tuple[VhostUserDevice, "str | os.PathLike[str]"]
@@ -107,11 +124,17 @@ async def serve(endpoints: Sequence[EndpointSpec], stop: asyncio.Event, *,
     """
     from vvu_runtime.vhost_user.server import VhostUserClient, VhostUserServer
 
-    servers: list[VhostUserServer | VhostUserClient] = []
+    servers: list[VhostUserServer | VhostUserClient | VvuEndpoint] = []
     try:
         for spec in endpoints:
             ep = _endpoint(spec)
-            if ep.client:
+            if ep.vvu is not None:
+                from vvu_runtime.driver.endpoint import VvuEndpoint
+
+                vvu = VvuEndpoint(ep.device, ep.vvu, access=ep.vvu_access)
+                vvu.start()  # TransportError naming the function if it cannot be used
+                servers.append(vvu)
+            elif ep.client:
                 client = VhostUserClient(ep.socket_path, ep.device,
                                          retry_interval=ep.retry_interval)
                 client.start()
@@ -151,8 +174,7 @@ def run(endpoints: Sequence[EndpointSpec], *, program: str = "vvu",
             def announce() -> None:
                 for spec in endpoints:
                     ep = _endpoint(spec)
-                    mode = "connecting to" if ep.client else "listening on"
-                    log.info("%s: %s %s", ep.device.name, mode, os.fspath(ep.socket_path))
+                    log.info("%s: %s", ep.device.name, ep.describe())
                 if ready is not None:
                     ready()
 
