@@ -2,6 +2,7 @@
 
     vvu-blk --socket /run/vvu/disk0.sock --image disk0.raw [--read-only]
             [--queues N] [--direct] [--serial ID] [--connect]
+    vvu-blk --vvu 0000:00:05.0 --image disk0.raw [...]   (inside an appliance VM)
     vvu-blk --print-capabilities
 
 (``--socket-path``, ``--blk-file`` and ``--read-only-mode`` are accepted too, the
@@ -9,7 +10,9 @@ names vhost-user.rst's back-end program conventions use.)
 
 Listens on ``--socket`` (QEMU: ``-chardev socket,id=c,path=SOCK,reconnect-ms=1000
 -device vhost-user-blk-pci,chardev=c``); with ``--connect`` it connects to a
-front-end listening there instead (``-chardev socket,...,server=on``). Runs
+front-end listening there instead (``-chardev socket,...,server=on``). With
+``--vvu`` it serves the consumer behind that virtio-vhost-user PCI function instead
+(``--vvu-access``: vfio-pci behind a vIOMMU, or the sysfs poll-mode path). Runs
 until SIGTERM/SIGINT, then removes the socket file. Exit codes: 0 clean stop,
 1 runtime failure, 2 usage error (bad option, unusable image).
 """
@@ -54,6 +57,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"disk serial returned by GET_ID (at most {ID_BYTES} bytes)")
     parser.add_argument("--connect", action="store_true",
                         help="connect to a front-end listening on --socket instead of listening")
+    parser.add_argument("--vvu", metavar="PCI_ADDRESS",
+                        help="serve over this virtio-vhost-user PCI function (inside an "
+                        "appliance VM) instead of a socket")
+    parser.add_argument("--vvu-access", choices=["auto", "vfio", "sysfs"], default="auto",
+                        help="how to reach the --vvu function: vfio-pci (needs a vIOMMU), "
+                        "sysfs (poll mode), or auto (vfio when it has an IOMMU group)")
     parser.add_argument("--log-level", default="INFO", metavar="LEVEL",
                         help="DEBUG, INFO, WARNING or ERROR; default INFO")
     parser.add_argument("--print-capabilities", action="store_true",
@@ -61,8 +70,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.print_capabilities:
         return args
+    if args.socket is not None and args.vvu is not None:
+        parser.error("give --socket or --vvu, not both")
+    if args.vvu is not None and args.connect:
+        parser.error("--connect goes with --socket, not --vvu")
     for name in ("socket", "image"):
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and not (name == "socket" and args.vvu is not None):
             parser.error(f"--{name} is required")
     if not 1 <= args.queues <= MAX_QUEUES:
         parser.error(f"--queues must be between 1 and {MAX_QUEUES}")
@@ -89,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImageError as exc:
         print(f"{PROGRAM}: {exc}", file=sys.stderr)
         return 2
-    name = f"disk {os.path.basename(args.image)} @ {os.path.basename(args.socket)}"
+    where = args.vvu if args.vvu is not None else os.path.basename(args.socket)
+    name = f"disk {os.path.basename(args.image)} @ {where}"
     device = BlkDevice(image, queues=args.queues, serial=args.serial, name=name)
 
     def announce() -> None:
@@ -100,8 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             device.name, args.image, device.capacity, device.blk_size, args.queues, mode, cache)
 
     try:
-        return run([Endpoint(device, args.socket, client=args.connect)], program=PROGRAM,
-                   log_level=args.log_level, ready=announce)
+        endpoint = (Endpoint(device, vvu=args.vvu, vvu_access=args.vvu_access)
+                    if args.vvu is not None else Endpoint(device, args.socket,
+                                                          client=args.connect))
+        return run([endpoint], program=PROGRAM, log_level=args.log_level, ready=announce)
     finally:
         image.close()
 
