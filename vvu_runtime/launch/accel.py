@@ -18,14 +18,13 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vvu_runtime.launch.toolchain import Toolchain, ToolchainError
+from vvu_runtime.launch.toolchain import Toolchain, ToolchainError, stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +115,8 @@ def probe_kvm(toolchain: Toolchain, timeout: float = PROBE_TIMEOUT) -> tuple[boo
                         f"a stock kernel did not start under KVM in {timeout:.0f} s{pvm}",
                     )
         finally:
-            _kill_group(proc)
+            stop_process_group(proc, grace=3.0)
     return verdict
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def _probe_key(toolchain: Toolchain) -> str:

@@ -49,7 +49,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vvu_runtime.launch.accel import Accelerator, choose_accelerator
 from vvu_runtime.launch.initramfs import READY_BANNER
-from vvu_runtime.launch.toolchain import Toolchain
+from vvu_runtime.launch.toolchain import Toolchain, stop_process_group
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,7 @@ def _sweep_stale() -> None:
 def _cleanup(proc: subprocess.Popen[bytes] | None, qemu_pid: int | None, paths: list[Path]) -> None:
     """Last-resort cleanup (garbage collection or interpreter exit)."""
     if proc is not None and proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_process_group(proc, grace=2.0)
     if qemu_pid is not None and _pid_alive(qemu_pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(qemu_pid, signal.SIGKILL)
@@ -572,18 +570,20 @@ class QemuMachine:
 
     def _quit(self, timeout: float) -> None:
         assert self._proc is not None
+        quit_sent = False
         if self._qmp is not None:
-            with contextlib.suppress(Exception):
+            try:
                 self._qmp.settimeout(5)
                 self._qmp.cmd("quit")
+                quit_sent = True
+            except Exception as e:
+                log.debug("%s: QMP quit failed: %r", self.name, e)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=timeout)
+            self._proc.wait(timeout=timeout if quit_sent else 2.0)
             return
-        log.warning("%s did not quit in %.0f s; sending SIGTERM", self.name, timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=5)
+        if quit_sent:
+            log.warning("%s did not quit in %.0f s; stopping it", self.name, timeout)
+        stop_process_group(self._proc)
 
     def _kill(self, grace: float = 0.0) -> None:
         """Make sure nothing of the machine runs any more.
@@ -595,12 +595,7 @@ class QemuMachine:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=grace)
             if self._proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-            # Anything left in the group (it shares the pgid) goes too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+                stop_process_group(self._proc)
             self.exitcode = self._proc.returncode
         if self.qemu_pid is not None and _pid_alive(self.qemu_pid):
             with contextlib.suppress(ProcessLookupError):

@@ -54,6 +54,7 @@ __all__ = [
     "ToolchainError",
     "ToolchainMissing",
     "main",
+    "stop_process_group",
 ]
 
 DEFAULT_CACHE_DIR = Path("/var/cache/vvu")
@@ -84,6 +85,25 @@ class ToolchainMissing(ToolchainError):
 
 def _say(msg: str) -> None:
     print(f"vvu-toolchain: {msg}", file=sys.stderr, flush=True)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and all of its group.
+
+    SIGINT first, to the whole group: QEMU shuts down on it, and the mkosi
+    wrapper unwinds (KeyboardInterrupt) and removes its /var/tmp/mkosi-var-tmp-*
+    directory, which SIGTERM or SIGKILL would leave behind. SIGKILL after
+    ``grace`` seconds, and to any straggler of the group.
+    """
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, None)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------
