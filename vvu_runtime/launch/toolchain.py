@@ -685,6 +685,14 @@ echo "shm=$(cat "$2" 2>/dev/null)"
                 versions[fields["Package"]] = fields.get("Version", "?")
         return versions
 
+    def _accel_status(self) -> Component:
+        # Written by vvu_runtime.launch.accel after its probe (the first VM start).
+        try:
+            data = json.loads((self.cache_dir / "accel-probe.json").read_text())
+            return Component("accelerator", str(data["accel"]), str(data["reason"]))
+        except (OSError, ValueError, KeyError):
+            return Component("accelerator", "?", "probed when the first VM starts")
+
     def status(self) -> list[Component]:
         """What is there, with versions (missing parts have version None)."""
         comps: list[Component] = []
@@ -701,6 +709,13 @@ echo "shm=$(cat "$2" 2>/dev/null)"
         comps.append(
             Component("tools tree", f"built with mkosi {stamp.get('mkosi')}", str(self.tree))
         )
+        report = stamp.get("verified") or {}
+        qemu = ".".join(str(n) for n in _version_tuple(report.get("qemu", ""))) or None
+        comps.append(Component("QEMU", qemu, "qemu-system-x86_64 in the tools tree"))
+        for key, what in (("vfio_user", "-device vfio-user-pci"), ("blkio", "blkio driver")):
+            ok = "yes" if report.get(key) == "yes" else None
+            comps.append(Component(what, ok, "checked by vvu-toolchain ensure"))
+        comps.append(self._accel_status())
         versions = self.packages()
         for pkg in STATUS_PACKAGES:
             comps.append(Component(pkg, versions.get(pkg) or None, "tools tree package"))
