@@ -9,15 +9,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vvu_runtime.virtio.driver_ring import SplitDriverRing
+from vvu_runtime.virtio.driver_ring import PackedDriverRing, SplitDriverRing
 from vvu_runtime.virtio.errors import RingError
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.inflight import (
+    PackedInflight,
     SplitInflight,
     inflight_queue_region_size,
     inflight_region_size,
 )
 from vvu_runtime.virtio.memory import GuestMemory, memfd_region
+from vvu_runtime.virtio.packed import PACKED_INITIAL_BASE, PackedQueue
 from vvu_runtime.virtio.queue import DescriptorChain, RingAddresses
 from vvu_runtime.virtio.split import SplitQueue
 
@@ -229,4 +231,131 @@ def test_model(memory: GuestMemory, lifetimes: list[tuple[list[tuple[str, int]],
                 taken.remove(chain.head)
         driver.get_used()
         backend = Backend(memory, driver, region, size, base=backend.queue.used_idx)
+    assert [c.head for c in backend.resubmitted] == taken
+
+
+# -- packed --------------------------------------------------------------------------------
+
+PACKED_FEATURES = FEATURES | int(VirtioFeature.RING_PACKED)
+
+
+class PackedBackend:
+    def __init__(self, memory: GuestMemory, driver: PackedDriverRing[int], region: memoryview,
+                 size: int, base: int = PACKED_INITIAL_BASE) -> None:
+        addrs = RingAddresses(driver.desc_addr - GPA + UVA, driver.driver_area - GPA + UVA,
+                              driver.device_area - GPA + UVA)
+        self.queue = PackedQueue(0, size, addrs, memory, PACKED_FEATURES, base)
+        self.tracker = PackedInflight(region, size)
+        self.resubmitted = self.tracker.resubmit(self.queue)
+
+    def pop(self) -> DescriptorChain | None:
+        chain = self.queue.pop()
+        if chain is not None:
+            self.tracker.fetched(chain)
+        return chain
+
+    def push(self, chain: DescriptorChain, written: int = 0) -> None:
+        self.tracker.completing(chain)
+        self.queue.push(chain, written)
+        self.tracker.completed(chain)
+
+
+def packed_area(size: int) -> memoryview:
+    return memoryview(bytearray(inflight_region_size(1, size, packed=True)))
+
+
+def test_packed_resubmission_rebuilds_chains_from_copies(memory: GuestMemory) -> None:
+    size = 4
+    driver: PackedDriverRing[int] = PackedDriverRing.contiguous(memory, size, RING,
+                                                                event_idx=True)
+    region = packed_area(size)
+    old = PackedBackend(memory, driver, region, size)
+    assert old.resubmitted == [] and old.tracker.initialized
+    memory.translate(BUFS, 8)[:] = b"ABCDEFGH"
+    driver.add([(BUFS, 4), (BUFS + 4, 4)], [(BUFS + 64, 8)], 1)  # slots 0-2
+    driver.add([(BUFS, 2)], [], 2)  # slot 3
+    a, b = old.pop(), old.pop()
+    assert a is not None and b is not None
+    old.push(b)
+    assert driver.get_used() == [(2, 0)]
+    # The driver reuses the slot b came back in: the ring no longer shows it.
+    driver.add([(BUFS + 6, 2)], [], 3)
+    # Crash; the front-end's base is stale (QEMU keeps the one from ring start).
+    new = PackedBackend(memory, driver, region, size)
+    assert [c.head for c in new.resubmitted] == [a.head]
+    again = new.resubmitted[0]
+    assert again.read() == b"ABCDEFGH" and again.writable_len == 8 and again.ndescs == 3
+    # Positions: used after b's used descriptor (written at slot 0, one slot: b's
+    # ndescs), avail past the three slots a still holds.
+    assert (new.queue.used_idx, new.queue.used_wrap) == (1, 1)
+    assert (new.queue.last_avail_idx, new.queue.avail_wrap) == (0, 0)
+    c = new.pop()
+    assert c is not None and c.read() == b"GH"
+    new.push(c)
+    new.push(again, 8)
+    assert sorted(t for t, _ in driver.get_used()) == [1, 3]
+    assert PackedBackend(memory, driver, region, size).resubmitted == []
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=80, deadline=3000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.sampled_from([2, 3, 5, 8]),
+       lifetimes=st.lists(st.tuples(ops, st.sampled_from(
+           ["clean", "completing", "published", "popped"])), min_size=1, max_size=5),
+       chain_len=st.integers(1, 3))
+def test_packed_model(memory: GuestMemory, size: int,
+                      lifetimes: list[tuple[list[tuple[str, int]], str]], chain_len: int) -> None:
+    """Packed: resubmitted = recorded and not completed, in fetch order, whatever the
+    crash point; a chain popped but never recorded is simply popped again."""
+    chain_len = min(chain_len, size)
+    driver: PackedDriverRing[int] = PackedDriverRing.contiguous(memory, size, RING,
+                                                                event_idx=True)
+    region = packed_area(size)
+    backend = PackedBackend(memory, driver, region, size)
+    taken: list[int] = []
+    unrecorded: int | None = None
+    token = 0
+    for script, crash in lifetimes:
+        while driver.num_free >= chain_len:
+            driver.add([(BUFS + 8 * k, 8) for k in range(chain_len)], [], token)
+            token += 1
+        held = list(backend.resubmitted)
+        assert [c.head for c in held] == taken
+        if unrecorded is not None:
+            chain = backend.pop()
+            assert chain is not None and chain.head == unrecorded
+            held.append(chain)
+            taken.append(chain.head)
+            unrecorded = None
+        for op, arg in script:
+            if op == "pop":
+                chain = backend.pop()
+                if chain is not None:
+                    held.append(chain)
+                    taken.append(chain.head)
+            elif held:
+                for _ in range(1 if op == "push" else 1 + arg % 3):
+                    if not held:
+                        break
+                    chain = held.pop(arg % len(held))
+                    backend.push(chain)
+                    taken.remove(chain.head)
+            if op == "push" and arg == 7:
+                driver.get_used()  # the driver recycles slots now and then
+                while driver.num_free >= chain_len:
+                    driver.add([(BUFS + 8 * k, 8) for k in range(chain_len)], [], token)
+                    token += 1
+        if crash == "popped":
+            chain = backend.queue.pop()  # died before recording it
+            if chain is not None:
+                unrecorded = chain.head
+        elif held and crash != "clean":
+            chain = held.pop()
+            backend.tracker.completing(chain)
+            if crash == "published":
+                backend.queue.push(chain, 0)
+                taken.remove(chain.head)
+        driver.get_used()
+        backend = PackedBackend(memory, driver, region, size)
     assert [c.head for c in backend.resubmitted] == taken

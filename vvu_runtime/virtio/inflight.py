@@ -13,8 +13,7 @@ Per queue, split ring (all fields native-endian)::
     DescStateSplit desc[desc_num] = {u8 inflight; u8 pad[5]; u16 next; u64 counter}
 
 Packed rings use ``DescStatePacked`` (32 bytes, a copy of each descriptor and a
-free list); :func:`inflight_region_size` sizes them, :class:`PackedInflight`
-tracks them.
+free list, header padded to 32 bytes); :class:`PackedInflight` tracks them.
 
 :class:`SplitInflight` offers the steps of the spec (``begin`` on fetch;
 ``complete`` per used element, then ``commit`` once the used idx is published;
@@ -27,6 +26,8 @@ from __future__ import annotations
 import struct
 
 from vvu_runtime.virtio.errors import RingError
+from vvu_runtime.virtio.features import DescFlag
+from vvu_runtime.virtio.packed import PackedQueue
 from vvu_runtime.virtio.queue import DescriptorChain, Virtqueue
 from vvu_runtime.virtio.split import SplitQueue
 
@@ -215,7 +216,203 @@ class SplitInflight:
 
 
 class PackedInflight:
-    """Inflight records of one packed queue (placeholder until implemented)."""
+    """Inflight records of one packed queue, over ``view`` (its region of the area).
+
+    Packed rings reuse descriptor slots as soon as the device has written a used
+    descriptor over them, so the record keeps a copy of every descriptor of every
+    chain in flight, in entries taken from a free list (vhost-user.rst). The
+    ``old_*`` header fields are the last committed state: a crash between starting
+    and finishing a completion is rolled back or forward on reconnect, by looking at
+    whether the used descriptor reached the ring.
+
+    Use it through the ``InflightTracker`` protocol (``fetched`` right after each
+    ``pop``, ``completing``/``completed`` around each ``push``, ``resubmit`` when the
+    ring starts); the packed queue must be a ``PackedQueue``.
+    """
+
+    __slots__ = ("_batch", "_counter", "_entry_of", "_queue", "_u8", "_u16", "_u64",
+                 "queue_size", "view")
+
+    _VERSION, _DESC_NUM, _FREE_HEAD, _OLD_FREE_HEAD, _USED_IDX, _OLD_USED_IDX = 4, 5, 6, 7, 8, 9
+    _USED_WRAP, _OLD_USED_WRAP = 20, 21  # byte offsets
+    _STORE = struct.Struct("=HHIQ")  # id, flags, len, addr at byte 16 of an entry
 
     def __init__(self, view: memoryview, queue_size: int) -> None:
-        raise RingError("inflight tracking of packed rings is not implemented")
+        need = 32 + PACKED_DESC.size * queue_size
+        if not 0 < queue_size <= 32768 or len(view) < need:
+            raise RingError(f"inflight region of {len(view)} bytes cannot track a packed queue "
+                            f"of {queue_size} entries ({need} bytes needed)")
+        view = view[:need]
+        self.view = view
+        self.queue_size = queue_size
+        self._u8 = view
+        self._u16 = view.cast("H")
+        self._u64 = view.cast("Q")
+        self._queue: PackedQueue | None = None
+        self._batch: list[int] = []
+        self._entry_of: dict[int, int] = {}  # buffer id -> entry of its record
+        self._counter = 1 + max((self._u64[5 + 4 * e] for e in range(queue_size)
+                                 if self._u8[32 + 32 * e]), default=0)
+
+    @classmethod
+    def for_queues(cls, area: memoryview, num_queues: int,
+                   queue_size: int) -> list[PackedInflight]:
+        stride = inflight_queue_region_size(queue_size, packed=True)
+        if len(area) < stride * num_queues:
+            raise RingError(f"inflight area of {len(area)} bytes is too small for "
+                            f"{num_queues} packed queues of {queue_size}")
+        return [cls(area[q * stride:(q + 1) * stride], queue_size) for q in range(num_queues)]
+
+    @property
+    def initialized(self) -> bool:
+        return self._u16[self._VERSION] != 0
+
+    def init(self, used_idx: int = 0, used_wrap: int = 1) -> None:
+        """A fresh region: every entry free (linked in order), nothing inflight."""
+        self.view[:] = bytes(len(self.view))
+        u16 = self._u16
+        for e in range(self.queue_size):
+            u16[17 + 16 * e] = e + 1  # next; queue_size ends the list
+        u16[self._DESC_NUM] = self.queue_size
+        u16[self._USED_IDX] = u16[self._OLD_USED_IDX] = used_idx
+        self._u8[self._USED_WRAP] = self._u8[self._OLD_USED_WRAP] = used_wrap & 1
+        u16[self._VERSION] = INFLIGHT_VERSION
+        self._batch.clear()
+        self._entry_of.clear()
+        self._counter = 1
+
+    def _next(self, e: int) -> int:
+        nxt: int = self._u16[17 + 16 * e]
+        if nxt > self.queue_size:
+            raise RingError(f"packed inflight region: entry {e} links to {nxt}, past "
+                            f"{self.queue_size} entries")
+        return nxt
+
+    # -- vhost_user.vring.InflightTracker -----------------------------------------------
+
+    def fetched(self, chain: DescriptorChain) -> None:
+        queue = self._bound()
+        n = chain.ndescs
+        if chain.head in self._entry_of:
+            raise RingError(f"queue {queue.index}: the driver made buffer id {chain.head} "
+                            "available again while it is still in flight", queue=queue.index)
+        size = self.queue_size
+        descs = queue.raw_descriptors((queue.last_avail_idx - n) % size, n)
+        u8, u16 = self._u8, self._u16
+        e = u16[self._OLD_FREE_HEAD]
+        if e >= size:
+            raise RingError(f"queue {queue.index}: packed inflight region has no free entry")
+        u16[19 + 16 * e] = 0  # num
+        self._u64[5 + 4 * e] = self._counter
+        self._counter += 1
+        u8[32 + 32 * e] = 1
+        free = u16[self._FREE_HEAD]
+        for k, (addr, length, buf_id, flags) in enumerate(descs):
+            if free >= size:
+                raise RingError(f"queue {queue.index}: packed inflight region ran out of "
+                                "free entries")
+            if k == n - 1:
+                u16[18 + 16 * e] = free  # last
+            u16[19 + 16 * e] += 1
+            self._STORE.pack_into(self.view, 48 + 32 * free, buf_id, flags, length, addr)
+            free = self._next(free)
+        u16[self._FREE_HEAD] = free
+        u16[self._OLD_FREE_HEAD] = free
+        self._entry_of[chain.head] = e
+
+    def completing(self, chain: DescriptorChain) -> None:
+        queue = self._bound()
+        e = self._entry_of.pop(chain.head, None)
+        if e is None:
+            raise RingError(f"queue {queue.index}: buffer id {chain.head} completed but not "
+                            "recorded in flight", queue=queue.index)
+        u8, u16 = self._u8, self._u16
+        u16[17 + 16 * u16[18 + 16 * e]] = u16[self._FREE_HEAD]  # desc[e.last].next
+        u16[self._FREE_HEAD] = e
+        used = u16[self._USED_IDX] + u16[19 + 16 * e]
+        if used >= self.queue_size:
+            used -= self.queue_size
+            u8[self._USED_WRAP] ^= 1
+        u16[self._USED_IDX] = used
+        self._batch.append(e)
+
+    def completed(self, chain: DescriptorChain) -> None:
+        u8, u16 = self._u8, self._u16
+        for e in self._batch:
+            u8[32 + 32 * e] = 0
+        self._batch.clear()
+        u16[self._OLD_FREE_HEAD] = u16[self._FREE_HEAD]
+        u16[self._OLD_USED_IDX] = u16[self._USED_IDX]
+        u8[self._OLD_USED_WRAP] = u8[self._USED_WRAP]
+
+    def _bound(self) -> PackedQueue:
+        if self._queue is None:
+            raise RingError("inflight tracker used before resubmit() bound it to a queue")
+        return self._queue
+
+    def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
+        """Bind to the packed ``queue`` that just started; the chains to process again.
+
+        Also puts the queue's positions where the previous back-end left them: used at
+        the committed used index, avail past every slot still in flight (after a
+        crash the front-end cannot tell us: QEMU does not restore packed positions).
+        """
+        if not isinstance(queue, PackedQueue):
+            raise RingError(f"a {type(queue).__name__} is not a packed ring: a packed inflight "
+                            "region cannot track it")
+        self._queue = queue
+        self._batch.clear()
+        self._entry_of.clear()
+        if not self.initialized:
+            self.init(queue.used_idx, queue.used_wrap)
+            return []
+        u8, u16, size = self._u8, self._u16, self.queue_size
+        if u16[self._DESC_NUM] != size:
+            raise RingError(f"inflight region was made for a queue of {u16[self._DESC_NUM]} "
+                            f"entries, this queue has {size}")
+        old_used, old_wrap = u16[self._OLD_USED_IDX], u8[self._OLD_USED_WRAP]
+        if old_used >= size or u16[self._USED_IDX] >= size:
+            raise RingError(f"packed inflight region: used index past a ring of {size}")
+        if (u16[self._USED_IDX], u8[self._USED_WRAP]) != (old_used, old_wrap):
+            # A completion was in progress. Did its used descriptor reach the ring?
+            flags = queue.raw_descriptors(old_used, 1)[0][3]
+            still_available = int(DescFlag.AVAIL) if old_wrap else int(DescFlag.USED)
+            if flags & (DescFlag.AVAIL | DescFlag.USED) != still_available:
+                # Yes: the driver may have seen it, so commit.
+                u16[self._OLD_FREE_HEAD] = u16[self._FREE_HEAD]
+                u16[self._OLD_USED_IDX] = old_used = u16[self._USED_IDX]
+                u8[self._OLD_USED_WRAP] = old_wrap = u8[self._USED_WRAP]
+        # Roll back whatever was in progress (a fetch or a completion).
+        u16[self._FREE_HEAD] = u16[self._OLD_FREE_HEAD]
+        u16[self._USED_IDX] = old_used
+        u8[self._USED_WRAP] = old_wrap
+        e = u16[self._FREE_HEAD]
+        for _ in range(size):
+            if e >= size:
+                break
+            u8[32 + 32 * e] = 0
+            e = self._next(e)
+        pending = sorted((self._u64[5 + 4 * e], e) for e in range(size) if u8[32 + 32 * e])
+        self._counter = 1 + (pending[-1][0] if pending else 0)
+        slots = sum(u16[19 + 16 * e] for _, e in pending)
+        if slots > size:
+            raise RingError(f"packed inflight region records {slots} descriptors in flight in "
+                            f"a ring of {size}")
+        avail, avail_wrap = old_used + slots, old_wrap
+        if avail >= size:
+            avail, avail_wrap = avail - size, avail_wrap ^ 1
+        queue.set_position(avail, avail_wrap, old_used, old_wrap)
+        chains = []
+        for _, e in pending:
+            descs = []
+            d = e
+            for _ in range(u16[19 + 16 * e]):
+                if d >= size:
+                    raise RingError(f"packed inflight region: record {e} is cut short")
+                buf_id, flags, length, addr = self._STORE.unpack_from(self.view, 48 + 32 * d)
+                descs.append((addr, length, buf_id, flags))
+                d = self._next(d)
+            chain = queue.chain_from_descriptors(descs)
+            self._entry_of[chain.head] = e
+            chains.append(chain)
+        return chains

@@ -178,6 +178,58 @@ class PackedQueue(Virtqueue):
         """The wrap counter the next available descriptor will carry."""
         return self._avail_wrap
 
+    def set_position(self, avail_idx: int, avail_wrap: int, used_idx: int, used_wrap: int) -> None:
+        """Move both ring positions (inflight recovery after a back-end crash)."""
+        if not (0 <= avail_idx < self.size and 0 <= used_idx < self.size):
+            raise RingError(f"queue {self.index}: position {avail_idx}/{used_idx} outside a "
+                            f"ring of {self.size}", queue=self.index)
+        self._last_avail, self._avail_wrap = avail_idx, avail_wrap & 1
+        self._avail_pattern = _AVAIL if self._avail_wrap else _USED
+        self.used_idx, self.used_wrap = used_idx, used_wrap & 1
+        self._used_flags = _AVAIL_USED if self.used_wrap else 0
+
+    def raw_descriptors(self, slot: int, count: int) -> list[tuple[int, int, int, int]]:
+        """``(addr, len, id, flags)`` of ``count`` ring slots from ``slot`` (wrapping):
+        what inflight tracking copies of a chain it just saw popped."""
+        size = self.size
+        return [_unpack_desc(self._desc, ((slot + k) % size) << 4) for k in range(count)]
+
+    def chain_from_descriptors(self, descs: list[tuple[int, int, int, int]]) -> DescriptorChain:
+        """Rebuild a chain from copies of its ring descriptors (inflight resubmission:
+        the ring slots may hold new descriptors by now, indirect tables may not)."""
+        q = self.index
+        if not descs or len(descs) > self.size:
+            raise RingError(f"queue {q}: an inflight record of {len(descs)} descriptors",
+                            queue=q)
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        gpas: list[int] = []
+        buf_id = descs[-1][2]
+        for k, (addr, length, _, flags) in enumerate(descs):
+            if flags & _INDIRECT:
+                if k != len(descs) - 1:
+                    raise DescriptorError(f"queue {q}: inflight record of buffer {buf_id} has an "
+                                          "indirect descriptor before its end", queue=q,
+                                          head=buf_id)
+                self._indirect(k, k, addr, length, buf_id, flags, readable, writable, gpas)
+                break
+            if not length:
+                continue
+            try:
+                buf = self.memory.translate(addr, length)
+            except GuestMemoryError as exc:
+                raise self._bad_buffer(buf_id, k, addr, length, "inflight descriptor") from exc
+            if flags & _WRITE:
+                writable.append(buf)
+                gpas.append(addr)
+            elif writable:
+                raise DescriptorError(f"queue {q}: inflight record of buffer {buf_id}: readable "
+                                      f"descriptor {k} follows a writable one", queue=q,
+                                      head=buf_id)
+            else:
+                readable.append(buf)
+        return DescriptorChain(buf_id, readable, writable, gpas, len(descs))
+
     def set_log(self, log_all: bool, addrs: RingAddresses | None = None) -> None:
         """Follow SET_FEATURES toggling LOG_ALL (used descriptors are logged with the buffers)."""
         self.log_all = log_all
