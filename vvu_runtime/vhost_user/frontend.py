@@ -35,6 +35,7 @@ from vvu_runtime.virtio.queue import RingAddresses
 
 DEFAULT_TIMEOUT = 5.0
 VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_RING_PACKED = 1 << 34
 
 
 def frontend_channel(sock: socket.socket, name: str = "") -> UnixChannel:
@@ -369,27 +370,48 @@ class DriverQueue:
 def setup_queue(frontend: VhostUserFrontend, ram: GuestRam, index: int, size: int, *,
                 base: int = 0, event_idx: bool | None = None, enable: bool = True
                 ) -> DriverQueue:
-    """Lay out a split ring in ``ram`` and configure it on the back-end (QEMU order).
+    """Lay out a ring in ``ram`` and configure it on the back-end (QEMU order).
 
-    ``event_idx`` defaults to whether EVENT_IDX was negotiated (SET_FEATURES).
+    The ring is packed when RING_PACKED was negotiated (SET_FEATURES), split
+    otherwise; ``event_idx`` defaults to whether EVENT_IDX was negotiated.
+    ``base`` is SET_VRING_BASE's value; 0 means a fresh ring (for a packed ring it
+    is then sent as index 0 with both wrap counters 1, as QEMU does; see
+    ``virtio.packed.encode_packed_base``).
     """
-    from vvu_runtime.virtio.driver_ring import SplitDriverRing, split_ring_layout
+    from vvu_runtime.virtio.driver_ring import (
+        PackedDriverRing,
+        SplitDriverRing,
+        split_ring_layout,
+    )
 
     if event_idx is None:
         event_idx = bool(frontend.features & VIRTIO_F_EVENT_IDX)
-    lay = split_ring_layout(size)
-    start = ram.alloc(lay.total + 4, 4096)
-    ring: SplitDriverRing[Any] = SplitDriverRing(
-        ram.memory, size, start + lay.desc_offset, start + lay.avail_offset,
-        start + lay.used_offset, event_idx=event_idx)
+    ring: Any
+    if frontend.features & VIRTIO_F_RING_PACKED:
+        start = ram.alloc(16 * size + 8, 4096)
+        ring = PackedDriverRing(ram.memory, size, start, start + 16 * size,
+                                start + 16 * size + 4, event_idx=event_idx)
+        if base == 0:
+            from vvu_runtime.virtio.packed import encode_packed_base
+
+            base = encode_packed_base(0, 1, 0, 1)
+        addrs = RingAddresses(ram.uva(ring.desc_addr), ram.uva(ring.driver_area),
+                              ram.uva(ring.device_area))
+    else:
+        lay = split_ring_layout(size)
+        start = ram.alloc(lay.total + 4, 4096)
+        ring = SplitDriverRing(ram.memory, size, start + lay.desc_offset,
+                               start + lay.avail_offset, start + lay.used_offset,
+                               event_idx=event_idx)
+        addrs = RingAddresses(ram.uva(ring.desc_addr), ram.uva(ring.avail_addr),
+                              ram.uva(ring.used_addr))
     kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     dq = DriverQueue(index, ring, kick, call, err)
     frontend.set_vring_num(index, size)
     frontend.set_vring_base(index, base)
-    frontend.set_vring_addr(index, RingAddresses(
-        ram.uva(ring.desc_addr), ram.uva(ring.avail_addr), ram.uva(ring.used_addr)))
+    frontend.set_vring_addr(index, addrs)
     frontend.set_vring_kick(index, kick)
     frontend.set_vring_call(index, call)
     frontend.set_vring_err(index, err)
