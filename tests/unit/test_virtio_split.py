@@ -465,14 +465,18 @@ def test_rejected_chain_is_consumed_and_can_be_returned(memory: GuestMemory) -> 
     assert first is not None and nxt is not None and nxt.head == 1
 
 
-def test_pop_many_stops_at_a_bad_chain_keeping_the_good_ones_consumed(memory: GuestMemory) -> None:
+def test_pop_many_returns_the_good_chains_before_a_bad_one(memory: GuestMemory) -> None:
     driver, queue = ring_pair(memory, 8)
     driver.add([(BUFS, 8)], [], 0)
-    write_desc(memory, driver.desc_addr, 1, BUFS, 8, N, 1)
-    post(driver, 1)
-    with pytest.raises(DescriptorError):
+    write_desc(memory, driver.desc_addr, 7, BUFS, 8, N, 7)  # a self-loop
+    post(driver, 7)
+    driver.add([(BUFS, 8)], [], 2)
+    assert [c.head for c in queue.pop_many(8)] == [0]
+    assert queue.last_avail_idx == 1
+    with pytest.raises(DescriptorError) as info:
         queue.pop_many(8)
-    assert queue.last_avail_idx == 2
+    assert info.value.head == 7 and queue.last_avail_idx == 2
+    assert [c.head for c in queue.pop_many(8)] == [1]
 
 
 # -- memory ------------------------------------------------------------------------------------

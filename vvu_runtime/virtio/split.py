@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vvu_runtime.virtio.errors import DescriptorError, GuestMemoryError, RingError
+from vvu_runtime.virtio.errors import DescriptorError, GuestMemoryError, RingError, VirtioError
 from vvu_runtime.virtio.features import (
     MAX_QUEUE_SIZE,
     AvailFlag,
@@ -293,7 +293,11 @@ class SplitQueue(Virtqueue):
         return self.chain_at(head)
 
     def pop_many(self, limit: int) -> list[DescriptorChain]:
-        """Up to ``limit`` available chains (fewer if the driver has fewer ready)."""
+        """Up to ``limit`` available chains (fewer if the driver has fewer ready).
+
+        A bad chain raises only when it comes first: the chains before it are
+        returned, and the next call raises for it.
+        """
         last = self._last_avail
         ready = (self._shadow_avail - last) & 0xFFFF
         if ready < limit:
@@ -309,23 +313,31 @@ class SplitQueue(Virtqueue):
         chain_at = self.chain_at
         chains: list[DescriptorChain] = []
         append = chains.append
-        for i in range(last, last + n):
-            # Advance one by one: if a chain is bad, the ones before it are ours.
-            self._last_avail = (i + 1) & 0xFFFF
-            head = avail16[2 + (i & mask)]
-            if head < size:  # chain_at()'s fast path, inlined
-                addr, length, flags, _ = _unpack_desc(desc, head << 4)
-                if length and not flags & _NEXT_OR_INDIRECT:
-                    try:
-                        buf = translate(addr, length)
-                    except GuestMemoryError as exc:
-                        raise self._bad_buffer(head, head, addr, length) from exc
-                    if flags & _WRITE:
-                        append(DescriptorChain(head, [], [buf], [addr], 1))
-                    else:
-                        append(DescriptorChain(head, [buf], [], [], 1))
-                    continue
-            append(chain_at(head))
+        i = last
+        try:
+            for i in range(last, last + n):
+                head = avail16[2 + (i & mask)]
+                if head < size:  # chain_at()'s fast path, inlined
+                    addr, length, flags, _ = _unpack_desc(desc, head << 4)
+                    if length and not flags & _NEXT_OR_INDIRECT:
+                        try:
+                            buf = translate(addr, length)
+                        except GuestMemoryError as exc:
+                            raise self._bad_buffer(head, head, addr, length) from exc
+                        if flags & _WRITE:
+                            append(DescriptorChain(head, [], [buf], [addr], 1))
+                        else:
+                            append(DescriptorChain(head, [buf], [], [], 1))
+                        continue
+                append(chain_at(head))
+        except VirtioError:
+            if not chains:
+                self._last_avail = (i + 1) & 0xFFFF  # consumed, as pop() does
+                raise
+            # Hand out the good chains before it; the next call meets the bad one.
+            self._last_avail = i & 0xFFFF
+            return chains
+        self._last_avail = (last + n) & 0xFFFF
         return chains
 
     def chain_at(self, head: int) -> DescriptorChain:
