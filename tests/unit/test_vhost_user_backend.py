@@ -559,3 +559,25 @@ def test_transport_without_fd_passing(lt: LoopThread) -> None:
     fe.close()
     lt.call(session.close)
     ram.close()
+
+
+def test_memory_table_replaced_while_running_keeps_rings_going(lt: LoopThread) -> None:
+    dev = EchoDevice()
+    ram = GuestRam(RAM)
+    with session_pair(dev, lt) as (fe, session):
+        start(fe, ram)
+        info, fd = fe.get_inflight_fd(2, 8)
+        fe.set_inflight_fd(info, fd)
+        os.close(fd)
+        dq = setup_queue(fe, ram, 0, 8)
+        assert echo(dq, ram, b"one") == b"ONE"
+        fe.set_mem_table([(ram.region, ram.fd)])        # same RAM, new mapping
+        assert echo(dq, ram, b"two") == b"TWO"
+        extra = GuestRam(8192, gpa=RAM * 2)
+        fe.add_mem_reg(extra.region, extra.fd)          # hot-added region
+        assert echo(dq, ram, b"three") == b"THREE"
+        assert fe.get_vring_base(0) == 3
+        assert not session.vrings[0].failed
+        dq.close()
+        extra.close()
+    ram.close()

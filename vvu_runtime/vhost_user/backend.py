@@ -442,8 +442,10 @@ class BackendSession:
         vring.inflight = None
         try:
             if self.inflight is not None and vring.index < self.inflight.num_queues:
-                vring.inflight = self.inflight.tracker(
-                    vring.index, lambda: int(getattr(vring.queue, "used_idx", 0)))
+                if self.inflight.packed != bool(self.features & VIRTIO_F_RING_PACKED):
+                    raise RequestError(f"queue {vring.index}: the inflight area was made "
+                                       "for the other ring layout")
+                vring.inflight = self.inflight.tracker(vring.index)
             vring.start(self.memory)
         except VirtioError as exc:
             vring.stop()

@@ -83,7 +83,9 @@ class InflightTracker(Protocol):
         """``chain`` was pushed (after the used ring was written)."""
 
     def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
-        """Chains recorded as inflight by a previous connection, in submission order."""
+        """Bind to ``queue`` (just started); chains recorded as inflight by a previous
+        connection, in submission order. (Optional ``bind(queue)``: rebind after
+        the ring was rebuilt over a new memory table, without resubmitting.)"""
 
 
 class _StoppedQueue(Virtqueue):
@@ -285,6 +287,13 @@ class Vring:
                                    self.features, base)
         self._memory = memory
         self._queue = queue
+        if self.inflight is not None:
+            # The tracker reads the used index from the queue it was bound to.
+            bind = getattr(self.inflight, "bind", None)
+            if bind is not None:
+                bind(queue)
+            elif hasattr(self.inflight, "_queue"):
+                self.inflight._queue = queue
 
     def stop(self) -> int:
         """Stop serving the ring; the vring base to report (GET_VRING_BASE)."""
