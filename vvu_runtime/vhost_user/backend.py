@@ -694,6 +694,10 @@ class BackendSession:
         if vring.call is not None:
             vring.call.close()
         vring.call = self.transport.notifier("call", vf.index, fd)
+        if vring.missed_call and vring.call is not None:
+            # The driver wanted an interrupt while there was no call fd to signal.
+            vring.missed_call = False
+            vring.call.signal()
         return None
 
     def _set_vring_err(self, msg: m.Message) -> None:

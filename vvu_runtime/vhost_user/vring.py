@@ -128,7 +128,7 @@ class Vring:
     __slots__ = (
         "_memory", "_on_fail", "_queue", "_resubmit", "_tracking", "addresses", "base",
         "call", "device_name", "enabled", "err", "failed", "features", "index", "inflight",
-        "kick", "kick_nofd", "name", "queue_factory", "size", "started",
+        "kick", "kick_nofd", "missed_call", "name", "queue_factory", "size", "started",
     )
 
     def __init__(self, index: int, device_name: str = "device",
@@ -147,6 +147,7 @@ class Vring:
         self.enabled = False
         self.started = False
         self.failed = False
+        self.missed_call = False
         self.features = 0
         self.inflight: InflightTracker | None = None
         self.queue_factory = queue_factory
@@ -211,6 +212,8 @@ class Vring:
             call = self.call
             if call is not None:
                 call.signal()
+            else:
+                self.missed_call = True
 
     def has_available(self) -> bool:
         """Whether pop() would return a chain."""
@@ -313,6 +316,7 @@ class Vring:
                 res.close()
         self.kick = self.call = self.err = None
         self.kick_nofd = False
+        self.missed_call = False
 
     def reset(self) -> None:
         """Back to the state after construction (disconnect, RESET_DEVICE)."""
