@@ -42,6 +42,30 @@ class Result:
     target: str
     depth: int
     iops: float
+    cpu_us: float  # target CPU time per request (user + system), microseconds
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds used so far by every process in process group ``pgid``.
+
+    A steadier figure than IOPS on a shared machine: other load slows the
+    target down but does not make it spend more CPU per request.
+    """
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[2] is pgrp (field 5 of stat)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
 
 
 def cpus() -> tuple[int, int]:
@@ -125,13 +149,20 @@ def bench(tc: Toolchain, sock: Path, depth: int, count: int, cpu: int) -> float:
 
 
 def measure(tc: Toolchain, name: str, sock: Path, depths: Sequence[int], count: int,
-            cpu: int, repeat: int) -> list[Result]:
+            cpu: int, repeat: int, pgid: int) -> list[Result]:
     bench(tc, sock, 1, min(count, 2000), cpu)  # warm up (connect path, caches)
     results = []
     for depth in depths:
-        best = max(bench(tc, sock, depth, count, cpu) for _ in range(repeat))
-        print(f"  {name:>20}  QD{depth:<3} {best:>10,.0f} IOPS", flush=True)
-        results.append(Result(name, depth, best))
+        runs = []
+        for _ in range(repeat):
+            before = group_cpu(pgid)
+            iops = bench(tc, sock, depth, count, cpu)
+            runs.append((iops, (group_cpu(pgid) - before) / count * 1e6))
+        best = max(r[0] for r in runs)
+        cpu_us = min(r[1] for r in runs)
+        print(f"  {name:>20}  QD{depth:<3} {best:>10,.0f} IOPS  {cpu_us:6.1f} us CPU/request",
+              flush=True)
+        results.append(Result(name, depth, best, cpu_us))
     return results
 
 
@@ -145,26 +176,31 @@ def qsd_argv(tc: Toolchain, image: Path, sock: Path, aio: str = "threads") -> li
     ])
 
 
-def vvu_argv(image: Path, sock: Path, profile: Path | None = None) -> list[str]:
+def vvu_argv(image: Path, sock: Path, profile: Path | None = None,
+             extra: Sequence[str] = ()) -> list[str]:
     cli = ["-m", "vvu_runtime.backends.blk.cli", "--socket", str(sock), "--image", str(image),
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING", *extra]
     if profile is not None:
         return [sys.executable, "-m", "cProfile", "-o", str(profile), *cli]
     return [sys.executable, *cli]
 
 
 def print_table(results: list[Result], depths: Sequence[int], peers: Sequence[str]) -> None:
-    by = {(r.target, r.depth): r.iops for r in results}
+    by = {(r.target, r.depth): r for r in results}
     cols = [*peers, "vvu-blk"]
     print()
-    print("4 KiB reads, qemu-img bench via blkio, IOPS" + "".join(f"{c:>16}" for c in cols)
-          + "".join(f"{'ratio vs ' + p:>22}" for p in peers))
+    print("4 KiB reads, qemu-img bench via blkio; IOPS (target CPU us per request)")
+    print(f"{'':<16}" + "".join(f"{c:>24}" for c in cols)
+          + "".join(f"{'ratio vs ' + p:>24}" for p in peers))
     for d in depths:
-        line = f"{'queue depth ' + str(d):<43}" + "".join(
-            f"{by[(c, d)]:>16,.0f}" if (c, d) in by else f"{'-':>16}" for c in cols)
+        line = f"{'QD' + str(d):<16}"
+        for c in cols:
+            r = by.get((c, d))
+            line += f"{f'{r.iops:,.0f} ({r.cpu_us:.1f})':>24}" if r else f"{'-':>24}"
+        v = by.get(("vvu-blk", d))
         for p in peers:
-            if (p, d) in by and ("vvu-blk", d) in by:
-                line += f"{by[('vvu-blk', d)] / by[(p, d)]:>22.2f}"
+            q = by.get((p, d))
+            line += f"{v.iops / q.iops:>24.2f}" if v and q else f"{'-':>24}"
         print(line)
 
 
@@ -196,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="profile entries shown")
     parser.add_argument("--qsd-aio", default="threads,io_uring",
                         help="qemu-storage-daemon aio modes to measure (comma separated)")
+    parser.add_argument("--vvu-args", default="", help="extra vvu-blk options, e.g. "
+                        "'--poll-us 0'")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
@@ -220,18 +258,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             peer = f"qsd aio={aio}"
             try:
                 with target(qsd_argv(tc, image, sock, aio), sock, f"qemu-storage-daemon "
-                            f"(aio={aio})", be_cpu, work / f"qsd-{aio}.log"):
+                            f"(aio={aio})", be_cpu, work / f"qsd-{aio}.log") as proc:
                     results += measure(tc, peer, sock, depths, args.count, fe_cpu,
-                                       args.repeat)
+                                       args.repeat, proc.pid)
                 peers.append(peer)
             except RuntimeError as exc:
                 print(f"  {peer}: cannot measure: {str(exc).splitlines()[0]}")
-        with target(vvu_argv(image, sock), sock, "vvu-blk", be_cpu, work / "vvu.log"):
-            results += measure(tc, "vvu-blk", sock, depths, args.count, fe_cpu, args.repeat)
+        extra = args.vvu_args.split()
+        with target(vvu_argv(image, sock, extra=extra), sock, "vvu-blk", be_cpu,
+                    work / "vvu.log") as proc:
+            results += measure(tc, "vvu-blk", sock, depths, args.count, fe_cpu, args.repeat,
+                               proc.pid)
         print_table(results, depths, peers)
         if not args.no_profile:
             prof = work / "vvu-blk.prof"
-            with target(vvu_argv(image, sock, prof), sock, "vvu-blk (cProfile)", be_cpu,
+            with target(vvu_argv(image, sock, prof, extra), sock, "vvu-blk (cProfile)", be_cpu,
                         work / "vvu-prof.log"):
                 bench(tc, sock, max(depths), args.count, fe_cpu)
             print_profile(prof, args.top, args.count)

@@ -44,8 +44,21 @@ class FakeVring:
     def push(self, chain: DescriptorChain, written: int) -> None:
         self.pushed.append((chain, written))
 
+    def pop_many(self, limit: int) -> list[DescriptorChain]:
+        chains = []
+        while len(chains) < limit and (chain := self.pop()) is not None:
+            chains.append(chain)
+        return chains
+
+    def push_many(self, completions: list[tuple[DescriptorChain, int]]) -> None:
+        for chain, written in completions:
+            self.push(chain, written)
+
     def notify(self) -> None:
         self.notified += 1
+
+    def has_available(self) -> bool:
+        return bool(self.available)
 
     def fail(self, exc: BaseException) -> None:
         self.failed.append(exc)
@@ -435,3 +448,33 @@ def test_long_batches_notify_every_few_completions(device: BlkDevice) -> None:
     vring = run(device, *chains)
     assert len(vring.pushed) == 40
     assert vring.notified == 3  # after 16, after 32, and at the end
+
+
+def test_busy_ring_is_polled_briefly(device: BlkDevice) -> None:
+    """After a busy drain finds the ring empty, requests arriving within poll_us are
+    served in the same call (no kick, no wakeup); an idle ring is not polled."""
+    late = [request(RequestType.IN, 0, into=views(512)) for _ in range(3)]
+    vring = FakeVring([request(RequestType.IN, 0, into=views(512)) for _ in range(16)])
+    real_has = vring.has_available
+    polls = 0
+
+    def has_available() -> bool:
+        nonlocal polls
+        polls += 1
+        if polls == 5:  # the driver publishes more while we spin
+            vring.available.extend(late)
+        return real_has()
+
+    vring.has_available = has_available  # type: ignore[method-assign]
+    device.process(vring)  # type: ignore[arg-type]
+    assert len(vring.pushed) == 19
+
+    quiet = FakeVring([request(RequestType.IN, 0, into=views(512))])
+    quiet.has_available = lambda: pytest.fail("an idle ring must not be polled")  # type: ignore[method-assign]
+    device.process(quiet)  # type: ignore[arg-type]
+    assert len(quiet.pushed) == 1
+
+    device.poll_us = 0
+    vring = FakeVring([request(RequestType.IN, 0, into=views(512)) for _ in range(16)])
+    vring.has_available = lambda: pytest.fail("polling is off")  # type: ignore[method-assign]
+    device.process(vring)  # type: ignore[arg-type]

@@ -182,13 +182,7 @@ class CrashingBlkDevice(BlkDevice):
         vring.notify()
 
 
-QEMU_BASE = pytest.param("used", marks=pytest.mark.xfail(
-    reason="session bug: after a reconnect with inflight entries the ring must resume at "
-           "used_idx + inflight count (libvhost-user vu_check_queue_inflights); the Vring "
-           "resubmits them and pops them again from the avail ring", strict=False))
-
-
-@pytest.mark.parametrize("base", [QEMU_BASE, "used+inflight"])
+@pytest.mark.parametrize("base", ["used", "used+inflight"])
 def test_reconnect_mid_io_loses_nothing(lt: LoopThread, image_path: Path, base: str) -> None:
     """Requests popped but never completed by a dead back-end are served again by the
     next one, from the inflight area; every write ends up acknowledged and on disk."""

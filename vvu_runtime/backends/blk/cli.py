@@ -55,6 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="open the image O_DIRECT (bypass the host page cache)")
     parser.add_argument("--serial", default="", metavar="ID",
                         help=f"disk serial returned by GET_ID (at most {ID_BYTES} bytes)")
+    parser.add_argument("--poll-us", type=float, default=BlkDevice.poll_us, metavar="US",
+                        help="after a busy batch, poll the ring this long before sleeping "
+                             f"(0: never poll); default {BlkDevice.poll_us:g}")
     parser.add_argument("--connect", action="store_true",
                         help="connect to a front-end listening on --socket instead of listening")
     parser.add_argument("--vvu", metavar="PCI_ADDRESS",
@@ -79,6 +82,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} is required")
     if not 1 <= args.queues <= MAX_QUEUES:
         parser.error(f"--queues must be between 1 and {MAX_QUEUES}")
+    if args.poll_us < 0:
+        parser.error("--poll-us cannot be negative")
     if len(args.serial.encode()) > ID_BYTES:
         parser.error(f"--serial is at most {ID_BYTES} bytes")
     return args
@@ -105,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = args.vvu if args.vvu is not None else os.path.basename(args.socket)
     name = f"disk {os.path.basename(args.image)} @ {where}"
     device = BlkDevice(image, queues=args.queues, serial=args.serial, name=name)
+    device.poll_us = args.poll_us
 
     def announce() -> None:
         mode = "read-only" if args.read_only else "read-write"
