@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vvu_runtime.backends.blk import device as device_mod
-from vvu_runtime.backends.blk.device import F_VERSION_1, BlkDevice
+from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.virtio.blk import (
     ID_BYTES,
@@ -22,6 +22,7 @@ from vvu_runtime.virtio.blk import (
     RequestType,
     Status,
 )
+from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.queue import DescriptorChain
 
 SECTORS = 64  # 32 KiB image
@@ -114,7 +115,9 @@ def test_features_and_config(device: BlkDevice) -> None:
         assert feats & f.mask, f
     assert not feats & Feature.RO.mask
     assert not feats & Feature.MQ.mask
-    assert feats & F_VERSION_1
+    for f in (VirtioFeature.VERSION_1, VirtioFeature.EVENT_IDX, VirtioFeature.INDIRECT_DESC,
+              VirtioFeature.RING_PACKED):
+        assert feats & f, f
     cfg = BlkConfig.unpack(device.get_config(0, 72))
     assert cfg.capacity == SECTORS
     assert cfg.blk_size == 512 and cfg.seg_max > 0 and cfg.size_max > 0

@@ -84,19 +84,22 @@ class Driver:
         return self.status(st), bytes(self.ram.view(data, into)) if into else b""
 
 
-def start(fe: VhostUserFrontend, ram: GuestRam) -> tuple[int, int]:
-    # Split rings, as QEMU (packed=off by default) and libblkio use.
-    offered, pf = fe.negotiate(features=(1 << 64) - 1 & ~int(VirtioFeature.RING_PACKED))
+def start(fe: VhostUserFrontend, ram: GuestRam, packed: bool = False) -> tuple[int, int]:
+    # Split rings unless asked: QEMU (packed=off by default) and libblkio use them.
+    mask = (1 << 64) - 1 if packed else (1 << 64) - 1 & ~int(VirtioFeature.RING_PACKED)
+    offered, pf = fe.negotiate(features=mask)
     fe.set_mem_table([(ram.region, ram.fd)])
     return offered, pf
 
 
-def test_read_write_flush_through_the_session(lt: LoopThread, image_path: Path) -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_read_write_flush_through_the_session(lt: LoopThread, image_path: Path,
+                                              ring: str) -> None:
     with RawImage(str(image_path)) as image:
         dev = BlkDevice(image, serial="e2e-disk")
         ram = GuestRam(RAM)
         with session_pair(dev, lt) as (fe, _session):
-            _, pf = start(fe, ram)
+            _, pf = start(fe, ram, packed=ring == "packed")
             assert pf & PF.CONFIG.mask and pf & PF.INFLIGHT_SHMFD.mask
             cfg = BlkConfig.unpack(fe.get_config(0, 60))
             assert cfg.capacity == SECTORS and cfg.num_queues == 1

@@ -26,7 +26,8 @@ Malformed requests, decided per VIRTIO 1.2 §5.2.6:
 
 The hot path (IN/OUT) is written for speed: the header is unpacked straight out
 of guest memory, data moves with one ``preadv``/``pwritev`` between the image
-and the guest's buffers, and a whole batch is completed with one notify.
+and the guest's buffers, requests are taken and completed in groups with one
+notify per group, and a busy ring is polled briefly before we go back to sleep.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.vhost_user.device import VhostUserDevice
+from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.virtio import blk
 from vvu_runtime.virtio.blk import (
     ID_BYTES,
@@ -52,6 +54,7 @@ from vvu_runtime.virtio.blk import (
     Status,
 )
 from vvu_runtime.virtio.errors import DescriptorError
+from vvu_runtime.virtio.features import RING_FEATURES
 
 if TYPE_CHECKING:
     from vvu_runtime.vhost_user.vring import Vring
@@ -59,16 +62,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Ring feature bits (VIRTIO 1.2 §6): the session's rings implement them all.
-F_INDIRECT_DESC = 1 << 28
-F_EVENT_IDX = 1 << 29
-F_VERSION_1 = 1 << 32
-F_RING_PACKED = 1 << 34
-
-# vhost-user protocol feature bits (reference B.3) this device needs.
-PROTOCOL_F_MQ = 1 << 0
-PROTOCOL_F_CONFIG = 1 << 9
-PROTOCOL_F_INFLIGHT_SHMFD = 1 << 12
+#: Protocol features this device needs (the session adds what it does for all devices):
+#: multiqueue, the config space, and inflight tracking for reconnects.
+PROTOCOL_FEATURES = PF.MQ.mask | PF.CONFIG.mask | PF.INFLIGHT_SHMFD.mask
 
 #: Largest single guest segment we advertise (SIZE_MAX); preadv takes any size,
 #: this only keeps one request from monopolising the loop for too long.
@@ -168,7 +164,7 @@ class BlkDevice(VhostUserDevice):
         bits = (
             Feature.SIZE_MAX.mask | Feature.SEG_MAX.mask | Feature.BLK_SIZE.mask
             | Feature.TOPOLOGY.mask | Feature.FLUSH.mask | Feature.CONFIG_WCE.mask
-            | F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX | F_RING_PACKED
+            | int(RING_FEATURES)  # VERSION_1, INDIRECT_DESC, EVENT_IDX, RING_PACKED
         )
         if self._queues > 1:
             bits |= Feature.MQ.mask
@@ -179,7 +175,7 @@ class BlkDevice(VhostUserDevice):
         return bits
 
     def protocol_features(self) -> int:
-        return PROTOCOL_F_MQ | PROTOCOL_F_CONFIG | PROTOCOL_F_INFLIGHT_SHMFD
+        return PROTOCOL_FEATURES
 
     def set_features(self, features: int) -> None:
         self._acked = features
