@@ -724,13 +724,7 @@ class ApplianceMachine(QemuMachine):
         """Start QEMU with SSH forwarded to a free port (retried if it was taken meanwhile)."""
         for attempt in range(3):
             port = self._want_port or _free_port()
-            netdev = f"user,id=mgmt,hostfwd=tcp:{self.ssh_host}:{port}-:22"
-            self._extra_args = [
-                *self._fixed_args,
-                "-netdev", netdev,
-                "-device", "virtio-net-pci,netdev=mgmt",
-                *self._devices,
-            ]  # fmt: skip
+            self._compose_args(port)
             try:
                 super().launch()
             except MachineLaunchError as e:
@@ -742,6 +736,17 @@ class ApplianceMachine(QemuMachine):
             self.ssh_port = port
             self._write_ssh_config()
             return
+
+    def _compose_args(self, ssh_port: int) -> list[str]:
+        """The QEMU arguments after the kernel's: IOMMU, disk, rng, NIC, vfio-user devices."""
+        netdev = f"user,id=mgmt,hostfwd=tcp:{self.ssh_host}:{ssh_port}-:22"
+        self._extra_args = [
+            *self._fixed_args,
+            "-netdev", netdev,
+            "-device", "virtio-net-pci,netdev=mgmt",
+            *self._devices,
+        ]  # fmt: skip
+        return list(self._extra_args)
 
     def __enter__(self) -> ApplianceMachine:
         super().__enter__()
