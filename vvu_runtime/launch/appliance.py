@@ -859,6 +859,26 @@ def _image_row(image: ApplianceImage, state: str) -> list[str]:
 HEADER = ("appliance", "state", "disk used", "build", "built at", "image")
 
 
+def _boot(toolchain: Toolchain, name: str, *, persistent: bool, output_dir: Path | None) -> int:
+    image = build_appliance(toolchain, name, output_dir=output_dir)
+    _say(f"booting {image.disk} ({'persistent' if persistent else 'throwaway overlay'})…")
+    start = time.monotonic()
+    try:
+        with ApplianceMachine(toolchain, image, persistent=persistent) as vm:
+            _say(f"{name} is up after {time.monotonic() - start:.0f} s")
+            print(f"ssh:     {shlex.join(vm.ssh_argv())}", flush=True)
+            if vm.temp_dir is not None:
+                print(f"console: {vm.temp_dir / 'console.log'}", flush=True)
+            print("Ctrl-C stops it.", flush=True)
+            while vm.is_running():
+                time.sleep(1)
+            _say(f"{name} exited")
+    except MachineError as e:
+        _say(f"error: {e}")
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vvu-appliance",
@@ -874,6 +894,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_build.add_argument("--output-dir", type=Path, help="instead of images/")
     p_status = sub.add_parser("status", help="table of the appliances and their images")
     p_status.add_argument("--output-dir", type=Path, help="instead of images/")
+    p_boot = sub.add_parser("boot", help="build if needed, boot, wait for Ctrl-C")
+    p_boot.add_argument("name", metavar="NAME")
+    p_boot.add_argument(
+        "--persistent", action="store_true", help="keep the guest's writes in the image"
+    )
+    p_boot.add_argument("--output-dir", type=Path, help="instead of images/")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tc = Toolchain()
@@ -896,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows.append(_image_row(st.image, st.state))
             _print_table(HEADER, rows)
             return 0 if all(r[1] == "up to date" for r in rows) else 1
+        elif args.cmd == "boot":
+            return _boot(tc, args.name, persistent=args.persistent, output_dir=args.output_dir)
     except (ApplianceError, ToolchainError) as e:
         _say(f"error: {e}")
         return 1
