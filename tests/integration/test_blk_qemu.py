@@ -102,12 +102,14 @@ def blk(image: Path, tmp_path: Path) -> Iterator[VvuBlk]:
 
 
 def consumer(toolchain: Toolchain, assets: ConsumerAssets, sock: Path, *,
-             reconnect: bool = False, smp: int = 1, queues: int = 2) -> QemuMachine:
+             reconnect: bool = False, smp: int = 1, queues: int = 2,
+             packed: bool = False) -> QemuMachine:
     chardev = f"socket,id=blk0,path={sock}" + (",reconnect-ms=300" if reconnect else "")
     return QemuMachine(
         toolchain, name="blk-consumer", kernel=assets.kernel, initrd=assets.initrd, smp=smp,
         args=["-chardev", chardev,
-              "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={queues}"])
+              "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={queues}"
+                                + (",packed=on" if packed else "")])
 
 
 def md5(data: bytes) -> str:
@@ -162,6 +164,22 @@ def test_consumer_writes_flushes_and_reads_back(
     out = blk.output()
     assert "Traceback" not in out
     assert "disk disk.raw" in out
+
+
+def test_consumer_on_packed_rings(toolchain: Toolchain, consumer_assets: ConsumerAssets,
+                                  blk: VvuBlk, image: Path) -> None:
+    with consumer(toolchain, consumer_assets, blk.socket, packed=True) as vm:
+        c = vm.console
+        c.check("dd if=/dev/urandom of=/tmp/pattern bs=4096 count=64 2>/dev/null")
+        want = c.check("md5sum /tmp/pattern").split()[0]
+        c.check("dd if=/tmp/pattern of=/dev/vda bs=4096 seek=10 oflag=direct conv=fsync "
+                "2>/dev/null")
+        got = c.check("dd if=/dev/vda bs=4096 skip=10 count=64 iflag=direct 2>/dev/null"
+                      " | md5sum").split()[0]
+        assert got == want
+    with image.open("rb") as f:
+        f.seek(10 * 4096)
+        assert md5(f.read(64 * 4096)) == want
 
 
 def test_read_only_disk(toolchain: Toolchain, consumer_assets: ConsumerAssets,

@@ -469,6 +469,7 @@ def test_busy_ring_is_polled_briefly(device: BlkDevice) -> None:
         return real_has()
 
     vring.has_available = has_available  # type: ignore[method-assign]
+    device.poll_us = 50
     device.process(vring)  # type: ignore[arg-type]
     assert len(vring.pushed) == 19
 

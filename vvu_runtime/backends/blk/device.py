@@ -105,17 +105,17 @@ class RequestError(Exception):
 class BlkDevice(VhostUserDevice):
     """A virtio-blk device on a raw image, for one vhost-user front-end."""
 
-    #: Completions between two notifies while draining a long batch. Measured with
-    #: qemu-img bench at QD32 (benchmarks/blk_bench.py): 16 gives ~1.5x the IOPS of
-    #: one notify per batch (the driver waits for it to refill) and of 4 or 8 (the
-    #: notifies themselves cost more than the overlap gains).
+    #: Requests taken and completed per group, with a notify after each: the driver
+    #: can reap and refill while we serve the next group, and EVENT_IDX keeps the
+    #: notifies rare. At QD32 (benchmarks/blk_bench.py) 16 measured better than 4 or
+    #: 8 (notify cost) and level with one notify per whole batch.
     notify_every = 16
     #: After a busy drain (at least ``notify_every`` requests) finds the ring empty,
-    #: spin this long for more before returning to the event loop: a driver keeping
-    #: a deep queue refills within microseconds, and catching that by polling saves
-    #: its kick and our wakeup. Measured at QD32: 50 us gives ~1.5-2x the IOPS of
-    #: no polling; an idle or lightly loaded ring never spins. 0 disables.
-    poll_us = 50.0
+    #: spin this long for more before returning to the event loop, saving the
+    #: driver's kick and our wakeup when it refills within microseconds. Off by
+    #: default: on a shared 2-CPU machine 50 us made no difference beyond the noise
+    #: at QD32, and spinning takes CPU from everyone else. For a dedicated core.
+    poll_us = 0.0
     #: Polling stops for this call after this many requests (other queues and the
     #: session's messages get their turn); draining what is available still goes on.
     max_polled = 4096
