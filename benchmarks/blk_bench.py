@@ -190,18 +190,27 @@ def print_table(results: list[Result], depths: Sequence[int], peers: Sequence[st
     cols = [*peers, "vvu-blk"]
     print()
     print("4 KiB reads, qemu-img bench via blkio; IOPS (target CPU us per request)")
-    print(f"{'':<16}" + "".join(f"{c:>24}" for c in cols)
-          + "".join(f"{'ratio vs ' + p:>24}" for p in peers))
+    print(f"{'':<8}" + "".join(f"{c:>22}" for c in cols)
+          + "".join(f"{'vvu-blk / ' + p:>30}" for p in peers))
     for d in depths:
-        line = f"{'QD' + str(d):<16}"
+        line = f"{'QD' + str(d):<8}"
         for c in cols:
             r = by.get((c, d))
-            line += f"{f'{r.iops:,.0f} ({r.cpu_us:.1f})':>24}" if r else f"{'-':>24}"
+            line += f"{f'{r.iops:,.0f} ({r.cpu_us:.1f})':>22}" if r else f"{'-':>22}"
         v = by.get(("vvu-blk", d))
         for p in peers:
             q = by.get((p, d))
-            line += f"{v.iops / q.iops:>24.2f}" if v and q else f"{'-':>24}"
+            line += f"{v.iops / q.iops:>30.2f}" if v and q else f"{'-':>30}"
         print(line)
+    # IOPS on a shared machine swing with everyone else's load; CPU per request
+    # does not: it says what one saturated core would give.
+    for d in depths:
+        v = by.get(("vvu-blk", d))
+        for p in peers:
+            q = by.get((p, d))
+            if v and q and v.cpu_us:
+                print(f"QD{d}: CPU efficiency vs {p} (its CPU per request / ours): "
+                      f"{q.cpu_us / v.cpu_us:.2f}")
 
 
 def print_profile(path: Path, top: int, requests: int) -> None:

@@ -26,13 +26,20 @@ IMAGE_MIB = 64
 #: vvu-blk with a slow disk (every request takes 50 ms), so that a SIGKILL lands
 #: while requests are popped but not completed: the inflight area must bring them back.
 SLOW_RUNNER = """
-import sys, time
+import os, sys, time
 from vvu_runtime.backends.blk import cli, device
+
+MARK = os.environ["VVU_TEST_MARK"]
 
 class SlowBlkDevice(device.BlkDevice):
     def serve(self, chain):
+        with open(MARK, "w") as f:  # the test kills us while this says "busy"
+            f.write("busy")
         time.sleep(0.05)
-        return super().serve(chain)
+        written = super().serve(chain)
+        with open(MARK, "w") as f:
+            f.write("idle")
+        return written
 
 cli.BlkDevice = SlowBlkDevice
 sys.exit(cli.main(sys.argv[1:]))
@@ -50,6 +57,11 @@ class VvuBlk:
         self.proc: subprocess.Popen[str] | None = None
         self.logs: list[str] = []
 
+    @property
+    def mark(self) -> Path:
+        """Where the slow runner says whether it is inside a request."""
+        return self.socket.with_suffix(".mark")
+
     def start(self) -> VvuBlk:
         log = self.socket.with_suffix(f".log{len(self.logs)}")
         self.logs.append(str(log))
@@ -57,7 +69,8 @@ class VvuBlk:
             self.proc = subprocess.Popen(
                 [sys.executable, *self.runner, "--socket",
                  str(self.socket), "--image", str(self.image), *self.args],
-                stdout=logf, stderr=subprocess.STDOUT, text=True)
+                stdout=logf, stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, "VVU_TEST_MARK": str(self.mark)})
         # The socket file appears at bind(), before listen(): wait for the log line
         # the daemon prints once it really listens, or QEMU may be refused.
         deadline = time.monotonic() + 30
@@ -226,6 +239,10 @@ def test_consumer_survives_backend_restart_mid_io(
         while int(c.check("cat /tmp/acks 2>/dev/null | wc -l") or 0) < 30:
             assert time.monotonic() < deadline, "the guest does not write"
             time.sleep(0.5)
+        if slow:  # kill it in the middle of a request: popped, written, not completed
+            while blk.mark.read_text() != "busy":
+                assert time.monotonic() < deadline, "vvu-blk never busy"
+                time.sleep(0.002)
         blk.stop(signal.SIGKILL)
         time.sleep(1.5)  # the guest's writes now wait in the ring
         blk.start()
