@@ -1,9 +1,11 @@
 """The appliance images: built by mkosi, booted under TCG, checked over SSH.
 
-Builds both appliances (incremental: seconds when nothing changed, ~2.5 min
-cold with an empty mkosi cache), boots the vswitch appliance once for the
-module and checks it with pytest-testinfra's paramiko backend, then checks
-that shutting it down leaves nothing behind.
+Builds both appliances (incremental: seconds when nothing changed, ~1-2.5 min
+with an empty mkosi cache), boots the vswitch appliance once for the module
+with one VVU function (served by ``vvu-devd`` on the host), checks it with
+pytest-testinfra's paramiko backend - the backend unit found the function,
+moved it to vfio-pci and armed the device - then checks that shutting it down
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import glob
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,9 +45,59 @@ def images(toolchain: Toolchain) -> dict[str, ApplianceImage]:
     return {image.name: image for image in build_appliances(toolchain)}
 
 
+class DeviceModel:
+    """``vvu-devd`` serving one VVU device (consumer RAM: a sparse /dev/shm file)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.ram = Path(f"/dev/shm/vvu-test-appliance-{os.getpid()}.ram")
+        with self.ram.open("wb") as f:
+            f.truncate(128 << 20)
+        self.vfio_socket = workdir / "vfio.sock"
+        self.vhost_socket = workdir / "vhost.sock"
+        self.log_path = workdir / "devd.log"
+        spec = f"c0:{self.vhost_socket}:{self.vfio_socket}:{self.ram}"
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vvu_runtime.device.devd", "--device", spec],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while "serving" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"vvu-devd did not start:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.ram.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
-def vswitch(toolchain: Toolchain, images: dict[str, ApplianceImage]) -> Iterator[ApplianceMachine]:
-    with ApplianceMachine(toolchain, images["vswitch"], accel=Accelerator.TCG) as vm:
+def devd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceModel]:
+    model = DeviceModel(tmp_path_factory.mktemp("devd"))
+    try:
+        yield model
+    finally:
+        model.stop()
+
+
+@pytest.fixture(scope="module")
+def vswitch(
+    toolchain: Toolchain, images: dict[str, ApplianceImage], devd: DeviceModel
+) -> Iterator[ApplianceMachine]:
+    vm = ApplianceMachine(toolchain, images["vswitch"], accel=Accelerator.TCG)
+    vm.add_vfio_user_device(devd.vfio_socket)
+    with vm:
         yield vm
 
 
@@ -124,16 +179,36 @@ def test_intel_iommu_is_enabled(host: Any) -> None:
 
 
 def test_backend_units(host: Any) -> None:
-    switch = host.service("vvu-switch")
-    assert switch.exists and switch.is_enabled
     blk = host.service("vvu-blk")
     assert blk.exists and not blk.is_enabled  # the storage appliance's unit
-    # No VVU function on this machine: the unit is skipped by its condition, not failed.
-    assert not switch.is_running
-    assert host.run("systemctl is-failed vvu-switch").stdout.strip() != "failed"
-    check = host.run("/usr/lib/vvu/vvu-backend switch --check")
-    assert check.rc == 1 and "no VVU function (1af4:107f)" in check.stderr
+    # Without a VVU function (here: one with another ID) a unit is skipped, not failed.
+    check = host.run("VVU_PCI_IDS=1af4:10ff /usr/lib/vvu/vvu-backend switch --check")
+    assert check.rc == 1 and "no VVU function (1af4:10ff)" in check.stderr
+    check = host.run("/usr/lib/vvu/vvu-backend blk --check")
+    assert check.rc == 1 and "VVU_BLK_IMAGES" in check.stderr
     assert host.run("systemctl --failed --no-legend --plain").stdout.strip() == ""
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def test_switch_unit_serves_the_vvu_function(host: Any, devd: DeviceModel) -> None:
+    functions = host.run("lspci -n -D -d 1af4:107f").stdout.split()
+    assert functions[:2] == ["0000:01:00.0", "ff00:"], functions
+    switch = host.service("vvu-switch")
+    assert switch.exists and switch.is_enabled
+    _wait_for(lambda: "driver set BACKEND_UP" in devd.log(), "the backend to arm the device")
+    assert switch.is_running
+    cmd = host.run("systemctl show -p MainPID --value vvu-switch").stdout.strip()
+    argv = host.file(f"/proc/{cmd}/cmdline").content_string.split("\0")
+    assert argv[1:] == ["/usr/bin/vvu-switch", "--vvu", "vvu0=0000:01:00.0", ""], argv
+    driver = host.file("/sys/bus/pci/devices/0000:01:00.0/driver").linked_to
+    assert driver.endswith("/vfio-pci")
 
 
 def test_ssh_is_key_only_for_root(host: Any) -> None:

@@ -204,7 +204,7 @@ def test_qemu_arguments(fake: Toolchain, tmp_path: Path) -> None:
     assert first["bus"] == "vvu-rp1" and "pcie-root-port,id=vvu-rp1,chassis=1,slot=1" in args
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in joined
     assert f"file={vm.image.disk},format=raw" in joined and "snapshot=on" in joined
-    assert vm.machine_type == "q35" and not vm.shared_memory
+    assert vm.machine_type == "q35" and vm.shared_memory  # vfio-user DMA needs fds
     assert vm.append.split().count("console=ttyS0") == 0  # QemuMachine adds it once
     assert "intel_iommu=on" in vm.append and "root=PARTLABEL=root-x86-64" in vm.append
     assert (vm.boot_banner, vm.prompt) == (appliance.BOOT_BANNER, appliance.PROMPT)
@@ -301,7 +301,11 @@ def test_backend_switch_command(
 def test_backend_blk_commands(
     backend: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _program(backend, "vvu-blk", "  --vvu ADDR   the VVU function to serve")
+    _program(
+        backend, "vvu-blk",
+        "usage: vvu-blk [--vvu-access {auto,vfio,sysfs}] [--vvu PCI_ADDRESS]\n"
+        "  --vvu-access {auto,vfio,sysfs}\n  --vvu PCI_ADDRESS  the VVU function to serve",
+    )  # fmt: skip
     assert backend.main(["blk", "--check"]) == 1
     assert "VVU_BLK_IMAGES" in capsys.readouterr().err
     monkeypatch.setenv("VVU_BLK_IMAGES", "/dev/vdb")

@@ -670,7 +670,9 @@ class ApplianceMachine(QemuMachine):
             memory_mib=memory_mib,
             smp=smp,
             accel=accel,
-            shared_memory=False,
+            # vfio-user DMA_MAPs carry fds only for fd-backed RAM: without them the
+            # device model cannot reach the driver's rings (a /dev/shm file, sparse).
+            shared_memory=True,
             machine=machine,
             args=[*base_args, *args],
             console=True,
