@@ -382,3 +382,31 @@ def test_backend_request_over_txq_and_its_ack_over_rxq(tmp_path: Path, image_pat
     finally:
         appliance.close()
         model.close()
+
+
+def test_rings_the_device_cannot_reach_fail_cleanly(tmp_path: Path, image_path: Path,
+                                                    appliance: Appliance) -> None:
+    """Seen in a real appliance whose RAM was not shared with QEMU: the DMA maps reach
+    the device model without an fd, the device sets NEEDS_RESET during setup."""
+    import mmap
+
+    from vvu_runtime.driver.pci import DmaBuffer
+    from vvu_runtime.vhost_user.errors import TransportError
+
+    class FdLessDma(VfioUserPciFunction):
+        def alloc_dma(self, size: int) -> DmaBuffer:
+            size = -(-size // 4096) * 4096
+            mapping = mmap.mmap(-1, size)
+            self.client.dma_map(0x2000_0000, size)  # no fd: unreachable for the device
+            return DmaBuffer(memoryview(mapping), 0x2000_0000)
+
+    model = DeviceModel(tmp_path, "disk0")
+    try:
+        model.pci = FdLessDma(model.client)
+        with RawImage(str(image_path)) as image, \
+                pytest.raises(TransportError, match="DEVICE_NEEDS_RESET during setup"):
+            appliance.serve(BlkDevice(image), model)
+        assert model.status() == 0  # never armed: a front-end would wait, not hang in rxq
+    finally:
+        appliance.close()
+        model.close()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vvu_runtime.driver.errors import DeviceGone, DriverError
+from vvu_runtime.driver.errors import DeviceError, DeviceGone, DriverError
 from vvu_runtime.driver.pci import PciFunction, open_function
 from vvu_runtime.driver.transport import VvuChannel, VvuTransport
 from vvu_runtime.driver.vvu import (
@@ -98,7 +98,12 @@ class VvuEndpoint:
                         "that are polled and never signalled", self.name,
                         self.device.num_queues(), n)
         self._watch()
-        self._arm()
+        try:
+            self._arm()
+        except DriverError as exc:
+            self._unwatch()
+            self._release()
+            raise TransportError(f"VVU device {self.address}: {exc}") from exc
 
     def _watch(self) -> None:
         assert self.vvu is not None and self.loop is not None
@@ -124,6 +129,9 @@ class VvuEndpoint:
         if dropped:
             log.info("%s: dropped %d message(s) of the previous front-end", self.name, dropped)
         self.vvu.set_backend_up(True)
+        if not self.vvu.read_status() & STATUS_BACKEND_UP:
+            raise DeviceError(f"{self.address}: BACKEND_UP does not stick (device "
+                              f"status {self.vvu.virtio.status:#x})")
         log.info("%s: ready for a front-end (BACKEND_UP)", self.name)
 
     # -- events -----------------------------------------------------------------------------

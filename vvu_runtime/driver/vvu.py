@@ -178,6 +178,11 @@ class VvuDriver:
         self._tx_bufs = [arena.alloc(MESSAGE_BUFFER, 64) for _ in range(self.txq.size)]
         self._tx_free = list(range(self.txq.size - 1, -1, -1))
         virtio.driver_ok()
+        if virtio.needs_reset:
+            # E.g. the device model cannot reach our rings (a guest whose RAM is not
+            # shared with it, an IOVA it has no mapping for): its log says why.
+            raise DeviceError(f"{pci.address}: the device set DEVICE_NEEDS_RESET during "
+                              "setup (see the device model's log)")
         for i, iova in enumerate(self._rx_bufs):
             self.rxq.ring.add((), ((iova, MESSAGE_BUFFER),), i)
         self.rxq.notify()
