@@ -317,6 +317,14 @@ class BlkDevice(VhostUserDevice):
             rtype, _, sector = _unpack_header(head)
         last = writable[-1]
         nlast = len(last)
+        if not nlast:
+            # Zero-length descriptors (legal in a ring, useless): the status byte is
+            # the last byte of the writable part, wherever that is.
+            writable = [w for w in writable if len(w)]
+            if not writable:
+                raise BadChain("request has no device-writable status byte")
+            last = writable[-1]
+            nlast = len(last)
 
         # Fast paths: the layout Linux and libblkio use (header alone in the first
         # descriptor, status alone in the last), buffered I/O, one syscall straight
