@@ -36,6 +36,10 @@ PROGRAM = "vvu-blk"
 #: QEMU's vhost-user-blk accepts at most this many queues (VIRTIO_QUEUE_MAX / 2 would
 #: be more, but the virtio-blk config field and Linux's blk-mq make 256 plenty).
 MAX_QUEUES = 256
+#: QEMU's vhost-user-blk-pci asks for one queue per vCPU unless told otherwise, and
+#: refuses a back-end offering fewer: offer enough for ordinary VMs by default.
+#: Unused queues cost nothing.
+DEFAULT_QUEUES = 16
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -49,8 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="raw image file or block device")
     parser.add_argument("--read-only", "--read-only-mode", action="store_true",
                         help="offer a read-only disk (VIRTIO_BLK_F_RO); writes fail with IOERR")
-    parser.add_argument("--queues", type=int, default=1, metavar="N",
-                        help="request queues offered (multiqueue); default 1")
+    parser.add_argument("--queues", type=int, default=DEFAULT_QUEUES, metavar="N",
+                        help="most request queues offered (multiqueue); the front-end uses "
+                             f"as many as it wants up to this; default {DEFAULT_QUEUES}")
     parser.add_argument("--direct", action="store_true",
                         help="open the image O_DIRECT (bypass the host page cache)")
     parser.add_argument("--serial", default="", metavar="ID",
