@@ -371,20 +371,22 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
     with tempfile.TemporaryDirectory(prefix="vvu-switch-bench-") as d:
         tmp = Path(d)
         proc = None
-        if peer_sockets is None:
-            proc = start_switch(tmp, profile, switch_cpu)
-            tx_path, rx_path = str(tmp / "tx.sock"), str(tmp / "rx.sock")
-            pid = proc.pid
-        else:
-            tx_path, rx_path = peer_sockets
-            assert target_pid is not None
-            pid = target_pid
-        gen = ctx.Process(target=traffic, args=(tx_path, rx_path, case, guest_cpu, ready, stop,
-                                                counters))
-        gen.start()
-        if not ready.wait(20):
-            raise SystemExit("the traffic generator did not come up")
+        gen = None
+        drops: dict[str, int] = {}
         try:
+            if peer_sockets is None:
+                proc = start_switch(tmp, profile, switch_cpu)
+                tx_path, rx_path = str(tmp / "tx.sock"), str(tmp / "rx.sock")
+                pid = proc.pid
+            else:
+                tx_path, rx_path = peer_sockets
+                assert target_pid is not None
+                pid = target_pid
+            gen = ctx.Process(target=traffic, args=(tx_path, rx_path, case, guest_cpu, ready,
+                                                    stop, counters))
+            gen.start()
+            if not ready.wait(20):
+                raise SystemExit("the traffic generator did not come up")
             time.sleep(warmup)
             assert gen.pid is not None
             t0, f0, b0, s0, c0, g0 = (time.monotonic(), counters[0], counters[1], counters[2],
@@ -393,17 +395,19 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
             t1, f1, b1, s1, c1, g1 = (time.monotonic(), counters[0], counters[1], counters[2],
                                       _proc_cpu(pid), _proc_cpu(gen.pid))
         finally:
+            # Whatever happened (an error, Ctrl-C, SIGTERM): nothing is left running.
             stop.value = 1
-            gen.join(10)
-            if gen.is_alive():
-                gen.kill()
-        drops: dict[str, int] = {}
-        if proc is not None:
-            time.sleep(1.2)  # one more status-file period
-            with contextlib.suppress(OSError, ValueError):
-                status = json.loads((tmp / "status.json").read_text())
-                drops = status["ports"]["rx"]["drops"]
-            stop_process(proc)
+            if gen is not None:
+                gen.join(10)
+                if gen.is_alive():
+                    gen.kill()
+            if proc is not None:
+                if proc.poll() is None:
+                    time.sleep(1.2)  # one more status-file period
+                    with contextlib.suppress(OSError, ValueError, KeyError):
+                        status = json.loads((tmp / "status.json").read_text())
+                        drops = status["ports"]["rx"]["drops"]
+                stop_process(proc)
     dt = t1 - t0
     pps = (f1 - f0) / dt
     rate = pps / 1e6 if case.unit == "Mpps" else (b1 - b0) * 8 / dt / 1e9
@@ -586,6 +590,9 @@ def print_profile(path: Path, top: int = 18,
 
 
 def main() -> int:
+    # SIGTERM (e.g. from timeout(1)) unwinds like Ctrl-C, so the switch and the
+    # traffic generator are stopped by the finally clauses.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
     p.add_argument("--warmup", type=float, default=1.5)
