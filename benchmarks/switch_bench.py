@@ -62,6 +62,7 @@ from vvu_runtime.backends.switch.testing import (  # noqa: E402
 )
 from vvu_runtime.virtio.net import GsoType, HdrFlags, NetFeature  # noqa: E402
 
+RING_PACKED = 1 << 34
 MAC_TX = mac(0xA)
 MAC_RX = mac(0xB)
 QUEUE_SIZE = 1024
@@ -169,7 +170,8 @@ def _connect(path: str, exclude: int) -> Any:
 
     fe = VhostUserFrontend.connect(path, retry_for=10)
     offered = fe.get_features()
-    fe.negotiate(features=offered & ~m.VHOST_F_LOG_ALL & ~exclude)
+    # Split rings: BulkRing drives the split layout (and QEMU's default is split).
+    fe.negotiate(features=offered & ~m.VHOST_F_LOG_ALL & ~exclude & ~RING_PACKED)
     return fe
 
 
@@ -488,7 +490,7 @@ def micro(case: Case, seconds: float, profile: bool = False) -> float:
     sw = Switch()
     tx_port = SwitchPort(sw, "tx", queue_size=size)
     rx_port = SwitchPort(sw, "rx", queue_size=size)
-    negotiated = tx_port.features()
+    negotiated = tx_port.features() & ~RING_PACKED  # the rings below are split
     rx_features = negotiated & ~case.rx_exclude
     tx_port.set_features(negotiated)
     rx_port.set_features(rx_features)

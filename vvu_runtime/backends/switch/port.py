@@ -30,8 +30,8 @@ from vvu_runtime.backends.switch.offload import SoftFrame
 from vvu_runtime.backends.switch.switch import Drop, Frame, Port, RingLike, Switch
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.virtio.errors import DescriptorError, VirtioError
+from vvu_runtime.virtio.features import RING_FEATURES, VirtioFeature
 from vvu_runtime.virtio.net import (
-    VIRTIO_F_VERSION_1,
     NetConfig,
     NetFeature,
     NetStatus,
@@ -44,11 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Ring-layout bits handled by the virtio package (the session adds the vhost-user ones).
-VIRTIO_F_INDIRECT_DESC = 28
-VIRTIO_F_EVENT_IDX = 29
-VIRTIO_F_RING_PACKED = 34
-
 #: Offloads offered on every port: checksums, TSO, ECN, UFO and USO both ways.
 OFFLOAD_FEATURES = feature_mask(
     NetFeature.CSUM, NetFeature.GUEST_CSUM,
@@ -57,19 +52,13 @@ OFFLOAD_FEATURES = feature_mask(
     NetFeature.HOST_USO, NetFeature.GUEST_USO4, NetFeature.GUEST_USO6,
 )
 
-BASE_FEATURES = OFFLOAD_FEATURES | feature_mask(
-    NetFeature.MRG_RXBUF, VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_EVENT_IDX,
-)
+#: Everything offered by default: offloads, mergeable RX buffers, and the ring
+#: layouts the virtio package implements (VERSION_1, INDIRECT_DESC, EVENT_IDX,
+#: RING_PACKED); the session adds the vhost-user bits.
+BASE_FEATURES = OFFLOAD_FEATURES | NetFeature.MRG_RXBUF.mask | int(RING_FEATURES)
 
 _NUM_BUFFERS = struct.Struct("<H")
 _CSUM_FIELDS = struct.Struct("<HH")
-
-
-def _has_packed_rings() -> bool:
-    """Offer RING_PACKED only once the packed ring implementation exists."""
-    import importlib.util
-
-    return importlib.util.find_spec("vvu_runtime.virtio.packed") is not None
 
 
 class RxQueue:
@@ -111,7 +100,7 @@ class SwitchPort(Port, VhostUserDevice):
 
     def __init__(self, switch: Switch, port_name: str, *, queue_pairs: int = 1,
                  mac: bytes | None = None, offloads: bool = True,
-                 packed: bool | None = None, queue_size: int = 1024) -> None:
+                 packed: bool = True, queue_size: int = 1024) -> None:
         if queue_pairs < 1 or queue_pairs > 0x8000:
             raise ValueError(f"queue pairs must be 1..32768, got {queue_pairs}")
         Port.__init__(self, port_name)
@@ -121,10 +110,8 @@ class SwitchPort(Port, VhostUserDevice):
         offered = BASE_FEATURES if offloads else BASE_FEATURES & ~OFFLOAD_FEATURES
         if queue_pairs > 1:
             offered |= NetFeature.MQ.mask
-        if packed is None:
-            packed = _has_packed_rings()
-        if packed:
-            offered |= 1 << VIRTIO_F_RING_PACKED
+        if not packed:
+            offered &= ~int(VirtioFeature.RING_PACKED)
         if mac is not None:
             offered |= NetFeature.MAC.mask
         self._offered = offered
