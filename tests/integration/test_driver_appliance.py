@@ -126,12 +126,9 @@ def appliance(toolchain: Toolchain, image: object, vfio: Path, *,
 
     vm = ApplianceMachine(toolchain, image)  # type: ignore[arg-type]
     vm.add_vfio_user_device(vfio)
-    # QEMU's vfio-user client sends DMA_MAP with an fd only for fd-backed guest RAM;
-    # without one the device model cannot reach the driver's rings.
-    vm.shared_memory = True
     if not viommu:
         # The poll-mode fallback is for appliances without a vIOMMU (the launcher
-        # always adds one; drop it).
+        # always adds one and has no option against it yet: drop it).
         i = vm._fixed_args.index("intel-iommu,caching-mode=on")
         del vm._fixed_args[i - 1:i + 1]
     vm.launch()
