@@ -128,6 +128,14 @@ def test_bad_sources_and_runts_dropped(switch: Switch) -> None:
     assert len(a.tx[0].used) == 3  # every chain is returned
 
 
+def test_busy_poll_turns_kicks_back_on(switch: Switch) -> None:
+    a, b = Node(switch, "a"), Node(switch, "b")
+    a.port.busy_poll = 0.002
+    a.send(ether(BROADCAST, mac(1), 0x0800, bytes(50)))
+    assert len(b.frames()) == 1
+    assert a.tx[0].kicks_suppressed is False
+
+
 def test_oversize_frames_dropped(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b", rx_buffers=200)
     huge = ether(BROADCAST, mac(1), 0x0800, bytes(70000))

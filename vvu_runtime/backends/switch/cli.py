@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fdb-max-per-port", metavar="N", type=_positive(int),
                    default=DEFAULT_MAX_PER_PORT,
                    help=f"most addresses learned per port (default {DEFAULT_MAX_PER_PORT})")
+    p.add_argument("--busy-poll", metavar="USEC", type=_non_negative, default=0.0,
+                   help="keep polling a port's transmit ring this long after it ran dry, "
+                        "with the guest's kicks off (more throughput, more CPU; default 0)")
     p.add_argument("--no-offloads", action="store_true",
                    help="offer no checksum or segmentation offloads to the front-ends")
     p.add_argument("--stats-interval", metavar="SECONDS", type=_non_negative, default=0.0,

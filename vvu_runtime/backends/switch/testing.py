@@ -147,6 +147,7 @@ class FakeRing:
     failed: BaseException | None = None
     pop_error: BaseException | None = None
     push_error: BaseException | None = None
+    kicks_suppressed: bool = False
     _next_head: int = 0
 
     def pop(self) -> DescriptorChain | None:
@@ -178,6 +179,13 @@ class FakeRing:
 
     def notify(self) -> None:
         self.notifications += 1
+
+    def has_available(self) -> bool:
+        return bool(self.avail) and self.failed is None
+
+    def kick_suppression(self, suppress: bool) -> bool:
+        self.kicks_suppressed = suppress
+        return self.has_available()
 
     def fail(self, exc: BaseException) -> None:
         self.failed = exc
