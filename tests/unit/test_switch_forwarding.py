@@ -128,6 +128,34 @@ def test_bad_sources_and_runts_dropped(switch: Switch) -> None:
     assert len(a.tx[0].used) == 3  # every chain is returned
 
 
+def test_a_fast_sender_yields_the_event_loop(switch: Switch) -> None:
+    """More than a budget of frames: served in slices, other work runs between."""
+    import asyncio
+
+    from vvu_runtime.backends.switch.port import TX_BUDGET
+    from vvu_runtime.backends.switch.switch import BURST
+
+    a = Node(switch, "a")
+    b = Node(switch, "b", rx_buffers=3000, rx_size=128)
+    total = TX_BUDGET * BURST * 2 + 10
+    for i in range(total):
+        a.tx[0].add_tx(net_hdr() + ether(BROADCAST, mac(1), 0x0800, i.to_bytes(4, "big") * 12))
+    seen: list[int] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        a.port.process(a.tx[0])
+        seen.append(len(a.tx[0].used))  # after the first slice
+        loop.call_soon(lambda: seen.append(len(a.tx[0].used)))  # another port's turn
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert seen[0] == TX_BUDGET * BURST
+    assert TX_BUDGET * BURST <= seen[1] < total  # other callbacks ran in between
+    assert len(a.tx[0].used) == total and len(b.frames()) == total
+
+
 def test_busy_poll_turns_kicks_back_on(switch: Switch) -> None:
     a, b = Node(switch, "a"), Node(switch, "b")
     a.port.busy_poll = 0.002

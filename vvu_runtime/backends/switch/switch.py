@@ -436,8 +436,14 @@ class Switch:
         return self.fdb.age(self.clock())
 
     # ------------------------------------------------------------------ ingress
-    def forward_chains(self, port: Port, ring: RingLike, hdr_size: int) -> None:
+    def forward_chains(self, port: Port, ring: RingLike, hdr_size: int,
+                       budget: int = 0) -> bool:
         """Drain ``ring`` (a TX ring of ``port``): forward every frame, return every chain.
+
+        With ``budget`` > 0, stop after that many bursts and return True if the
+        ring may hold more: the caller must come back (the driver will not kick
+        again for buffers it already published), after letting other ports and
+        control messages have the event loop. Returns False when the ring is empty.
 
         Works in bursts of :data:`BURST` chains: one avail read and one used-index
         publish per burst on the TX ring, and the frames delivered in the burst
@@ -450,7 +456,7 @@ class Switch:
         """
         if not ring.enabled:
             self._drain_disabled(port, ring)
-            return
+            return False
         frame = self._frame
         frame.hdr_size = hdr_size
         frame.ingress = port
@@ -479,16 +485,20 @@ class Switch:
         dst_mac: bytes
         src_mac: bytes
         pkts = nbytes = 0
+        bursts = 0
         try:
             while True:
+                if bursts == budget:  # never true for budget 0
+                    return True
+                bursts += 1
                 try:
                     chains = ring.pop_many(BURST)
                 except VirtioError as exc:
                     counters.drop(Drop.TX_RING_ERROR)
                     ring.fail(exc)
-                    return
+                    return False
                 if not chains:
-                    break
+                    return False
                 now = self.clock()
                 last_src = None
                 for chain in chains:
@@ -587,7 +597,7 @@ class Switch:
                 except VirtioError as exc:
                     counters.drop(Drop.TX_RING_ERROR)
                     ring.fail(exc)
-                    return
+                    return False
                 self.flush_notifications()
                 # No early exit on a short burst: the empty pop is what re-arms
                 # the driver's kicks (EVENT_IDX avail_event).
