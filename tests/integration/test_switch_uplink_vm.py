@@ -172,7 +172,8 @@ def test_files_cross_the_uplink_both_ways(toolchain: Toolchain,
         assert tx.wait(120) == 0
         deadline = time.monotonic() + 120
         while int(con.check("wc -c < /tmp/down").strip() or 0) < FILE_BYTES:
-            assert time.monotonic() < deadline, "the file did not arrive in full"
+            assert time.monotonic() < deadline, \
+                f"the file did not arrive in full: {sw.counters()}\n{sw.output()[-3000:]}"
             time.sleep(0.5)
         assert con.check("sha256sum /tmp/down").split()[0] == \
             hashlib.sha256(payload).hexdigest()
@@ -180,10 +181,9 @@ def test_files_cross_the_uplink_both_ways(toolchain: Toolchain,
         c = sw.counters()
         up, port = c[TAP], c["vm1"]
         assert up["drops"] == {} and port["drops"] == {}, c
-        # Both kernels' TSO crossed whole: frames far larger than the 1500-byte MTU.
-        for name, pk, by in ((TAP, "in_packets", "in_bytes"), ("vm1", "in_packets", "in_bytes")):
-            pkts, nbytes = int(c[name][pk]), int(c[name][by])  # type: ignore[call-overload]
-            assert nbytes / pkts > 3000, f"{name}: average {nbytes / pkts:.0f} B, no TSO?"
+        # Both kernels' TSO crossed whole: GSO super-frames came in on both ports
+        # and none had to be cut up (how many depends on the TCP stacks' pace).
+        assert int(up["in_gso"]) > 0 and int(port["in_gso"]) > 0, c  # type: ignore[call-overload]
         assert port["sw_offload"] == 0 and up["sw_offload"] == 0
     assert sw.stop() == 0, sw.output()[-2000:]
     assert not sw.sock.exists()

@@ -375,6 +375,7 @@ def test_tso_passes_through_to_a_tso_receiver(switch: Switch) -> None:
     assert got_hdr.gso_type == GsoType.TCPV4 and got_hdr.gso_size == 1448
     assert got_hdr.flags == HdrFlags.NEEDS_CSUM and got_hdr.csum_start == 34
     assert b.port.counters.segmented == 0
+    assert a.port.counters.in_gso == 1
 
 
 def test_tso_segmented_for_a_receiver_without_offloads(switch: Switch) -> None:

@@ -135,6 +135,7 @@ class PortCounters:
     out_bytes: int = 0
     flooded: int = 0  # frames from this port that were flooded
     segmented: int = 0  # frames to this port that needed a software offload
+    in_gso: int = 0  # frames from this port with a GSO type (TSO/UFO/USO super-frames)
     drops: dict[Drop, int] = field(default_factory=dict)
 
     @property
@@ -484,7 +485,7 @@ class Switch:
         gso: int
         dst_mac: bytes
         src_mac: bytes
-        pkts = nbytes = 0
+        pkts = nbytes = gso_in = 0
         bursts = 0
         try:
             while True:
@@ -524,6 +525,8 @@ class Switch:
                         gso = v0[1]
                     pkts += 1
                     nbytes += n
+                    if gso:
+                        gso_in += 1
                     if src_mac != last_src:
                         if src_mac[0] & 1 or src_mac == zero_mac:
                             counters.drop(Drop.BAD_SOURCE)
@@ -604,6 +607,7 @@ class Switch:
         finally:
             counters.in_packets += pkts
             counters.in_bytes += nbytes - pkts * hdr_size
+            counters.in_gso += gso_in
             self.flush_notifications()
             try:
                 ring.notify()
@@ -656,6 +660,8 @@ class Switch:
         frame.length = n
         counters.in_packets += 1
         counters.in_bytes += n - hdr_size
+        if buf[1]:
+            counters.in_gso += 1
         now = self.clock()
         dst_mac, src_mac = _MAC_PAIR.unpack_from(buf, hdr_size)
         if src_mac[0] & 1 or src_mac == _ZERO_MAC:
@@ -752,13 +758,13 @@ class Switch:
     def status_table(self) -> str:
         """The per-port counters as an aligned text table (for logs and the status file)."""
         now = self.clock()
-        head = ("port", "state", "in pkts", "in bytes", "out pkts", "out bytes", "flooded",
-                "sw-offload", "drops")
+        head = ("port", "state", "in pkts", "in bytes", "in gso", "out pkts", "out bytes",
+                "flooded", "sw-offload", "drops")
         rows = [head]
         for p in self.ports:
             c = p.counters
             rows.append((p.port_name, p.status_line(), str(c.in_packets), str(c.in_bytes),
-                         str(c.out_packets), str(c.out_bytes), str(c.flooded),
+                         str(c.in_gso), str(c.out_packets), str(c.out_bytes), str(c.flooded),
                          str(c.segmented), str(c.dropped)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
@@ -789,6 +795,7 @@ class Switch:
                 p.port_name: {
                     "state": p.status_line(),
                     "in_packets": p.counters.in_packets, "in_bytes": p.counters.in_bytes,
+                    "in_gso": p.counters.in_gso,
                     "out_packets": p.counters.out_packets, "out_bytes": p.counters.out_bytes,
                     "flooded": p.counters.flooded, "sw_offload": p.counters.segmented,
                     "drops": {r.value: n for r, n in p.counters.drops.items()},
