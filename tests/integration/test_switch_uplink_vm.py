@@ -34,6 +34,11 @@ HOST_IP = "10.0.7.254"
 VM_IP = "10.0.7.1"
 FILE_BYTES = 3 << 20
 
+# A background busybox nc must not read the console: a background read of the
+# terminal stops it (SIGTTIN), it stops reading the socket too, and the sender
+# sits on a zero window. A pipe that never delivers keeps its stdin busy.
+_NC_LISTEN = "(sleep 100000 | nc -l -p {port} > {out}) >/dev/null 2>&1 &"
+
 # Runs in the namespace: receive one TCP connection on a port, print its sha256.
 _RECEIVER = """
 import hashlib, socket, sys
@@ -167,7 +172,7 @@ def test_files_cross_the_uplink_both_ways(toolchain: Toolchain,
         payload = os.urandom(FILE_BYTES)
         src = tmp_path / "down"
         src.write_bytes(payload)
-        con.check("rm -f /tmp/down; (nc -l -p 6002 > /tmp/down) >/dev/null 2>&1 &")
+        con.check(f"rm -f /tmp/down; {_NC_LISTEN.format(port=6002, out='/tmp/down')}")
         tx = sw.run(sys.executable, "-c", _SENDER, VM_IP, "6002", str(src))
         assert tx.wait(120) == 0
         deadline = time.monotonic() + 120

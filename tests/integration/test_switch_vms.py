@@ -100,7 +100,9 @@ def _wait_link(console: GuestConsole, peer: str, timeout: float = 60) -> None:
 
 
 def _send_file(src: GuestConsole, dst: GuestConsole, dst_ip: str, kib: int) -> str:
-    dst.check("rm -f /tmp/recv; (nc -l -p 5000 > /tmp/recv) >/dev/null 2>&1 &")
+    # The listener's stdin is a pipe that never delivers: a background busybox nc
+    # reading the console would be stopped (SIGTTIN) and stop reading the socket.
+    dst.check("rm -f /tmp/recv; (sleep 100000 | nc -l -p 5000 > /tmp/recv) >/dev/null 2>&1 &")
     src.check(f"dd if=/dev/urandom of=/tmp/send bs=1024 count={kib} 2>/dev/null")
     sent = src.check("sha256sum /tmp/send").split()[0]
     time.sleep(0.5)
