@@ -27,6 +27,8 @@ from vvu_runtime.backends.switch.testing import BROADCAST, DriverPort, ether, ma
     ["--port", "a=/tmp/x", "--ageing-time", "-1"],
     ["--port", "a=/tmp/x", "--uplink", "a"],
     ["--port", "a=/tmp/x", "--uplink", "much-too-long-name"],
+    ["--vvu", "a=0000:00:05.0", "--vvu", "b=0000:00:05.0"],
+    ["--vvu", "0000:00:05.0"],
 ])
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -43,6 +45,25 @@ def test_print_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
 def test_defaults() -> None:
     args = build_parser().parse_args(["--port", "vm1=/run/a.sock"])
     assert args.queues == 1 and args.ageing_time == 300 and args.port[0].name == "vm1"
+
+
+def test_ports_of_both_kinds_become_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vvu_runtime.backends.switch.cli as cli
+
+    seen: dict[str, object] = {}
+
+    def fake_run(endpoints: list[object], **kw: object) -> int:
+        seen["endpoints"] = endpoints
+        return 0
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    assert main(["--port", "vm1=/tmp/a.sock", "--vvu", "vvu0=0000:00:05.0",
+                 "--vvu-access", "sysfs", "--busy-poll", "50"]) == 0
+    eps = seen["endpoints"]
+    assert isinstance(eps, list) and len(eps) == 2
+    assert eps[0].socket_path == "/tmp/a.sock" and eps[0].vvu is None
+    assert eps[1].vvu == "0000:00:05.0" and eps[1].vvu_access == "sysfs"
+    assert eps[1].device.port_name == "vvu0" and eps[1].device.busy_poll == 50e-6
 
 
 def test_a_real_run(tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ Each ``--port NAME=SOCKET`` listens on SOCKET for one vhost-user-net front-end
 (QEMU ``-chardev socket,id=c,path=SOCKET,reconnect-ms=1000 -netdev
 vhost-user,id=n,chardev=c``); a front-end may disconnect and come back without
 restarting the switch. Each ``--vvu NAME=PCI_ADDRESS`` is a port whose front-end
-sits behind that virtio-vhost-user function (inside an appliance VM; ``--vvu-access``
-picks vfio-pci or the sysfs poll mode). ``--uplink`` attaches a TAP interface (it must exist or
-be creatable, and be brought up by the operator).
+sits behind that virtio-vhost-user function (inside an appliance VM;
+``--vvu-access`` picks vfio-pci or the sysfs poll mode); both kinds mix.
+``--uplink`` attaches a TAP interface (it must exist or be creatable, and be
+brought up by the operator).
 
 Counters: ``kill -USR1 <pid>`` logs the per-port table; ``--stats-interval``
 logs it periodically; ``--status-file`` keeps it in a file (JSON if the name
@@ -95,7 +96,8 @@ def _non_negative(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="L2 learning switch whose ports are vhost-user-net sockets.",
+        description="L2 learning switch whose ports are vhost-user-net front-ends "
+                    "(on UNIX sockets, or behind VVU functions in an appliance).",
         epilog="kill -USR1 logs the per-port counters; SIGTERM stops and removes the sockets.")
     p.add_argument("--port", metavar="NAME=SOCKET", action="append", type=_port_spec,
                    default=[], help="a switch port listening on SOCKET (repeat for more)")
@@ -207,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     switch = Switch(ageing_time=args.ageing_time, max_fdb_entries=args.fdb_max,
                     max_fdb_per_port=args.fdb_max_per_port)
     ports = [SwitchPort(switch, spec.name, queue_pairs=args.queues,
-                        offloads=not args.no_offloads, queue_size=args.queue_size)
+                        offloads=not args.no_offloads, queue_size=args.queue_size,
+                        busy_poll=args.busy_poll / 1e6)
              for spec in specs]
     try:
         uplink = TapUplink(switch, args.uplink) if args.uplink else None
