@@ -6,6 +6,8 @@ with two VVU functions (served by ``vvu-devd`` on the host), checks it with
 pytest-testinfra's paramiko backend - the backend unit found the functions,
 moved them to vfio-pci and armed the devices - has two stock consumer VMs ping
 each other through it, then checks that shutting it down leaves nothing behind.
+Last, the storage appliance serves a disk (given as a systemd credential) to a
+stock vhost-user-blk consumer.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class DeviceModel:
     RAM_MIB = 128
 
     def __init__(self, workdir: Path, count: int) -> None:
-        prefix = f"/dev/shm/vvu-test-appliance-{os.getpid()}"
+        prefix = f"/dev/shm/vvu-test-appliance-{os.getpid()}-{workdir.name}"
         self.rams = [Path(f"{prefix}-c{i}.ram") for i in range(count)]
         self.vfio_sockets = [workdir / f"vfio{i}.sock" for i in range(count)]
         self.vhost_sockets = [workdir / f"vhost{i}.sock" for i in range(count)]
@@ -274,7 +276,8 @@ def _port_open(port: int) -> bool:
 def test_shutdown_leaves_nothing_behind(
     vswitch: ApplianceMachine, images: dict[str, ApplianceImage]
 ) -> None:
-    # Runs last: it shuts the module's machine down (the fixture's exit is then a no-op).
+    # Shuts the module's machine down (the fixture's exit is then a no-op): keep it
+    # after every test that uses the vswitch fixture.
     image = images["vswitch"]
     before = image.disk.stat()
     vswitch.console.check("echo scribble > /root/scribble && sync")
@@ -300,3 +303,49 @@ def test_shutdown_leaves_nothing_behind(
         before.st_mtime_ns,
         before.st_blocks,
     )
+
+
+def test_storage_appliance_serves_a_disk(
+    toolchain: Toolchain, images: dict[str, ApplianceImage], consumer_assets: ConsumerAssets,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    disk = tmp_path / "served.raw"
+    with disk.open("wb") as f:
+        f.truncate(32 << 20)
+    devd = DeviceModel(tmp_path, count=1)
+    try:
+        vm = ApplianceMachine(
+            toolchain, images["storage"], accel=Accelerator.TCG,
+            # The disk the appliance serves, named by its serial; told as a credential.
+            args=["-drive", f"file={disk},format=raw,if=none,id=served,cache=none,aio=threads",
+                  "-device", "virtio-blk-pci,drive=served,serial=vvu-served"],
+            credentials={"vvu.blk-images": "/dev/disk/by-id/virtio-vvu-served"},
+        )  # fmt: skip
+        vm.add_vfio_user_device(devd.vfio_sockets[0])
+        with vm:
+            _wait_for(lambda: "driver set BACKEND_UP" in devd.log(), "vvu-blk to arm the device")
+            consumer = QemuMachine(
+                toolchain, name="blk-consumer", kernel=consumer_assets.kernel,
+                initrd=consumer_assets.initrd, memory_mib=DeviceModel.RAM_MIB,
+                memory_file=devd.rams[0],
+                args=["-chardev", f"socket,id=blk0,path={devd.vhost_sockets[0]},reconnect-ms=1000",
+                      "-device", "vhost-user-blk-pci,chardev=blk0"],
+            )  # fmt: skip
+            with consumer:
+                con = consumer.console
+                assert con.check("cat /sys/block/vda/size").strip() == str((32 << 20) // 512)
+                con.check(
+                    "echo VVU-STORAGE-APPLIANCE | dd of=/dev/vda bs=512 seek=100 conv=fsync",
+                    timeout=120,
+                )
+            unit = vm.console.check("systemctl show -p MainPID --value vvu-blk").strip()
+            argv = vm.console.check(f"tr '\\0' ' ' < /proc/{unit}/cmdline").split()
+            assert argv[1:] == [
+                "/usr/bin/vvu-blk", "--vvu", "0000:01:00.0",
+                "--image", "/dev/disk/by-id/virtio-vvu-served",
+            ], argv  # fmt: skip
+        with disk.open("rb") as f:
+            f.seek(100 * 512)
+            assert f.read(21) == b"VVU-STORAGE-APPLIANCE"
+    finally:
+        devd.stop()

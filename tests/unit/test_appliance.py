@@ -4,6 +4,7 @@ vvu-backend helper (against a fake sysfs and fake backend programs)."""
 
 from __future__ import annotations
 
+import base64
 import importlib.machinery
 import importlib.util
 import json
@@ -248,6 +249,10 @@ def backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         _write(sysfs / addr / "vendor", "0x1af4\n")
         _write(sysfs / addr / "device", device + "\n")
     monkeypatch.setenv("VVU_SYSFS_PCI", str(sysfs))
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    monkeypatch.setenv("VVU_SYSTEM_CREDENTIALS", str(creds))
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
@@ -259,6 +264,7 @@ def backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     module.BIN = bindir  # type: ignore[attr-defined]
+    module.CREDS = creds  # type: ignore[attr-defined]
     return module
 
 
@@ -325,3 +331,32 @@ def test_backend_supervises_one_process_per_disk(backend: ModuleType, tmp_path: 
     slow = [sys.executable, "-c", "import time; time.sleep(60)"]
     # The first to end decides the status; the other is stopped.
     assert backend.supervise([slow, quick]) == 3
+
+
+def test_backend_settings_from_credentials_before_the_environment(
+    backend: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    _program(backend, "vvu-blk", "  --vvu PCI_ADDRESS")
+    monkeypatch.setenv("VVU_BLK_IMAGES", "/env/a /env/b")
+    (backend.CREDS / "vvu.blk-images").write_text("/system/a /system/b\n")
+    unit = tmp_path / "unit-credentials"
+    unit.mkdir()
+    (unit / "vvu.blk-args").write_text("--read-only")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(unit))
+    assert backend.main(["blk", "--print"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "vvu-blk --vvu 0000:01:00.0 --image /system/a --read-only",
+        "vvu-blk --vvu 0000:02:00.0 --image /system/b --read-only",
+    ]
+
+
+def test_credentials_become_smbios_strings(fake: Toolchain, tmp_path: Path) -> None:
+    vm = _machine(fake, tmp_path, Accelerator.TCG, credentials={"vvu.blk-images": "/dev/a,b c"})
+    args = vm._compose_args(2222)
+    value = args[args.index("-smbios") + 1]
+    prefix = "type=11,value=io.systemd.credential.binary:vvu.blk-images="
+    assert value.startswith(prefix) and "," not in value[len(prefix) :]
+    assert base64.b64decode(value[len(prefix) :]) == b"/dev/a,b c"
+    with pytest.raises(ValueError, match="credential name"):
+        _machine(fake, tmp_path, Accelerator.TCG, credentials={"bad name": "x"})

@@ -46,6 +46,7 @@ built yet); boot failures are :class:`~vvu_runtime.launch.machine.MachineError`.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -61,7 +62,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -605,6 +606,14 @@ def _ssh_banner(port: int, timeout: float = 3.0) -> bytes:
         return b""
 
 
+def _smbios_credential(name: str, value: str) -> str:
+    """A systemd credential as an SMBIOS type 11 string (base64: no QEMU escaping)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"credential name {name!r}: use letters, digits, '.', '_', '-'")
+    data = base64.b64encode(value.encode()).decode()
+    return f"type=11,value=io.systemd.credential.binary:{name}={data}"
+
+
 class ApplianceMachine(QemuMachine):
     """An appliance VM, used as a context manager::
 
@@ -622,7 +631,10 @@ class ApplianceMachine(QemuMachine):
 
     vfio-user devices (VVU functions served by a device model) are added with
     :meth:`add_vfio_user_device` before launch, each on its own
-    ``pcie-root-port`` behind the virtual Intel IOMMU.
+    ``pcie-root-port`` behind the virtual Intel IOMMU. Guest RAM is a shared
+    file (vfio-user DMA needs fds). ``credentials`` become systemd credentials
+    in the guest (SMBIOS type 11): the backend units read ``vvu.switch-args``,
+    ``vvu.blk-images``, ``vvu.blk-args`` (see appliances/README.md).
     """
 
     def __init__(
@@ -640,6 +652,7 @@ class ApplianceMachine(QemuMachine):
         ssh_timeout: float = 120.0,
         args: Sequence[str] = (),
         append: str = "",
+        credentials: Mapping[str, str] | None = None,
         launch_timeout: float = 60.0,
         boot_timeout: float = 300.0,
     ) -> None:
@@ -659,6 +672,8 @@ class ApplianceMachine(QemuMachine):
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-pci,rng=rng0",
         ]  # fmt: skip
+        for cred, value in (credentials or {}).items():
+            base_args += ["-smbios", _smbios_credential(cred, value)]
         # QemuMachine adds "console=ttyS0 panic=-1" itself.
         cmdline = " ".join(w for w in image.cmdline.split() if w != "console=ttyS0")
         super().__init__(
