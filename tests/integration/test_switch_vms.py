@@ -137,7 +137,10 @@ def test_ping_and_file_transfer_with_offloads_end_to_end(rig: Rig, vm1: QemuMach
 
         c = rig.counters()
         v1, v2 = c["vm1"], c["vm2"]
-        assert v1["drops"] == {} and v2["drops"] == {}, c
+        # A guest slow to refill its RX ring costs a dropped frame (TCP resends it);
+        # any other drop reason (bad frames, ring errors) is a bug.
+        assert set(v1["drops"]) <= {"rx_ring_full"}, c  # type: ignore[arg-type]
+        assert set(v2["drops"]) <= {"rx_ring_full"}, c  # type: ignore[arg-type]
         assert v1["state"] == "up 1/2q" and v2["state"] == "up 2/2q", c
         # TSO end to end: the sender's GSO super-frames crossed whole (how many
         # depends on the TCP stack's pace) and nothing was cut up in software.

@@ -137,7 +137,10 @@ def run_demo(workdir: Path) -> Report:
                 raise DemoFailure(f"ping lost packets:\n{out}")
             say(out.strip().splitlines()[-1])
         with report.step(f"vm1 sends {FILE_KIB} KiB to vm2") as say:
-            vm2.check("rm -f /tmp/recv; (nc -l -p 5000 > /tmp/recv) >/dev/null 2>&1 &")
+            # The listener must not read the console: a background job that does is
+            # stopped by SIGTTIN and stops reading its socket too.
+            vm2.check("rm -f /tmp/recv; (sleep 120 | nc -l -p 5000 > /tmp/recv) "
+                      ">/dev/null 2>&1 &")
             vm1.check(f"dd if=/dev/urandom of=/tmp/send bs=1024 count={FILE_KIB} 2>/dev/null")
             sent = vm1.check("sha256sum /tmp/send").split()[0]
             time.sleep(0.5)
