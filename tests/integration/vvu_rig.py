@@ -136,7 +136,10 @@ def send_file(src: GuestConsole, dst: GuestConsole, dst_ip: str, kib: int, *,
               port: int = 5000, timeout: float = 600.0) -> tuple[str, float]:
     """``kib`` KiB of random data from ``src`` to ``dst`` with busybox nc; the sha256
     sums must match. Returns (sha256, seconds the transfer took)."""
-    dst.check(f"rm -f /tmp/recv; (nc -l -p {port} > /tmp/recv) >/dev/null 2>&1 &")
+    # The listener's stdin is a pipe that never delivers: a background busybox nc
+    # reading the console would be stopped (SIGTTIN) and stop reading the socket.
+    dst.check(f"rm -f /tmp/recv; (sleep 100000 | nc -l -p {port} > /tmp/recv) "
+              ">/dev/null 2>&1 &")
     src.check(f"dd if=/dev/urandom of=/tmp/send bs=1024 count={kib} 2>/dev/null")
     sent = src.check("sha256sum /tmp/send").split()[0]
     time.sleep(0.5)
