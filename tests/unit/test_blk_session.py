@@ -7,14 +7,14 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from blk_driver import BlkDriver
 from test_vhost_user_harness import LoopThread, session_pair
 
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
-from vvu_runtime.vhost_user.frontend import DriverQueue, GuestRam, VhostUserFrontend, setup_queue
+from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend, setup_queue
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.vhost_user.vring import Vring
 from vvu_runtime.virtio.blk import BlkConfig, BlkRequestHeader, BlkSegment, RequestType, Status
@@ -40,50 +40,6 @@ def image_path(tmp_path: Path) -> Path:
     return p
 
 
-class Driver:
-    """A minimal virtio-blk driver on one DriverQueue: builds requests in guest RAM."""
-
-    def __init__(self, dq: DriverQueue, ram: GuestRam) -> None:
-        self.dq = dq
-        self.ram = ram
-
-    def submit(self, rtype: int, sector: int = 0, out: bytes = b"", into: int = 0,
-               token: Any = None) -> tuple[int, int]:
-        """Queue a request; returns (data gpa, status gpa)."""
-        ram = self.ram
-        hdr = ram.alloc(16)
-        ram.view(hdr, 16)[:] = BlkRequestHeader(rtype, 0, sector).pack()
-        readable = [(hdr, 16)]
-        if out:
-            src = ram.alloc(len(out))
-            ram.view(src, len(out))[:] = out
-            readable.append((src, len(out)))
-        data = ram.alloc(into) if into else 0
-        status = ram.alloc(1)
-        ram.view(status, 1)[0] = 0xFF
-        writable = ([(data, into)] if into else []) + [(status, 1)]
-        self.dq.ring.add(readable, writable, token=(data, status) if token is None else token)
-        return data, status
-
-    def complete(self, expected: int) -> list[tuple[Any, int]]:
-        self.dq.kick()
-        done: list[tuple[Any, int]] = []
-        while len(done) < expected:
-            assert self.dq.wait_call(), f"only {len(done)} of {expected} requests completed"
-            done += self.dq.ring.get_used()
-        return done
-
-    def status(self, status_gpa: int) -> int:
-        return self.ram.view(status_gpa, 1)[0]
-
-    def run(self, rtype: int, sector: int = 0, out: bytes = b"", into: int = 0
-            ) -> tuple[int, bytes]:
-        data, st = self.submit(rtype, sector, out, into)
-        ((_, written),) = self.complete(1)
-        assert written == into + 1
-        return self.status(st), bytes(self.ram.view(data, into)) if into else b""
-
-
 def start(fe: VhostUserFrontend, ram: GuestRam, packed: bool = False) -> tuple[int, int]:
     # Split rings unless asked: QEMU (packed=off by default) and libblkio use them.
     mask = (1 << 64) - 1 if packed else (1 << 64) - 1 & ~int(VirtioFeature.RING_PACKED)
@@ -103,7 +59,7 @@ def test_read_write_flush_through_the_session(lt: LoopThread, image_path: Path,
             assert pf & PF.CONFIG.mask and pf & PF.INFLIGHT_SHMFD.mask
             cfg = BlkConfig.unpack(fe.get_config(0, 60))
             assert cfg.capacity == SECTORS and cfg.num_queues == 1
-            drv = Driver(setup_queue(fe, ram, 0, QSIZE), ram)
+            drv = BlkDriver(setup_queue(fe, ram, 0, QSIZE), ram)
 
             pattern = os.urandom(8192)
             assert drv.run(RequestType.OUT, 100, out=pattern) == (Status.OK, b"")
@@ -137,7 +93,7 @@ def test_multiqueue(lt: LoopThread, image_path: Path) -> None:
             start(fe, ram)
             assert fe.get_queue_num() == 4
             assert BlkConfig.unpack(fe.get_config(0, 60)).num_queues == 4
-            drivers = [Driver(setup_queue(fe, ram, q, QSIZE), ram) for q in range(4)]
+            drivers = [BlkDriver(setup_queue(fe, ram, q, QSIZE), ram) for q in range(4)]
             for q, drv in enumerate(drivers):
                 assert drv.run(RequestType.OUT, 8 * q, out=bytes([q + 1]) * 4096)[0] == Status.OK
             for q, drv in enumerate(drivers):
@@ -196,7 +152,7 @@ def test_reconnect_mid_io_loses_nothing(lt: LoopThread, image_path: Path, base: 
             info, inflight_fd = fe.get_inflight_fd(1, QSIZE)
             fe.set_inflight_fd(info, inflight_fd)
             dq = setup_queue(fe, ram, 0, QSIZE)
-            drv = Driver(dq, ram)
+            drv = BlkDriver(dq, ram)
             writes = {i: os.urandom(4096) for i in range(10)}
             status = {i: drv.submit(RequestType.OUT, 8 * i, out=d, token=i)[1]
                       for i, d in writes.items()}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blk_driver import BlkDriver
 from test_vhost_user_harness import LoopThread
 
 from vvu_runtime.backends.blk.device import BlkDevice
@@ -38,14 +39,13 @@ from vvu_runtime.driver.vvu import STATUS_BACKEND_UP, STATUS_FRONTEND_UP
 from vvu_runtime.vhost_user import frontend as frontend_mod
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.frontend import (
-    DriverQueue,
     GuestRam,
     VhostUserFrontend,
     setup_queue,
 )
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
-from vvu_runtime.virtio.blk import BlkConfig, BlkRequestHeader, RequestType, Status
+from vvu_runtime.virtio.blk import BlkConfig, RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.memory import GuestMemory, MemoryRegion, map_fd
 
@@ -141,35 +141,6 @@ def image_path(tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- blk
-
-
-class BlkDriver:
-    """A virtio-blk driver of the consumer on one queue (requests in consumer RAM)."""
-
-    def __init__(self, dq: DriverQueue, ram: GuestRam) -> None:
-        self.dq = dq
-        self.ram = ram
-
-    def run(self, rtype: int, sector: int = 0, out: bytes = b"", into: int = 0
-            ) -> tuple[int, bytes]:
-        ram = self.ram
-        hdr = ram.alloc(16)
-        ram.view(hdr, 16)[:] = BlkRequestHeader(rtype, 0, sector).pack()
-        readable = [(hdr, 16)]
-        if out:
-            src = ram.alloc(len(out))
-            ram.view(src, len(out))[:] = out
-            readable.append((src, len(out)))
-        data = ram.alloc(into) if into else 0
-        status = ram.alloc(1)
-        ram.view(status, 1)[0] = 0xFF
-        writable = ([(data, into)] if into else []) + [(status, 1)]
-        self.dq.ring.add(readable, writable, token=status)
-        self.dq.kick()
-        assert self.dq.wait_call(), "no call doorbell from the appliance"
-        [(token, written)] = self.dq.ring.get_used()
-        assert token == status and written == into + 1
-        return ram.view(status, 1)[0], bytes(ram.view(data, into)) if into else b""
 
 
 def connect_blk(model: DeviceModel, ram: GuestRam) -> tuple[VhostUserFrontend, BlkDriver]:
