@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -56,6 +58,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: Logged once every socket is bound (launchers and tests wait for it).
 READY_MESSAGE = "serving"
+#: How often --status-file is refreshed (seconds).
+STATUS_INTERVAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,28 @@ def _print_table(functions: Sequence[VvuFunction], when: str) -> None:
     sys.stderr.flush()
 
 
+def write_status(functions: Sequence[VvuFunction], path: Path) -> None:
+    """The rows of the counters table as JSON, replacing ``path`` atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "devices": [f.row() for f in functions]}))
+    tmp.replace(path)
+
+
+async def _status_writer(functions: Sequence[VvuFunction], path: Path,
+                         every: float = STATUS_INTERVAL) -> None:
+    """Rewrite the status file whenever a row changed (checked every ``every`` s)."""
+    last: list[dict[str, str]] | None = None
+    while True:
+        rows = [f.row() for f in functions]
+        if rows != last:
+            try:
+                write_status(functions, path)
+                last = rows
+            except OSError as exc:
+                log.warning("cannot write the status file %s: %s", path, exc)
+        await asyncio.sleep(every)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROGRAM,
@@ -223,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"maximum rxq/txq size (default {DEFAULT_QUEUE_SIZE})")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--log-dir", type=Path, help="also write each device's log to DIR/NAME.log")
+    p.add_argument("--status-file", type=Path,
+                   help="keep the counters table of every device in this JSON file "
+                        "(rewritten atomically when it changes; launchers read link state there)")
     return p
 
 
@@ -269,6 +298,8 @@ def _run(specs: Sequence[DeviceSpec], args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGUSR1, _print_table, functions, "SIGUSR1")
+        writer = (asyncio.create_task(_status_writer(functions, args.status_file))
+                  if args.status_file is not None else None)
 
         def ready() -> None:
             for f in functions:
@@ -283,6 +314,11 @@ def _run(specs: Sequence[DeviceSpec], args: argparse.Namespace) -> int:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+                args.status_file.unlink(missing_ok=True)
         log.info("stopped")
         return EXIT_OK
 

@@ -352,36 +352,16 @@ class QemuMachine:
         return self.memory_file or self._owned_memory
 
     def _base_args(self, qmp_path: Path, console_path: Path, pidfile: Path) -> list[str]:
+        """QEMU's argv from ``qemu/base.j2``; QEMU connects to our QMP and console sockets."""
+        from vvu_runtime.launch.render import render_machine
+
         assert self.accel is not None
-        machine = self.machine_type
-        args = ["qemu-system-x86_64", "-name", f"{self.name},debug-threads=on"]
-        args += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
-        args += ["-run-with", "exit-with-parent=on", "-pidfile", str(pidfile)]
-        args += self.accel.qemu_args()
-        if self.shared_memory:
-            mem = self.memory_path
-            assert mem is not None
-            args += [
-                "-object",
-                f"memory-backend-file,id=mem,size={self.memory_mib}M,mem-path={mem},share=on",
-            ]
-            machine += ",memory-backend=mem"
-        args += ["-machine", machine, "-m", f"{self.memory_mib}M", "-smp", str(self.smp)]
-        args += [
-            "-chardev",
-            f"socket,id=qmp,path={qmp_path}",
-            "-object",
-            "monitor-qmp,id=qmp0,chardev=qmp",
-        ]
-        if self._want_console:
-            args += ["-chardev", f"socket,id=console,path={console_path}"]
-            args += ["-serial", "chardev:console"]
-        if self.kernel is not None:
-            args += ["-kernel", str(self.kernel)]
-            if self.initrd is not None:
-                args += ["-initrd", str(self.initrd)]
-            append = f"console=ttyS0 panic=-1 {self.append}".strip()
-            args += ["-append", append]
+        args = render_machine(
+            name=self.name, accel=self.accel, memory_mib=self.memory_mib, cpus=self.smp,
+            memory_file=self.memory_path if self.shared_memory else None,
+            machine=self.machine_type, qmp_socket=qmp_path,
+            console_socket=console_path if self._want_console else None, pidfile=pidfile,
+            kernel=self.kernel, initrd=self.initrd, append=self.append)
         return args + self._extra_args
 
     # ---- lifecycle -----------------------------------------------------------

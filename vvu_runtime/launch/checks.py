@@ -1,0 +1,242 @@
+"""The topology's ``checks:`` (netlab's ``validate``), run against a running lab.
+
+Each check runs commands on the lab's nodes (:mod:`vvu_runtime.launch.shell`)
+and gives a :class:`CheckResult`; a check that cannot even run (a node not
+reachable) fails with the reason. Kinds:
+
+* ``ping``: ``from`` pings ``to``'s address on a switch both are on;
+* ``transfer``: ``size`` bytes of random data from ``from`` to ``to`` with nc
+  through the switch, sha256 compared on both ends;
+* ``disk``: a file system on one of a consumer's disks (made only if the disk
+  has none: a check never destroys data), a file written, synced, the page
+  cache dropped, read back and compared;
+* ``command``: a command on any node, its exit status and (optionally) output
+  matched against a regular expression.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vvu_runtime.launch.shell import CommandResult, ConsoleShell, NodeShell, ShellError, SshShell
+
+__all__ = ["CheckResult", "LabAccess", "run_checks"]
+
+#: Port the transfer check's receiver listens on.
+TRANSFER_PORT = 5201
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail,
+                "seconds": round(self.seconds, 2)}
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class LabAccess:
+    """Shells to a running lab's nodes, from its resolved topology (``topology.json``)."""
+
+    def __init__(self, plan: Mapping[str, Any], key: Path) -> None:
+        self.plan = plan
+        self.key = key
+        self.nodes = {n["name"]: n for n in plan["nodes"]}
+        self._shells: dict[str, NodeShell] = {}
+
+    def shell(self, node: str) -> NodeShell:
+        if node not in self.nodes:
+            raise ShellError(f"no node {node!r} in lab {self.plan['name']}")
+        if node not in self._shells:
+            n = self.nodes[node]
+            if n["ssh_port"] is not None:
+                self._shells[node] = SshShell(node, n["ssh_port"], self.key)
+            elif n["console_shell"]:
+                self._shells[node] = ConsoleShell(node, Path(n["console_socket"]))
+            else:
+                raise ShellError(f"{node}: no SSH and no console shell")
+        return self._shells[node]
+
+    def run(self, node: str, command: str, timeout: float = 60.0) -> CommandResult:
+        return self.shell(node).run(command, timeout=timeout)
+
+    def close(self) -> None:
+        for s in self._shells.values():
+            s.close()
+        self._shells.clear()
+
+    def address(self, src: str, dst: str) -> str:
+        """``dst``'s IPv4 address on a switch ``src`` is also on."""
+        a, b = self.nodes[src]["addresses"], self.nodes[dst]["addresses"]
+        for switch in a:
+            if switch in b:
+                return str(b[switch]).split("/")[0]
+        raise CheckFailed(f"{src} and {dst} share no switch")
+
+
+def _checked(r: CommandResult, what: str) -> str:
+    if not r.ok:
+        raise CheckFailed(f"{what} exited {r.status}: {(r.stdout + r.stderr).strip()[-300:]}")
+    return r.stdout
+
+
+def _retry(fn: Callable[[], str], attempts: int, pause: float) -> str:
+    for i in range(attempts):
+        try:
+            return fn()
+        except (CheckFailed, ShellError):
+            if i == attempts - 1:
+                raise
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def check_ping(lab: LabAccess, p: Mapping[str, Any]) -> str:
+    src, dst = p["from"], p["to"]
+    ip = lab.address(src, dst)
+    count = int(p.get("count", 3))
+
+    def once() -> str:
+        out = _checked(lab.run(src, f"ping -c {count} -W 2 {ip}", timeout=30 + 3 * count),
+                       f"ping {ip}")
+        m = re.search(r"(\d+)% packet loss", out)
+        rtt = re.search(r"= [\d.]+/([\d.]+)/", out)
+        loss = m.group(1) if m else "?"
+        return f"{ip}: {loss}% loss" + (f", avg {rtt.group(1)} ms" if rtt else "")
+
+    # The first frames also teach the switch where everyone is: allow a few tries.
+    return _retry(once, attempts=5, pause=2)
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"(\d+)\s*([KMG]?)i?B?", str(value).strip(), re.I)
+    if not m:
+        raise CheckFailed(f"size {value!r}")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
+
+
+def check_transfer(lab: LabAccess, p: Mapping[str, Any]) -> str:
+    src, dst = p["from"], p["to"]
+    ip = lab.address(src, dst)
+    size = _size(p.get("size", 8 << 20))
+    tok = secrets.token_hex(4)
+    tx, rx = f"/tmp/vvu-tx-{tok}", f"/tmp/vvu-rx-{tok}"
+    mib = max(1, size >> 20)
+    _checked(lab.run(src, f"head -c {size} /dev/urandom > {tx} && sha256sum {tx}"), "make data")
+    want = lab.run(src, f"sha256sum {tx}").stdout.split()[0]
+    listen = (f"nohup timeout 300 sh -c 'nc -l -p {TRANSFER_PORT} > {rx}' "
+              "</dev/null >/dev/null 2>&1 &")
+    _checked(lab.run(dst, listen), "start the receiver")
+    time.sleep(1)
+    # netcat-openbsd needs -N to close the connection at EOF; busybox nc does it anyway.
+    send = (f"N=; nc -h 2>&1 | grep -q -- ' -N' && N=-N; "
+            f"nc $N -w 30 {ip} {TRANSFER_PORT} < {tx}")
+    start = time.monotonic()
+    _retry(lambda: _checked(lab.run(src, send, timeout=300), f"nc to {ip}"), attempts=3, pause=2)
+    took = time.monotonic() - start
+    got = ""
+    for _ in range(30):
+        got = lab.run(dst, f"sha256sum {rx} 2>/dev/null").stdout.split(" ")[0]
+        if got == want:
+            break
+        time.sleep(1)
+    lab.run(src, f"rm -f {tx}")
+    lab.run(dst, f"rm -f {rx}")
+    if got != want:
+        raise CheckFailed(f"sha256 differs: sent {want[:16]}…, received {got[:16] or 'nothing'}…")
+    return f"{mib} MiB to {ip}, sha256 equal, {size / max(took, 1e-3) / 2**20:.1f} MiB/s"
+
+
+def _disk_device(lab: LabAccess, node: str, index: int) -> str:
+    """The consumer's ``index``-th vhost-user disk: virtio disks in PCI order, after the root."""
+    n = lab.nodes[node]
+    skip = 0 if n["console_shell"] else 1  # image consumers boot from vda
+    out = _checked(lab.run(node, "ls /sys/block"), "list disks")
+    disks = sorted((d for d in out.split() if re.fullmatch(r"vd[a-z]+", d)),
+                   key=lambda d: (len(d), d))
+    if len(disks) <= skip + index:
+        raise CheckFailed(f"{node} has no disk {index} (sees {' '.join(disks) or 'none'})")
+    return f"/dev/{disks[skip + index]}"
+
+
+def check_disk(lab: LabAccess, p: Mapping[str, Any], consumer: Mapping[str, Any]) -> str:
+    node = p["node"]
+    index = int(p["index"])
+    dev = _disk_device(lab, node, index)
+    mnt = f"/mnt/vvu-check-{index}"
+    tok = secrets.token_hex(4)
+    q = shlex.quote
+    has_fs = lab.run(node, f"blkid {dev}").ok
+    made = ""
+    if not has_fs:
+        mkfs = "mkfs.ext4 -q -F" if lab.run(node, "command -v mkfs.ext4").ok else "mkfs.ext2 -q"
+        _checked(lab.run(node, f"{mkfs} {dev}", timeout=180), f"mkfs on {dev}")
+        made = ", made a file system"
+    script = (f"mkdir -p {mnt} && (mountpoint -q {mnt} || mount {dev} {mnt}) && "
+              f"head -c 1048576 /dev/urandom > {mnt}/vvu-check-{tok} && "
+              f"sha256sum {mnt}/vvu-check-{tok} && sync && echo 3 > /proc/sys/vm/drop_caches && "
+              f"sha256sum {mnt}/vvu-check-{tok} && rm -f {mnt}/vvu-check-{tok} && sync && "
+              f"umount {mnt}")
+    out = _checked(lab.run(node, f"sh -c {q(script)}", timeout=180), f"write/read on {dev}")
+    sums = [line.split()[0] for line in out.splitlines() if "vvu-check-" in line]
+    if len(sums) != 2 or sums[0] != sums[1]:
+        raise CheckFailed(f"read back differs on {dev}: {sums}")
+    return f"{dev}{made}: 1 MiB written, synced, read back equal"
+
+
+def check_command(lab: LabAccess, p: Mapping[str, Any]) -> str:
+    node, cmd = p["node"], p["run"]
+    want = int(p.get("status", 0))
+    r = lab.run(node, cmd, timeout=float(p.get("timeout", 60)))
+    if r.status != want:
+        raise CheckFailed(f"exit status {r.status}, expected {want}: "
+                          f"{(r.stdout + r.stderr).strip()[-300:]}")
+    pattern = p.get("output")
+    if pattern and not re.search(pattern, r.stdout, re.M):
+        raise CheckFailed(f"output does not match {pattern!r}: {r.stdout.strip()[-300:]!r}")
+    return f"exit {r.status}" + (f", output matches {pattern!r}" if pattern else "")
+
+
+def run_checks(lab: LabAccess, checks: Sequence[Mapping[str, Any]],
+               progress: Callable[[CheckResult], None] | None = None) -> list[CheckResult]:
+    """Run each check (``{"kind":…, "params":…, "name":…}`` from topology.json) in order."""
+    results = []
+    for chk in checks:
+        kind, params, name = chk["kind"], chk["params"], chk["name"]
+        start = time.monotonic()
+        try:
+            if kind == "ping":
+                detail = check_ping(lab, params)
+            elif kind == "transfer":
+                detail = check_transfer(lab, params)
+            elif kind == "disk":
+                detail = check_disk(lab, params, lab.nodes[params["node"]])
+            elif kind == "command":
+                detail = check_command(lab, params)
+            else:
+                raise CheckFailed(f"unknown check kind {kind!r}")
+            ok = True
+        except (CheckFailed, ShellError) as e:
+            ok, detail = False, str(e)
+        result = CheckResult(name, ok, detail, time.monotonic() - start)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    lab.close()
+    return results
