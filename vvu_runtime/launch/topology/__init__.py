@@ -1,0 +1,62 @@
+"""The topology file (``topology.yaml``) of a vvu lab: schema, loader, resolved model.
+
+* ``model.py``: the resolved topology (frozen dataclasses, enums) and
+  :class:`TopologyError` / :class:`Problem` / :class:`Location`.
+* ``schema.py``: the one table of fields; :func:`json_schema` and
+  :func:`schema_text` are generated from it.
+* ``types.py`` / ``spec.py``: value types and object specs the table is made of.
+* ``loader.py``: :func:`load_topology` (YAML with positions, the schema,
+  inheritance, derived values, cross-reference checks; every problem at once).
+
+Errors: :class:`TopologyError` only; its ``problems`` name ``FILE:LINE:COL``,
+the field path and what was expected.
+"""
+
+from vvu_runtime.launch.topology.loader import derived_mac, load_topology, load_topology_text
+from vvu_runtime.launch.topology.model import (
+    Accel,
+    Appliance,
+    ApplianceAccess,
+    ApplianceKind,
+    Check,
+    CheckKind,
+    Consumer,
+    ConsumerImage,
+    Disk,
+    Export,
+    Location,
+    Nic,
+    Node,
+    Options,
+    Problem,
+    Role,
+    Topology,
+    TopologyError,
+)
+from vvu_runtime.launch.topology.schema import json_schema, schema_text
+
+__all__ = [
+    "Accel",
+    "Appliance",
+    "ApplianceAccess",
+    "ApplianceKind",
+    "Check",
+    "CheckKind",
+    "Consumer",
+    "ConsumerImage",
+    "Disk",
+    "Export",
+    "Location",
+    "Nic",
+    "Node",
+    "Options",
+    "Problem",
+    "Role",
+    "Topology",
+    "TopologyError",
+    "derived_mac",
+    "json_schema",
+    "load_topology",
+    "load_topology_text",
+    "schema_text",
+]

@@ -1,0 +1,484 @@
+"""Loading a topology file: YAML with positions, the schema, inheritance, cross-references.
+
+:func:`load_topology` reads the file with ruamel.yaml's round-trip loader (every
+mapping and sequence keeps its line and column), parses it against the schema
+table (``schema.py``: unknown keys, types, ranges), resolves inheritance and the
+derived values (subnets, MACs, addresses), and checks what one field alone
+cannot: references between nodes, uniqueness, counts per appliance, checks
+that can run. All problems are collected and raised together as one
+:class:`TopologyError`. Loading is pure: it reads one file and creates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from vvu_runtime.launch.topology.model import (
+    Accel,
+    Appliance,
+    ApplianceKind,
+    Check,
+    CheckKind,
+    Consumer,
+    ConsumerImage,
+    Disk,
+    Export,
+    Location,
+    Nic,
+    Options,
+    Problem,
+    Topology,
+    TopologyError,
+)
+from vvu_runtime.launch.topology.schema import (
+    ADDRESS_OFFSET,
+    APPLIANCE,
+    CHECKS,
+    CONSUMER,
+    DEFAULT_SUBNET,
+    KERNEL_IMAGE,
+    MAX_LINKS_PER_APPLIANCE,
+    OPTIONS,
+    TOPOLOGY,
+)
+from vvu_runtime.launch.topology.spec import Parsed, TaggedValue
+from vvu_runtime.launch.topology.types import INVALID, Cursor, Sink, did_you_mean
+
+__all__ = ["load_topology", "load_topology_text"]
+
+#: What vvu-devd accepts as a device name (DeviceSpec.parse).
+_LINK_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def load_topology(path: Path) -> Topology:
+    """Load and validate a topology file; raise :class:`TopologyError` with every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise TopologyError([Problem(Location(path, 1, 1), "",
+                                     f"cannot read the topology file: {why}")]) from None
+    return load_topology_text(text, path)
+
+
+def load_topology_text(text: str, source: Path) -> Topology:
+    """Load a topology from text; ``source`` names it in messages and anchors relative paths."""
+    source = Path(source)
+    sink = Sink(source, source.absolute().parent)
+    data = _read_yaml(text, source)
+    root = Cursor.root(sink)
+    if not isinstance(data, Mapping):
+        root.problem("expected a mapping (name:, appliances:, consumers:, ...), "
+                     f"got {'an empty file' if data is None else 'something else'}")
+        raise TopologyError(sink.problems)
+    top = TOPOLOGY.parse(data, root)
+    topology = _Resolver(top, sink, source).topology()
+    if sink.problems or topology is None:
+        raise TopologyError(sink.problems)
+    return topology
+
+
+def _read_yaml(text: str, source: Path) -> Any:
+    yaml = YAML(typ="rt")
+    try:
+        return yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source, 1, 1)
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        raise TopologyError([Problem(where, "", f"YAML: {what or e}")]) from None
+    except (YAMLError, ValueError, TypeError, RecursionError) as e:
+        raise TopologyError([Problem(Location(source, 1, 1), "", f"YAML: {e}")]) from None
+
+
+def _valid(*values: Any) -> bool:
+    return all(v is not INVALID for v in values)
+
+
+def derived_mac(lab: str, consumer: str, index: int, salt: int = 0) -> str:
+    """A locally administered unicast MAC derived from the link's identity."""
+    digest = bytearray(hashlib.sha256(f"{lab}\0{consumer}\0{index}\0{salt}".encode()).digest())
+    digest[0] = (digest[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in digest[:6])
+
+
+class _Resolver:
+    """Inheritance, derived values and cross-reference checks over a parsed file."""
+
+    def __init__(self, top: Parsed, sink: Sink, source: Path) -> None:
+        self.top = top
+        self.sink = sink
+        self.source = source
+        self.name: str | None = top.get("name")
+        defaults = top.get("defaults")
+        self.defaults: Parsed | None = defaults if isinstance(defaults, Parsed) else None
+        self.appliance_nodes: dict[str, Parsed] = self._nodes("appliances")
+        self.consumer_nodes: dict[str, Parsed] = self._nodes("consumers")
+        self.appliances: dict[str, Appliance] = {}
+        self.consumers: dict[str, Consumer] = {}
+
+    def _nodes(self, field: str) -> dict[str, Parsed]:
+        nodes = self.top.get(field) or {}
+        return {name: p for name, p in nodes.items() if isinstance(p, Parsed)}
+
+    def _default_layer(self, name: str) -> list[Parsed]:
+        layer = self.defaults.get(name) if self.defaults is not None else None
+        return [layer] if isinstance(layer, Parsed) else []
+
+    # ---------------------------------------------------------------- the whole
+
+    def topology(self) -> Topology | None:
+        self._check_names()
+        options = self._options()
+        for name, p in self.appliance_nodes.items():
+            if (a := self._appliance(name, p)) is not None:
+                self.appliances[name] = a
+        self._check_subnets()
+        self._consumers()
+        self._check_link_counts()
+        checks = self._checks()
+        if not self.appliance_nodes and not self.consumer_nodes and self.name is not None:
+            self.top.at("name").problem("the lab has no appliances and no consumers")
+        if self.sink.problems or options is None or self.name is None:
+            return None
+        return Topology(
+            name=self.name,
+            source=self.source.absolute(),
+            options=options,
+            appliances=tuple(self.appliances.values()),
+            consumers=tuple(self.consumers.values()),
+            checks=tuple(checks),
+        )
+
+    def _check_names(self) -> None:
+        for name, p in self.consumer_nodes.items():
+            if name in self.appliance_nodes:
+                other = self.appliance_nodes[name].cur.key_where
+                p.cur.problem(f'the name "{name}" is already an appliance\'s ({other}); '
+                              "appliances and consumers share one namespace", at_key=True)
+
+    def _options(self) -> Options | None:
+        p = self.top.get("options")
+        values = OPTIONS.resolve([p] if isinstance(p, Parsed) else [])
+        if not _valid(*values.values()):
+            return None
+        accel: Accel = values["accel"]
+        return Options(accel=accel, lab_dir=values["lab_dir"],
+                       boot_timeout=float(values["boot_timeout"]))
+
+    # ---------------------------------------------------------------- appliances
+
+    def _appliance(self, name: str, p: Parsed) -> Appliance | None:
+        kind = p.kind
+        if not isinstance(kind, ApplianceKind):
+            return None  # missing or wrong: reported
+        layers = [p, *self._default_layer(kind.value), *self._default_layer("appliance")]
+        v = APPLIANCE.resolve(layers, kind)
+        exports = self._exports(p, v.get("exports") or [])
+        subnet = v.get("subnet")
+        if kind is ApplianceKind.VSWITCH and subnet is None:
+            subnet = self._default_subnet(name, p)
+        if not _valid(*v.values(), exports, subnet):
+            return None
+        return Appliance(name=name, kind=kind, image=v["image"], cpus=v["cpus"],
+                         memory_mib=v["memory"], access=v["access"], subnet=subnet,
+                         exports=exports, options=dict(v["options"]), where=p.cur.key_where)
+
+    def _default_subnet(self, name: str, p: Parsed) -> Any:
+        switches = [n for n, q in self.appliance_nodes.items()
+                    if q.kind is ApplianceKind.VSWITCH]
+        index = switches.index(name)
+        if index > 255:
+            p.missing("subnet").problem(f"no default subnet for the {index}th vswitch: set one")
+            return INVALID
+        return IPv4Network(DEFAULT_SUBNET.format(index=index))
+
+    def _exports(self, appliance: Parsed, items: list[Any]) -> Any:
+        out: list[Export] = []
+        seen: dict[str, Parsed] = {}
+        ok = True
+        for e in items:
+            if not isinstance(e, Parsed) or not _valid(*e.values.values()):
+                ok = False
+                continue
+            name = e.get("name")
+            if name in seen:
+                e.at("name").problem(f'export "{name}" is already defined '
+                                     f"({seen[name].cur.where})")
+                ok = False
+                continue
+            seen[name] = e
+            v = e.spec.resolve([e])
+            out.append(Export(name=name, size=v["size"], readonly=v["readonly"],
+                              where=e.cur.where))
+        return tuple(out) if ok else INVALID
+
+    def _check_subnets(self) -> None:
+        switches = [a for a in self.appliances.values() if a.subnet is not None]
+        for i, a in enumerate(switches):
+            assert a.subnet is not None
+            for b in switches[:i]:
+                assert b.subnet is not None
+                if a.subnet.overlaps(b.subnet):
+                    self.appliance_nodes[a.name].at("subnet").problem(
+                        f"{a.subnet} overlaps {b.name}'s subnet {b.subnet} "
+                        f"({self.appliance_nodes[b.name].at('subnet').where}); each switch "
+                        "needs its own")
+
+    # ---------------------------------------------------------------- consumers
+
+    def _consumers(self) -> None:
+        resolved = {name: CONSUMER.resolve([p, *self._default_layer("consumer")])
+                    for name, p in self.consumer_nodes.items()}
+        explicit_macs = self._explicit_macs(resolved)
+        taken_macs: set[str] = set(explicit_macs)
+        addresses: dict[IPv4Address, Cursor] = {}
+        per_switch: dict[str, int] = {}
+        exports_used: dict[tuple[str, str], Cursor] = {}
+        for name, p in self.consumer_nodes.items():
+            v = resolved[name]
+            nics = self._nics(name, v["nics"], explicit_macs, taken_macs, addresses, per_switch)
+            disks = self._disks(name, v["disks"], exports_used)
+            image = self._image(v["image"])
+            if not _valid(v["cpus"], v["memory"], nics, disks, image):
+                continue
+            self.consumers[name] = Consumer(name=name, image=image, cpus=v["cpus"],
+                                            memory_mib=v["memory"], nics=nics, disks=disks,
+                                            where=p.cur.key_where)
+
+    @staticmethod
+    def _image(value: Any) -> Any:
+        if isinstance(value, str):
+            return ConsumerImage(name=value)
+        if isinstance(value, Parsed):
+            v = KERNEL_IMAGE.resolve([value])
+            if not _valid(*v.values()):
+                return INVALID
+            return ConsumerImage(kernel=v["kernel"], initrd=v["initrd"], append=v["append"])
+        return INVALID
+
+    def _explicit_macs(self, resolved: dict[str, dict[str, Any]]) -> dict[str, Cursor]:
+        macs: dict[str, Cursor] = {}
+        for v in resolved.values():
+            for nic in v["nics"] if isinstance(v["nics"], list) else []:
+                if isinstance(nic, Parsed) and nic.has("mac") and nic.get("mac") is not None:
+                    mac, cur = nic.get("mac"), nic.at("mac")
+                    if mac in macs:
+                        cur.problem(f"MAC {mac} is already used ({macs[mac].where})")
+                    else:
+                        macs[mac] = cur
+        return macs
+
+    def _switch(self, nic: Parsed) -> Appliance | None:
+        """The NIC's vswitch, or None after saying why not."""
+        name = nic.get("switch")
+        if name is None:
+            return None
+        return self._link_target(name, nic.at("switch"), ApplianceKind.VSWITCH)
+
+    def _link_target(self, name: str, cur: Cursor, kind: ApplianceKind) -> Appliance | None:
+        p = self.appliance_nodes.get(name)
+        if p is None:
+            names = [n for n, q in self.appliance_nodes.items() if q.kind is kind]
+            what = "a consumer" if name in self.consumer_nodes else "no appliance"
+            hint = did_you_mean(name, names)
+            cur.problem(f'"{name}" is {what}; expected the name of a {kind.value} appliance'
+                        f"{hint or ' (' + (', '.join(names) or 'there is none') + ')'}")
+            return None
+        if isinstance(p.kind, ApplianceKind) and p.kind is not kind:
+            cur.problem(f'"{name}" is a {p.kind.value} appliance; expected a {kind.value}')
+            return None
+        return self.appliances.get(name)  # None if the appliance itself is broken
+
+    def _nics(self, consumer: str, items: Any, explicit_macs: dict[str, Cursor],
+              taken_macs: set[str], addresses: dict[IPv4Address, Cursor],
+              per_switch: dict[str, int]) -> Any:
+        if items is INVALID:
+            return INVALID
+        out: list[Nic] = []
+        ok = True
+        for index, nic in enumerate(items):
+            if not isinstance(nic, Parsed) or not _valid(*nic.values.values()):
+                ok = False
+                continue
+            switch = self._switch(nic)
+            if switch is None or switch.subnet is None:
+                ok = False
+                continue
+            host = per_switch.get(switch.name, 0)
+            per_switch[switch.name] = host + 1
+            address = self._address(nic, switch.name, switch.subnet, host, addresses)
+            mac = nic.get("mac") or self._derive_mac(consumer, index, taken_macs)
+            if address is None:
+                ok = False
+                continue
+            out.append(Nic(consumer=consumer, index=index, switch=switch.name, mac=mac,
+                           address=address, where=nic.cur.where))
+        return tuple(out) if ok else INVALID
+
+    def _derive_mac(self, consumer: str, index: int, taken: set[str]) -> str:
+        salt = 0
+        while (mac := derived_mac(self.name or "", consumer, index, salt)) in taken:
+            salt += 1
+        taken.add(mac)
+        return mac
+
+    def _address(self, nic: Parsed, switch: str, subnet: IPv4Network, host: int,
+                 addresses: dict[IPv4Address, Cursor]) -> IPv4Interface | None:
+        given = nic.get("address")
+        cur = nic.at("address")
+        if given is None:
+            ip = subnet.network_address + host + ADDRESS_OFFSET
+            if ip >= subnet.broadcast_address:
+                cur.problem(f"{switch}'s subnet {subnet} has no default address for its "
+                            f"{host + 1}th NIC: set the address")
+                return None
+            address = IPv4Interface(f"{ip}/{subnet.prefixlen}")
+            how = f" (the default: host {host} + {ADDRESS_OFFSET})"
+        else:
+            if not isinstance(given, IPv4Interface):  # (an IPv4Interface is an IPv4Address)
+                given = IPv4Interface(f"{given}/{subnet.prefixlen}")
+            if given.network.prefixlen != subnet.prefixlen or given.ip not in subnet:
+                cur.problem(f"{given} is not an address in {switch}'s subnet {subnet}")
+                return None
+            if given.ip in (subnet.network_address, subnet.broadcast_address):
+                cur.problem(f"{given.ip} is the {switch}'s subnet's "
+                            f"{'network' if given.ip == subnet.network_address else 'broadcast'}"
+                            " address; expected a host address")
+                return None
+            address, how = given, ""
+        if address.ip in addresses:
+            cur.problem(f"address {address.ip}{how} is already used "
+                        f"({addresses[address.ip].where})")
+            return None
+        addresses[address.ip] = cur
+        return address
+
+    def _disks(self, consumer: str, items: Any,
+               exports_used: dict[tuple[str, str], Cursor]) -> Any:
+        if items is INVALID:
+            return INVALID
+        out: list[Disk] = []
+        ok = True
+        for index, disk in enumerate(items):
+            if not isinstance(disk, Parsed) or not _valid(*disk.values.values()):
+                ok = False
+                continue
+            storage = self._link_target(disk.get("storage"), disk.at("storage"),
+                                        ApplianceKind.STORAGE)
+            if storage is None:
+                ok = False
+                continue
+            export = disk.get("export")
+            names = [e.name for e in storage.exports]
+            cur = disk.at("export")
+            if export not in names:
+                cur.problem(f'{storage.name} has no export "{export}"'
+                            f"{did_you_mean(export, names)} (its exports: "
+                            f"{', '.join(names) or 'none'})")
+                ok = False
+                continue
+            if (storage.name, export) in exports_used:
+                cur.problem(f"export {storage.name}/{export} is already the disk of "
+                            f"{exports_used[storage.name, export].path} "
+                            f"({exports_used[storage.name, export].where}); each export "
+                            "serves one disk")
+                ok = False
+                continue
+            exports_used[storage.name, export] = cur
+            out.append(Disk(consumer=consumer, index=index, storage=storage.name,
+                            export=export, where=disk.cur.where))
+        return tuple(out) if ok else INVALID
+
+    def _check_link_counts(self) -> None:
+        counts: dict[str, int] = {}
+        names: dict[str, str] = {}
+        for c in self.consumers.values():
+            for link in c.links:
+                counts[link.appliance] = counts.get(link.appliance, 0) + 1
+                if not _LINK_NAME.fullmatch(link.link) or link.link in names:
+                    self.consumer_nodes[c.name].cur.problem(
+                        f'link name "{link.link}" is not usable by vvu-devd or not unique',
+                        at_key=True)
+                names[link.link] = c.name
+        for name, n in counts.items():
+            if n > MAX_LINKS_PER_APPLIANCE:
+                self.appliance_nodes[name].cur.problem(
+                    f"{n} links to this appliance, at most {MAX_LINKS_PER_APPLIANCE} "
+                    "(one VVU function on its own root port each)", at_key=True)
+
+    # ---------------------------------------------------------------- checks
+
+    def _checks(self) -> list[Check]:
+        out: list[Check] = []
+        for item in self.top.get("checks") or []:
+            if not isinstance(item, TaggedValue):
+                continue
+            kind = CheckKind(item.tag)
+            body = item.body
+            params = CHECKS[kind].resolve([body])
+            if not _valid(*params.values()):
+                continue
+            if self._check_refs(kind, body, params):
+                out.append(Check(kind=kind, params=params, where=body.cur.key_where))
+        return out
+
+    def _consumer_ref(self, body: Parsed, field: str) -> Consumer | None:
+        name = body.get(field)
+        cur = body.at(field)
+        if name in self.consumers:
+            return self.consumers[name]
+        if name in self.consumer_nodes:
+            return None  # that consumer has problems of its own
+        what = "an appliance" if name in self.appliance_nodes else "no consumer"
+        cur.problem(f'"{name}" is {what}; expected the name of a consumer'
+                    f"{did_you_mean(name, self.consumer_nodes)}")
+        return None
+
+    def _check_refs(self, kind: CheckKind, body: Parsed, params: dict[str, Any]) -> bool:
+        if kind in (CheckKind.PING, CheckKind.TRANSFER):
+            a, b = self._consumer_ref(body, "from"), self._consumer_ref(body, "to")
+            if a is None or b is None:
+                return False
+            if a.name == b.name:
+                body.at("to").problem(f"{kind.value} from {a.name} to itself; expected another "
+                                      "consumer")
+                return False
+            if not a.switches & b.switches:
+                body.at("to").problem(
+                    f"{a.name} and {b.name} share no switch ({a.name}: "
+                    f"{', '.join(sorted(a.switches)) or 'no NIC'}; {b.name}: "
+                    f"{', '.join(sorted(b.switches)) or 'no NIC'})")
+                return False
+            return True
+        if kind is CheckKind.DISK:
+            c = self._consumer_ref(body, "node")
+            if c is None:
+                return False
+            refs = [d.ref for d in c.disks]
+            if params["disk"] not in refs:
+                body.at("disk").problem(
+                    f'{c.name} has no disk "{params["disk"]}"{did_you_mean(params["disk"], refs)}'
+                    f" (its disks: {', '.join(refs) or 'none'})")
+                return False
+            disk = c.disks[refs.index(params["disk"])]
+            if self.appliances[disk.storage].export(disk.export).readonly:
+                body.at("disk").problem(f"{disk.ref} is read-only; the disk check writes to it")
+                return False
+            return True
+        name = params["node"]
+        if name in self.appliances or name in self.consumers:
+            return True
+        if name not in self.appliance_nodes and name not in self.consumer_nodes:
+            nodes = [*self.appliance_nodes, *self.consumer_nodes]
+            body.at("node").problem(f'no node named "{name}"{did_you_mean(name, nodes)}')
+        return False

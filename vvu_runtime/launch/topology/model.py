@@ -1,0 +1,416 @@
+"""The resolved topology: what a loaded ``topology.yaml`` means, as frozen dataclasses.
+
+Everything here is already validated and resolved (defaults inherited, derived
+subnets, MACs and addresses filled in, paths made absolute), so a consumer of a
+:class:`Topology` never checks anything again. Sizes are numbers: memory in MiB
+(``memory_mib``), export and transfer sizes in bytes.
+
+Errors: :class:`TopologyError` carries every :class:`Problem` found in one load,
+each with the ``FILE:LINE:COL`` of the offending key or value and the dotted
+path of the field (``consumers.c1.nics[0].switch``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Accel",
+    "Appliance",
+    "ApplianceAccess",
+    "ApplianceKind",
+    "Check",
+    "CheckKind",
+    "Consumer",
+    "ConsumerImage",
+    "Disk",
+    "Export",
+    "Location",
+    "Nic",
+    "Options",
+    "Problem",
+    "Role",
+    "Topology",
+    "TopologyError",
+]
+
+MIB = 1 << 20
+
+
+# ------------------------------------------------------------------ enums
+
+
+class Accel(enum.Enum):
+    """The accelerator a lab asks for; ``auto`` probes KVM and falls back to TCG."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+    @property
+    def forced(self) -> bool:
+        """True when the user named an accelerator (no probing, no fallback)."""
+        return self is not Accel.AUTO
+
+
+class ApplianceKind(enum.Enum):
+    """What an appliance serves, and how consumers link to it."""
+
+    VSWITCH = "vswitch"
+    STORAGE = "storage"
+
+    @property
+    def image_name(self) -> str:
+        """The name of the built appliance image of this kind."""
+        return self.value
+
+    @property
+    def link_field(self) -> str:
+        """The consumer field whose entries link to an appliance of this kind."""
+        return "nics" if self is ApplianceKind.VSWITCH else "disks"
+
+    @property
+    def link_noun(self) -> str:
+        return "nic" if self is ApplianceKind.VSWITCH else "disk"
+
+
+class ApplianceAccess(enum.Enum):
+    """How the appliance's driver reaches its VVU functions."""
+
+    VIOMMU = "viommu"
+    POLL = "poll"
+
+    @property
+    def uses_iommu(self) -> bool:
+        """vfio-pci behind a virtual IOMMU (interrupts) vs. sysfs + pagemap (polling)."""
+        return self is ApplianceAccess.VIOMMU
+
+
+class Role(enum.Enum):
+    CONSUMER = "consumer"
+    APPLIANCE = "appliance"
+
+
+class CheckKind(enum.Enum):
+    """A ``checks:`` entry (netlab's ``validate``)."""
+
+    PING = "ping"
+    TRANSFER = "transfer"
+    DISK = "disk"
+    COMMAND = "command"
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        """One line naming what the check does, e.g. ``ping c1 -> c2``."""
+        if self is CheckKind.PING:
+            return f"ping {params['from']} -> {params['to']}"
+        if self is CheckKind.TRANSFER:
+            return f"transfer {_size_text(params['size'])} {params['from']} -> {params['to']}"
+        if self is CheckKind.DISK:
+            return f"disk {params['node']} {params['disk']}"
+        return f"command {params['node']}: {params['run']}"
+
+
+def _size_text(size: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} B"
+
+
+# ------------------------------------------------------------------ errors
+
+
+@dataclass(frozen=True, order=True)
+class Location:
+    """Where something is in a topology file (1-based line and column)."""
+
+    file: Path
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a topology file.
+
+    ``field`` is the dotted path of the offending field; it is empty only for
+    problems that are not about one field (YAML syntax, an unreadable file).
+    """
+
+    where: Location
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"{self.where}: {self.field}: {self.message}"
+        return f"{self.where}: {self.message}"
+
+
+class TopologyError(Exception):
+    """A topology file is unusable; ``problems`` lists every reason, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.where, p.field))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# ------------------------------------------------------------------ the model
+
+
+@dataclass(frozen=True)
+class Options:
+    accel: Accel
+    #: None: the launcher's default (``<state dir>/labs/<name>``).
+    lab_dir: Path | None
+    #: Seconds a node may take from start to ready.
+    boot_timeout: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accel": self.accel.value,
+            "lab_dir": None if self.lab_dir is None else str(self.lab_dir),
+            "boot_timeout": self.boot_timeout,
+        }
+
+
+@dataclass(frozen=True)
+class Export:
+    """A disk a storage appliance offers (one consumer may use it)."""
+
+    name: str
+    size: int  # bytes
+    readonly: bool
+    where: Location
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "readonly": self.readonly}
+
+
+@dataclass(frozen=True)
+class Appliance:
+    name: str
+    kind: ApplianceKind
+    #: None: the built image of this kind (``kind.image_name``).
+    image: Path | None
+    cpus: int
+    memory_mib: int
+    access: ApplianceAccess
+    #: The L2 segment's subnet (vswitch only).
+    subnet: IPv4Network | None
+    #: The disks offered (storage only).
+    exports: tuple[Export, ...]
+    #: Backend options of this kind, every key present (defaults filled in).
+    options: Mapping[str, Any]
+    where: Location
+
+    @property
+    def role(self) -> Role:
+        return Role.APPLIANCE
+
+    def export(self, name: str) -> Export:
+        for e in self.exports:
+            if e.name == name:
+                return e
+        raise KeyError(f"appliance {self.name} has no export {name!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role.value,
+            "kind": self.kind.value,
+            "image": None if self.image is None else str(self.image),
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "access": self.access.value,
+            "subnet": None if self.subnet is None else str(self.subnet),
+            "exports": [e.to_json() for e in self.exports],
+            "options": dict(self.options),
+        }
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A consumer's virtio-net device: one VVU link to a vswitch appliance."""
+
+    consumer: str
+    index: int
+    switch: str
+    mac: str
+    address: IPv4Interface
+    where: Location
+
+    @property
+    def link(self) -> str:
+        """The link's name (the vvu-devd device name, sockets, RAM-file users)."""
+        return f"{self.consumer}-nic{self.index}"
+
+    @property
+    def appliance(self) -> str:
+        return self.switch
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "link": self.link,
+            "index": self.index,
+            "switch": self.switch,
+            "mac": self.mac,
+            "address": str(self.address),
+        }
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A consumer's virtio-blk device: one VVU link to a storage appliance export."""
+
+    consumer: str
+    index: int
+    storage: str
+    export: str
+    where: Location
+
+    @property
+    def link(self) -> str:
+        return f"{self.consumer}-disk{self.index}"
+
+    @property
+    def appliance(self) -> str:
+        return self.storage
+
+    @property
+    def ref(self) -> str:
+        """``STORAGE/EXPORT``, the form ``checks:`` use."""
+        return f"{self.storage}/{self.export}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"link": self.link, "index": self.index, "storage": self.storage,
+                "export": self.export}
+
+
+@dataclass(frozen=True)
+class ConsumerImage:
+    """Either the named mkosi image (``name``) or a direct kernel boot (``kernel``...)."""
+
+    name: str | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+
+    @property
+    def is_named(self) -> bool:
+        return self.name is not None
+
+    def to_json(self) -> dict[str, Any] | str:
+        if self.name is not None:
+            return self.name
+        return {"kernel": str(self.kernel),
+                "initrd": None if self.initrd is None else str(self.initrd),
+                "append": self.append}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    name: str
+    image: ConsumerImage
+    cpus: int
+    memory_mib: int
+    nics: tuple[Nic, ...]
+    disks: tuple[Disk, ...]
+    where: Location
+
+    @property
+    def role(self) -> Role:
+        return Role.CONSUMER
+
+    @property
+    def links(self) -> tuple[Nic | Disk, ...]:
+        return (*self.nics, *self.disks)
+
+    @property
+    def switches(self) -> frozenset[str]:
+        return frozenset(n.switch for n in self.nics)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role.value,
+            "image": self.image.to_json(),
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "nics": [n.to_json() for n in self.nics],
+            "disks": [d.to_json() for d in self.disks],
+        }
+
+
+@dataclass(frozen=True)
+class Check:
+    kind: CheckKind
+    #: The check's fields by their YAML names, defaults filled in (sizes in bytes).
+    params: Mapping[str, Any]
+    where: Location
+
+    def describe(self) -> str:
+        return self.kind.describe(self.params)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "describe": self.describe(), **self.params}
+
+
+Node = Appliance | Consumer
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    source: Path
+    options: Options
+    appliances: tuple[Appliance, ...]
+    consumers: tuple[Consumer, ...]
+    checks: tuple[Check, ...]
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return (*self.appliances, *self.consumers)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"lab {self.name} has no node {name!r}")
+
+    def appliance(self, name: str) -> Appliance:
+        for a in self.appliances:
+            if a.name == name:
+                return a
+        raise KeyError(f"lab {self.name} has no appliance {name!r}")
+
+    def consumer(self, name: str) -> Consumer:
+        for c in self.consumers:
+            if c.name == name:
+                return c
+        raise KeyError(f"lab {self.name} has no consumer {name!r}")
+
+    def links_of(self, appliance_name: str) -> list[tuple[Consumer, Nic | Disk]]:
+        """Every link served by that appliance: consumers in file order, then link index."""
+        self.appliance(appliance_name)
+        return [(c, link) for c in self.consumers for link in c.links
+                if link.appliance == appliance_name]
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved topology as JSON-serialisable data."""
+        return {
+            "name": self.name,
+            "source": str(self.source),
+            "options": self.options.to_json(),
+            "appliances": [a.to_json() for a in self.appliances],
+            "consumers": [c.to_json() for c in self.consumers],
+            "checks": [c.to_json() for c in self.checks],
+        }
