@@ -140,10 +140,14 @@ def check_transfer(lab: LabAccess, p: Mapping[str, Any]) -> str:
     mib = max(1, size >> 20)
     _checked(lab.run(src, f"head -c {size} /dev/urandom > {tx} && sha256sum {tx}"), "make data")
     want = lab.run(src, f"sha256sum {tx}").stdout.split()[0]
-    listen = (f"nohup timeout 300 sh -c 'nc -l -p {TRANSFER_PORT} > {rx}' "
-              "</dev/null >/dev/null 2>&1 &")
+    # netcat-openbsd (has -N) takes the port as an argument, busybox nc wants -p. The
+    # listener's stdin must never end: busybox nc closes the connection at its EOF.
+    listen = (f"L='-l -p {TRANSFER_PORT}'; nc -h 2>&1 | grep -q -- ' -N' && "
+              f"L='-l {TRANSFER_PORT}'; (sleep 300 | timeout 300 nc $L > {rx}) >/dev/null 2>&1 &")
     _checked(lab.run(dst, listen), "start the receiver")
-    time.sleep(1)
+    _retry(lambda: _checked(lab.run(dst, f"netstat -ltn 2>/dev/null | grep -q ':{TRANSFER_PORT} '"
+                                        f" || ss -ltn | grep -q ':{TRANSFER_PORT} '"),
+                            "receiver listening"), attempts=20, pause=0.5)
     # netcat-openbsd needs -N to close the connection at EOF; busybox nc does it anyway.
     send = (f"N=; nc -h 2>&1 | grep -q -- ' -N' && N=-N; "
             f"nc $N -w 30 {ip} {TRANSFER_PORT} < {tx}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from vvu_runtime.launch.accel import AccelError, Accelerator, choose_accelerator, probe_kvm
+from vvu_runtime.launch.accel import Accelerator, AccelError, choose_accelerator, probe_kvm
 from vvu_runtime.launch.appliance import ApplianceError, build_appliance
 from vvu_runtime.launch.checks import CheckResult, LabAccess, run_checks
 from vvu_runtime.launch.lab import (
@@ -53,7 +54,6 @@ from vvu_runtime.launch.supervisor import pid_alive, pid_mentions, remove_runtim
 from vvu_runtime.launch.toolchain import Toolchain, ToolchainError
 from vvu_runtime.launch.topology import (
     Accel,
-    ApplianceKind,
     Topology,
     TopologyError,
     json_schema,
@@ -221,7 +221,10 @@ def _images(tc: Toolchain, topo: Topology, *, build: bool) -> dict[str, ImageFil
             if img.rebuilt:
                 say(f"image {kind}: built in {time.monotonic() - start:.0f} s")
         else:
-            found = find_appliance(tc, kind)
+            try:
+                found = find_appliance(tc, kind)
+            except ApplianceError:
+                found = None
             if found is None:
                 out = tc.repo / "images"
                 images[kind] = ImageFiles(kernel=out / f"vvu-{kind}.vmlinuz",
@@ -409,7 +412,7 @@ def _run_lab_checks(paths: LabPaths) -> list[CheckResult]:
 def cmd_up(args: argparse.Namespace) -> int:
     topo = load(args.topology)
     if args.name:
-        topo = topo.renamed(args.name)
+        topo = dataclasses.replace(topo, name=args.name)
     paths = LabPaths.for_lab(topo.name, args.lab_dir or topo.options.lab_dir)
     start = time.monotonic()
     proc: subprocess.Popen[bytes] | None = None

@@ -38,7 +38,7 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,7 @@ class ImageFiles:
 
 @dataclass(frozen=True)
 class LinkPlan:
-    """One consumer–appliance link: one VVU function, one vvu-devd device."""
+    """One consumer-appliance link: one VVU function, one vvu-devd device."""
 
     name: str
     kind: str  # "net" | "blk"
@@ -327,7 +327,7 @@ class LabPlan:
         """Every command line and file, for ``vvu-launch render``."""
         out = [f"# lab {self.paths.name}: {self.paths.root} (runtime {self.paths.run})",
                f"# accelerator: {self.accel.value} ({self.accel_reason})", ""]
-        out.append("# consumer RAM files (sparse, shared with vvu-devd as BAR2)")
+        out.append("# guest RAM files (sparse; a consumer's is also the BAR2 of its VVU functions)")
         out += [f"truncate -s {mib}M {shlex.quote(str(p))}" for p, mib in self.ram_files.items()]
         if self.data_disks:
             out.append("\n# data disks of the storage appliances (created once, kept)")
