@@ -113,7 +113,8 @@ def test_appliances_get_their_config_and_the_lab_key_as_credentials() -> None:
     sw1 = _credentials(plan.node("sw1").argv)
     assert sw1["ssh.authorized_keys.root"] == KEY
     assert json.loads(sw1["vvu.appliance"]) == {
-        "kind": "vswitch", "options": {"busy_poll_us": 0}, "links": [{"name": "c1-nic0"}, {"name": "c2-nic0"}]}
+        "kind": "vswitch", "options": {"busy_poll_us": 0},
+        "links": [{"name": "c1-nic0"}, {"name": "c2-nic0"}]}
     st1 = _credentials(plan.node("st1").argv)
     config = json.loads(st1["vvu.appliance"])
     assert config["kind"] == "storage"
