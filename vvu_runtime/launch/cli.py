@@ -395,6 +395,38 @@ def _stop_supervisor(paths: LabPaths, proc: subprocess.Popen[bytes] | None,
     _clean_leftovers(paths, quiet=True)
 
 
+def _stages(state: dict[str, Any], start: float, built_s: float) -> str:
+    """Where the time of `up` went: images, appliances ready, consumers ready."""
+    def last_ready(role: str) -> float | None:
+        times = [n["ready_at"] for n in state.get("nodes", {}).values()
+                 if n.get("role") == role and n.get("ready_at")]
+        return max(times) if times else None
+
+    parts = [f"images {built_s:.0f} s"]
+    appliances = last_ready("appliance")
+    consumers = last_ready("consumer")
+    if appliances:
+        parts.append(f"appliances ready {appliances - start:.0f} s")
+    if consumers:
+        parts.append(f"consumers ready {consumers - (appliances or start):.0f} s later")
+    return ", ".join(parts)
+
+
+def _live_table(paths: LabPaths, proc: subprocess.Popen[bytes], every: float = 5.0) -> None:
+    """Redraw the status table in place (on a terminal) until the supervisor exits."""
+    shown = 0
+    while proc.poll() is None:
+        time.sleep(every)
+        if not sys.stdout.isatty():
+            continue
+        text = status_text(paths)
+        if shown:
+            sys.stdout.write(f"\x1b[{shown}F\x1b[J")
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        shown = text.count("\n") + 1
+
+
 def _print_checks(results: Sequence[CheckResult]) -> None:
     rows = [[r.name, "pass" if r.ok else "FAIL", f"{r.seconds:.1f}s", r.detail]
             for r in results]
@@ -430,9 +462,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             for d in ("logs", "disks"):
                 (paths.root / d).mkdir(parents=True, exist_ok=True)
             public_key = make_key(paths)
-            old_ports: dict[str, int] = {}
-            plan = plan_for(topo, build=True, paths=paths, public_key=public_key,
-                            ports=old_ports)
+            built = time.monotonic()
+            plan = plan_for(topo, build=True, paths=paths, public_key=public_key)
+            built_s = time.monotonic() - built
+            start_wall = time.time()
             data = plan.to_json()
             data["checks"] = _checks_json(topo)
             shutil.copyfile(topo.source, paths.topology_yaml)
@@ -457,7 +490,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise LaunchError(f"lab {topo.name} did not start: {err}\n"
                                   f"(supervisor log: {paths.supervisor_log})")
         up_s = time.monotonic() - start
-        say(f"lab {topo.name} is up in {up_s:.0f} s")
+        say(f"lab {topo.name} is up in {up_s:.0f} s ({_stages(state, start_wall, built_s)})")
         code = 0
         if not args.no_check:
             results = _run_lab_checks(paths)
@@ -477,8 +510,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(hints.replace(f"  {PROG} down {topo.name}              stop the lab",
                             "  Ctrl-C                             stop the lab"), flush=True)
         assert proc is not None
-        while proc.poll() is None:
-            time.sleep(1)
+        _live_table(paths, proc)
         say(f"lab {topo.name}: supervisor exited ({proc.returncode})")
         _clean_leftovers(paths, quiet=True)
         return EXIT_FAIL
