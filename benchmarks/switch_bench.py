@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vvu_runtime.backends.switch.testing import (  # noqa: E402
+from tests.support.net_frames import (  # noqa: E402
     mac,
     net_hdr,
     tcp4_frame,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.net_frames import BROADCAST, DriverPort, ether, mac
 from vvu_runtime.backends.switch.cli import build_parser, main
-from vvu_runtime.backends.switch.testing import BROADCAST, DriverPort, ether, mac
 
 
 @pytest.mark.parametrize("argv", [

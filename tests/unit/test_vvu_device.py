@@ -27,8 +27,8 @@ from typing import TypeVar
 
 import pytest
 
+from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.tunnel import TUNNEL_PROTOCOL_FEATURES, VhostUserTunnel
-from vvu_runtime.device.vfio_user.client import VfioUserClient
 from vvu_runtime.device.vfio_user.protocol import IrqSetFlags, PciIrq, PciRegion
 from vvu_runtime.device.vfio_user.server import VfioUserServer
 from vvu_runtime.device.virtio_pci import Common, DeviceStatus, VirtioPciCapType

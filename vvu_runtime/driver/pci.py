@@ -17,7 +17,7 @@ platform, and nothing more:
 
 Implementations: ``vfio.VfioPciFunction`` (vfio-pci behind a vIOMMU),
 ``sysfs.SysfsPciFunction`` (no IOMMU: sysfs resources, hugetlb + pagemap, poll)
-and ``testing.VfioUserPciFunction`` (the in-process vfio-user client: a test
+and tests/support ``VfioUserPciFunction`` (the in-process vfio-user client: a test
 double of this layer only). :func:`open_function` picks the real one.
 
 Register access through an mmap (:class:`MmioRegisters`) uses typed memoryview
