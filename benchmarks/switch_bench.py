@@ -341,7 +341,7 @@ def start_switch(tmp: Path, profile: Path | None, cpu: int | None) -> subprocess
     cmd = [sys.executable]
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
-    cmd += ["-m", "vvu_runtime.backends.switch.cli",
+    cmd += ["-m", "vvu_runtime.serve.switch",
             "--port", f"tx={tmp / 'tx.sock'}", "--port", f"rx={tmp / 'rx.sock'}",
             "--queue-size", str(QUEUE_SIZE), "--status-file", str(tmp / "status.json"),
             "--busy-poll", str(BUSY_POLL_USEC), "--log-level", "WARNING"]

@@ -178,7 +178,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DAEMON = textwrap.dedent("""
     import sys
     from tests.support.vhost_user_harness import EchoDevice
-    from vvu_runtime.backends.daemon import run
+    from vvu_runtime.serve.runner import run
     a, b = EchoDevice(), EchoDevice()
     a.name, b.name = "port a", "port b"
     sys.exit(run([(a, {p1!r}), (b, {p2!r})], program="echo-daemon", log_level="INFO",

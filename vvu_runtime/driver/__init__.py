@@ -15,7 +15,7 @@ from inside a VM. Layers, bottom up::
     endpoint.VvuEndpoint         one BackendSession per front-end connection, the
                                  BACKEND_UP / FRONTEND_UP state machine, recovery
 
-``backends.daemon.Endpoint(device, vvu=ADDR)`` is how a backend program asks for
+``serve.runner.Endpoint(device, vvu=ADDR)`` is how a backend program asks for
 it. Nothing above ``pci`` knows whether it runs on vfio, sysfs or the test double
 (tests/support/vfio_user_function.py: the in-process vfio-user client).
 """

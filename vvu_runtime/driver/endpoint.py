@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from vvu_runtime.driver.access import PciAccess, open_function
 from vvu_runtime.driver.errors import DeviceError, DeviceGone, DriverError
-from vvu_runtime.driver.pci import PciFunction, open_function
+from vvu_runtime.driver.pci import PciFunction
 from vvu_runtime.driver.transport import VvuChannel, VvuTransport
 from vvu_runtime.driver.vvu import (
     STATUS_BACKEND_UP,
@@ -54,7 +55,7 @@ class VvuEndpoint:
     """Serve ``device`` on the VVU function ``address`` (or the given ``pci``)."""
 
     def __init__(self, device: VhostUserDevice, address: str | None = None, *,
-                 pci: PciFunction | None = None, access: str = "auto",
+                 pci: PciFunction | None = None, access: PciAccess = PciAccess.AUTO,
                  virtio_id: int | None = None, loop: asyncio.AbstractEventLoop | None = None,
                  status_poll: float = STATUS_POLL, rx_size: int = 128,
                  tx_size: int = 64) -> None:

@@ -3,7 +3,7 @@
 A backend CLI parses its own options, builds one :class:`VhostUserDevice` per
 vhost-user socket, and hands them to :func:`run`::
 
-    from vvu_runtime.backends.daemon import Endpoint, run
+    from vvu_runtime.serve.runner import Endpoint, run
 
     def main() -> int:
         args = parse()
@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import VhostUserError
 
@@ -73,7 +74,7 @@ class Endpoint:
     ``retry_interval`` seconds, and again after each disconnect.
 
     ``vvu="0000:00:05.0"`` (no ``socket_path``): serve over the VVU PCI function at
-    that address, reached by ``vvu_access`` ("auto", "vfio" or "sysfs").
+    that address, reached the ``vvu_access`` way (:class:`PciAccess`).
     """
 
     device: VhostUserDevice
@@ -81,7 +82,7 @@ class Endpoint:
     client: bool = False
     retry_interval: float = 1.0
     vvu: str | None = None
-    vvu_access: str = "auto"
+    vvu_access: PciAccess = PciAccess.AUTO
 
     def describe(self) -> str:
         if self.vvu is not None:
