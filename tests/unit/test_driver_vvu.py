@@ -35,7 +35,6 @@ from tests.support.vvu_chain import (
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.driver.transport import had_eventfd
-from vvu_runtime.driver.vvu import STATUS_BACKEND_UP, STATUS_FRONTEND_UP
 from vvu_runtime.vhost_user import frontend as frontend_mod
 from vvu_runtime.vhost_user.frontend import (
     GuestRam,
@@ -45,6 +44,10 @@ from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.virtio.blk import BlkConfig, RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
+from vvu_runtime.virtio.vvu_abi import VvuStatus
+
+STATUS_BACKEND_UP = VvuStatus.BACKEND_UP
+STATUS_FRONTEND_UP = VvuStatus.FRONTEND_UP
 
 
 @pytest.fixture

@@ -40,14 +40,9 @@ from pathlib import Path
 from vvu_runtime.device.errors import DeviceError
 from vvu_runtime.device.tunnel import VhostUserTunnel
 from vvu_runtime.device.vfio_user.server import VfioUserServer
-from vvu_runtime.device.vvu import (
-    DEFAULT_MAX_QUEUES,
-    DEFAULT_QUEUE_SIZE,
-    MAX_VHOST_QUEUES,
-    VIRTIO_ID_VVU,
-    VvuDevice,
-)
+from vvu_runtime.device.vvu import DEFAULT_MAX_QUEUES, DEFAULT_QUEUE_SIZE, VvuDevice
 from vvu_runtime.vhost_user.errors import VhostUserError
+from vvu_runtime.virtio.vvu_abi import MAX_VHOST_QUEUES, VIRTIO_ID_VVU
 
 log = logging.getLogger("vvu_runtime.device.devd")
 

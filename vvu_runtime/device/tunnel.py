@@ -56,7 +56,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vvu_runtime.device.vvu import DoorbellKind, VvuDevice
+from vvu_runtime.device.vvu import VvuDevice
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import (
     ConnectionClosed,
@@ -69,6 +69,7 @@ from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.vhost_user.transport import Frame, UnixChannel, close_fds
 from vvu_runtime.virtio.memory import MemoryRegion
+from vvu_runtime.virtio.vvu_abi import DoorbellKind
 
 log = logging.getLogger(__name__)
 

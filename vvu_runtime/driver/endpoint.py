@@ -34,14 +34,13 @@ from vvu_runtime.driver.errors import DeviceError, DeviceGone, DriverError
 from vvu_runtime.driver.pci import PciFunction
 from vvu_runtime.driver.transport import VvuChannel, VvuTransport
 from vvu_runtime.driver.vvu import (
-    STATUS_BACKEND_UP,
-    STATUS_FRONTEND_UP,
     VvuDriver,
     drain_eventfd,
 )
 from vvu_runtime.vhost_user.backend import BackendSession
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import TransportError
+from vvu_runtime.virtio.vvu_abi import VvuStatus
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ class VvuEndpoint:
         if dropped:
             log.info("%s: dropped %d message(s) of the previous front-end", self.name, dropped)
         self.vvu.set_backend_up(True)
-        if not self.vvu.read_status() & STATUS_BACKEND_UP:
+        if not self.vvu.read_status() & VvuStatus.BACKEND_UP:
             raise DeviceError(f"{self.address}: BACKEND_UP does not stick (device "
                               f"status {self.vvu.virtio.status:#x})")
         log.info("%s: ready for a front-end (BACKEND_UP)", self.name)
@@ -163,11 +162,11 @@ class VvuEndpoint:
                 return
             status = vvu.read_status()
             if self.session is None:
-                if status & STATUS_FRONTEND_UP:
+                if status & VvuStatus.FRONTEND_UP:
                     self._open_session()
-                elif not status & STATUS_BACKEND_UP:
+                elif not status & VvuStatus.BACKEND_UP:
                     self._arm()
-            elif not status & STATUS_FRONTEND_UP:
+            elif not status & VvuStatus.FRONTEND_UP:
                 log.info("%s: front-end disconnected (FRONTEND_UP cleared)", self.name)
                 self._end_session()
                 self._arm()

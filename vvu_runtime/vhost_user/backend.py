@@ -51,6 +51,7 @@ from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.vhost_user.transport import (
     Channel,
     Frame,
+    NotifierKind,
     SocketTransport,
     Transport,
     close_fds,
@@ -616,7 +617,7 @@ class BackendSession:
         fd = msg.take_fd()
         if self.log_notifier is not None:
             self.log_notifier.close()
-        self.log_notifier = self.transport.notifier("log", 0, fd)
+        self.log_notifier = self.transport.notifier(NotifierKind.LOG, 0, fd)
         return None
 
     def _set_vring_num(self, msg: m.Message) -> None:
@@ -693,7 +694,7 @@ class BackendSession:
         fd = msg.take_fd()
         if vring.call is not None:
             vring.call.close()
-        vring.call = self.transport.notifier("call", vf.index, fd)
+        vring.call = self.transport.notifier(NotifierKind.CALL, vf.index, fd)
         if vring.missed_call and vring.call is not None:
             # The driver wanted an interrupt while there was no call fd to signal.
             vring.missed_call = False
@@ -706,7 +707,7 @@ class BackendSession:
         fd = msg.take_fd()
         if vring.err is not None:
             vring.err.close()
-        vring.err = self.transport.notifier("err", vf.index, fd)
+        vring.err = self.transport.notifier(NotifierKind.ERR, vf.index, fd)
         return None
 
     def _get_protocol_features(self, msg: m.Message) -> m.Payload:

@@ -837,8 +837,24 @@ def encode(request: int, payload: Payload | None = None, *, reply: bool = False,
 def encode_bytes(request: int, payload: Payload | None = None, *, reply: bool = False,
                  need_reply: bool = False) -> bytes:
     """Header and payload as one byte string."""
-    code, flags, data = encode(request, payload, reply=reply, need_reply=need_reply)
-    return HEADER.pack(code, flags, len(data)) + data
+    return format_message(*encode(request, payload, reply=reply, need_reply=need_reply))
+
+
+def format_message(request: int, flags: int, payload: bytes | bytearray | memoryview) -> bytes:
+    """One whole message: the header, then ``payload``."""
+    return HEADER.pack(request, flags, len(payload)) + bytes(payload)
+
+
+def parse_message(data: bytes | bytearray | memoryview) -> tuple[int, int, bytes]:
+    """(request, flags, payload) of one whole message (a VVU rxq buffer holds one);
+    FramingError if it is shorter than a header or its size field lies."""
+    if len(data) < HEADER_SIZE:
+        raise FramingError(f"a message of {len(data)} bytes is shorter than a header")
+    request, flags, size = HEADER.unpack_from(data)
+    if HEADER_SIZE + size != len(data):
+        raise FramingError(f"message {request}: header says {size} payload bytes, the "
+                           f"buffer holds {len(data) - HEADER_SIZE}")
+    return request, flags, bytes(data[HEADER_SIZE:])
 
 
 def parse_header(data: bytes) -> tuple[int, int, int]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import enum
 import errno
 import os
 import select
@@ -47,6 +48,15 @@ from vvu_runtime.virtio.errors import GuestMemoryError
 from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion, map_fd
 
 # --------------------------------------------------------------------------- notifiers
+
+
+class NotifierKind(enum.StrEnum):
+    """What a notifier signals: a vring's call or err, or the dirty log (SET_LOG_FD)."""
+
+    CALL = "call"
+    ERR = "err"
+    LOG = "log"
+
 
 
 class Notifier(ABC):
@@ -149,8 +159,8 @@ class Transport(ABC):
         """The kick source of queue ``index`` (None: poll the ring)."""
 
     @abstractmethod
-    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
-        """The ``kind`` ("call", "err", "log") notifier of queue ``index`` (None: none)."""
+    def notifier(self, kind: NotifierKind, index: int, fd: int | None) -> Notifier | None:
+        """The ``kind`` notifier of queue ``index`` (None: none)."""
 
     @abstractmethod
     def backend_channel(self, fd: int | None) -> Channel:
@@ -181,7 +191,7 @@ class SocketTransport(Transport):
     def kick_source(self, index: int, fd: int | None) -> KickSource | None:
         return None if fd is None else EventFdKick(fd)
 
-    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
+    def notifier(self, kind: NotifierKind, index: int, fd: int | None) -> Notifier | None:
         return None if fd is None else EventFdNotifier(fd)
 
     def backend_channel(self, fd: int | None) -> Channel:
