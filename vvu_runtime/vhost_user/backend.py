@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from vvu_runtime.fds import close_fds
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import (
@@ -54,7 +55,6 @@ from vvu_runtime.vhost_user.transport import (
     NotifierKind,
     SocketTransport,
     Transport,
-    close_fds,
 )
 from vvu_runtime.vhost_user.vring import VIRTIO_F_RING_PACKED, QueueFactory, Vring
 from vvu_runtime.vhost_user.vring import default_queue_factory as _default_queue_factory
@@ -240,6 +240,7 @@ class BackendSession:
     # ------------------------------------------------------------------ engine
     def start(self) -> None:
         """Start reading messages on the event loop."""
+        self.channel.use_loop(self.loop)
         self.loop.add_reader(self.channel.fileno(), self._on_readable)
         self._reading = True
         log.info("%s: front-end connected", self.name)

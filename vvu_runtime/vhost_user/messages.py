@@ -20,14 +20,13 @@ opaque) implement the same two methods.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, IntFlag
 from typing import ClassVar, Protocol, TypeVar
 
+from vvu_runtime.fds import close_fds
 from vvu_runtime.vhost_user.errors import (
     FdCountError,
     FlagsError,
@@ -729,10 +728,7 @@ class Message:
         return self.fds.pop(0) if self.fds else None
 
     def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
+        close_fds(self.fds)
 
 
 def _name(direction: Direction, request: int) -> str:

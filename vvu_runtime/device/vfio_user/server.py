@@ -32,8 +32,6 @@ import errno
 import logging
 import os
 import socket
-import stat
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,6 +74,7 @@ from vvu_runtime.device.vfio_user.protocol import (
     error_reply,
     reply_header,
 )
+from vvu_runtime.fds import FdError, Outbox, close_fds, fds_from_ancdata, remove_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +83,6 @@ log = logging.getLogger(__name__)
 BATCH = 64
 #: Stop reading while this much reply data waits for the peer to read it.
 SEND_HIGH_WATER = 4 << 20
-_FD_SIZE = array.array("i").itemsize
-
-
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[:len(data) - len(data) % _FD_SIZE])
-            fds.extend(arr)
-    return fds
 
 
 class MessageReader:
@@ -111,7 +93,7 @@ class MessageReader:
     stall the loop.
     """
 
-    _ANC_SPACE = socket.CMSG_SPACE(MAX_MSG_FDS * _FD_SIZE)
+    _ANC_SPACE = socket.CMSG_SPACE(MAX_MSG_FDS * array.array("i").itemsize)
 
     def __init__(self, sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE) -> None:
         self.sock = sock
@@ -236,11 +218,10 @@ class Session:
         self.stats = SessionStats()
         self.client_caps: dict[str, object] = {}
         self._reader = MessageReader(sock)
-        self._out: deque[tuple[memoryview, list[int]]] = deque()
-        self._out_bytes = 0
-        self._reading = False
-        self._writing = False
         self._loop = server.loop
+        self._outbox = Outbox(sock, self._loop, on_drained=self._resume_reading,
+                              on_error=lambda exc: self.close(f"cannot send to the client: {exc}"))
+        self._reading = False
         self._handlers: dict[int, Callable[[Message], Reply | None]] = {
             Command.VERSION: self._version,
             Command.DMA_MAP: self._dma_map,
@@ -486,38 +467,9 @@ class Session:
     def _send(self, data: bytes, fds: list[int]) -> None:
         if self.state is SessionState.CLOSED:
             return
-        self._out.append((memoryview(data), list(fds)))
-        self._out_bytes += len(data)
-        if not self._writing:
-            self._flush()
-        if self._out_bytes > SEND_HIGH_WATER:
-            self._pause_reading()
-
-    def _flush(self) -> None:
-        while self._out:
-            view, fds = self._out[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            try:
-                sent = self.sock.sendmsg([view], anc)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self.close(f"cannot send to the client: {exc}")
-                return
-            self._out_bytes -= sent
-            if sent < len(view):
-                # fds went with the first byte; the rest goes without them.
-                self._out[0] = (view[sent:], [])
-                break
-            self._out.popleft()
-        if self._out and not self._writing:
-            self._loop.add_writer(self.sock.fileno(), self._flush)
-            self._writing = True
-        elif not self._out and self._writing:
-            self._loop.remove_writer(self.sock.fileno())
-            self._writing = False
-        if self._out_bytes <= SEND_HIGH_WATER // 2:
-            self._resume_reading()
+        self._outbox.send(data, fds)
+        if self._outbox.pending > SEND_HIGH_WATER:
+            self._pause_reading()  # until the client has read what waits (on_drained)
 
     # --- teardown -------------------------------------------------------------------
 
@@ -525,12 +477,9 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self._pause_reading()
-        if self._writing:
-            self._loop.remove_writer(self.sock.fileno())
-            self._writing = False
+        self._outbox.close()
         self.state = SessionState.CLOSED
         self._reader.discard()
-        self._out.clear()
         self.sock.close()
         log.info("%s: client disconnected (%s) after %d messages (%d posted), %d refused; %s",
                  self.name, why, self.stats.messages, self.stats.posted, self.stats.errors,
@@ -578,14 +527,9 @@ class VfioUserServer:
             raise StateError(f"{self.device.name}: start() needs a socket path")
         self._events()
         try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise StateError(f"{self.device.name}: {self.path} exists and is not a socket; "
-                                 "refusing to replace it")
-            os.unlink(self.path)
+            remove_stale_socket(self.path)
+        except FdError as exc:
+            raise StateError(f"{self.device.name}: {exc}") from exc
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(self.path)
