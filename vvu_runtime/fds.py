@@ -25,10 +25,12 @@ import stat
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from vvu_runtime.errors import VvuError
+
 _FD_SIZE = array.array("i").itemsize
 
 
-class FdError(Exception):
+class FdError(VvuError):
     """An fd or socket path that cannot be used as asked (the message says why)."""
 
 

@@ -22,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from vvu_runtime.console import run_main
 from vvu_runtime.launch.initramfs import ConsumerAssets, consumer_assets
 from vvu_runtime.launch.machine import MachineError, QemuMachine
 from vvu_runtime.launch.process import BackendError, BackendProcess
@@ -184,21 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path,
                         help="keep logs and sockets here instead of a temporary directory")
     args = parser.parse_args(argv)
-    try:
+
+    def demo() -> None:
         if args.workdir:
             args.workdir.mkdir(parents=True, exist_ok=True)
             report = run_demo(args.workdir)
         else:
             with tempfile.TemporaryDirectory(prefix="vvu-demo-") as tmp:
                 report = run_demo(Path(tmp))
-    except (DemoFailure, BackendError, MachineError, ToolchainError) as exc:
-        print(f"vvu-demo: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("vvu-demo: interrupted; everything started was stopped", file=sys.stderr)
-        return 130
-    print(f"\nvvu-demo: all {len(report.steps)} steps passed")
-    return 0
+        print(f"\nvvu-demo: all {len(report.steps)} steps passed")
+
+    # Everything started is stopped on the way out (context managers), Ctrl-C too.
+    return run_main(demo, program="vvu-demo",
+                    errors=(DemoFailure, BackendError, MachineError, ToolchainError))
 
 
 if __name__ == "__main__":

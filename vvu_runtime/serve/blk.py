@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import ImageError, RawImage
+from vvu_runtime.console import EXIT_USAGE, die, run_main
 from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.virtio.blk import ID_BYTES
 
@@ -103,6 +104,10 @@ CAPABILITIES = {"type": "block", "features": ["blk-file", "read-only"]}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_main(lambda: _serve(args), program=PROGRAM)
+
+
+def _serve(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES))
         return 0
@@ -112,8 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         image = RawImage(args.image, read_only=args.read_only, direct=args.direct)
     except ImageError as exc:
-        print(f"{PROGRAM}: {exc}", file=sys.stderr)
-        return 2
+        die(str(exc), EXIT_USAGE)
     where = args.vvu if args.vvu is not None else os.path.basename(args.socket)
     name = f"disk {os.path.basename(args.image)} @ {where}"
     device = BlkDevice(image, queues=args.queues, serial=args.serial, name=name)

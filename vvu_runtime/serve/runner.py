@@ -46,11 +46,11 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vvu_runtime.console import EXIT_FAILURE, EXIT_OK, setup_logging
 from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import VhostUserError
@@ -60,8 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 
 @dataclass(frozen=True)
@@ -92,21 +90,6 @@ class Endpoint:
 
 
 EndpointSpec = Endpoint | tuple[VhostUserDevice, "str | os.PathLike[str]"]
-
-
-def configure_logging(program: str, level: str | int = "INFO") -> None:
-    """Log to stderr as ``program: LEVEL logger: message`` (idempotent)."""
-    if isinstance(level, str):
-        level = level.upper()
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_vvu_daemon", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{program}: %(levelname)s %(name)s: %(message)s"))
-    handler._vvu_daemon = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _endpoint(spec: EndpointSpec) -> Endpoint:
@@ -158,7 +141,7 @@ def run(endpoints: Sequence[EndpointSpec], *, program: str = "vvu",
         cleanup: Callable[[], None] | None = None,
         ready: Callable[[], None] | None = None) -> int:
     """Run the backend until SIGTERM/SIGINT; returns the process exit code."""
-    configure_logging(program, log_level)
+    setup_logging(program, log_level)
     if not endpoints:
         log.error("no vhost-user sockets to serve")
         return EXIT_FAILURE

@@ -39,6 +39,7 @@ from vvu_runtime.backends.switch.fdb import (
 from vvu_runtime.backends.switch.port import SwitchPort
 from vvu_runtime.backends.switch.switch import Switch
 from vvu_runtime.backends.switch.uplink import TapUplink
+from vvu_runtime.console import run_main
 from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.serve.runner import Endpoint, run
 
@@ -240,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     endpoints = [Endpoint(port, vvu=spec.vvu, vvu_access=PciAccess(args.vvu_access)) if spec.vvu
                  else Endpoint(port, spec.socket)
                  for port, spec in zip(ports, specs, strict=True)]
-    return run(endpoints, program=PROGRAM, log_level=args.log_level, setup=setup,
-               cleanup=cleanup)
+    return run_main(lambda: run(endpoints, program=PROGRAM, log_level=args.log_level,
+                                setup=setup, cleanup=cleanup), program=PROGRAM)
 
 
 if __name__ == "__main__":
