@@ -5,13 +5,14 @@ QEMU connects with ``-chardev socket,path=...,reconnect-ms=...``) and is the
 :class:`~vvu_runtime.device.vvu.VvuLink` of one :class:`~vvu_runtime.device.vvu.VvuDevice`.
 It runs on the event loop the device's vfio-user server runs on.
 
-Connection life cycle (docs/vvu-abi.md, the A.7 state machine)::
+Connection life cycle: the link machine of ``virtio.vvu_link`` (A.7), shared
+with the guest driver's endpoint::
 
-    listening, not accepting  --driver sets BACKEND_UP-->  accepting
-    accepting  --front-end connects-->  connected: FRONTEND_UP + config interrupt
-    connected  --front-end hangs up / sends bad input-->  dropped: status 0 + config irq
-    connected  --driver clears BACKEND_UP, resets, NEEDS_RESET-->  dropped: no irq
-    dropped  --driver sets BACKEND_UP again-->  accepting (QEMU reconnects)
+    DOWN (listening, not accepting)  --driver sets BACKEND_UP-->  ARMED (accepting)
+    ARMED  --front-end connects-->  CONNECTED: FRONTEND_UP + config interrupt
+    CONNECTED  --front-end hangs up / sends bad input-->  DOWN: status 0 + config irq
+    any  --driver clears BACKEND_UP, resets, NEEDS_RESET-->  DOWN: no irq
+    DOWN  --driver sets BACKEND_UP again-->  ARMED (QEMU reconnects)
 
 The socket is bound at start, so a front-end that connects early waits in the
 listen backlog until the driver is ready. One front-end at a time.
@@ -75,6 +76,7 @@ from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.vhost_user.transport import Frame, UnixChannel
 from vvu_runtime.virtio.memory import MemoryRegion
 from vvu_runtime.virtio.vvu_abi import DoorbellKind
+from vvu_runtime.virtio.vvu_link import LinkEvent, LinkMachine, LinkState
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,7 @@ class VhostUserTunnel:
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
         self._accepting = False
+        self.link = LinkMachine(device.name)
         self.conn: Connection | None = None
         self.connections = 0
 
@@ -179,11 +182,12 @@ class VhostUserTunnel:
 
     @property
     def state(self) -> str:
+        """The link as a status line says it."""
         if self._listener is None:
             return "closed"
         if self.conn is not None:
             return f"connected (#{self.conn.number})"
-        return "accepting" if self._accepting else "waiting for BACKEND_UP"
+        return "accepting" if self.link.state is LinkState.ARMED else "waiting for BACKEND_UP"
 
     # --- listening ----------------------------------------------------------------------
 
@@ -210,11 +214,14 @@ class VhostUserTunnel:
         self.device.link = self
         log.info("%s: vhost-user socket %s bound (front-ends wait until BACKEND_UP)",
                  self.name, self.path)
+        if self.device.backend_up:
+            self.link.fire(LinkEvent.BACKEND_UP)
         self._update_accepting()
 
     def close(self) -> None:
         """Drop the front-end, stop listening, remove the socket file (idempotent)."""
         self._drop("the device model is shutting down", notify=False)
+        self.link.fire(LinkEvent.BACKEND_DOWN)
         if self._listener is None:
             return
         self._set_accepting(False)
@@ -228,8 +235,7 @@ class VhostUserTunnel:
                 os.unlink(self.path)
 
     def _update_accepting(self) -> None:
-        self._set_accepting(self._listener is not None and self.conn is None
-                            and self.device.backend_up)
+        self._set_accepting(self._listener is not None and self.link.state is LinkState.ARMED)
 
     def _set_accepting(self, on: bool) -> None:
         if on == self._accepting or self._listener is None:
@@ -249,7 +255,7 @@ class VhostUserTunnel:
         except OSError as exc:
             log.error("%s: accept on %s failed: %s", self.name, self.path, exc)
             return
-        if self.conn is not None or not self.device.backend_up:  # pragma: no cover - guarded
+        if not self.link.can(LinkEvent.FRONTEND_UP):  # pragma: no cover - not accepting then
             sock.close()
             return
         self.connections += 1
@@ -260,6 +266,7 @@ class VhostUserTunnel:
             sock, self.loop, on_drained=self._tx_drained,
             on_error=lambda exc: self._frontend_gone(f"cannot send to the front-end: {exc}")))
         self.conn = conn
+        self.link.fire(LinkEvent.FRONTEND_UP)
         self._set_accepting(False)
         log.info("%s: front-end #%d connected", self.name, conn.number)
         self.device.frontend_connected()
@@ -268,10 +275,13 @@ class VhostUserTunnel:
     # --- VvuLink (called by the device) -----------------------------------------------
 
     def backend_up(self) -> None:
+        if self.link.can(LinkEvent.BACKEND_UP):  # else: set again while armed or connected
+            self.link.fire(LinkEvent.BACKEND_UP)
         self._update_accepting()
 
     def backend_down(self) -> None:
         self._drop("the driver took BACKEND_UP away (or reset the device)", notify=False)
+        self.link.fire(LinkEvent.BACKEND_DOWN)
         self._update_accepting()
 
     def rx_space(self) -> None:
@@ -620,6 +630,8 @@ class VhostUserTunnel:
 
     def _frontend_gone(self, why: str) -> None:
         """The front-end's side ended the link: status 0 and a config interrupt."""
+        if self.link.can(LinkEvent.FRONTEND_GONE):
+            self.link.fire(LinkEvent.FRONTEND_GONE)
         self._drop(why, notify=True)
         self._update_accepting()
 
