@@ -178,7 +178,7 @@ def qsd_argv(tc: Toolchain, image: Path, sock: Path, aio: str = "threads") -> li
 
 def vvu_argv(image: Path, sock: Path, profile: Path | None = None,
              extra: Sequence[str] = ()) -> list[str]:
-    cli = ["-m", "vvu_runtime.backends.blk.cli", "--socket", str(sock), "--image", str(image),
+    cli = ["-m", "vvu_runtime.serve.blk", "--socket", str(sock), "--image", str(image),
            "--log-level", "WARNING", *extra]
     if profile is not None:
         return [sys.executable, "-m", "cProfile", "-o", str(profile), *cli]

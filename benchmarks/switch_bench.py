@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from vvu_runtime.backends.switch.testing import (  # noqa: E402
+from tests.support.net_frames import (  # noqa: E402
     mac,
     net_hdr,
     tcp4_frame,
@@ -341,7 +341,7 @@ def start_switch(tmp: Path, profile: Path | None, cpu: int | None) -> subprocess
     cmd = [sys.executable]
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
-    cmd += ["-m", "vvu_runtime.backends.switch.cli",
+    cmd += ["-m", "vvu_runtime.serve.switch",
             "--port", f"tx={tmp / 'tx.sock'}", "--port", f"rx={tmp / 'rx.sock'}",
             "--queue-size", str(QUEUE_SIZE), "--status-file", str(tmp / "status.json"),
             "--busy-poll", str(BUSY_POLL_USEC), "--log-level", "WARNING"]

@@ -50,7 +50,7 @@ class VvuBlk:
     """A vvu-blk process serving ``image`` on ``socket`` (restartable)."""
 
     def __init__(self, image: Path, socket: Path, *args: str, slow: bool = False) -> None:
-        self.runner = ["-c", SLOW_RUNNER] if slow else ["-m", "vvu_runtime.backends.blk.cli"]
+        self.runner = ["-c", SLOW_RUNNER] if slow else ["-m", "vvu_runtime.serve.blk"]
         self.image = image
         self.socket = socket
         self.args = args

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from vvu_rig import appliance, blk_consumer, links, shell, vvu_functions
 
+from tests.support.vvu_rig import appliance, blk_consumer, links, shell, vvu_functions
 from vvu_runtime.launch.appliance import ApplianceImage, ApplianceMachine, build_appliance
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import QemuMachine

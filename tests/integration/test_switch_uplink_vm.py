@@ -92,7 +92,7 @@ class NetnsSwitch:
         self.log = workdir / "vvu-switch.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                ["unshare", "--net", sys.executable, "-m", "vvu_runtime.backends.switch.cli",
+                ["unshare", "--net", sys.executable, "-m", "vvu_runtime.serve.switch",
                  "--port", f"vm1={self.sock}", "--uplink", TAP,
                  "--status-file", str(self.status)],
                 stdout=out, stderr=subprocess.STDOUT)

@@ -1,6 +1,6 @@
 """The device model served to real QEMU (11.1.3, vfio-user-pci) and a stock guest kernel.
 
-The server runs as its own process (``python -m vvu_runtime.device.entropy``), as
+The server runs as its own process (``python -m tests.support.entropy``), as
 the device daemon will, so that its file descriptors and mappings can be checked
 from outside after the guest is killed. With virtio device ID 4 the guest's own
 ``virtio_rng`` driver drives the whole transport: feature negotiation, a queue in
@@ -23,14 +23,16 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from vvu_runtime.device.entropy import HOLE_BYTE, SHM_MARKER
-from vvu_runtime.device.vfio_user.client import VfioUserClient
+from tests.support.entropy import HOLE_BYTE, SHM_MARKER
+from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.launch.initramfs import ConsumerAssets, CpioEntry, KernelModules, write_cpio
 from vvu_runtime.launch.machine import QemuMachine
 from vvu_runtime.launch.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
 
+#: The toy device runs from the checkout (``python -m tests.support.entropy``).
+ROOT = Path(__file__).resolve().parents[2]
 SLOT = "0000:00:05.0"
 SHM_SIZE = 2 << 20
 SYSFS = f"/sys/bus/pci/devices/{SLOT}"
@@ -66,10 +68,10 @@ class DeviceProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vvu_runtime.device.entropy", "--socket", str(socket_path),
+            [sys.executable, "-m", "tests.support.entropy", "--socket", str(socket_path),
              "--device-id", str(device_id), "--name", "rng-test",
              "--shared-memory", str(shared_memory)],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 20
         while not socket_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from vvu_rig import (
+
+from tests.support.vvu_rig import (
     CONSUMER_MIB,
     acked,
     appliance,
@@ -53,7 +54,6 @@ from vvu_rig import (
     wait,
     wait_ping,
 )
-
 from vvu_runtime.launch.appliance import ApplianceMachine, build_appliance
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import QemuMachine

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vvu_runtime.backends.blk.cli import main, parse_args
+from vvu_runtime.serve.blk import main, parse_args
 from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend, setup_queue
 from vvu_runtime.virtio.blk import BlkConfig, BlkRequestHeader, RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
@@ -43,7 +43,7 @@ def test_print_capabilities(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def run_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "vvu_runtime.backends.blk.cli", *args],
+    return subprocess.Popen([sys.executable, "-m", "vvu_runtime.serve.blk", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blk_driver import BlkDriver
-from test_vhost_user_harness import LoopThread, session_pair
 
+from tests.support.blk_driver import BlkDriver
+from tests.support.vhost_user_harness import LoopThread, session_pair
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend, setup_queue

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support.server_thread import ServerThread
+from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.errors import DeviceModelError, IrqError, MessageError
 from vvu_runtime.device.pci import (
     Bar,
@@ -24,8 +26,7 @@ from vvu_runtime.device.pci import (
     PciIdentity,
 )
 from vvu_runtime.device.vfio_user import protocol as p
-from vvu_runtime.device.vfio_user.client import VfioUserClient
-from vvu_runtime.device.vfio_user.server import ServerThread, VfioUserServer
+from vvu_runtime.device.vfio_user.server import VfioUserServer
 from vvu_runtime.device.virtio_pci import (
     BarDecl,
     BarKind,

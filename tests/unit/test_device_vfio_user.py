@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.server_thread import ServerThread
+from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.errors import ConnectionClosed, RemoteError
 from vvu_runtime.device.pci import (
     Bar,
@@ -27,7 +29,6 @@ from vvu_runtime.device.pci import (
     PciDevice,
     PciIdentity,
 )
-from vvu_runtime.device.vfio_user.client import VfioUserClient
 from vvu_runtime.device.vfio_user.protocol import (
     HEADER_SIZE,
     MAX_DATA_XFER_SIZE,
@@ -43,7 +44,7 @@ from vvu_runtime.device.vfio_user.protocol import (
     RegionFlags,
     SparseArea,
 )
-from vvu_runtime.device.vfio_user.server import ServerState, ServerThread, VfioUserServer
+from vvu_runtime.device.vfio_user.server import ServerState, VfioUserServer
 
 MiB = 1 << 20
 EVENTFD_TRIGGER = IrqSetFlags.DATA_EVENTFD | IrqSetFlags.ACTION_TRIGGER  # 0x24

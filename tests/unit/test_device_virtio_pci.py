@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vvu_runtime.device.entropy import EntropyDevice
-from vvu_runtime.device.vfio_user.client import VfioUserClient
+from tests.support.entropy import EntropyDevice
+from tests.support.server_thread import ServerThread
+from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.vfio_user.protocol import IrqSetFlags, PciIrq, PciRegion
-from vvu_runtime.device.vfio_user.server import ServerThread, VfioUserServer
+from vvu_runtime.device.vfio_user.server import VfioUserServer
 from vvu_runtime.device.virtio_pci import (
     NO_VECTOR,
     Common,

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_driver_vvu import SECTORS, DeviceModel, FileRam, connect_blk
 
-from vvu_runtime.backends.blk import cli as blk_cli
-from vvu_runtime.backends.switch import cli as switch_cli
+from tests.support.vvu_chain import SECTORS, DeviceModel, FileRam, connect_blk
 from vvu_runtime.driver import endpoint as endpoint_mod
 from vvu_runtime.driver.pci import PciFunction
+from vvu_runtime.serve import blk as blk_cli
+from vvu_runtime.serve import switch as switch_cli
 from vvu_runtime.virtio.blk import RequestType, Status
 
 

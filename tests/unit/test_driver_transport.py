@@ -19,10 +19,11 @@ from vvu_runtime.driver.transport import (
     VvuChannel,
     VvuTransport,
 )
-from vvu_runtime.driver.vvu import VvuIdentity, format_message
+from vvu_runtime.driver.vvu import VvuIdentity
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import ConnectionClosed, FramingError, TransportError
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
+from vvu_runtime.vhost_user.messages import format_message
 from vvu_runtime.virtio.errors import GuestMemoryError
 from vvu_runtime.virtio.memory import MemoryRegion
 

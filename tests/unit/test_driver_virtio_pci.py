@@ -1,8 +1,8 @@
 """The guest-side virtio-pci driver against the device model's virtio-rng, through the
-vfio-user client standing in for vfio-pci (driver.testing.VfioUserPciFunction).
+vfio-user client standing in for vfio-pci (tests/support/vfio_user_function.py).
 
 Everything above the PCI layer is the real driver code; the device is the real
-device model (``vvu_runtime.device.entropy``) on its vfio-user server.
+device model (``tests.support.entropy``) on its vfio-user server.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from vvu_runtime.device.entropy import EntropyDevice
-from vvu_runtime.device.vfio_user.client import VfioUserClient
-from vvu_runtime.device.vfio_user.server import ServerThread, VfioUserServer
+from tests.support.entropy import EntropyDevice
+from tests.support.server_thread import ServerThread
+from tests.support.vfio_user_client import VfioUserClient
+from tests.support.vfio_user_function import VfioUserPciFunction
+from vvu_runtime.device.vfio_user.server import VfioUserServer
 from vvu_runtime.driver.errors import DeviceError
 from vvu_runtime.driver.pci import CAP_ID_MSIX, DmaArena, PciFunction
-from vvu_runtime.driver.testing import VfioUserPciFunction
 from vvu_runtime.driver.virtio_pci import VirtioPciDriver
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.pci_layout import NO_VECTOR, DeviceStatus, VirtioPciCapType

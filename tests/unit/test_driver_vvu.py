@@ -3,7 +3,7 @@
     front-end (vhost_user.frontend, consumer RAM = a file)
       -> real UNIX socket -> VVU device model (device.vvu + device.tunnel)
       -> vfio-user over a socketpair (device.vfio_user server / client)
-      -> driver.testing.VfioUserPciFunction (stands in for vfio-pci: the only double)
+      -> tests/support VfioUserPciFunction (stands in for vfio-pci: the only double)
       -> the real driver: virtio_pci, vvu, VvuChannel / VvuTransport / VvuSession
       -> BackendSession -> vvu-blk's BlkDevice on a temp image, or a switch port
 
@@ -15,115 +15,39 @@ consumer (a blocking front-end).
 from __future__ import annotations
 
 import os
-import socket
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from blk_driver import BlkDriver
-from test_vhost_user_harness import LoopThread
 
+from tests.support.vfio_user_function import VfioUserPciFunction
+from tests.support.vvu_chain import (
+    RAM_SIZE,
+    SECTORS,
+    Appliance,
+    DeviceModel,
+    FileRam,
+    connect_blk,
+    wait_for,
+)
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
-from vvu_runtime.device.tunnel import VhostUserTunnel
-from vvu_runtime.device.vfio_user.client import VfioUserClient
-from vvu_runtime.device.vfio_user.server import ServerThread, VfioUserServer
-from vvu_runtime.device.vvu import VvuDevice
-from vvu_runtime.driver.endpoint import VvuEndpoint
-from vvu_runtime.driver.testing import VfioUserPciFunction
 from vvu_runtime.driver.transport import had_eventfd
-from vvu_runtime.driver.vvu import STATUS_BACKEND_UP, STATUS_FRONTEND_UP
 from vvu_runtime.vhost_user import frontend as frontend_mod
-from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.frontend import (
     GuestRam,
     VhostUserFrontend,
-    setup_queue,
 )
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.virtio.blk import BlkConfig, RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
-from vvu_runtime.virtio.memory import GuestMemory, MemoryRegion, map_fd
+from vvu_runtime.virtio.vvu_abi import VvuStatus
 
-RAM_SIZE = 8 << 20
-SECTORS = 2048
-QSIZE = 64
-
-
-class FileRam(GuestRam):
-    """Consumer RAM backed by the provisioned file the device model exposes as BAR2."""
-
-    def __init__(self, path: str | Path, size: int = RAM_SIZE, gpa: int = 0) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.region = MemoryRegion(gpa, size, self.UVA_BASE + gpa, 0)
-        self.memory = GuestMemory()
-        self.memory.add(map_fd(self.region, self.fd))
-        self._next = gpa
-
-
-class DeviceModel:
-    """The host side of one consumer link: a VVU device and its vhost-user socket."""
-
-    def __init__(self, tmp: Path, name: str, *, max_queues: int = 8,
-                 interrupts: bool = True) -> None:
-        self.ram_path = tmp / f"{name}.ram"
-        with open(self.ram_path, "wb") as f:
-            f.truncate(RAM_SIZE)
-        self.sock_path = str(tmp / f"{name}.sock")
-        self.device = VvuDevice(name=name, ram_file=self.ram_path, max_queues=max_queues)
-        server = VfioUserServer(self.device)
-        self.thread = ServerThread(lambda: server)
-        self.thread.__enter__()
-        self.tunnel = VhostUserTunnel(self.device, self.sock_path, loop=self.thread.loop)
-        self.thread.call(self.tunnel.start)
-        ours, theirs = socket.socketpair()
-        self.thread.call(lambda: server.attach(theirs))
-        self.client = VfioUserClient(ours)
-        self.client.version()
-        self.pci = VfioUserPciFunction(self.client, interrupts=interrupts)
-
-    def status(self) -> int:
-        return self.thread.call(lambda: self.device.vvu_status)
-
-    def close(self) -> None:
-        self.pci.close()
-        self.client.close()
-        self.thread.call(self.tunnel.close)
-        self.thread.stop()
-        self.device.close()
-
-
-class Appliance:
-    """The appliance side: endpoints on one event loop."""
-
-    def __init__(self) -> None:
-        self.lt = LoopThread()
-        self.endpoints: list[VvuEndpoint] = []
-
-    def serve(self, device: VhostUserDevice, model: DeviceModel, **kw: Any) -> VvuEndpoint:
-        ep = VvuEndpoint(device, pci=model.pci, loop=self.lt.loop, **kw)
-        self.lt.call(ep.start)
-        self.endpoints.append(ep)
-        return ep
-
-    def close(self) -> None:
-        if self.lt.loop.is_closed():
-            return
-        for ep in self.endpoints:
-            self.lt.call(ep.close)
-        self.lt.stop()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        time.sleep(0.005)
+STATUS_BACKEND_UP = VvuStatus.BACKEND_UP
+STATUS_FRONTEND_UP = VvuStatus.FRONTEND_UP
 
 
 @pytest.fixture
@@ -141,16 +65,6 @@ def image_path(tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- blk
-
-
-def connect_blk(model: DeviceModel, ram: GuestRam) -> tuple[VhostUserFrontend, BlkDriver]:
-    fe = VhostUserFrontend.connect(model.sock_path, retry_for=5.0)
-    _, pf = fe.negotiate(features=(1 << 64) - 1 & ~int(VirtioFeature.RING_PACKED))
-    # The tunnel masked what it cannot carry (docs/vvu-abi.md).
-    assert pf & PF.REPLY_ACK.mask and pf & PF.CONFIG.mask
-    assert not pf & (PF.INFLIGHT_SHMFD.mask | PF.LOG_SHMFD.mask)
-    fe.set_mem_table([(ram.region, ram.fd)])
-    return fe, BlkDriver(setup_queue(fe, ram, 0, QSIZE), ram)
 
 
 def test_block_write_read_and_frontend_reconnect(tmp_path: Path, image_path: Path,
@@ -235,9 +149,9 @@ def file_backed_ports(monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
 
 def test_packets_cross_a_switch_of_vvu_ports(tmp_path: Path, appliance: Appliance,
                                              file_backed_ports: dict[str, Path]) -> None:
+    from tests.support.net_frames import BROADCAST, DriverPort, ether, mac
     from vvu_runtime.backends.switch.port import SwitchPort
     from vvu_runtime.backends.switch.switch import Switch
-    from vvu_runtime.backends.switch.testing import BROADCAST, DriverPort, ether, mac
 
     models = {n: DeviceModel(tmp_path, n) for n in ("vm1", "vm2")}
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vvu_runtime.backends.switch.cli import build_parser, main
-from vvu_runtime.backends.switch.testing import BROADCAST, DriverPort, ether, mac
+from tests.support.net_frames import BROADCAST, DriverPort, ether, mac
+from vvu_runtime.serve.switch import build_parser, main
 
 
 @pytest.mark.parametrize("argv", [
@@ -48,7 +48,7 @@ def test_defaults() -> None:
 
 
 def test_ports_of_both_kinds_become_endpoints(monkeypatch: pytest.MonkeyPatch) -> None:
-    import vvu_runtime.backends.switch.cli as cli
+    import vvu_runtime.serve.switch as cli
 
     seen: dict[str, object] = {}
 
@@ -72,7 +72,7 @@ def test_a_real_run(tmp_path: Path) -> None:
     log = tmp_path / "switch.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vvu_runtime.backends.switch.cli",
+            [sys.executable, "-m", "vvu_runtime.serve.switch",
              "--port", f"vm1={socks['vm1']}", "--port", f"vm2={socks['vm2']}",
              "--status-file", str(status), "--ageing-time", "60"],
             stdout=out, stderr=subprocess.STDOUT)

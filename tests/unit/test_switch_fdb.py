@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.net_frames import mac
 from vvu_runtime.backends.switch.fdb import Fdb
-from vvu_runtime.backends.switch.testing import mac
 
 
 def test_learn_and_lookup() -> None:

@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vvu_runtime.backends.switch.port import BASE_FEATURES, OFFLOAD_FEATURES, SwitchPort
-from vvu_runtime.backends.switch.switch import Drop, Switch
-from vvu_runtime.backends.switch.testing import (
+from tests.support.net_frames import (
     BROADCAST,
     FakeRing,
     ether,
@@ -24,6 +22,8 @@ from vvu_runtime.backends.switch.testing import (
     udp6_frame,
     with_partial_csum,
 )
+from vvu_runtime.backends.switch.port import BASE_FEATURES, OFFLOAD_FEATURES, SwitchPort
+from vvu_runtime.backends.switch.switch import Drop, Switch
 from vvu_runtime.virtio.errors import DescriptorError, GuestMemoryError
 from vvu_runtime.virtio.net import GsoType, HdrFlags, NetFeature
 

@@ -14,16 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vvu_runtime.backends.switch.offload import (
-    OffloadError,
-    checksum_finish,
-    checksum_fold,
-    checksum_sum,
-    complete_checksum,
-    parse_layout,
-    software_offload,
-)
-from vvu_runtime.backends.switch.testing import (
+from tests.support.net_frames import (
     ether,
     ipv4_header_ok,
     l4_checksum_ok,
@@ -34,6 +25,15 @@ from vvu_runtime.backends.switch.testing import (
     udp6_frame,
     with_full_csum,
     with_partial_csum,
+)
+from vvu_runtime.backends.switch.offload import (
+    OffloadError,
+    checksum_finish,
+    checksum_fold,
+    checksum_sum,
+    complete_checksum,
+    parse_layout,
+    software_offload,
 )
 from vvu_runtime.virtio.net import GSO_ECN, GsoType, HdrFlags
 

@@ -13,9 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vvu_runtime.backends.switch.port import SwitchPort
-from vvu_runtime.backends.switch.switch import Switch
-from vvu_runtime.backends.switch.testing import (
+from tests.support.net_frames import (
     BROADCAST,
     DriverPort,
     ether,
@@ -25,6 +23,8 @@ from vvu_runtime.backends.switch.testing import (
     tcp4_frame,
     with_partial_csum,
 )
+from vvu_runtime.backends.switch.port import SwitchPort
+from vvu_runtime.backends.switch.switch import Switch
 from vvu_runtime.vhost_user.server import VhostUserServer
 from vvu_runtime.virtio.net import GsoType, HdrFlags, NetFeature
 

@@ -13,12 +13,11 @@ import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from vvu_runtime.backends.switch.port import BASE_FEATURES, OFFLOAD_FEATURES, SwitchPort
-from vvu_runtime.backends.switch.switch import Drop, Switch
-from vvu_runtime.backends.switch.testing import (
+from tests.support.net_frames import (
     BROADCAST,
     FakeRing,
     ether,
@@ -28,6 +27,8 @@ from vvu_runtime.backends.switch.testing import (
     tcp4_frame,
     with_partial_csum,
 )
+from vvu_runtime.backends.switch.port import BASE_FEATURES, OFFLOAD_FEATURES, SwitchPort
+from vvu_runtime.backends.switch.switch import Drop, Switch
 from vvu_runtime.backends.switch.uplink import (
     _OFFLOAD_CHOICES,
     _TO_KERNEL,
@@ -168,8 +169,10 @@ def test_real_tap_in_a_network_namespace() -> None:
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
-    proc = subprocess.run(["unshare", "--net", sys.executable, __file__, "scenario"],
-                          capture_output=True, text=True, timeout=120)
+    # Run as a module from the checkout root, so its tests.support imports resolve.
+    proc = subprocess.run(["unshare", "--net", sys.executable, "-m", __name__, "scenario"],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["arp_reply"] and result["ping_reply"]
@@ -184,7 +187,7 @@ def _scenario() -> dict[str, object]:
     import tempfile
     import threading
 
-    from vvu_runtime.backends.switch.testing import DriverPort
+    from tests.support.net_frames import DriverPort
     from vvu_runtime.vhost_user.server import VhostUserServer
 
     loop = asyncio.new_event_loop()
@@ -232,8 +235,8 @@ def _scenario() -> dict[str, object]:
         out["arp_reply"] = any(f[12:14] == b"\x08\x06" and f[20:22] == b"\x00\x02"
                                for f in replies)
         # ICMP echo to the namespace's address
+        from tests.support.net_frames import ipv4
         from vvu_runtime.backends.switch.offload import checksum_finish, checksum_sum
-        from vvu_runtime.backends.switch.testing import ipv4
 
         icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x77, 1) + b"vvu-ping" * 4)
         struct.pack_into("!H", icmp, 2, checksum_finish(checksum_sum(icmp)))

@@ -11,14 +11,14 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from test_vhost_user_harness import (
+
+from tests.support.vhost_user_harness import (
     ECHO_FEATURES,
     EchoDevice,
     LoopThread,
     open_fds,
     session_pair,
 )
-
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.backend import (
     MAX_MEM_SLOTS,

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_vhost_user_harness import EchoDevice, LoopThread, open_fds
 
+from tests.support.vhost_user_harness import EchoDevice, LoopThread, open_fds
 from vvu_runtime.vhost_user import probe
 from vvu_runtime.vhost_user.errors import TransportError, VhostUserError
 from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend, setup_queue
@@ -172,11 +172,13 @@ def test_probe_decodes_blk_config() -> None:
     assert probe.guess_kind((1 << 15) | (1 << 16), None) == "net"
 
 
+#: The daemon scripts run from the checkout, so ``tests.support`` imports.
+ROOT = Path(__file__).resolve().parents[2]
+
 DAEMON = textwrap.dedent("""
     import sys
-    sys.path.insert(0, {tests!r})
-    from test_vhost_user_harness import EchoDevice
-    from vvu_runtime.backends.daemon import run
+    from tests.support.vhost_user_harness import EchoDevice
+    from vvu_runtime.serve.runner import run
     a, b = EchoDevice(), EchoDevice()
     a.name, b.name = "port a", "port b"
     sys.exit(run([(a, {p1!r}), (b, {p2!r})], program="echo-daemon", log_level="INFO",
@@ -186,8 +188,8 @@ DAEMON = textwrap.dedent("""
 
 def test_daemon_runs_until_sigterm_and_removes_sockets(tmp_path: Path) -> None:
     p1, p2 = tmp_path / "a.sock", tmp_path / "b.sock"
-    script = DAEMON.format(tests=str(Path(__file__).parent), p1=str(p1), p2=str(p2))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+    script = DAEMON.format(p1=str(p1), p2=str(p2))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -210,9 +212,9 @@ def test_daemon_runs_until_sigterm_and_removes_sockets(tmp_path: Path) -> None:
 
 def test_daemon_reports_an_unusable_socket_path(tmp_path: Path) -> None:
     bad = tmp_path / "no-such-dir" / "x.sock"
-    script = DAEMON.format(tests=str(Path(__file__).parent), p1=str(bad),
+    script = DAEMON.format(p1=str(bad),
                            p2=str(tmp_path / "ok.sock"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 1
     assert f"cannot listen on {bad}" in proc.stderr
@@ -222,8 +224,8 @@ def test_daemon_reports_an_unusable_socket_path(tmp_path: Path) -> None:
 
 def test_daemon_sigint_is_a_clean_exit(tmp_path: Path) -> None:
     p1, p2 = tmp_path / "a.sock", tmp_path / "b.sock"
-    script = DAEMON.format(tests=str(Path(__file__).parent), p1=str(p1), p2=str(p2))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+    script = DAEMON.format(p1=str(p1), p2=str(p2))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

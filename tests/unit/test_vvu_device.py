@@ -27,12 +27,12 @@ from typing import TypeVar
 
 import pytest
 
+from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.tunnel import TUNNEL_PROTOCOL_FEATURES, VhostUserTunnel
-from vvu_runtime.device.vfio_user.client import VfioUserClient
 from vvu_runtime.device.vfio_user.protocol import IrqSetFlags, PciIrq, PciRegion
 from vvu_runtime.device.vfio_user.server import VfioUserServer
 from vvu_runtime.device.virtio_pci import Common, DeviceStatus, VirtioPciCapType
-from vvu_runtime.device.vvu import AUX_BAR, DOORBELL_OFFSET, VvuDevice, VvuStatus
+from vvu_runtime.device.vvu import VvuDevice
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import ConnectionClosed, TransportError
 from vvu_runtime.vhost_user.frontend import GuestRam, VhostUserFrontend
@@ -43,6 +43,7 @@ from vvu_runtime.vhost_user.transport import UnixChannel
 from vvu_runtime.virtio.driver_ring import SplitDriverRing
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.memory import GuestMemory, MemoryRegion, map_fd
+from vvu_runtime.virtio.vvu_abi import AUX_BAR, DOORBELL_OFFSET, VvuStatus
 
 MiB = 1 << 20
 APPLIANCE_RAM = 4 * MiB

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.devd import DeviceSpec, counters_table, main
-from vvu_runtime.device.vfio_user.client import VfioUserClient
 from vvu_runtime.vhost_user.errors import ConnectionClosed, TransportError
 from vvu_runtime.vhost_user.frontend import VhostUserFrontend
 

@@ -39,23 +39,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vvu_runtime.console import EXIT_FAILURE, EXIT_OK, run_main, setup_logging
 from vvu_runtime.device.errors import DeviceError
 from vvu_runtime.device.tunnel import VhostUserTunnel
 from vvu_runtime.device.vfio_user.server import VfioUserServer
-from vvu_runtime.device.vvu import (
-    DEFAULT_MAX_QUEUES,
-    DEFAULT_QUEUE_SIZE,
-    MAX_VHOST_QUEUES,
-    VIRTIO_ID_VVU,
-    VvuDevice,
-)
+from vvu_runtime.device.vvu import DEFAULT_MAX_QUEUES, DEFAULT_QUEUE_SIZE, VvuDevice
 from vvu_runtime.vhost_user.errors import VhostUserError
+from vvu_runtime.virtio.vvu_abi import MAX_VHOST_QUEUES, VIRTIO_ID_VVU
 
 log = logging.getLogger("vvu_runtime.device.devd")
 
 PROGRAM = "vvu-devd"
-EXIT_OK = 0
-EXIT_FAILURE = 1
 #: Logged once every socket is bound (launchers and tests wait for it).
 READY_MESSAGE = "serving"
 #: How often --status-file is refreshed (seconds).
@@ -163,25 +157,22 @@ class _DeviceLogFilter(logging.Filter):
 
 def configure_logging(level: str, log_dir: Path | None,
                       names: Sequence[str]) -> list[logging.Handler]:
-    """stderr for everything; ``log_dir/NAME.log`` per device. Returns the handlers added."""
-    fmt = logging.Formatter(f"{PROGRAM}: %(levelname)s %(name)s: %(message)s")
+    """stderr for everything (the common setup); ``log_dir/NAME.log`` per device.
+    Returns the handlers added."""
     file_fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
-    root.setLevel(level.upper())
-    handlers: list[logging.Handler] = []
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(fmt)
-    handlers.append(stderr)
+    handlers: list[logging.Handler] = [setup_logging(PROGRAM, level)]
+    files: list[logging.Handler] = []
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
             fh = logging.FileHandler(log_dir / f"{name}.log")
             fh.setFormatter(file_fmt)
             fh.addFilter(_DeviceLogFilter(name))
-            handlers.append(fh)
-    for h in handlers:
+            files.append(fh)
+    for h in files:
         root.addHandler(h)
-    return handlers
+    return handlers + files
 
 
 async def serve(functions: Sequence[VvuFunction], stop: asyncio.Event, *,
@@ -273,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--log-level {args.log_level}: not a logging level")
     handlers = configure_logging(args.log_level, args.log_dir, [s.name for s in specs])
     try:
-        return _run(specs, args)
+        return run_main(lambda: _run(specs, args), program=PROGRAM)
     finally:
         for h in handlers:
             logging.getLogger().removeHandler(h)

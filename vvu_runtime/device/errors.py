@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import errno as _errno
 
+from vvu_runtime.errors import VvuError
 from vvu_runtime.virtio.errors import GuestMemoryError
 
 
-class DeviceError(Exception):
+class DeviceError(VvuError):
     """Base of the device model's errors."""
 
     #: errno sent back in the vfio-user error reply.

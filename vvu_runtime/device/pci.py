@@ -55,6 +55,7 @@ from vvu_runtime.device.vfio_user.protocol import (
     RegionFlags,
     SparseArea,
 )
+from vvu_runtime.fds import is_eventfd
 
 log = logging.getLogger(__name__)
 
@@ -482,13 +483,6 @@ class ConfigSpace:
 # --- interrupts ------------------------------------------------------------------------
 
 
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
-
-
 @dataclass(slots=True)
 class _IrqIndex:
     flags: IrqInfoFlags
@@ -624,7 +618,7 @@ class IrqLines:
             if fds and len(fds) != count:
                 raise IrqError(f"{what}: {len(fds)} fds for {count} vectors")
             for fd in fds:
-                if not _is_eventfd(fd):
+                if not is_eventfd(fd):
                     raise IrqError(f"{what}: fd {fd} is not an eventfd")
             for i, vector in enumerate(selected):
                 self._assign(irq, vector, os.dup(fds[i]) if fds else None)

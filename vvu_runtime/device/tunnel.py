@@ -5,13 +5,14 @@ QEMU connects with ``-chardev socket,path=...,reconnect-ms=...``) and is the
 :class:`~vvu_runtime.device.vvu.VvuLink` of one :class:`~vvu_runtime.device.vvu.VvuDevice`.
 It runs on the event loop the device's vfio-user server runs on.
 
-Connection life cycle (docs/vvu-abi.md, the A.7 state machine)::
+Connection life cycle: the link machine of ``virtio.vvu_link`` (A.7), shared
+with the guest driver's endpoint::
 
-    listening, not accepting  --driver sets BACKEND_UP-->  accepting
-    accepting  --front-end connects-->  connected: FRONTEND_UP + config interrupt
-    connected  --front-end hangs up / sends bad input-->  dropped: status 0 + config irq
-    connected  --driver clears BACKEND_UP, resets, NEEDS_RESET-->  dropped: no irq
-    dropped  --driver sets BACKEND_UP again-->  accepting (QEMU reconnects)
+    DOWN (listening, not accepting)  --driver sets BACKEND_UP-->  ARMED (accepting)
+    ARMED  --front-end connects-->  CONNECTED: FRONTEND_UP + config interrupt
+    CONNECTED  --front-end hangs up / sends bad input-->  DOWN: status 0 + config irq
+    any  --driver clears BACKEND_UP, resets, NEEDS_RESET-->  DOWN: no irq
+    DOWN  --driver sets BACKEND_UP again-->  ARMED (QEMU reconnects)
 
 The socket is bound at start, so a front-end that connects early waits in the
 listen backlog until the driver is ready. One front-end at a time.
@@ -47,16 +48,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
 import stat
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vvu_runtime.device.vvu import DoorbellKind, VvuDevice
+from vvu_runtime.device.vvu import VvuDevice
+from vvu_runtime.fds import (
+    FdError,
+    Outbox,
+    close_fds,
+    is_eventfd,
+    remove_stale_socket,
+    unix_stream_socket,
+)
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import (
     ConnectionClosed,
@@ -67,8 +73,10 @@ from vvu_runtime.vhost_user.errors import (
 from vvu_runtime.vhost_user.messages import BackendRequest as BR
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
-from vvu_runtime.vhost_user.transport import Frame, UnixChannel, close_fds
+from vvu_runtime.vhost_user.transport import Frame, UnixChannel
 from vvu_runtime.virtio.memory import MemoryRegion
+from vvu_runtime.virtio.vvu_abi import DoorbellKind
+from vvu_runtime.virtio.vvu_link import LinkEvent, LinkMachine, LinkState
 
 log = logging.getLogger(__name__)
 
@@ -119,68 +127,10 @@ class ConsumerError(VhostUserError):
     """Bad input from the front-end: the connection is dropped."""
 
 
-def is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
-
-
 def _signal(fd: int) -> None:
     """Write 1 to an eventfd; a saturated counter means a wake-up is pending anyway."""
     with contextlib.suppress(BlockingIOError):
         os.write(fd, _ONE)
-
-
-class _Outbox:
-    """Bytes waiting for a non-blocking stream socket (the loop is never blocked)."""
-
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 on_drained: Callable[[], None], on_error: Callable[[OSError], None]) -> None:
-        self.sock = sock
-        self.loop = loop
-        self.on_drained = on_drained
-        self.on_error = on_error
-        self.queue: deque[memoryview] = deque()
-        self.writing = False
-
-    @property
-    def empty(self) -> bool:
-        return not self.queue
-
-    def send(self, data: bytes) -> None:
-        self.queue.append(memoryview(data))
-        if not self.writing:
-            self._flush()
-
-    def _flush(self) -> None:
-        while self.queue:
-            try:
-                sent = self.sock.send(self.queue[0])
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self.stop()
-                self.queue.clear()
-                self.on_error(exc)
-                return
-            if sent < len(self.queue[0]):
-                self.queue[0] = self.queue[0][sent:]
-                break
-            self.queue.popleft()
-        if self.queue and not self.writing:
-            self.loop.add_writer(self.sock.fileno(), self._flush)
-            self.writing = True
-        elif not self.queue:
-            was_writing = self.writing
-            self.stop()
-            if was_writing:
-                self.on_drained()
-
-    def stop(self) -> None:
-        if self.writing:
-            self.loop.remove_writer(self.sock.fileno())
-            self.writing = False
 
 
 @dataclass
@@ -189,13 +139,13 @@ class Connection:
 
     number: int
     channel: UnixChannel
-    outbox: _Outbox
+    outbox: Outbox
     kicks: dict[int, int] = field(default_factory=dict)
     calls: dict[int, int] = field(default_factory=dict)
     errs: dict[int, int] = field(default_factory=dict)
     log_fd: int | None = None
     backend: UnixChannel | None = None
-    backend_outbox: _Outbox | None = None
+    backend_outbox: Outbox | None = None
     protocol_features: int = 0
     reading: bool = False
 
@@ -216,6 +166,7 @@ class VhostUserTunnel:
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
         self._accepting = False
+        self.link = LinkMachine(device.name)
         self.conn: Connection | None = None
         self.connections = 0
 
@@ -231,11 +182,12 @@ class VhostUserTunnel:
 
     @property
     def state(self) -> str:
+        """The link as a status line says it."""
         if self._listener is None:
             return "closed"
         if self.conn is not None:
             return f"connected (#{self.conn.number})"
-        return "accepting" if self._accepting else "waiting for BACKEND_UP"
+        return "accepting" if self.link.state is LinkState.ARMED else "waiting for BACKEND_UP"
 
     # --- listening ----------------------------------------------------------------------
 
@@ -243,7 +195,10 @@ class VhostUserTunnel:
         """Bind and listen (not accepting until BACKEND_UP); attach to the device."""
         if self._listener is not None:
             return
-        _remove_stale_socket(self.path)
+        try:
+            remove_stale_socket(self.path)
+        except FdError as exc:
+            raise TransportError(str(exc)) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.path)
@@ -259,11 +214,14 @@ class VhostUserTunnel:
         self.device.link = self
         log.info("%s: vhost-user socket %s bound (front-ends wait until BACKEND_UP)",
                  self.name, self.path)
+        if self.device.backend_up:
+            self.link.fire(LinkEvent.BACKEND_UP)
         self._update_accepting()
 
     def close(self) -> None:
         """Drop the front-end, stop listening, remove the socket file (idempotent)."""
         self._drop("the device model is shutting down", notify=False)
+        self.link.fire(LinkEvent.BACKEND_DOWN)
         if self._listener is None:
             return
         self._set_accepting(False)
@@ -277,8 +235,7 @@ class VhostUserTunnel:
                 os.unlink(self.path)
 
     def _update_accepting(self) -> None:
-        self._set_accepting(self._listener is not None and self.conn is None
-                            and self.device.backend_up)
+        self._set_accepting(self._listener is not None and self.link.state is LinkState.ARMED)
 
     def _set_accepting(self, on: bool) -> None:
         if on == self._accepting or self._listener is None:
@@ -298,17 +255,18 @@ class VhostUserTunnel:
         except OSError as exc:
             log.error("%s: accept on %s failed: %s", self.name, self.path, exc)
             return
-        if self.conn is not None or not self.device.backend_up:  # pragma: no cover - guarded
+        if not self.link.can(LinkEvent.FRONTEND_UP):  # pragma: no cover - not accepting then
             sock.close()
             return
         self.connections += 1
         channel = UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
                               limit_for=m.request_limits(m.Direction.FRONTEND, False),
                               name=f"{self.name} front-end #{self.connections}")
-        conn = Connection(self.connections, channel, _Outbox(
-            sock, self.loop, self._tx_drained, lambda exc: self._frontend_gone(
-                f"cannot send to the front-end: {exc}")))
+        conn = Connection(self.connections, channel, Outbox(
+            sock, self.loop, on_drained=self._tx_drained,
+            on_error=lambda exc: self._frontend_gone(f"cannot send to the front-end: {exc}")))
         self.conn = conn
+        self.link.fire(LinkEvent.FRONTEND_UP)
         self._set_accepting(False)
         log.info("%s: front-end #%d connected", self.name, conn.number)
         self.device.frontend_connected()
@@ -317,10 +275,13 @@ class VhostUserTunnel:
     # --- VvuLink (called by the device) -----------------------------------------------
 
     def backend_up(self) -> None:
+        if self.link.can(LinkEvent.BACKEND_UP):  # else: set again while armed or connected
+            self.link.fire(LinkEvent.BACKEND_UP)
         self._update_accepting()
 
     def backend_down(self) -> None:
         self._drop("the driver took BACKEND_UP away (or reset the device)", notify=False)
+        self.link.fire(LinkEvent.BACKEND_DOWN)
         self._update_accepting()
 
     def rx_space(self) -> None:
@@ -610,21 +571,16 @@ class VhostUserTunnel:
             os.set_blocking(fd, False)
 
     def _take_backend_socket(self, conn: Connection, frame: Frame) -> None:
-        fd = frame.fds.pop(0)
         try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            os.close(fd)
-            raise ConsumerError(f"SET_BACKEND_REQ_FD: the fd is not a socket: {exc}") from exc
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.close()
-            raise ConsumerError("SET_BACKEND_REQ_FD: the fd is not a UNIX stream socket")
+            sock = unix_stream_socket(frame.fds.pop(0), "SET_BACKEND_REQ_FD")
+        except FdError as exc:
+            raise ConsumerError(str(exc)) from exc
         self._close_backend(conn)
         conn.backend = UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
                                    limit_for=m.request_limits(m.Direction.BACKEND, True),
                                    name=f"{self.name} back-end request socket")
-        conn.backend_outbox = _Outbox(sock, self.loop, self._tx_drained,
-                                      lambda exc: self._backend_send_failed(conn, exc))
+        conn.backend_outbox = Outbox(sock, self.loop, on_drained=self._tx_drained,
+                                     on_error=lambda exc: self._backend_send_failed(conn, exc))
         if conn.reading:
             self.loop.add_reader(conn.backend.fileno(), self._on_backend_readable)
 
@@ -639,7 +595,7 @@ class VhostUserTunnel:
         if conn.reading:
             self.loop.remove_reader(conn.backend.fileno())
         if conn.backend_outbox is not None:
-            conn.backend_outbox.stop()
+            conn.backend_outbox.close()
         conn.backend.close()
         conn.backend = None
         conn.backend_outbox = None
@@ -674,6 +630,8 @@ class VhostUserTunnel:
 
     def _frontend_gone(self, why: str) -> None:
         """The front-end's side ended the link: status 0 and a config interrupt."""
+        if self.link.can(LinkEvent.FRONTEND_GONE):
+            self.link.fire(LinkEvent.FRONTEND_GONE)
         self._drop(why, notify=True)
         self._update_accepting()
 
@@ -683,7 +641,7 @@ class VhostUserTunnel:
             return
         self.conn = None
         self._pause_reading(conn)
-        conn.outbox.stop()
+        conn.outbox.close()
         self._close_backend(conn)
         for fd in conn.kicks.values():
             self.loop.remove_reader(fd)
@@ -701,26 +659,5 @@ def _feature_names(bits: int) -> list[str]:
     return m.features_by_name(bits, {f.value: f.name for f in PF})
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove ``path`` if it is a socket nobody listens on; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise TransportError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)
-            return
-        raise TransportError(f"{path}: cannot probe the existing socket: {exc}") from exc
-    finally:
-        probe.close()
-    raise TransportError(f"{path}: another process is listening there")
-
-
 __all__ = ["REFUSED_BACKEND", "REFUSED_FRONTEND", "TUNNEL_PROTOCOL_FEATURES", "ConsumerError",
-           "VhostUserTunnel", "is_eventfd"]
+           "VhostUserTunnel"]

@@ -28,7 +28,6 @@ QEMU's mmap, or a trapped access QEMU forwards).
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import stat
@@ -53,59 +52,39 @@ from vvu_runtime.vhost_user.messages import HEADER, HEADER_SIZE
 from vvu_runtime.virtio.errors import VirtioError
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.queue import DescriptorChain
+from vvu_runtime.virtio.vvu_abi import (
+    AUX_BAR,
+    AUX_BAR_SIZE,
+    CONFIG_STATUS,
+    CONFIG_STATUS_SIZE,
+    DEVICE_CONFIG,
+    DOORBELL_MULTIPLIER,
+    DOORBELL_OFFSET,
+    ISR_DRIVER_AUX,
+    KICK_CFG_OFFSET,
+    KICK_CFG_SIZE,
+    MAX_VHOST_QUEUES,
+    MESSAGE_BUFFER_SIZE,
+    RXQ,
+    SHM_BAR,
+    SHMID_MEMORY,
+    STATUS_DEFINED,
+    TXQ,
+    VIRTIO_ID_VVU,
+    DoorbellKind,
+    VvuStatus,
+    doorbell_count,
+    doorbell_target,
+)
 
 log = logging.getLogger(__name__)
 
-#: Default virtio device ID (unassigned in the registry; every proposed ID is taken).
-VIRTIO_ID_VVU = 63
 DEFAULT_MAX_QUEUES = 64
-#: vhost-user vring indexes are 8 bits (SET_VRING_KICK/CALL/ERR payload).
-MAX_VHOST_QUEUES = 256
 DEFAULT_QUEUE_SIZE = 256
 #: What an rxq buffer must hold (docs/vvu-abi.md "Virtqueues").
-RX_BUFFER_SIZE = 4096
+RX_BUFFER_SIZE = MESSAGE_BUFFER_SIZE
 #: Largest txq message accepted (one rxq buffer's worth).
-MAX_TX_MESSAGE = RX_BUFFER_SIZE
-
-RXQ = 0
-TXQ = 1
-
-#: BAR indexes and offsets (docs/vvu-abi.md "BAR layout").
-SHM_BAR = 2
-AUX_BAR = 4
-AUX_BAR_SIZE = 0x4000
-KICK_CFG_OFFSET = 0x0000
-KICK_CFG_SIZE = 4
-DOORBELL_OFFSET = 0x1000
-DOORBELL_MULTIPLIER = 4
-#: shmid of the vhost-user memory region (virtio-vhost-user v3).
-SHMID_MEMORY = 1
-
-#: ISR bit of a driver auxiliary notification without MSI-X (v3 proposal: bit 2).
-ISR_DRIVER_AUX = 0x4
-
-#: Device config: ``le32 status, le32 max_vhost_queues, u8 uuid[16]``.
-DEVICE_CONFIG = struct.Struct("<II16s")
-STATUS_OFFSET = 0
-STATUS_SIZE = 4
-
-
-class VvuStatus(enum.IntFlag):
-    """Bits of the device config ``status`` field."""
-
-    BACKEND_UP = 1 << 0
-    FRONTEND_UP = 1 << 1
-
-
-STATUS_DEFINED = int(VvuStatus.BACKEND_UP | VvuStatus.FRONTEND_UP)
-
-
-class DoorbellKind(enum.Enum):
-    """What a device auxiliary notification (doorbell) fires."""
-
-    CALL = "call"
-    ERR = "err"
-    LOG = "log"
+MAX_TX_MESSAGE = MESSAGE_BUFFER_SIZE
 
 
 @dataclass(slots=True)
@@ -238,7 +217,7 @@ class VvuDevice(VirtioPciDevice):
         #: Bytes of BAR2 QEMU maps (the file, page-rounded); the rest is trapped zeros.
         self.shm_size = bar2.areas[0].size
         n = max_queues
-        self.doorbell_count = 2 * n + 1
+        self.doorbell_count = doorbell_count(n)
         doorbell_len = self.doorbell_count * DOORBELL_MULTIPLIER
         if DOORBELL_OFFSET + doorbell_len > AUX_BAR_SIZE:  # pragma: no cover - N <= 256
             raise DeviceModelError(f"{name}: {self.doorbell_count} doorbells do not fit BAR4")
@@ -301,11 +280,11 @@ class VvuDevice(VirtioPciDevice):
 
     def write_device_config(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
-        if offset < STATUS_OFFSET or end > STATUS_OFFSET + STATUS_SIZE:
+        if offset < CONFIG_STATUS or end > CONFIG_STATUS + CONFIG_STATUS_SIZE:
             self.appliance_error(f"driver wrote {len(data)} bytes at device config offset "
                                  f"{offset:#x}: only status (offset 0, 4 bytes) is writable")
             return
-        image = bytearray(self.vvu_status.to_bytes(STATUS_SIZE, "little"))
+        image = bytearray(self.vvu_status.to_bytes(CONFIG_STATUS_SIZE, "little"))
         image[offset:end] = data
         value = int.from_bytes(image, "little")
         written = int.from_bytes(bytes(0xFF if offset <= i < end else 0 for i in range(4)),
@@ -523,13 +502,11 @@ class VvuDevice(VirtioPciDevice):
             self.appliance_error(f"doorbell write of {len(data)} bytes at +{offset:#x}: "
                                  "one write of 1, 2 or 4 bytes inside one 4-byte doorbell")
             return
-        n = self.max_queues
-        if index < n:
-            kind, queue = DoorbellKind.CALL, index
-        elif index < 2 * n:
-            kind, queue = DoorbellKind.ERR, index - n
-        else:
-            kind, queue = DoorbellKind.LOG, 0
+        target = doorbell_target(index, self.max_queues)
+        if target is None:  # the doorbell structure ends at 2N: region_write refuses
+            self.appliance_error(f"doorbell {index} past {2 * self.max_queues}")
+            return
+        kind, queue = target
         fired = self.link.doorbell(kind, queue) if self.link is not None else False
         if fired:
             self.stats.doorbells += 1

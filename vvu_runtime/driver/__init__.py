@@ -8,7 +8,6 @@ from inside a VM. Layers, bottom up::
     pci.PciFunction         config space, BAR registers and windows, MSI-X eventfds,
       vfio.VfioPciFunction    DMA buffers; vfio-pci behind a vIOMMU (primary),
       sysfs.SysfsPciFunction  sysfs + hugetlb/pagemap without one (poll mode),
-      testing.VfioUserPciFunction  the in-process vfio-user client (tests only)
     virtio_pci.VirtioPciDriver   the modern virtio-pci transport, driver side
     vvu.VvuDriver                rxq/txq messages, status, kick vectors, doorbells,
                                  the shared-memory BAR (the consumer's RAM file)
@@ -16,6 +15,7 @@ from inside a VM. Layers, bottom up::
     endpoint.VvuEndpoint         one BackendSession per front-end connection, the
                                  BACKEND_UP / FRONTEND_UP state machine, recovery
 
-``backends.daemon.Endpoint(device, vvu=ADDR)`` is how a backend program asks for
-it. Nothing above ``pci`` knows whether it runs on vfio, sysfs or the test double.
+``serve.runner.Endpoint(device, vvu=ADDR)`` is how a backend program asks for
+it. Nothing above ``pci`` knows whether it runs on vfio, sysfs or the test double
+(tests/support/vfio_user_function.py: the in-process vfio-user client).
 """

@@ -1,24 +1,18 @@
 """Serve a vhost-user device over a VVU function, one front-end after another.
 
 :class:`VvuEndpoint` is the VVU counterpart of ``vhost_user.server.VhostUserServer``
-(same ``start()`` / ``close()`` / ``session``), driving the status state machine of
-docs/vvu-abi.md (A.7 of the protocol digest, driver side as DPDK-VVU does it)::
+(same ``start()`` / ``close()`` / ``session``), driving the link machine of
+``virtio.vvu_link`` (A.7; the device model's tunnel runs the same one) from the
+driver side, as DPDK-VVU does::
 
-        start: device up, rxq buffers posted, vectors programmed
-                               |
-                               v
-     +--> drain rxq, set BACKEND_UP  (armed: the device accepts a front-end)
-     |                         |
-     |       config interrupt, FRONTEND_UP set
-     |                         v
-     |     session running (BackendSession over a VvuChannel + VvuTransport)
-     |                         |
-     |   FRONTEND_UP cleared (front-end gone)  -> session closed
-     |   session ended by us (protocol error)  -> clear BACKEND_UP (device drops
-     |                         |                  the front-end; it reconnects)
-     +-------------------------+
-     DEVICE_NEEDS_RESET: session closed, device re-initialised, armed again.
-     The device reads all-ones (device model gone): logged, the endpoint stops.
+    DOWN       --drain rxq, set BACKEND_UP-->  ARMED (the device accepts a front-end)
+    ARMED      --config interrupt, FRONTEND_UP set-->  CONNECTED: a BackendSession
+               over a VvuChannel + VvuTransport
+    CONNECTED  --FRONTEND_UP cleared (front-end gone)-->  DOWN: session closed, re-armed
+    any        --session ended by us (protocol error): clear BACKEND_UP-->  DOWN, re-armed
+               (the device drops the front-end; it reconnects)
+    any        --DEVICE_NEEDS_RESET: session closed, device re-initialised-->  DOWN, re-armed
+    any        --the device reads all-ones (device model gone)-->  GONE: logged, stopped
 
 Configuration changes arrive as the config MSI-X eventfd; without interrupts the
 status register is polled every ``status_poll`` seconds.
@@ -29,18 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from vvu_runtime.driver.access import PciAccess, open_function
 from vvu_runtime.driver.errors import DeviceError, DeviceGone, DriverError
-from vvu_runtime.driver.pci import PciFunction, open_function
+from vvu_runtime.driver.pci import PciFunction
 from vvu_runtime.driver.transport import VvuChannel, VvuTransport
 from vvu_runtime.driver.vvu import (
-    STATUS_BACKEND_UP,
-    STATUS_FRONTEND_UP,
     VvuDriver,
     drain_eventfd,
 )
 from vvu_runtime.vhost_user.backend import BackendSession
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import TransportError
+from vvu_runtime.virtio.vvu_abi import VvuStatus
+from vvu_runtime.virtio.vvu_link import LinkEvent, LinkMachine, LinkState, LinkStateError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +49,7 @@ class VvuEndpoint:
     """Serve ``device`` on the VVU function ``address`` (or the given ``pci``)."""
 
     def __init__(self, device: VhostUserDevice, address: str | None = None, *,
-                 pci: PciFunction | None = None, access: str = "auto",
+                 pci: PciFunction | None = None, access: PciAccess = PciAccess.AUTO,
                  virtio_id: int | None = None, loop: asyncio.AbstractEventLoop | None = None,
                  status_poll: float = STATUS_POLL, rx_size: int = 128,
                  tx_size: int = 64) -> None:
@@ -77,6 +72,7 @@ class VvuEndpoint:
         self._watched: int | None = None
         self._closed = False
         self.name = f"{device.name} @ vvu {self.address}"
+        self.link = LinkMachine(self.name)
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -129,10 +125,16 @@ class VvuEndpoint:
         if dropped:
             log.info("%s: dropped %d message(s) of the previous front-end", self.name, dropped)
         self.vvu.set_backend_up(True)
-        if not self.vvu.read_status() & STATUS_BACKEND_UP:
+        if not self.vvu.read_status() & VvuStatus.BACKEND_UP:
             raise DeviceError(f"{self.address}: BACKEND_UP does not stick (device "
                               f"status {self.vvu.virtio.status:#x})")
+        self.link.fire(LinkEvent.BACKEND_UP)
         log.info("%s: ready for a front-end (BACKEND_UP)", self.name)
+
+    def _down(self) -> None:
+        """The link is down (whatever the cause): the next step is to arm it again."""
+        if self.link.state is not LinkState.GONE:
+            self.link.fire(LinkEvent.BACKEND_DOWN)
 
     # -- events -----------------------------------------------------------------------------
     def _on_config(self) -> None:
@@ -157,28 +159,33 @@ class VvuEndpoint:
             if reset_check and vvu.needs_reset:
                 log.error("%s: the device needs a reset; re-initialising it", self.name)
                 self._end_session()
+                self._down()
                 vvu.start()
                 self._arm()
                 return
             status = vvu.read_status()
             if self.session is None:
-                if status & STATUS_FRONTEND_UP:
+                if status & VvuStatus.FRONTEND_UP:
                     self._open_session()
-                elif not status & STATUS_BACKEND_UP:
+                elif not status & VvuStatus.BACKEND_UP:
+                    self._down()
                     self._arm()
-            elif not status & STATUS_FRONTEND_UP:
+            elif not status & VvuStatus.FRONTEND_UP:
                 log.info("%s: front-end disconnected (FRONTEND_UP cleared)", self.name)
+                self.link.fire(LinkEvent.FRONTEND_GONE)
                 self._end_session()
                 self._arm()
         except DeviceGone as exc:
             log.error("%s: %s; this device is dead until the appliance restarts", self.name,
                       exc)
+            self.link.fire(LinkEvent.DEVICE_GONE)
             self._end_session()
             self._unwatch()
             self.vvu = None
-        except DriverError as exc:
+        except (DriverError, LinkStateError) as exc:
             log.error("%s: %s; re-initialising in %.0f s", self.name, exc, RETRY_DELAY)
             self._end_session()
+            self._down()
             if self.loop is not None:
                 self.loop.call_later(RETRY_DELAY, self._restart)
 
@@ -195,6 +202,7 @@ class VvuEndpoint:
 
     def _open_session(self) -> None:
         assert self.vvu is not None
+        self.link.fire(LinkEvent.FRONTEND_UP)
         self.connections += 1
         channel = VvuChannel(self.vvu, loop=self.loop,
                              name=f"{self.name} #{self.connections}")
@@ -219,6 +227,7 @@ class VvuEndpoint:
         # Ended on our side (the front-end may still be there): drop it, then re-arm.
         try:
             self.vvu.set_backend_up(False)
+            self._down()
             self._arm()
         except DriverError as exc:
             log.error("%s: cannot re-arm: %s", self.name, exc)
@@ -236,6 +245,7 @@ class VvuEndpoint:
                 self.vvu.set_backend_up(False)
             except DriverError as exc:
                 log.debug("%s: clearing BACKEND_UP failed: %s", self.name, exc)
+        self._down()
         self._release()
 
     def _release(self) -> None:

@@ -19,8 +19,10 @@ Errors wrapping another exception keep it as ``__cause__``.
 
 from __future__ import annotations
 
+from vvu_runtime.errors import VvuError
 
-class DriverError(Exception):
+
+class DriverError(VvuError):
     """Base of the guest driver's errors."""
 
 

@@ -17,8 +17,9 @@ platform, and nothing more:
 
 Implementations: ``vfio.VfioPciFunction`` (vfio-pci behind a vIOMMU),
 ``sysfs.SysfsPciFunction`` (no IOMMU: sysfs resources, hugetlb + pagemap, poll)
-and ``testing.VfioUserPciFunction`` (the in-process vfio-user client: a test
-double of this layer only). :func:`open_function` picks the real one.
+and tests/support ``VfioUserPciFunction`` (the in-process vfio-user client: a test
+double of this layer only). :func:`vvu_runtime.driver.access.open_function` picks
+the real one.
 
 Register access through an mmap (:class:`MmioRegisters`) uses typed memoryview
 casts, so each access is exactly one load or store of its width: MMIO must not
@@ -422,31 +423,6 @@ def normalize_address(address: str) -> str:
     return text
 
 
-def open_function(address: str, access: str = "auto") -> PciFunction:
-    """Open the function at ``address`` with ``access`` "vfio", "sysfs" or "auto".
-
-    "auto" takes vfio-pci when the function has an IOMMU group (the appliance has a
-    vIOMMU), else the sysfs poll-mode path (DESIGN decision 6).
-    """
-    address = normalize_address(address)
-    if access not in ("auto", "vfio", "sysfs"):
-        raise PciError(f"unknown PCI access method {access!r} (auto, vfio or sysfs)")
-    if not os.path.isdir(sysfs_device_dir(address)):
-        raise PciError(f"{address}: no such PCI function in /sys/bus/pci/devices")
-    if access == "auto":
-        has_group = os.path.exists(os.path.join(sysfs_device_dir(address), "iommu_group"))
-        access = "vfio" if has_group else "sysfs"
-        log.info("%s: %s", address, "IOMMU group found: vfio-pci" if has_group
-                 else "no IOMMU group: sysfs resources, poll mode")
-    if access == "vfio":
-        from vvu_runtime.driver.vfio import VfioPciFunction
-
-        return VfioPciFunction(address)
-    from vvu_runtime.driver.sysfs import SysfsPciFunction
-
-    return SysfsPciFunction(address)
-
-
 __all__ = [
     "ALL_ONES",
     "CAP_ID_MSIX",
@@ -461,5 +437,4 @@ __all__ = [
     "Registers",
     "map_window",
     "normalize_address",
-    "open_function",
 ]

@@ -40,7 +40,7 @@ import struct
 import time
 
 from vvu_runtime.driver.errors import DriverError
-from vvu_runtime.driver.vvu import VvuDriver, drain_eventfd, format_message, parse_message
+from vvu_runtime.driver.vvu import VvuDriver, drain_eventfd
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import (
     ConnectionClosed,
@@ -53,10 +53,12 @@ from vvu_runtime.vhost_user.transport import (
     Frame,
     KickSource,
     Notifier,
+    NotifierKind,
     Transport,
 )
 from vvu_runtime.virtio.errors import GuestMemoryError
 from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion
+from vvu_runtime.virtio.vvu_abi import DoorbellKind
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +131,9 @@ class VvuChannel(Channel):
             raise TransportError(f"{self.name}: rxq: {exc}") from exc
         for data in raw:
             try:
-                request, flags, payload = parse_message(data)
-            except DriverError as exc:
-                raise FramingError(f"{self.name}: {exc}") from exc
+                request, flags, payload = m.parse_message(data)
+            except FramingError as exc:
+                raise FramingError(f"{self.name}: rxq: {exc}") from exc
             if flags & _REPLY:
                 self._replies.append(Frame(request, flags, payload))
                 continue
@@ -220,7 +222,7 @@ class VvuChannel(Channel):
                                  "travel over a VVU device")
         batch = self.loop is not None
         try:
-            self.vvu.send(format_message(request, flags, payload), kick=not batch)
+            self.vvu.send(m.format_message(request, flags, payload), kick=not batch)
         except DriverError as exc:
             raise TransportError(f"{self.name}: txq: {exc}") from exc
         if batch and not self._flush_pending:
@@ -379,11 +381,11 @@ class VvuTransport(Transport):
             return None
         return None if eventfd is None else VectorKick(eventfd)
 
-    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
+    def notifier(self, kind: NotifierKind, index: int, fd: int | None) -> Notifier | None:
         _close_token(fd)
-        if fd is None and kind != "log":
+        if fd is None and kind != NotifierKind.LOG:
             return None  # NOFD: the front-end does not want this one signalled
-        doorbell = self.vvu.doorbell_index(kind, index)
+        doorbell = self.vvu.doorbell_index(DoorbellKind(kind), index)
         if doorbell is None:
             log.warning("%s: no %s doorbell for queue %d (the device has %d vhost queues)",
                         self.vvu.name, kind, index, self.vvu.identity.max_vhost_queues)

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vvu_runtime.driver.errors import DeviceError, PciError
@@ -51,27 +49,25 @@ from vvu_runtime.driver.pci import (
 from vvu_runtime.driver.virtio_pci import DriverQueue, Structure, VirtioPciDriver, ring_bytes
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.pci_layout import NO_VECTOR, DeviceStatus, VirtioPciCapType
+from vvu_runtime.virtio.vvu_abi import (
+    CONFIG_MAX_VHOST_QUEUES,
+    CONFIG_STATUS,
+    CONFIG_UUID,
+    DEVICE_CONFIG,
+    KICK_SELECT,
+    KICK_VECTOR,
+    MESSAGE_BUFFER_SIZE,
+    RXQ,
+    SHMID_MEMORY,
+    TXQ,
+    DoorbellKind,
+    VvuStatus,
+    doorbell_index,
+)
 
 log = logging.getLogger(__name__)
 
-#: The virtio device ID the device model uses by default (docs/vvu-abi.md "Identity").
-VVU_VIRTIO_ID = 63
-RXQ = 0
-TXQ = 1
-STATUS_BACKEND_UP = 1 << 0
-STATUS_FRONTEND_UP = 1 << 1
-#: Device config: le32 status, le32 max_vhost_queues, u8 uuid[16].
-CONFIG_STATUS = 0
-CONFIG_MAX_VHOST_QUEUES = 4
-CONFIG_UUID = 8
-CONFIG_SIZE = 24
-#: Every rxq buffer holds this much (the largest tunnelled message fits).
-MESSAGE_BUFFER = 4096
-SHMID_MEMORY = 1
-#: Driver aux notification structure: le16 select @0, le16 msix_vector @2.
-AUX_SELECT = 0
-AUX_VECTOR = 2
-
+#: MSI-X vectors the driver programs: config changes, rxq, then one kick per queue.
 VECTOR_CONFIG = 0
 VECTOR_RXQ = 1
 VECTOR_KICK_BASE = 3
@@ -81,8 +77,6 @@ WANTED_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
                       | VirtioFeature.EVENT_IDX)
 #: How long send() waits for a txq slot before giving up.
 SEND_TIMEOUT = 5.0
-
-_HEADER = struct.Struct("=III")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +104,9 @@ class VvuDriver:
             if not self.virtio.has_cap(cfg_type):
                 raise DeviceError(f"{pci.address}: not a VVU device: no {cfg_type.name} "
                                   "capability")
-        if self.virtio.device_cfg is None or self.virtio.device_cfg.length < CONFIG_SIZE:
+        if self.virtio.device_cfg is None or self.virtio.device_cfg.length < DEVICE_CONFIG.size:
             raise DeviceError(f"{pci.address}: not a VVU device: device config shorter than "
-                              f"{CONFIG_SIZE} bytes")
+                              f"{DEVICE_CONFIG.size} bytes")
         self.name = f"vvu {pci.address}"
         self.rx_size = rx_size
         self.tx_size = tx_size
@@ -174,8 +168,8 @@ class VvuDriver:
         self.txq = virtio.setup_queue(TXQ, self.tx_size, self._arena, vector=NO_VECTOR)
         self.txq.ring.disable_interrupts()
         arena = self._arena
-        self._rx_bufs = [arena.alloc(MESSAGE_BUFFER, 64) for _ in range(self.rxq.size)]
-        self._tx_bufs = [arena.alloc(MESSAGE_BUFFER, 64) for _ in range(self.txq.size)]
+        self._rx_bufs = [arena.alloc(MESSAGE_BUFFER_SIZE, 64) for _ in range(self.rxq.size)]
+        self._tx_bufs = [arena.alloc(MESSAGE_BUFFER_SIZE, 64) for _ in range(self.txq.size)]
         self._tx_free = list(range(self.txq.size - 1, -1, -1))
         virtio.driver_ok()
         if virtio.needs_reset:
@@ -184,7 +178,7 @@ class VvuDriver:
             raise DeviceError(f"{pci.address}: the device set DEVICE_NEEDS_RESET during "
                               "setup (see the device model's log)")
         for i, iova in enumerate(self._rx_bufs):
-            self.rxq.ring.add((), ((iova, MESSAGE_BUFFER),), i)
+            self.rxq.ring.add((), ((iova, MESSAGE_BUFFER_SIZE),), i)
         self.rxq.notify()
         self.started = True
         log.info("%s: VVU device ready: virtio ID %d, %d vhost queues, uuid %s, rxq %d, "
@@ -200,7 +194,7 @@ class VvuDriver:
 
     def _layout(self) -> None:
         need = (ring_bytes(self.rx_size) + ring_bytes(self.tx_size)
-                + (self.rx_size + self.tx_size) * MESSAGE_BUFFER + 4096)
+                + (self.rx_size + self.tx_size) * MESSAGE_BUFFER_SIZE + 4096)
         if self._dma is None:
             self._dma = self.pci.alloc_dma(need)  # once: every (un)map costs the device
             self._arena = DmaArena(self._dma)
@@ -235,7 +229,7 @@ class VvuDriver:
     def set_backend_up(self, up: bool) -> None:
         cfg = self.virtio.device_cfg
         assert cfg is not None
-        cfg.write(CONFIG_STATUS, 4, STATUS_BACKEND_UP if up else 0)
+        cfg.write(CONFIG_STATUS, 4, VvuStatus.BACKEND_UP if up else 0)
 
     @property
     def needs_reset(self) -> bool:
@@ -262,9 +256,9 @@ class VvuDriver:
         if vector >= len(self.eventfds):
             return None
         if index not in self._kick_vectors:
-            self.aux.write(AUX_SELECT, 2, index)
-            self.aux.write(AUX_VECTOR, 2, vector)
-            got = self.aux.read(AUX_VECTOR, 2)
+            self.aux.write(KICK_SELECT, 2, index)
+            self.aux.write(KICK_VECTOR, 2, vector)
+            got = self.aux.read(KICK_VECTOR, 2)
             if got != vector:
                 log.warning("%s: kick notification %d: vector %d refused (reads %#x); that "
                             "queue is polled", self.name, index, vector, got)
@@ -275,14 +269,9 @@ class VvuDriver:
         return None if programmed is None else self.eventfds[programmed]
 
     # -- doorbells ----------------------------------------------------------------------------
-    def doorbell_index(self, kind: str, queue: int) -> int | None:
-        """Doorbell of ``kind`` ("call", "err", "log") for ``queue`` (None: none exists)."""
-        n = self.identity.max_vhost_queues
-        if kind == "log":
-            return 2 * n
-        if not 0 <= queue < n:
-            return None
-        return queue if kind == "call" else n + queue if kind == "err" else None
+    def doorbell_index(self, kind: DoorbellKind, queue: int) -> int | None:
+        """Doorbell of ``kind`` for ``queue`` (None: none exists)."""
+        return doorbell_index(kind, queue, self.identity.max_vhost_queues)
 
     def doorbell(self, index: int) -> None:
         """Ring doorbell ``index`` (one trapped 16-bit write)."""
@@ -318,11 +307,11 @@ class VvuDriver:
                 continue
             for slot, written in done:
                 iova = self._rx_bufs[slot]
-                if written > MESSAGE_BUFFER:
+                if written > MESSAGE_BUFFER_SIZE:
                     raise DeviceError(f"{self.name}: rxq used length {written} > "
-                                      f"{MESSAGE_BUFFER}")
+                                      f"{MESSAGE_BUFFER_SIZE}")
                 out.append(bytes(arena.view(iova, written)))
-                ring.add((), ((iova, MESSAGE_BUFFER),), slot)
+                ring.add((), ((iova, MESSAGE_BUFFER_SIZE),), slot)
         if out:
             self.received += len(out)
             rxq.kick()
@@ -341,7 +330,7 @@ class VvuDriver:
         if txq is None:
             raise DeviceError(f"{self.name}: not started")
         n = len(message)
-        if n > MESSAGE_BUFFER:
+        if n > MESSAGE_BUFFER_SIZE:
             raise DeviceError(f"{self.name}: a {n}-byte message does not fit a txq buffer")
         ring = txq.ring
         if not self._tx_free:
@@ -377,17 +366,6 @@ class VvuDriver:
             time.sleep(0.001)
 
 
-def parse_message(data: bytes) -> tuple[int, int, bytes]:
-    """(request, flags, payload) of one rxq message; DeviceError if its size lies."""
-    if len(data) < _HEADER.size:
-        raise DeviceError(f"rxq message of {len(data)} bytes is shorter than a header")
-    request, flags, size = _HEADER.unpack_from(data)
-    if _HEADER.size + size != len(data):
-        raise DeviceError(f"rxq message {request}: header says {size} payload bytes, the "
-                          f"buffer holds {len(data) - _HEADER.size}")
-    return request, flags, data[_HEADER.size:]
-
-
 def drain_eventfd(fd: int | None) -> int:
     """Read (and so reset) an eventfd's counter; 0 when it was not signalled."""
     if fd is None:
@@ -398,18 +376,8 @@ def drain_eventfd(fd: int | None) -> int:
         return 0
 
 
-def format_message(request: int, flags: int, payload: bytes | Sequence[int]) -> bytes:
-    return _HEADER.pack(request, flags, len(payload)) + bytes(payload)
-
-
 __all__ = [
-    "MESSAGE_BUFFER",
-    "STATUS_BACKEND_UP",
-    "STATUS_FRONTEND_UP",
-    "VVU_VIRTIO_ID",
     "VvuDriver",
     "VvuIdentity",
     "drain_eventfd",
-    "format_message",
-    "parse_message",
 ]

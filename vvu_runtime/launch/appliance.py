@@ -96,8 +96,9 @@ PROMPT = "vvu# "
 VVU_PCI_ID = "1af4:107f"
 #: Where Debian's python3 finds packages.
 SITE_PACKAGES = "usr/lib/python3/dist-packages"
-#: vvu_runtime subpackages not shipped: host-only (QEMU, mkosi, QMP).
-HOST_ONLY = frozenset({"launch"})
+#: vvu_runtime subpackages not shipped: host-only (QEMU, mkosi, QMP; the device model
+#: and vvu-devd). Their console scripts are not staged either.
+HOST_ONLY = frozenset({"launch", "device"})
 #: Bump when the staged layout or the record format changes.
 BUILDER_VERSION = 1
 

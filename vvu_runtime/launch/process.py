@@ -64,8 +64,8 @@ class BackendProcess:
 
     #: console script name -> module that holds its ``main``
     MODULES = {
-        "vvu-switch": "vvu_runtime.backends.switch.cli",
-        "vvu-blk": "vvu_runtime.backends.blk.cli",
+        "vvu-switch": "vvu_runtime.serve.switch",
+        "vvu-blk": "vvu_runtime.serve.blk",
         "vvu-devd": "vvu_runtime.device.devd",
     }
 

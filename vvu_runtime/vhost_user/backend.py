@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from vvu_runtime.fds import close_fds
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import (
@@ -51,9 +52,9 @@ from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.vhost_user.transport import (
     Channel,
     Frame,
+    NotifierKind,
     SocketTransport,
     Transport,
-    close_fds,
 )
 from vvu_runtime.vhost_user.vring import VIRTIO_F_RING_PACKED, QueueFactory, Vring
 from vvu_runtime.vhost_user.vring import default_queue_factory as _default_queue_factory
@@ -239,6 +240,7 @@ class BackendSession:
     # ------------------------------------------------------------------ engine
     def start(self) -> None:
         """Start reading messages on the event loop."""
+        self.channel.use_loop(self.loop)
         self.loop.add_reader(self.channel.fileno(), self._on_readable)
         self._reading = True
         log.info("%s: front-end connected", self.name)
@@ -616,7 +618,7 @@ class BackendSession:
         fd = msg.take_fd()
         if self.log_notifier is not None:
             self.log_notifier.close()
-        self.log_notifier = self.transport.notifier("log", 0, fd)
+        self.log_notifier = self.transport.notifier(NotifierKind.LOG, 0, fd)
         return None
 
     def _set_vring_num(self, msg: m.Message) -> None:
@@ -693,7 +695,7 @@ class BackendSession:
         fd = msg.take_fd()
         if vring.call is not None:
             vring.call.close()
-        vring.call = self.transport.notifier("call", vf.index, fd)
+        vring.call = self.transport.notifier(NotifierKind.CALL, vf.index, fd)
         if vring.missed_call and vring.call is not None:
             # The driver wanted an interrupt while there was no call fd to signal.
             vring.missed_call = False
@@ -706,7 +708,7 @@ class BackendSession:
         fd = msg.take_fd()
         if vring.err is not None:
             vring.err.close()
-        vring.err = self.transport.notifier("err", vf.index, fd)
+        vring.err = self.transport.notifier(NotifierKind.ERR, vf.index, fd)
         return None
 
     def _get_protocol_features(self, msg: m.Message) -> m.Payload:

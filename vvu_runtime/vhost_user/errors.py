@@ -37,8 +37,10 @@ logs say what went wrong, e.g. ``SET_VRING_ADDR: payload is 12 bytes, expected 4
 
 from __future__ import annotations
 
+from vvu_runtime.errors import VvuError
 
-class VhostUserError(Exception):
+
+class VhostUserError(VvuError):
     """Base of the vhost-user layer's errors."""
 
 

@@ -20,14 +20,13 @@ opaque) implement the same two methods.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, IntFlag
 from typing import ClassVar, Protocol, TypeVar
 
+from vvu_runtime.fds import close_fds
 from vvu_runtime.vhost_user.errors import (
     FdCountError,
     FlagsError,
@@ -729,10 +728,7 @@ class Message:
         return self.fds.pop(0) if self.fds else None
 
     def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
+        close_fds(self.fds)
 
 
 def _name(direction: Direction, request: int) -> str:
@@ -837,8 +833,24 @@ def encode(request: int, payload: Payload | None = None, *, reply: bool = False,
 def encode_bytes(request: int, payload: Payload | None = None, *, reply: bool = False,
                  need_reply: bool = False) -> bytes:
     """Header and payload as one byte string."""
-    code, flags, data = encode(request, payload, reply=reply, need_reply=need_reply)
-    return HEADER.pack(code, flags, len(data)) + data
+    return format_message(*encode(request, payload, reply=reply, need_reply=need_reply))
+
+
+def format_message(request: int, flags: int, payload: bytes | bytearray | memoryview) -> bytes:
+    """One whole message: the header, then ``payload``."""
+    return HEADER.pack(request, flags, len(payload)) + bytes(payload)
+
+
+def parse_message(data: bytes | bytearray | memoryview) -> tuple[int, int, bytes]:
+    """(request, flags, payload) of one whole message (a VVU rxq buffer holds one);
+    FramingError if it is shorter than a header or its size field lies."""
+    if len(data) < HEADER_SIZE:
+        raise FramingError(f"a message of {len(data)} bytes is shorter than a header")
+    request, flags, size = HEADER.unpack_from(data)
+    if HEADER_SIZE + size != len(data):
+        raise FramingError(f"message {request}: header says {size} payload bytes, the "
+                           f"buffer holds {len(data) - HEADER_SIZE}")
+    return request, flags, bytes(data[HEADER_SIZE:])
 
 
 def parse_header(data: bytes) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from vvu_runtime.console import die, run_main
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import VhostUserError
 from vvu_runtime.vhost_user.frontend import VhostUserFrontend
@@ -144,16 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3.0,
                         help="seconds to wait for each reply (default 3)")
     args = parser.parse_args(argv)
-    try:
-        rows = probe(args.socket, args.timeout, args.type)
-    except VhostUserError as exc:
-        print(f"vvu-probe: {args.socket} is not a usable vhost-user back-end: {exc}",
-              file=sys.stderr)
-        return 1
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    return 0
+
+    def show() -> None:
+        try:
+            rows = probe(args.socket, args.timeout, args.type)
+        except VhostUserError as exc:
+            die(f"{args.socket} is not a usable vhost-user back-end: {exc}")
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key:<{width}}  {value}")
+
+    return run_main(show, program="vvu-probe")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,8 +21,8 @@ import errno
 import logging
 import os
 import socket
-import stat
 
+from vvu_runtime.fds import FdError, remove_stale_socket
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.backend import BackendSession
 from vvu_runtime.vhost_user.device import VhostUserDevice
@@ -36,25 +36,6 @@ def backend_channel(sock: socket.socket, name: str) -> UnixChannel:
     """A channel on which a back-end reads front-end requests."""
     return UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
                        limit_for=m.request_limits(m.Direction.FRONTEND, False), name=name)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove ``path`` if it is a socket nobody listens on; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise TransportError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # stale: left by a dead process
-        return
-    finally:
-        probe.close()
-    raise TransportError(f"{path}: another process is listening there")
 
 
 class VhostUserServer:
@@ -75,7 +56,10 @@ class VhostUserServer:
         """Bind and listen; raises TransportError/OSError with the path in the message."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        _remove_stale_socket(self.path)
+        try:
+            remove_stale_socket(self.path)
+        except FdError as exc:
+            raise TransportError(str(exc)) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(self.path)

@@ -28,8 +28,9 @@ process leak descriptors.
 
 from __future__ import annotations
 
-import array
+import asyncio
 import contextlib
+import enum
 import errno
 import os
 import select
@@ -37,7 +38,17 @@ import socket
 import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import NoReturn
 
+from vvu_runtime.fds import (
+    FdError,
+    Outbox,
+    close_fds,
+    fds_from_ancdata,
+    rights,
+    unix_stream_socket,
+)
+from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import (
     ConnectionClosed,
     FramingError,
@@ -47,6 +58,15 @@ from vvu_runtime.virtio.errors import GuestMemoryError
 from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion, map_fd
 
 # --------------------------------------------------------------------------- notifiers
+
+
+class NotifierKind(enum.StrEnum):
+    """What a notifier signals: a vring's call or err, or the dirty log (SET_LOG_FD)."""
+
+    CALL = "call"
+    ERR = "err"
+    LOG = "log"
+
 
 
 class Notifier(ABC):
@@ -149,8 +169,8 @@ class Transport(ABC):
         """The kick source of queue ``index`` (None: poll the ring)."""
 
     @abstractmethod
-    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
-        """The ``kind`` ("call", "err", "log") notifier of queue ``index`` (None: none)."""
+    def notifier(self, kind: NotifierKind, index: int, fd: int | None) -> Notifier | None:
+        """The ``kind`` notifier of queue ``index`` (None: none)."""
 
     @abstractmethod
     def backend_channel(self, fd: int | None) -> Channel:
@@ -181,31 +201,26 @@ class SocketTransport(Transport):
     def kick_source(self, index: int, fd: int | None) -> KickSource | None:
         return None if fd is None else EventFdKick(fd)
 
-    def notifier(self, kind: str, index: int, fd: int | None) -> Notifier | None:
+    def notifier(self, kind: NotifierKind, index: int, fd: int | None) -> Notifier | None:
         return None if fd is None else EventFdNotifier(fd)
 
     def backend_channel(self, fd: int | None) -> Channel:
-        from vvu_runtime.vhost_user import messages as m
-
         if fd is None:
             raise TransportError("SET_BACKEND_REQ_FD without a socket fd")
         try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            os.close(fd)
-            raise TransportError(f"SET_BACKEND_REQ_FD: not a socket: {exc}") from exc
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.close()
-            raise TransportError("SET_BACKEND_REQ_FD: not a UNIX stream socket")
+            sock = unix_stream_socket(fd, "SET_BACKEND_REQ_FD")
+        except FdError as exc:
+            raise TransportError(str(exc)) from exc
         return UnixChannel(sock, limit_for=m.request_limits(m.Direction.BACKEND, True),
                            name="backend channel")
 
 
 # --------------------------------------------------------------------------- channels
 
-HEADER = struct.Struct("=III")
-HEADER_SIZE = HEADER.size
-
+#: How long a blocking sender waits for a peer that does not read.
+SEND_TIMEOUT = 5.0
+#: Bytes an event-loop sender lets wait for a peer before calling it stuck.
+MAX_BACKLOG = 4 << 20
 #: Most fds one message may carry (QEMU sends at most 8; a few spare to detect excess).
 MAX_FDS = 16
 
@@ -220,17 +235,7 @@ class Frame:
     fds: list[int] = field(default_factory=list)
 
     def close_fds(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
-
-
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    fds.clear()
+        close_fds(self.fds)
 
 
 class Channel(ABC):
@@ -267,6 +272,9 @@ class Channel(ABC):
         """Whether fds travel with messages (False: the VVU transport strips them)."""
         return True
 
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:  # noqa: B027 - optional
+        """Called by an event-loop user: sending must then never block ``loop``."""
+
 
 class UnixChannel(Channel):
     """A vhost-user connection over an AF_UNIX stream socket with SCM_RIGHTS.
@@ -289,6 +297,8 @@ class UnixChannel(Channel):
         self._header: tuple[int, int, int] | None = None
         self._closed = False
         self._anc_size = socket.CMSG_SPACE(MAX_FDS * 4)
+        self._outbox: Outbox | None = None
+        self._send_error: OSError | None = None
 
     # -- receiving
     def _recv_some(self, want: int) -> bool:
@@ -301,11 +311,7 @@ class UnixChannel(Channel):
         except OSError as exc:
             self._drop_partial()
             raise TransportError(f"{self.name}: receive failed: {exc}") from exc
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                self._fds.extend(fds)
+        self._fds.extend(fds_from_ancdata(anc))
         if msg_flags & socket.MSG_CTRUNC:
             self._drop_partial()
             raise FramingError(f"{self.name}: more than {MAX_FDS} fds on one message "
@@ -329,12 +335,12 @@ class UnixChannel(Channel):
             raise ConnectionClosed(f"{self.name}: channel is closed")
         while True:
             if self._header is None:
-                need = HEADER_SIZE - len(self._buf)
+                need = m.HEADER_SIZE - len(self._buf)
                 if need > 0:
                     if not self._recv_some(need):
                         return None
                     continue
-                request, flags, size = HEADER.unpack(self._buf)
+                request, flags, size = m.HEADER.unpack(self._buf)
                 self._buf.clear()
                 limit = self.limit_for.get(request, self.max_payload)
                 if size > limit:
@@ -365,26 +371,48 @@ class UnixChannel(Channel):
                 raise TransportError(f"{self.name}: no message within {timeout} s")
 
     # -- sending
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Send without ever blocking ``loop``: what the socket does not take now is
+        written when it is writable (a backlog past :data:`MAX_BACKLOG` is an error)."""
+        if self._outbox is None:
+            self._outbox = Outbox(self.sock, loop, on_error=self._send_failed)
+
+    def _send_failed(self, exc: OSError) -> None:
+        self._send_error = exc
+
+    def _raise_send_error(self, exc: OSError) -> NoReturn:
+        if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+            raise ConnectionClosed(f"{self.name}: peer closed the connection") from exc
+        raise TransportError(f"{self.name}: send failed: {exc}") from exc
+
     def send_frame(self, request: int, flags: int, payload: bytes,
                    fds: list[int] | tuple[int, ...] = ()) -> None:
         if self._closed:
             raise ConnectionClosed(f"{self.name}: channel is closed")
-        data = memoryview(HEADER.pack(request, flags, len(payload)) + payload)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
-            if fds else []
+        if self._send_error is not None:
+            self._raise_send_error(self._send_error)
+        data = memoryview(m.format_message(request, flags, payload))
+        if self._outbox is not None:
+            if self._outbox.pending > MAX_BACKLOG:
+                raise TransportError(f"{self.name}: peer does not read ({self._outbox.pending} "
+                                     "bytes waiting)")
+            self._outbox.send(data, fds)
+            if self._send_error is not None:
+                self._raise_send_error(self._send_error)
+            return
+        # A blocking caller (a front-end, a probe) waits for the peer, bounded.
+        anc = rights(fds)
         while data:
             try:
                 sent = self.sock.sendmsg([data], anc)
             except (BlockingIOError, InterruptedError):
-                _, ready, _ = select.select([], [self.sock], [], 5.0)
+                _, ready, _ = select.select([], [self.sock], [], SEND_TIMEOUT)
                 if not ready:
                     raise TransportError(f"{self.name}: peer does not read (send timed out)")\
                         from None
                 continue
             except OSError as exc:
-                if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                    raise ConnectionClosed(f"{self.name}: peer closed the connection") from exc
-                raise TransportError(f"{self.name}: send failed: {exc}") from exc
+                self._raise_send_error(exc)
             data = data[sent:]
             anc = []
 
@@ -400,4 +428,6 @@ class UnixChannel(Channel):
             return
         self._closed = True
         self._drop_partial()
+        if self._outbox is not None:
+            self._outbox.close()
         self.sock.close()

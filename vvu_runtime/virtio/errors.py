@@ -24,8 +24,10 @@ DescriptorError: callers that care about "hostile chain" catch VirtioError.
 
 from __future__ import annotations
 
+from vvu_runtime.errors import VvuError
 
-class VirtioError(Exception):
+
+class VirtioError(VvuError):
     """Base of the virtio layer's errors."""
 
     def __init__(self, message: str, *, queue: int | None = None, head: int | None = None):

@@ -24,6 +24,8 @@ import os
 import stat
 from collections.abc import Sequence
 
+from vvu_runtime.errors import VvuError
+
 log = logging.getLogger(__name__)
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -43,7 +45,7 @@ _fallocate.restype = ctypes.c_int
 Buffer = memoryview | bytearray | bytes
 
 
-class ImageError(Exception):
+class ImageError(VvuError):
     """The image cannot be opened or used as asked."""
 
 

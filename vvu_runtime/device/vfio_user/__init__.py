@@ -1,11 +1,10 @@
-"""vfio-user: the wire format (:mod:`.protocol`), the server engine (:mod:`.server`),
-the device contract it serves (:mod:`.device`) and a minimal client (:mod:`.client`)
-that behaves like QEMU's, for tests and probes."""
+"""vfio-user: the wire format (:mod:`.protocol`), the server engine (:mod:`.server`)
+and the device contract it serves (:mod:`.device`). A client that behaves like
+QEMU's lives with the tests (tests/support/vfio_user_client.py)."""
 
 from vvu_runtime.device.vfio_user.device import IrqDescription, RegionDescription, VfioUserDevice
 from vvu_runtime.device.vfio_user.server import (
     ServerState,
-    ServerThread,
     Session,
     SessionState,
     VfioUserServer,
@@ -15,7 +14,6 @@ __all__ = [
     "IrqDescription",
     "RegionDescription",
     "ServerState",
-    "ServerThread",
     "Session",
     "SessionState",
     "VfioUserDevice",

@@ -32,13 +32,8 @@ import errno
 import logging
 import os
 import socket
-import stat
-import threading
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from vvu_runtime.device.errors import (
     ConnectionClosed,
@@ -79,32 +74,15 @@ from vvu_runtime.device.vfio_user.protocol import (
     error_reply,
     reply_header,
 )
+from vvu_runtime.fds import FdError, Outbox, close_fds, fds_from_ancdata, remove_stale_socket
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 #: Messages handled per readable event before yielding to other fds on the loop.
 BATCH = 64
 #: Stop reading while this much reply data waits for the peer to read it.
 SEND_HIGH_WATER = 4 << 20
-_FD_SIZE = array.array("i").itemsize
-
-
-def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[:len(data) - len(data) % _FD_SIZE])
-            fds.extend(arr)
-    return fds
 
 
 class MessageReader:
@@ -115,7 +93,7 @@ class MessageReader:
     stall the loop.
     """
 
-    _ANC_SPACE = socket.CMSG_SPACE(MAX_MSG_FDS * _FD_SIZE)
+    _ANC_SPACE = socket.CMSG_SPACE(MAX_MSG_FDS * array.array("i").itemsize)
 
     def __init__(self, sock: socket.socket, max_size: int = MAX_MESSAGE_SIZE) -> None:
         self.sock = sock
@@ -240,11 +218,10 @@ class Session:
         self.stats = SessionStats()
         self.client_caps: dict[str, object] = {}
         self._reader = MessageReader(sock)
-        self._out: deque[tuple[memoryview, list[int]]] = deque()
-        self._out_bytes = 0
-        self._reading = False
-        self._writing = False
         self._loop = server.loop
+        self._outbox = Outbox(sock, self._loop, on_drained=self._resume_reading,
+                              on_error=lambda exc: self.close(f"cannot send to the client: {exc}"))
+        self._reading = False
         self._handlers: dict[int, Callable[[Message], Reply | None]] = {
             Command.VERSION: self._version,
             Command.DMA_MAP: self._dma_map,
@@ -490,38 +467,9 @@ class Session:
     def _send(self, data: bytes, fds: list[int]) -> None:
         if self.state is SessionState.CLOSED:
             return
-        self._out.append((memoryview(data), list(fds)))
-        self._out_bytes += len(data)
-        if not self._writing:
-            self._flush()
-        if self._out_bytes > SEND_HIGH_WATER:
-            self._pause_reading()
-
-    def _flush(self) -> None:
-        while self._out:
-            view, fds = self._out[0]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            try:
-                sent = self.sock.sendmsg([view], anc)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self.close(f"cannot send to the client: {exc}")
-                return
-            self._out_bytes -= sent
-            if sent < len(view):
-                # fds went with the first byte; the rest goes without them.
-                self._out[0] = (view[sent:], [])
-                break
-            self._out.popleft()
-        if self._out and not self._writing:
-            self._loop.add_writer(self.sock.fileno(), self._flush)
-            self._writing = True
-        elif not self._out and self._writing:
-            self._loop.remove_writer(self.sock.fileno())
-            self._writing = False
-        if self._out_bytes <= SEND_HIGH_WATER // 2:
-            self._resume_reading()
+        self._outbox.send(data, fds)
+        if self._outbox.pending > SEND_HIGH_WATER:
+            self._pause_reading()  # until the client has read what waits (on_drained)
 
     # --- teardown -------------------------------------------------------------------
 
@@ -529,12 +477,9 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self._pause_reading()
-        if self._writing:
-            self._loop.remove_writer(self.sock.fileno())
-            self._writing = False
+        self._outbox.close()
         self.state = SessionState.CLOSED
         self._reader.discard()
-        self._out.clear()
         self.sock.close()
         log.info("%s: client disconnected (%s) after %d messages (%d posted), %d refused; %s",
                  self.name, why, self.stats.messages, self.stats.posted, self.stats.errors,
@@ -582,14 +527,9 @@ class VfioUserServer:
             raise StateError(f"{self.device.name}: start() needs a socket path")
         self._events()
         try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise StateError(f"{self.device.name}: {self.path} exists and is not a socket; "
-                                 "refusing to replace it")
-            os.unlink(self.path)
+            remove_stale_socket(self.path)
+        except FdError as exc:
+            raise StateError(f"{self.device.name}: {exc}") from exc
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             listener.bind(self.path)
@@ -671,55 +611,3 @@ class VfioUserServer:
                     os.unlink(self.path)
         if self._closed is not None:
             self._closed.set()
-
-
-class ServerThread:
-    """Runs a server's event loop in a background thread (tests, probes).
-
-    Everything touching the device must run on that loop: use :meth:`call`.
-    """
-
-    def __init__(self, server_factory: Callable[[], VfioUserServer]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._factory = server_factory
-        self.server: VfioUserServer | None = None
-        self._thread = threading.Thread(target=self._run, name="vfio-user-server", daemon=True)
-        self._ready = threading.Event()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.call_soon(self._ready.set)
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.close()
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        self._ready.wait()
-        self.server = self.call(self._factory)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
-        """Run ``fn()`` on the server's loop and return its result."""
-        fut: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(timeout)
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        if self.server is not None:
-            server = self.server
-            self.call(server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)

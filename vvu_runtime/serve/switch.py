@@ -31,7 +31,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vvu_runtime.backends.daemon import Endpoint, run
 from vvu_runtime.backends.switch.fdb import (
     DEFAULT_AGEING_TIME,
     DEFAULT_MAX_ENTRIES,
@@ -40,6 +39,9 @@ from vvu_runtime.backends.switch.fdb import (
 from vvu_runtime.backends.switch.port import SwitchPort
 from vvu_runtime.backends.switch.switch import Switch
 from vvu_runtime.backends.switch.uplink import TapUplink
+from vvu_runtime.console import run_main
+from vvu_runtime.driver.access import PciAccess
+from vvu_runtime.serve.runner import Endpoint, run
 
 log = logging.getLogger("vvu_runtime.backends.switch")
 
@@ -104,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vvu", metavar="NAME=PCI_ADDRESS", action="append", type=_vvu_spec,
                    default=[], help="a switch port behind a virtio-vhost-user PCI function "
                    "(inside an appliance VM; repeat for more)")
-    p.add_argument("--vvu-access", choices=["auto", "vfio", "sysfs"], default="auto",
+    p.add_argument("--vvu-access", choices=[a.value for a in PciAccess],
+                        default=PciAccess.AUTO.value,
                    help="how to reach --vvu functions: vfio-pci (needs a vIOMMU), sysfs "
                    "(poll mode), or auto (vfio when the function has an IOMMU group)")
     p.add_argument("--uplink", metavar="TAPNAME",
@@ -235,11 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporter.write()
         reporter.log_table()
 
-    endpoints = [Endpoint(port, vvu=spec.vvu, vvu_access=args.vvu_access) if spec.vvu
+    endpoints = [Endpoint(port, vvu=spec.vvu, vvu_access=PciAccess(args.vvu_access)) if spec.vvu
                  else Endpoint(port, spec.socket)
                  for port, spec in zip(ports, specs, strict=True)]
-    return run(endpoints, program=PROGRAM, log_level=args.log_level, setup=setup,
-               cleanup=cleanup)
+    return run_main(lambda: run(endpoints, program=PROGRAM, log_level=args.log_level,
+                                setup=setup, cleanup=cleanup), program=PROGRAM)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 A backend CLI parses its own options, builds one :class:`VhostUserDevice` per
 vhost-user socket, and hands them to :func:`run`::
 
-    from vvu_runtime.backends.daemon import Endpoint, run
+    from vvu_runtime.serve.runner import Endpoint, run
 
     def main() -> int:
         args = parse()
@@ -46,11 +46,12 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vvu_runtime.console import EXIT_FAILURE, EXIT_OK, setup_logging
+from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.errors import VhostUserError
 
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Endpoint:
     ``retry_interval`` seconds, and again after each disconnect.
 
     ``vvu="0000:00:05.0"`` (no ``socket_path``): serve over the VVU PCI function at
-    that address, reached by ``vvu_access`` ("auto", "vfio" or "sysfs").
+    that address, reached the ``vvu_access`` way (:class:`PciAccess`).
     """
 
     device: VhostUserDevice
@@ -81,7 +80,7 @@ class Endpoint:
     client: bool = False
     retry_interval: float = 1.0
     vvu: str | None = None
-    vvu_access: str = "auto"
+    vvu_access: PciAccess = PciAccess.AUTO
 
     def describe(self) -> str:
         if self.vvu is not None:
@@ -91,21 +90,6 @@ class Endpoint:
 
 
 EndpointSpec = Endpoint | tuple[VhostUserDevice, "str | os.PathLike[str]"]
-
-
-def configure_logging(program: str, level: str | int = "INFO") -> None:
-    """Log to stderr as ``program: LEVEL logger: message`` (idempotent)."""
-    if isinstance(level, str):
-        level = level.upper()
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_vvu_daemon", False):
-            root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{program}: %(levelname)s %(name)s: %(message)s"))
-    handler._vvu_daemon = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _endpoint(spec: EndpointSpec) -> Endpoint:
@@ -157,7 +141,7 @@ def run(endpoints: Sequence[EndpointSpec], *, program: str = "vvu",
         cleanup: Callable[[], None] | None = None,
         ready: Callable[[], None] | None = None) -> int:
     """Run the backend until SIGTERM/SIGINT; returns the process exit code."""
-    configure_logging(program, log_level)
+    setup_logging(program, log_level)
     if not endpoints:
         log.error("no vhost-user sockets to serve")
         return EXIT_FAILURE

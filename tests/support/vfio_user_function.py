@@ -27,8 +27,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tests.support.vfio_user_client import RegionInfoResult, VfioUserClient
 from vvu_runtime.device.errors import DeviceError as VfioUserError
-from vvu_runtime.device.vfio_user.client import RegionInfoResult, VfioUserClient
 from vvu_runtime.device.vfio_user.protocol import (
     IrqSetFlags,
     PciIrq,

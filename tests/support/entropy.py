@@ -9,7 +9,7 @@ how an unknown ID (the VVU situation) enumerates.
 
 Run it by hand::
 
-    python -m vvu_runtime.device.entropy --socket /tmp/rng.sock
+    python -m tests.support.entropy --socket /tmp/rng.sock
     qemu-system-x86_64 ... -device \
         '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"/tmp/rng.sock"}}'
 """
@@ -104,7 +104,7 @@ async def serve(socket_path: str, device: VirtioPciDevice) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vvu_runtime.device.entropy",
+        prog="python -m tests.support.entropy",
         description="Serve a virtio-rng device to QEMU's vfio-user-pci client.")
     parser.add_argument("--socket", required=True, help="UNIX socket path to listen on")
     parser.add_argument("--device-id", type=int, default=VIRTIO_ID_RNG,

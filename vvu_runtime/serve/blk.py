@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import ImageError, RawImage
+from vvu_runtime.console import EXIT_USAGE, die, run_main
+from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.virtio.blk import ID_BYTES
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vvu", metavar="PCI_ADDRESS",
                         help="serve over this virtio-vhost-user PCI function (inside an "
                         "appliance VM) instead of a socket")
-    parser.add_argument("--vvu-access", choices=["auto", "vfio", "sysfs"], default="auto",
+    parser.add_argument("--vvu-access", choices=[a.value for a in PciAccess],
+                        default=PciAccess.AUTO.value,
                         help="how to reach the --vvu function: vfio-pci (needs a vIOMMU), "
                         "sysfs (poll mode), or auto (vfio when it has an IOMMU group)")
     parser.add_argument("--log-level", default="INFO", metavar="LEVEL",
@@ -101,17 +104,20 @@ CAPABILITIES = {"type": "block", "features": ["blk-file", "read-only"]}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_main(lambda: _serve(args), program=PROGRAM)
+
+
+def _serve(args: argparse.Namespace) -> int:
     if args.print_capabilities:
         print(json.dumps(CAPABILITIES))
         return 0
     # Imported here so that --help works even while the session layer is incomplete.
-    from vvu_runtime.backends.daemon import Endpoint, run
+    from vvu_runtime.serve.runner import Endpoint, run
 
     try:
         image = RawImage(args.image, read_only=args.read_only, direct=args.direct)
     except ImageError as exc:
-        print(f"{PROGRAM}: {exc}", file=sys.stderr)
-        return 2
+        die(str(exc), EXIT_USAGE)
     where = args.vvu if args.vvu is not None else os.path.basename(args.socket)
     name = f"disk {os.path.basename(args.image)} @ {where}"
     device = BlkDevice(image, queues=args.queues, serial=args.serial, name=name)
@@ -125,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device.name, args.image, device.capacity, device.blk_size, args.queues, mode, cache)
 
     try:
-        endpoint = (Endpoint(device, vvu=args.vvu, vvu_access=args.vvu_access)
+        endpoint = (Endpoint(device, vvu=args.vvu, vvu_access=PciAccess(args.vvu_access))
                     if args.vvu is not None else Endpoint(device, args.socket,
                                                           client=args.connect))
         return run([endpoint], program=PROGRAM, log_level=args.log_level, ready=announce)

@@ -37,7 +37,7 @@ from vvu_runtime.device.vfio_user.protocol import (
     WriteMulti,
     WriteMultiEntry,
 )
-from vvu_runtime.device.vfio_user.server import close_fds, fds_from_ancdata
+from vvu_runtime.fds import close_fds, fds_from_ancdata
 
 #: What QEMU 11.1.3 proposes, verbatim (reference/qemu-vfio-user-client.md).
 QEMU_CAPABILITIES: dict[str, object] = {

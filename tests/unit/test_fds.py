@@ -1,0 +1,91 @@
+"""vvu_runtime.fds: the fd and socket toolkit both protocols share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from vvu_runtime.fds import FdError, Outbox, close_fds, is_eventfd, remove_stale_socket
+from vvu_runtime.vhost_user.transport import UnixChannel
+
+
+def test_close_fds_closes_and_empties() -> None:
+    fds = [os.eventfd(0), os.eventfd(0)]
+    assert all(is_eventfd(fd) for fd in fds)
+    kept = list(fds)
+    close_fds(fds)
+    assert fds == [] and not any(is_eventfd(fd) for fd in kept)
+
+
+def test_is_eventfd_refuses_other_fds() -> None:
+    r, w = os.pipe()
+    try:
+        assert not is_eventfd(r)
+    finally:
+        close_fds([r, w])
+
+
+def test_stale_socket_replaced_live_and_files_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.sock")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(path)
+    live.listen(1)
+    with pytest.raises(FdError, match="another process is listening"):
+        remove_stale_socket(path)
+    live.close()  # the file stays: now stale
+    remove_stale_socket(path)
+    assert not os.path.exists(path)
+    Path(path).write_text("data")
+    with pytest.raises(FdError, match="exists and is not a socket"):
+        remove_stale_socket(path)
+    remove_stale_socket(str(tmp_path / "absent.sock"))
+
+
+def test_outbox_queues_what_the_peer_does_not_read_and_drains_later() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    loop = asyncio.new_event_loop()
+    drained: list[bool] = []
+    errors: list[OSError] = []
+    try:
+        box = Outbox(a, loop, on_error=errors.append, on_drained=lambda: drained.append(True))
+        chunk = bytes(1 << 20)
+        start = time.monotonic()
+        for _ in range(8):
+            box.send(chunk)
+        assert time.monotonic() - start < 1.0  # never waits for the peer
+        assert box.pending > 0 and box.writing
+        got = 0
+        b.setblocking(False)
+        deadline = time.monotonic() + 10
+        while got < 8 * len(chunk) and time.monotonic() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.001))
+            with contextlib.suppress(BlockingIOError):
+                got += len(b.recv(1 << 20))
+        assert got == 8 * len(chunk) and box.empty and drained == [True] and not errors
+    finally:
+        loop.close()
+        a.close()
+        b.close()
+
+
+def test_unix_channel_on_a_loop_never_blocks_on_a_silent_peer() -> None:
+    a, b = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    try:
+        ch = UnixChannel(a, name="test")
+        ch.use_loop(loop)
+        start = time.monotonic()
+        for _ in range(64):
+            ch.send_frame(1, 1, bytes(4000))
+        assert time.monotonic() - start < 1.0
+    finally:
+        ch.close()
+        loop.close()
+        b.close()

@@ -1,0 +1,200 @@
+"""File descriptors on UNIX sockets, shared by both protocols (vhost-user, vfio-user).
+
+* :func:`close_fds`, :func:`is_eventfd`: owning lists of fds, checking what a
+  peer handed us;
+* :func:`fds_from_ancdata`, :func:`rights`: SCM_RIGHTS in and out;
+* :func:`unix_stream_socket`: an fd a peer says is a UNIX stream socket, checked;
+* :func:`remove_stale_socket`: a listening path left by a dead process is
+  replaced, anything else refused;
+* :class:`Outbox`: bytes (and fds) waiting for a non-blocking stream socket, so
+  an event loop never blocks on a peer that does not read.
+
+This is a base module: it imports nothing else of vvu_runtime. Errors are
+:class:`FdError`; each layer wraps them into its own tree.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from vvu_runtime.errors import VvuError
+
+_FD_SIZE = array.array("i").itemsize
+
+
+class FdError(VvuError):
+    """An fd or socket path that cannot be used as asked (the message says why)."""
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close every fd in ``fds`` (errors ignored) and empty the list."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether ``fd`` is an eventfd (a peer's claim checked before we signal it)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """The fds of every SCM_RIGHTS message in ``ancdata`` (recvmsg)."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[:len(data) - len(data) % _FD_SIZE])
+            fds.extend(arr)
+    return fds
+
+
+def rights(fds: Iterable[int]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data passing ``fds`` (sendmsg); empty for no fds."""
+    arr = array.array("i", fds)
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, arr.tobytes())] if arr else []
+
+
+def unix_stream_socket(fd: int, what: str) -> socket.socket:
+    """Wrap ``fd`` (owned: closed on failure) as a UNIX stream socket, or FdError."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise FdError(f"{what}: the fd is not a socket: {exc}") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise FdError(f"{what}: the fd is not a UNIX stream socket")
+    return sock
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove ``path`` if it is a socket nobody listens on; FdError for anything else
+    (a file that is not a socket, a live listener, a socket we cannot probe)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FdError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # stale: left by a dead process
+            return
+        raise FdError(f"{path}: cannot probe the existing socket: {exc}") from exc
+    finally:
+        probe.close()
+    raise FdError(f"{path}: another process is listening there")
+
+
+class Outbox:
+    """Bytes waiting for a non-blocking stream socket; the loop is never blocked.
+
+    :meth:`send` writes what the socket takes now and queues the rest, which the
+    loop writes when the socket is writable. fds travel with the first byte of
+    their message; queued ones are duplicates the outbox owns (the caller keeps
+    its own). A send error stops the outbox, drops what is queued and calls
+    ``on_error``; ``on_drained`` runs when a backlog has been written out.
+    """
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, *,
+                 on_error: Callable[[OSError], None],
+                 on_drained: Callable[[], None] | None = None) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.on_error = on_error
+        self.on_drained = on_drained
+        self._queue: deque[tuple[memoryview, list[int]]] = deque()
+        #: Bytes queued, not yet taken by the socket.
+        self.pending = 0
+        self.writing = False
+
+    @property
+    def empty(self) -> bool:
+        return not self._queue
+
+    def send(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
+        fds = list(fds)
+        if not self._queue:
+            try:
+                sent = self.sock.sendmsg([data], rights(fds))
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if sent == len(data):
+                return
+            if sent:
+                data, fds = memoryview(data)[sent:], []  # fds went with the first byte
+        self._queue.append((memoryview(data), [os.dup(fd) for fd in fds]))
+        self.pending += len(data)
+        if not self.writing:
+            self.loop.add_writer(self.sock.fileno(), self._flush)
+            self.writing = True
+
+    def _flush(self) -> None:
+        while self._queue:
+            view, fds = self._queue[0]
+            try:
+                sent = self.sock.sendmsg([view], rights(fds))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            close_fds(fds)
+            self.pending -= sent
+            if sent < len(view):
+                self._queue[0] = (view[sent:], fds)
+                return
+            self._queue.popleft()
+        self.stop()
+        if self.on_drained is not None:
+            self.on_drained()
+
+    def _fail(self, exc: OSError) -> None:
+        self.close()
+        self.on_error(exc)
+
+    def stop(self) -> None:
+        """Stop waiting for the socket (what is queued stays)."""
+        if self.writing:
+            self.loop.remove_writer(self.sock.fileno())
+            self.writing = False
+
+    def close(self) -> None:
+        """Stop and drop what is queued (closing the queued fds)."""
+        self.stop()
+        for _, fds in self._queue:
+            close_fds(fds)
+        self._queue.clear()
+        self.pending = 0
+
+
+__all__ = [
+    "FdError",
+    "Outbox",
+    "close_fds",
+    "fds_from_ancdata",
+    "is_eventfd",
+    "remove_stale_socket",
+    "rights",
+    "unix_stream_socket",
+]
