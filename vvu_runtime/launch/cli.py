@@ -31,8 +31,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from vvu_runtime.console import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    die,
+    run_main,
+    say,
+    setup_logging,
+)
+from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator, AccelError, choose_accelerator, probe_kvm
 from vvu_runtime.launch.appliance import ApplianceError, build_appliance
 from vvu_runtime.launch.checks import CheckResult, LabAccess, run_checks
@@ -62,22 +72,11 @@ from vvu_runtime.launch.topology import (
 )
 
 PROG = "vvu-launch"
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_FAIL = EXIT_FAILURE
 
 
-class LaunchError(Exception):
+class LaunchError(VvuError):
     """A user-facing failure of a vvu-launch command."""
-
-
-def say(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
-
-
-def die(msg: str, code: int = EXIT_FAIL) -> NoReturn:
-    say(f"error: {msg}")
-    sys.exit(code)
 
 
 # --------------------------------------------------------------------------
@@ -784,16 +783,18 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        return COMMANDS[args.cmd](args)
-    except (LaunchError, LabError, ToolchainError, ApplianceError, AccelError, ShellError) as e:
-        die(str(e))
-    except KeyboardInterrupt:
-        say("interrupted")
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return 0
+    setup_logging(PROG, "WARNING")
+    # SIGTERM unwinds like Ctrl-C: `up` stops what it started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def body() -> int:
+        try:
+            return COMMANDS[args.cmd](args)
+        except BrokenPipeError:
+            return 0
+
+    return run_main(body, program=PROG,
+                    errors=(LabError, ToolchainError, ApplianceError, AccelError, ShellError))
 
 
 if __name__ == "__main__":

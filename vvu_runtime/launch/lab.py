@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator
 from vvu_runtime.launch.render import (
     BlkDevice,
@@ -85,7 +86,7 @@ RECONNECT_MS = 1000
 MAX_SERIAL = 20
 
 
-class LabError(Exception):
+class LabError(VvuError):
     """A lab cannot be planned, started, found or stopped; the message says why."""
 
 

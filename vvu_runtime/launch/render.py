@@ -26,6 +26,7 @@ from typing import Any
 
 import jinja2
 
+from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 _CRED_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
 
 
-class RenderError(Exception):
+class RenderError(VvuError):
     """A QEMU configuration could not be rendered from the templates."""
 
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from vvu_runtime.errors import VvuError
+
 __all__ = ["CommandResult", "ConsoleShell", "NodeShell", "ShellError", "SshShell"]
 
 
-class ShellError(Exception):
+class ShellError(VvuError):
     """A command could not be run on a node (not its exit status: that is a result)."""
 
 
