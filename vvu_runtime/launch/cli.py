@@ -723,6 +723,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------
 
 
+def _topology_help() -> str:
+    """The topology file's top-level fields, from the schema table itself."""
+    from vvu_runtime.launch.topology.schema import TOPOLOGY
+
+    width = max(len(f.name) for f in TOPOLOGY.fields)
+    rows = [f"  {f.name.ljust(width)}  {f.help}" for f in TOPOLOGY.fields]
+    return ("topology file fields (`vvu-launch schema` documents them all):\n"
+            + "\n".join(rows))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Wire consumer VMs to vvu appliance VMs: run, check, watch and "
@@ -732,6 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def topo_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("topology", type=Path, metavar="TOPOLOGY", help="topology YAML file")
+        sp.formatter_class = argparse.RawDescriptionHelpFormatter
+        sp.epilog = _topology_help()
 
     s = sub.add_parser("validate", help="check a topology file; start nothing")
     topo_arg(s)
