@@ -50,7 +50,7 @@ from vvu_runtime.launch.topology.schema import (
     TOPOLOGY,
 )
 from vvu_runtime.launch.topology.spec import Parsed, TaggedValue
-from vvu_runtime.launch.topology.types import INVALID, Cursor, Sink, did_you_mean
+from vvu_runtime.launch.topology.types import INVALID, Cursor, Sink, did_you_mean, show
 
 __all__ = ["load_topology", "load_topology_text"]
 
@@ -78,7 +78,7 @@ def load_topology_text(text: str, source: Path) -> Topology:
     root = Cursor.root(sink)
     if not isinstance(data, Mapping):
         root.problem("expected a mapping (name:, appliances:, consumers:, ...), "
-                     f"got {'an empty file' if data is None else 'something else'}")
+                     f"got {'an empty file' if data is None else show(data)}")
         raise TopologyError(sink.problems)
     top = TOPOLOGY.parse(data, root)
     topology = _Resolver(top, sink, source).topology()
@@ -94,8 +94,8 @@ def _read_yaml(text: str, source: Path) -> Any:
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source, 1, 1)
-        what = " ".join(str(x) for x in (e.context, e.problem) if x)
-        raise TopologyError([Problem(where, "", f"YAML: {what or e}")]) from None
+        what = ", ".join(str(x) for x in (e.context, e.problem) if x) or str(e)
+        raise TopologyError([Problem(where, "", f"YAML: {what}")]) from None
     except (YAMLError, ValueError, TypeError, RecursionError) as e:
         raise TopologyError([Problem(Location(source, 1, 1), "", f"YAML: {e}")]) from None
 
@@ -229,10 +229,11 @@ class _Resolver:
             for b in switches[:i]:
                 assert b.subnet is not None
                 if a.subnet.overlaps(b.subnet):
-                    self.appliance_nodes[a.name].at("subnet").problem(
-                        f"{a.subnet} overlaps {b.name}'s subnet {b.subnet} "
-                        f"({self.appliance_nodes[b.name].at('subnet').where}); each switch "
-                        "needs its own")
+                    pa, pb = self.appliance_nodes[a.name], self.appliance_nodes[b.name]
+                    default = "" if pa.has("subnet") else " (the default)"
+                    pa.at("subnet").problem(
+                        f"{a.subnet}{default} overlaps {b.name}'s subnet {b.subnet} "
+                        f"({pb.at('subnet').where}); each switch needs its own")
 
     # ---------------------------------------------------------------- consumers
 
@@ -243,7 +244,7 @@ class _Resolver:
         taken_macs: set[str] = set(explicit_macs)
         addresses: dict[IPv4Address, Cursor] = {}
         per_switch: dict[str, int] = {}
-        exports_used: dict[tuple[str, str], Cursor] = {}
+        exports_used: dict[tuple[str, str], Parsed] = {}
         for name, p in self.consumer_nodes.items():
             v = resolved[name]
             nics = self._nics(name, v["nics"], explicit_macs, taken_macs, addresses, per_switch)
@@ -339,8 +340,8 @@ class _Resolver:
         if given is None:
             ip = subnet.network_address + host + ADDRESS_OFFSET
             if ip >= subnet.broadcast_address:
-                cur.problem(f"{switch}'s subnet {subnet} has no default address for its "
-                            f"{host + 1}th NIC: set the address")
+                cur.problem(f"{switch}'s subnet {subnet} has no default address left (host "
+                            f"{host} + {ADDRESS_OFFSET} is past its end): set the address")
                 return None
             address = IPv4Interface(f"{ip}/{subnet.prefixlen}")
             how = f" (the default: host {host} + {ADDRESS_OFFSET})"
@@ -351,9 +352,9 @@ class _Resolver:
                 cur.problem(f"{given} is not an address in {switch}'s subnet {subnet}")
                 return None
             if given.ip in (subnet.network_address, subnet.broadcast_address):
-                cur.problem(f"{given.ip} is the {switch}'s subnet's "
-                            f"{'network' if given.ip == subnet.network_address else 'broadcast'}"
-                            " address; expected a host address")
+                which = "network" if given.ip == subnet.network_address else "broadcast"
+                cur.problem(f"{given.ip} is the {which} address of {switch}'s subnet {subnet}; "
+                            "expected a host address")
                 return None
             address, how = given, ""
         if address.ip in addresses:
@@ -364,7 +365,7 @@ class _Resolver:
         return address
 
     def _disks(self, consumer: str, items: Any,
-               exports_used: dict[tuple[str, str], Cursor]) -> Any:
+               exports_used: dict[tuple[str, str], Parsed]) -> Any:
         if items is INVALID:
             return INVALID
         out: list[Disk] = []
@@ -387,14 +388,12 @@ class _Resolver:
                             f"{', '.join(names) or 'none'})")
                 ok = False
                 continue
-            if (storage.name, export) in exports_used:
+            if (first := exports_used.get((storage.name, export))) is not None:
                 cur.problem(f"export {storage.name}/{export} is already the disk of "
-                            f"{exports_used[storage.name, export].path} "
-                            f"({exports_used[storage.name, export].where}); each export "
-                            "serves one disk")
+                            f"{first.cur.path} ({first.cur.where}); each export serves one disk")
                 ok = False
                 continue
-            exports_used[storage.name, export] = cur
+            exports_used[storage.name, export] = disk
             out.append(Disk(consumer=consumer, index=index, storage=storage.name,
                             export=export, where=disk.cur.where))
         return tuple(out) if ok else INVALID
@@ -426,9 +425,8 @@ class _Resolver:
             kind = CheckKind(item.tag)
             body = item.body
             params = CHECKS[kind].resolve([body])
-            if not _valid(*params.values()):
-                continue
-            if self._check_refs(kind, body, params):
+            refs_ok = _valid(*(params[f] for f in kind.references))
+            if refs_ok and self._check_refs(kind, body, params) and _valid(*params.values()):
                 out.append(Check(kind=kind, params=params, where=body.cur.key_where))
         return out
 

@@ -104,6 +104,15 @@ class CheckKind(enum.Enum):
     DISK = "disk"
     COMMAND = "command"
 
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The fields naming nodes or disks (checked against the topology)."""
+        if self in (CheckKind.PING, CheckKind.TRANSFER):
+            return ("from", "to")
+        if self is CheckKind.DISK:
+            return ("node", "disk")
+        return ("node",)
+
     def describe(self, params: Mapping[str, Any]) -> str:
         """One line naming what the check does, e.g. ``ping c1 -> c2``."""
         if self is CheckKind.PING:
