@@ -104,6 +104,11 @@ def _valid(*values: Any) -> bool:
     return all(v is not INVALID for v in values)
 
 
+def _complete(p: Any) -> bool:
+    """A parsed object with every field valid and every required field present."""
+    return isinstance(p, Parsed) and _valid(*p.spec.resolve([p]).values())
+
+
 def derived_mac(lab: str, consumer: str, index: int, salt: int = 0) -> str:
     """A locally administered unicast MAC derived from the link's identity."""
     digest = bytearray(hashlib.sha256(f"{lab}\0{consumer}\0{index}\0{salt}".encode()).digest())
@@ -207,7 +212,7 @@ class _Resolver:
         seen: dict[str, Parsed] = {}
         ok = True
         for e in items:
-            if not isinstance(e, Parsed) or not _valid(*e.values.values()):
+            if not _complete(e):
                 ok = False
                 continue
             name = e.get("name")
@@ -308,7 +313,7 @@ class _Resolver:
         out: list[Nic] = []
         ok = True
         for index, nic in enumerate(items):
-            if not isinstance(nic, Parsed) or not _valid(*nic.values.values()):
+            if not _complete(nic):
                 ok = False
                 continue
             switch = self._switch(nic)
@@ -371,7 +376,7 @@ class _Resolver:
         out: list[Disk] = []
         ok = True
         for index, disk in enumerate(items):
-            if not isinstance(disk, Parsed) or not _valid(*disk.values.values()):
+            if not _complete(disk):
                 ok = False
                 continue
             storage = self._link_target(disk.get("storage"), disk.at("storage"),
