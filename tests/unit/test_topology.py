@@ -406,11 +406,16 @@ def test_yaml_syntax_error_has_its_position() -> None:
         "cannot start any token")
 
 
-def test_duplicate_key() -> None:
-    text = "name: lab\nappliances:\n  a: {kind: vswitch}\n  a: {kind: storage}\n"
-    assert only_problem(text) == (
-        f'{at(text, "a: {kind: storage}")}: YAML: while constructing a mapping, found duplicate '
-        "key \"a\" with value \"{'kind': 'storage'}\" (original value: \"{'kind': 'vswitch'}\")")
+def test_duplicate_keys_are_reported_with_the_other_problems() -> None:
+    text = LAB.replace("c2: {nics: [sw1]}", "c2: {nics: [sw1], cpus: 1, cpus: 2}\n  c1: {}"
+                       ).replace("name: lab", "name: lab\nname: lab2")
+    assert problems(text) == [
+        "lab.yaml:2:1: name: duplicate key (the first is at lab.yaml:1:1)",
+        f"{at(text, 'cpus: 2')}: consumers.c2.cpus: duplicate key (the first is at "
+        f"{at(text, 'cpus: 1')})",
+        f"{at(text, 'c1: {}')}: consumers.c1: duplicate key (the first is at "
+        f"{at(text, 'c1: {nics')})",
+    ]
 
 
 def test_more_than_one_document() -> None:
@@ -881,3 +886,16 @@ def test_command_check() -> None:
     found, text = check_problem('command: {node: st1, run: ""}')
     assert found == (
         f"{at(text, Q + Q)}: checks[0].command.run: expected a shell command, got \"\"")
+
+
+def test_the_model_is_immutable_and_hashable() -> None:
+    topo = load(LAB + "checks:\n  - ping: {from: c1, to: c2}\n")
+    sw1 = topo.appliances[0]
+    with pytest.raises(TypeError):
+        sw1.options["busy_poll_us"] = 5  # type: ignore[index]
+    with pytest.raises(TypeError):
+        topo.checks[0].params["count"] = 5  # type: ignore[index]
+    assert len({*topo.appliances, *topo.consumers, *topo.checks, topo}) == 6
+    assert load(LAB).appliances == topo.appliances
+    assert ApplianceKind.STORAGE.service == "vvu-blk" and ApplianceKind.VSWITCH.service == (
+        "vvu-switch")

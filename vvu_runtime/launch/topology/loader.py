@@ -20,6 +20,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from vvu_runtime.launch.topology.model import (
     Accel,
@@ -75,6 +76,7 @@ def load_topology_text(text: str, source: Path) -> Topology:
     source = Path(source)
     sink = Sink(source, source.absolute().parent)
     data = _read_yaml(text, source)
+    sink.problems.extend(_duplicate_keys(text, source))
     root = Cursor.root(sink)
     if not isinstance(data, Mapping):
         root.problem("expected a mapping (name:, appliances:, consumers:, ...), "
@@ -89,6 +91,7 @@ def load_topology_text(text: str, source: Path) -> Topology:
 
 def _read_yaml(text: str, source: Path) -> Any:
     yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = True  # reported by _duplicate_keys, with the other problems
     try:
         return yaml.load(text)
     except MarkedYAMLError as e:
@@ -98,6 +101,43 @@ def _read_yaml(text: str, source: Path) -> Any:
         raise TopologyError([Problem(where, "", f"YAML: {what}")]) from None
     except (YAMLError, ValueError, TypeError, RecursionError) as e:
         raise TopologyError([Problem(Location(source, 1, 1), "", f"YAML: {e}")]) from None
+
+
+def _duplicate_keys(text: str, source: Path) -> list[Problem]:
+    """Every repeated key of every mapping (the loader keeps the first value)."""
+    try:
+        top = YAML(typ="rt").compose(text)
+    except YAMLError:
+        return []  # _read_yaml has reported it
+    problems: list[Problem] = []
+    visited: set[int] = set()
+
+    def where(node: Node) -> Location:
+        return Location(source, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def walk(node: Node, path: str) -> None:
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, MappingNode):
+            first: dict[str, Location] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, ScalarNode) else "?"
+                sub = f"{path}.{name}" if path else name
+                if isinstance(key, ScalarNode) and name != "<<":
+                    if name in first:
+                        problems.append(Problem(where(key), sub, "duplicate key (the first is "
+                                                f"at {first[name]})"))
+                    else:
+                        first[name] = where(key)
+                walk(value, sub)
+        elif isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+
+    if top is not None:
+        walk(top, "")
+    return problems
 
 
 def _valid(*values: Any) -> bool:
