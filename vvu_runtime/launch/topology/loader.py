@@ -228,7 +228,7 @@ class _Resolver:
             return None  # missing or wrong: reported
         layers = [p, *self._default_layer(kind.value), *self._default_layer("appliance")]
         v = APPLIANCE.resolve(layers, kind)
-        exports = self._exports(p, v.get("exports") or [])
+        exports = self._exports(v.get("exports") or [])
         subnet = v.get("subnet")
         if kind is ApplianceKind.VSWITCH and subnet is None:
             subnet = self._default_subnet(name, p)
@@ -243,11 +243,12 @@ class _Resolver:
                     if q.kind is ApplianceKind.VSWITCH]
         index = switches.index(name)
         if index > 255:
-            p.missing("subnet").problem(f"no default subnet for the {index}th vswitch: set one")
+            p.missing("subnet").problem(f"no default subnet for vswitch number {index + 1} "
+                                        "(10.77.0.0/24 .. 10.77.255.0/24 are taken): set one")
             return INVALID
         return IPv4Network(DEFAULT_SUBNET.format(index=index))
 
-    def _exports(self, appliance: Parsed, items: list[Any]) -> Any:
+    def _exports(self, items: Any) -> Any:
         out: list[Export] = []
         seen: dict[str, Parsed] = {}
         ok = True
