@@ -20,6 +20,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from vvu_runtime.launch.topology.model import (
     Accel,
@@ -50,7 +51,7 @@ from vvu_runtime.launch.topology.schema import (
     TOPOLOGY,
 )
 from vvu_runtime.launch.topology.spec import Parsed, TaggedValue
-from vvu_runtime.launch.topology.types import INVALID, Cursor, Sink, did_you_mean
+from vvu_runtime.launch.topology.types import INVALID, Cursor, Sink, did_you_mean, show
 
 __all__ = ["load_topology", "load_topology_text"]
 
@@ -75,10 +76,11 @@ def load_topology_text(text: str, source: Path) -> Topology:
     source = Path(source)
     sink = Sink(source, source.absolute().parent)
     data = _read_yaml(text, source)
+    sink.problems.extend(_duplicate_keys(text, source))
     root = Cursor.root(sink)
     if not isinstance(data, Mapping):
         root.problem("expected a mapping (name:, appliances:, consumers:, ...), "
-                     f"got {'an empty file' if data is None else 'something else'}")
+                     f"got {'an empty file' if data is None else show(data)}")
         raise TopologyError(sink.problems)
     top = TOPOLOGY.parse(data, root)
     topology = _Resolver(top, sink, source).topology()
@@ -89,19 +91,62 @@ def load_topology_text(text: str, source: Path) -> Topology:
 
 def _read_yaml(text: str, source: Path) -> Any:
     yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = True  # reported by _duplicate_keys, with the other problems
     try:
         return yaml.load(text)
     except MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = Location(source, mark.line + 1, mark.column + 1) if mark else Location(source, 1, 1)
-        what = " ".join(str(x) for x in (e.context, e.problem) if x)
-        raise TopologyError([Problem(where, "", f"YAML: {what or e}")]) from None
+        what = ", ".join(str(x) for x in (e.context, e.problem) if x) or str(e)
+        raise TopologyError([Problem(where, "", f"YAML: {what}")]) from None
     except (YAMLError, ValueError, TypeError, RecursionError) as e:
         raise TopologyError([Problem(Location(source, 1, 1), "", f"YAML: {e}")]) from None
 
 
+def _duplicate_keys(text: str, source: Path) -> list[Problem]:
+    """Every repeated key of every mapping (the loader keeps the first value)."""
+    try:
+        top = YAML(typ="rt").compose(text)
+    except YAMLError:
+        return []  # _read_yaml has reported it
+    problems: list[Problem] = []
+    visited: set[int] = set()
+
+    def where(node: Node) -> Location:
+        return Location(source, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def walk(node: Node, path: str) -> None:
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, MappingNode):
+            first: dict[str, Location] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, ScalarNode) else "?"
+                sub = f"{path}.{name}" if path else name
+                if isinstance(key, ScalarNode) and name != "<<":
+                    if name in first:
+                        problems.append(Problem(where(key), sub, "duplicate key (the first is "
+                                                f"at {first[name]})"))
+                    else:
+                        first[name] = where(key)
+                walk(value, sub)
+        elif isinstance(node, SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{path}[{i}]")
+
+    if top is not None:
+        walk(top, "")
+    return problems
+
+
 def _valid(*values: Any) -> bool:
     return all(v is not INVALID for v in values)
+
+
+def _complete(p: Any) -> bool:
+    """A parsed object with every field valid and every required field present."""
+    return isinstance(p, Parsed) and _valid(*p.spec.resolve([p]).values())
 
 
 def derived_mac(lab: str, consumer: str, index: int, salt: int = 0) -> str:
@@ -183,7 +228,7 @@ class _Resolver:
             return None  # missing or wrong: reported
         layers = [p, *self._default_layer(kind.value), *self._default_layer("appliance")]
         v = APPLIANCE.resolve(layers, kind)
-        exports = self._exports(p, v.get("exports") or [])
+        exports = self._exports(v.get("exports") or [])
         subnet = v.get("subnet")
         if kind is ApplianceKind.VSWITCH and subnet is None:
             subnet = self._default_subnet(name, p)
@@ -198,16 +243,17 @@ class _Resolver:
                     if q.kind is ApplianceKind.VSWITCH]
         index = switches.index(name)
         if index > 255:
-            p.missing("subnet").problem(f"no default subnet for the {index}th vswitch: set one")
+            p.missing("subnet").problem(f"no default subnet for vswitch number {index + 1} "
+                                        "(10.77.0.0/24 .. 10.77.255.0/24 are taken): set one")
             return INVALID
         return IPv4Network(DEFAULT_SUBNET.format(index=index))
 
-    def _exports(self, appliance: Parsed, items: list[Any]) -> Any:
+    def _exports(self, items: Any) -> Any:
         out: list[Export] = []
         seen: dict[str, Parsed] = {}
         ok = True
         for e in items:
-            if not isinstance(e, Parsed) or not _valid(*e.values.values()):
+            if not _complete(e):
                 ok = False
                 continue
             name = e.get("name")
@@ -229,10 +275,11 @@ class _Resolver:
             for b in switches[:i]:
                 assert b.subnet is not None
                 if a.subnet.overlaps(b.subnet):
-                    self.appliance_nodes[a.name].at("subnet").problem(
-                        f"{a.subnet} overlaps {b.name}'s subnet {b.subnet} "
-                        f"({self.appliance_nodes[b.name].at('subnet').where}); each switch "
-                        "needs its own")
+                    pa, pb = self.appliance_nodes[a.name], self.appliance_nodes[b.name]
+                    default = "" if pa.has("subnet") else " (the default)"
+                    pa.at("subnet").problem(
+                        f"{a.subnet}{default} overlaps {b.name}'s subnet {b.subnet} "
+                        f"({pb.at('subnet').where}); each switch needs its own")
 
     # ---------------------------------------------------------------- consumers
 
@@ -243,7 +290,7 @@ class _Resolver:
         taken_macs: set[str] = set(explicit_macs)
         addresses: dict[IPv4Address, Cursor] = {}
         per_switch: dict[str, int] = {}
-        exports_used: dict[tuple[str, str], Cursor] = {}
+        exports_used: dict[tuple[str, str], Parsed] = {}
         for name, p in self.consumer_nodes.items():
             v = resolved[name]
             nics = self._nics(name, v["nics"], explicit_macs, taken_macs, addresses, per_switch)
@@ -307,7 +354,7 @@ class _Resolver:
         out: list[Nic] = []
         ok = True
         for index, nic in enumerate(items):
-            if not isinstance(nic, Parsed) or not _valid(*nic.values.values()):
+            if not _complete(nic):
                 ok = False
                 continue
             switch = self._switch(nic)
@@ -339,8 +386,8 @@ class _Resolver:
         if given is None:
             ip = subnet.network_address + host + ADDRESS_OFFSET
             if ip >= subnet.broadcast_address:
-                cur.problem(f"{switch}'s subnet {subnet} has no default address for its "
-                            f"{host + 1}th NIC: set the address")
+                cur.problem(f"{switch}'s subnet {subnet} has no default address left (host "
+                            f"{host} + {ADDRESS_OFFSET} is past its end): set the address")
                 return None
             address = IPv4Interface(f"{ip}/{subnet.prefixlen}")
             how = f" (the default: host {host} + {ADDRESS_OFFSET})"
@@ -351,9 +398,9 @@ class _Resolver:
                 cur.problem(f"{given} is not an address in {switch}'s subnet {subnet}")
                 return None
             if given.ip in (subnet.network_address, subnet.broadcast_address):
-                cur.problem(f"{given.ip} is the {switch}'s subnet's "
-                            f"{'network' if given.ip == subnet.network_address else 'broadcast'}"
-                            " address; expected a host address")
+                which = "network" if given.ip == subnet.network_address else "broadcast"
+                cur.problem(f"{given.ip} is the {which} address of {switch}'s subnet {subnet}; "
+                            "expected a host address")
                 return None
             address, how = given, ""
         if address.ip in addresses:
@@ -364,13 +411,13 @@ class _Resolver:
         return address
 
     def _disks(self, consumer: str, items: Any,
-               exports_used: dict[tuple[str, str], Cursor]) -> Any:
+               exports_used: dict[tuple[str, str], Parsed]) -> Any:
         if items is INVALID:
             return INVALID
         out: list[Disk] = []
         ok = True
         for index, disk in enumerate(items):
-            if not isinstance(disk, Parsed) or not _valid(*disk.values.values()):
+            if not _complete(disk):
                 ok = False
                 continue
             storage = self._link_target(disk.get("storage"), disk.at("storage"),
@@ -387,14 +434,12 @@ class _Resolver:
                             f"{', '.join(names) or 'none'})")
                 ok = False
                 continue
-            if (storage.name, export) in exports_used:
+            if (first := exports_used.get((storage.name, export))) is not None:
                 cur.problem(f"export {storage.name}/{export} is already the disk of "
-                            f"{exports_used[storage.name, export].path} "
-                            f"({exports_used[storage.name, export].where}); each export "
-                            "serves one disk")
+                            f"{first.cur.path} ({first.cur.where}); each export serves one disk")
                 ok = False
                 continue
-            exports_used[storage.name, export] = cur
+            exports_used[storage.name, export] = disk
             out.append(Disk(consumer=consumer, index=index, storage=storage.name,
                             export=export, where=disk.cur.where))
         return tuple(out) if ok else INVALID
@@ -426,9 +471,8 @@ class _Resolver:
             kind = CheckKind(item.tag)
             body = item.body
             params = CHECKS[kind].resolve([body])
-            if not _valid(*params.values()):
-                continue
-            if self._check_refs(kind, body, params):
+            refs_ok = _valid(*(params[f] for f in kind.references))
+            if refs_ok and self._check_refs(kind, body, params) and _valid(*params.values()):
                 out.append(Check(kind=kind, params=params, where=body.cur.key_where))
         return out
 

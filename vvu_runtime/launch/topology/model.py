@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
@@ -70,6 +71,11 @@ class ApplianceKind(enum.Enum):
         return self.value
 
     @property
+    def service(self) -> str:
+        """The systemd unit inside the appliance that runs the backend."""
+        return "vvu-switch" if self is ApplianceKind.VSWITCH else "vvu-blk"
+
+    @property
     def link_field(self) -> str:
         """The consumer field whose entries link to an appliance of this kind."""
         return "nics" if self is ApplianceKind.VSWITCH else "disks"
@@ -103,6 +109,15 @@ class CheckKind(enum.Enum):
     TRANSFER = "transfer"
     DISK = "disk"
     COMMAND = "command"
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The fields naming nodes or disks (checked against the topology)."""
+        if self in (CheckKind.PING, CheckKind.TRANSFER):
+            return ("from", "to")
+        if self is CheckKind.DISK:
+            return ("node", "disk")
+        return ("node",)
 
     def describe(self, params: Mapping[str, Any]) -> str:
         """One line naming what the check does, e.g. ``ping c1 -> c2``."""
@@ -208,9 +223,12 @@ class Appliance:
     subnet: IPv4Network | None
     #: The disks offered (storage only).
     exports: tuple[Export, ...]
-    #: Backend options of this kind, every key present (defaults filled in).
-    options: Mapping[str, Any]
+    #: Backend options of this kind, every key present (defaults filled in); read-only.
+    options: Mapping[str, Any] = field(hash=False)
     where: Location
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
     @property
     def role(self) -> Role:
@@ -353,15 +371,18 @@ class Consumer:
 @dataclass(frozen=True)
 class Check:
     kind: CheckKind
-    #: The check's fields by their YAML names, defaults filled in (sizes in bytes).
-    params: Mapping[str, Any]
+    #: The check's fields by their YAML names, defaults filled in (sizes in bytes); read-only.
+    params: Mapping[str, Any] = field(hash=False)
     where: Location
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     def describe(self) -> str:
         return self.kind.describe(self.params)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind.value, "describe": self.describe(), **self.params}
+        return {"kind": self.kind.value, "describe": self.describe(), **dict(self.params)}
 
 
 Node = Appliance | Consumer

@@ -88,6 +88,8 @@ def yaml_text(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value == "":
+        return '""'
     return str(value)
 
 
@@ -221,7 +223,8 @@ class ObjectSpec:
         """Field values by precedence: the first layer that sets a field wins, else the default.
 
         Object-valued fields are merged field by field the same way. Values that
-        failed to parse are INVALID (the problem was reported already).
+        failed to parse, and required fields that are missing, are INVALID (the
+        problem was reported already).
         """
         out: dict[str, Any] = {}
         for f in self.fields_for(kind):
@@ -232,6 +235,8 @@ class ObjectSpec:
                 out[f.name] = INVALID if bad else f.type.spec.resolve(subs)
             elif present:
                 out[f.name] = present[0].values[f.name]
+            elif f.required:
+                out[f.name] = INVALID  # reported as missing by parse()
             else:
                 out[f.name] = f.default_value()
         return out
@@ -326,7 +331,7 @@ class ObjectType(FieldType):
         return self.spec.parse(value, cur)
 
     def describe(self) -> str:
-        return f"a mapping ({self.spec.name})"
+        return f"a mapping: {self.spec.place}"
 
     def json_schema(self, defs: dict[str, Any]) -> dict[str, Any]:
         return self.spec.json_schema(defs)

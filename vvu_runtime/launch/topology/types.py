@@ -347,8 +347,7 @@ class SizeType(FieldType):
         if size % self.unit:
             raise Invalid(f"expected a whole number of {size_text(self.unit)}, got {show(value)}")
         if self.power_of_two and size & (size - 1):
-            raise Invalid(f"expected a power of two (it becomes a PCI BAR): {self.describe()}, "
-                          f"got {show(value)}")
+            raise self.expected(value)
         return size // self.unit
 
     def describe(self) -> str:
