@@ -899,3 +899,27 @@ def test_the_model_is_immutable_and_hashable() -> None:
     assert load(LAB).appliances == topo.appliances
     assert ApplianceKind.STORAGE.service == "vvu-blk" and ApplianceKind.VSWITCH.service == (
         "vvu-switch")
+
+
+def test_yaml_anchors_and_merge_keys_work() -> None:
+    topo = load("""\
+        name: lab
+        appliances:
+          sw: &switch {kind: vswitch, cpus: 2}
+          sw2: *switch
+        consumers:
+          c:
+            <<: {cpus: 3, memory: 256M}
+            nics: [sw, sw2]
+        """)
+    assert [a.cpus for a in topo.appliances] == [2, 2]
+    assert (topo.consumers[0].cpus, topo.consumers[0].memory_mib) == (3, 256)
+
+
+def test_tags_and_sets_are_not_values() -> None:
+    assert only_problem("name: !foo lab\nconsumers: {c: {}}\n").endswith(
+        "got a value tagged !foo")
+    assert only_problem("name: lab\nconsumers: !!set {a, b}\n") == (
+        "lab.yaml:2:12: consumers: expected a mapping of consumers by name, got a set")
+    assert only_problem('name: !!python/object/apply:os.system ["true"]\nconsumers: {c: {}}\n'
+                        ).endswith("got a list")
