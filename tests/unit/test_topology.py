@@ -484,11 +484,11 @@ def test_field_of_another_kind() -> None:
     text = LAB.replace("kind: storage", "kind: storage\n    subnet: 10.0.0.0/24")
     assert only_problem(text) == (
         f"{at(text, 'subnet: 10.0')}: appliances.st1.subnet: only for kind vswitch "
-        "(this is a storage)")
+        "(this one's kind is storage)")
     text = LAB.replace("subnet: 10.10.1.0/24}", "exports: []}")
     assert only_problem(text) == (
         f"{at(text, 'exports: []')}: appliances.sw1.exports: only for kind storage "
-        "(this is a vswitch)")
+        "(this one's kind is vswitch)")
 
 
 def test_missing_required_field_points_at_the_object() -> None:

@@ -259,12 +259,13 @@ class Appliance:
 class Nic:
     """A consumer's virtio-net device: one VVU link to a vswitch appliance."""
 
-    consumer: str
     index: int
     switch: str
     mac: str
     address: IPv4Interface
     where: Location
+    #: The consumer that has the NIC (part of the link's name).
+    consumer: str
 
     @property
     def link(self) -> str:
@@ -289,11 +290,12 @@ class Nic:
 class Disk:
     """A consumer's virtio-blk device: one VVU link to a storage appliance export."""
 
-    consumer: str
     index: int
     storage: str
     export: str
     where: Location
+    #: The consumer that has the disk (part of the link's name).
+    consumer: str
 
     @property
     def link(self) -> str:
