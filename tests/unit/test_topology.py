@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import textwrap
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -358,6 +359,8 @@ def test_problem_and_error_format() -> None:
     e = TopologyError([p, q])
     assert e.problems == [q, p]  # file order
     assert str(e) == f"{q}\n{p}"
+    again = pickle.loads(pickle.dumps(e))
+    assert again.problems == e.problems and str(again) == str(e)
 
 
 def test_the_at_helper_counts_from_one() -> None:

@@ -177,6 +177,9 @@ class TopologyError(Exception):
         self.problems = sorted(problems, key=lambda p: (p.where, p.field))
         super().__init__("\n".join(str(p) for p in self.problems))
 
+    def __reduce__(self) -> tuple[type[TopologyError], tuple[list[Problem]]]:
+        return (TopologyError, (self.problems,))
+
 
 # ------------------------------------------------------------------ the model
 
