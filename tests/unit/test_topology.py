@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import textwrap
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -358,6 +359,8 @@ def test_problem_and_error_format() -> None:
     e = TopologyError([p, q])
     assert e.problems == [q, p]  # file order
     assert str(e) == f"{q}\n{p}"
+    again = pickle.loads(pickle.dumps(e))
+    assert again.problems == e.problems and str(again) == str(e)
 
 
 def test_the_at_helper_counts_from_one() -> None:
@@ -484,11 +487,11 @@ def test_field_of_another_kind() -> None:
     text = LAB.replace("kind: storage", "kind: storage\n    subnet: 10.0.0.0/24")
     assert only_problem(text) == (
         f"{at(text, 'subnet: 10.0')}: appliances.st1.subnet: only for kind vswitch "
-        "(this is a storage)")
+        "(this one's kind is storage)")
     text = LAB.replace("subnet: 10.10.1.0/24}", "exports: []}")
     assert only_problem(text) == (
         f"{at(text, 'exports: []')}: appliances.sw1.exports: only for kind storage "
-        "(this is a vswitch)")
+        "(this one's kind is vswitch)")
 
 
 def test_missing_required_field_points_at_the_object() -> None:
@@ -899,3 +902,27 @@ def test_the_model_is_immutable_and_hashable() -> None:
     assert load(LAB).appliances == topo.appliances
     assert ApplianceKind.STORAGE.service == "vvu-blk" and ApplianceKind.VSWITCH.service == (
         "vvu-switch")
+
+
+def test_yaml_anchors_and_merge_keys_work() -> None:
+    topo = load("""\
+        name: lab
+        appliances:
+          sw: &switch {kind: vswitch, cpus: 2}
+          sw2: *switch
+        consumers:
+          c:
+            <<: {cpus: 3, memory: 256M}
+            nics: [sw, sw2]
+        """)
+    assert [a.cpus for a in topo.appliances] == [2, 2]
+    assert (topo.consumers[0].cpus, topo.consumers[0].memory_mib) == (3, 256)
+
+
+def test_tags_and_sets_are_not_values() -> None:
+    assert only_problem("name: !foo lab\nconsumers: {c: {}}\n").endswith(
+        "got a value tagged !foo")
+    assert only_problem("name: lab\nconsumers: !!set {a, b}\n") == (
+        "lab.yaml:2:12: consumers: expected a mapping of consumers by name, got a set")
+    assert only_problem('name: !!python/object/apply:os.system ["true"]\nconsumers: {c: {}}\n'
+                        ).endswith("got a list")

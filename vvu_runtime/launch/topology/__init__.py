@@ -8,8 +8,16 @@
 * ``loader.py``: :func:`load_topology` (YAML with positions, the schema,
   inheritance, derived values, cross-reference checks; every problem at once).
 
+Use: ``topo = load_topology(path)`` (or ``load_topology_text(text, source)``),
+then ``topo.appliances`` / ``topo.consumers`` / ``topo.checks`` (file order),
+``topo.node(name)``, ``topo.links_of(appliance)`` -> ``[(consumer, Nic | Disk)]``
+and ``topo.to_json()``. Everything is resolved: defaults inherited, subnets,
+MACs and addresses derived, paths absolute (relative to the file), memory in
+MiB (``memory_mib``), export and transfer sizes in bytes. ``json_schema()`` and
+``schema_text()`` are what ``vvu-launch schema`` prints.
+
 Errors: :class:`TopologyError` only; its ``problems`` name ``FILE:LINE:COL``,
-the field path and what was expected.
+the field path and what was expected, in file order, all of them at once.
 """
 
 from vvu_runtime.launch.topology.loader import derived_mac, load_topology, load_topology_text

@@ -191,7 +191,8 @@ class _Resolver:
         self._consumers()
         self._check_link_counts()
         checks = self._checks()
-        if not self.appliance_nodes and not self.consumer_nodes and self.name is not None:
+        if self.name is not None and all(
+                self.top.values.get(f) in (None, {}) for f in ("appliances", "consumers")):
             self.top.at("name").problem("the lab has no appliances and no consumers")
         if self.sink.problems or options is None or self.name is None:
             return None

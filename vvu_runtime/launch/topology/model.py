@@ -177,6 +177,9 @@ class TopologyError(Exception):
         self.problems = sorted(problems, key=lambda p: (p.where, p.field))
         super().__init__("\n".join(str(p) for p in self.problems))
 
+    def __reduce__(self) -> tuple[type[TopologyError], tuple[list[Problem]]]:
+        return (TopologyError, (self.problems,))
+
 
 # ------------------------------------------------------------------ the model
 
@@ -259,12 +262,13 @@ class Appliance:
 class Nic:
     """A consumer's virtio-net device: one VVU link to a vswitch appliance."""
 
-    consumer: str
     index: int
     switch: str
     mac: str
     address: IPv4Interface
     where: Location
+    #: The consumer that has the NIC (part of the link's name).
+    consumer: str
 
     @property
     def link(self) -> str:
@@ -289,11 +293,12 @@ class Nic:
 class Disk:
     """A consumer's virtio-blk device: one VVU link to a storage appliance export."""
 
-    consumer: str
     index: int
     storage: str
     export: str
     where: Location
+    #: The consumer that has the disk (part of the link's name).
+    consumer: str
 
     @property
     def link(self) -> str:

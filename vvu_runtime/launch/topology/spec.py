@@ -212,8 +212,8 @@ class ObjectSpec:
             return  # the kind is wrong or missing: that is the problem reported
         if owners:
             kinds = sorted({k.value for f in owners for k in f.kinds or ()})
-            kc.problem(f"only for {self.discriminator} {' or '.join(kinds)} "
-                       f"(this is a {kind.value})", at_key=True)
+            kc.problem(f"only for {self.discriminator} {' or '.join(kinds)} (this one's "
+                       f"{self.discriminator} is {kind.value})", at_key=True)
             return
         names = self.names(kind)
         hint = did_you_mean(key, names)

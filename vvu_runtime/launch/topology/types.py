@@ -16,6 +16,7 @@ import enum
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address, IPv4Interface, IPv4Network, NetmaskValueError
 from pathlib import Path
@@ -69,6 +70,11 @@ def show(value: object) -> str:
         return "a list"
     if isinstance(value, int | float):
         return str(value)
+    if isinstance(value, AbstractSet):
+        return "a set"
+    tag = getattr(getattr(value, "tag", None), "value", None)
+    if isinstance(tag, str):
+        return f"a value tagged {tag}"
     return f"a {type(value).__name__}"
 
 
