@@ -20,6 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from vvu_runtime.errors import VvuError
+
 __all__ = [
     "Accel",
     "Appliance",
@@ -170,7 +172,7 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-class TopologyError(Exception):
+class TopologyError(VvuError):
     """A topology file is unusable; ``problems`` lists every reason, in file order."""
 
     def __init__(self, problems: list[Problem]) -> None:
