@@ -55,6 +55,7 @@ from vvu_runtime.launch.process import (  # noqa: E402
     DeviceModelProcess,
     VvuLink,
 )
+from vvu_runtime.launch.render import BlkDevice, NetDevice, render_devices  # noqa: E402
 from vvu_runtime.launch.toolchain import Toolchain, ToolchainError  # noqa: E402
 
 CONSUMER_MIB = 256
@@ -84,8 +85,7 @@ def blk_consumer(tc: Toolchain, assets: ConsumerAssets, sock: Path, ram: Path | 
     return QemuMachine(
         tc, name="bench-blk", kernel=assets.kernel, initrd=assets.initrd,
         memory_mib=CONSUMER_MIB, memory_file=ram,
-        args=["-chardev", f"socket,id=blk0,path={sock},reconnect-ms=300",
-              "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"])
+        args=render_devices(BlkDevice("blk0", sock, reconnect_ms=300)))
 
 
 def net_consumer(tc: Toolchain, assets: ConsumerAssets, name: str, sock: Path,
@@ -93,9 +93,7 @@ def net_consumer(tc: Toolchain, assets: ConsumerAssets, name: str, sock: Path,
     return QemuMachine(
         tc, name=name, kernel=assets.kernel, initrd=assets.initrd, append=f"vvu.ip={ip}/24",
         memory_mib=CONSUMER_MIB, memory_file=ram,
-        args=["-chardev", f"socket,id=net0,path={sock},reconnect-ms=1000",
-              "-netdev", "vhost-user,id=n0,chardev=net0",
-              "-device", f"virtio-net-pci,netdev=n0,mac={mac}"])
+        args=render_devices(NetDevice("net0", sock, mac)))
 
 
 def guest_irqs(c: GuestConsole) -> int:

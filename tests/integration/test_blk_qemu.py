@@ -17,6 +17,7 @@ import pytest
 
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import QemuMachine
+from vvu_runtime.launch.render import BlkDevice, render_devices
 from vvu_runtime.launch.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
@@ -117,12 +118,10 @@ def blk(image: Path, tmp_path: Path) -> Iterator[VvuBlk]:
 def consumer(toolchain: Toolchain, assets: ConsumerAssets, sock: Path, *,
              reconnect: bool = False, smp: int = 1, queues: int = 2,
              packed: bool = False) -> QemuMachine:
-    chardev = f"socket,id=blk0,path={sock}" + (",reconnect-ms=300" if reconnect else "")
     return QemuMachine(
         toolchain, name="blk-consumer", kernel=assets.kernel, initrd=assets.initrd, smp=smp,
-        args=["-chardev", chardev,
-              "-device", f"vhost-user-blk-pci,chardev=blk0,num-queues={queues}"
-                                + (",packed=on" if packed else "")])
+        args=render_devices(BlkDevice("blk0", sock, reconnect_ms=300 if reconnect else 0,
+                                      queues=queues, packed=packed)))
 
 
 def md5(data: bytes) -> str:

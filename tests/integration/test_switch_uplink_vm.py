@@ -25,6 +25,7 @@ import pytest
 
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import QemuMachine
+from vvu_runtime.launch.render import NetDevice, render_devices
 from vvu_runtime.launch.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
@@ -148,9 +149,7 @@ def test_files_cross_the_uplink_both_ways(toolchain: Toolchain,
     vm = QemuMachine(
         toolchain, name="uplink-vm", kernel=consumer_assets.kernel,
         initrd=consumer_assets.initrd, append=f"vvu.ip={VM_IP}/24",
-        args=["-chardev", f"socket,id=net0,path={sw.sock},reconnect-ms=1000",
-              "-netdev", "vhost-user,id=n0,chardev=net0",
-              "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:07:01"])
+        args=render_devices(NetDevice("net0", sw.sock, "52:54:00:00:07:01")))
     with vm:
         con = vm.console
         deadline = time.monotonic() + 60

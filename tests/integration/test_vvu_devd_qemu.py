@@ -15,7 +15,6 @@ away and given back.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -31,6 +30,7 @@ import pytest
 from vvu_runtime.launch.accel import choose_accelerator
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import GuestConsole, QemuMachine
+from vvu_runtime.launch.render import NetDevice, VvuFunctionDevice, render_devices
 from vvu_runtime.launch.toolchain import Toolchain
 
 pytestmark = pytest.mark.integration
@@ -106,9 +106,7 @@ class Consumer:
                 *accel.qemu_args(),
                 "-object", f"memory-backend-file,id=mem,size={RAM_MIB}M,mem-path={ram},share=on",
                 "-machine", "q35,memory-backend=mem", "-m", f"{RAM_MIB}M",
-                "-chardev", f"socket,id=c0,path={vhost},reconnect-ms=500",
-                "-netdev", "vhost-user,id=n0,chardev=c0",
-                "-device", "virtio-net-pci,netdev=n0"]
+                *render_devices(NetDevice("net0", vhost, reconnect_ms=500))]
         self.log_path = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(toolchain.command(argv), stdin=subprocess.DEVNULL,
@@ -185,13 +183,11 @@ def test_appliance_sees_the_function_and_the_consumer_waits_for_backend_up(
         tmp_path: Path) -> None:
     devd = Devd(tmp_path, ram_file)
     consumer: Consumer | None = None
-    vfio = json.dumps({"driver": "vfio-user-pci", "id": "vvu0", "bus": "rp0",
-                       "socket": {"type": "unix", "path": str(devd.vfio)}})
     appliance = QemuMachine(
         toolchain, name="vvu-appliance", kernel=consumer_assets.kernel,
         initrd=consumer_assets.initrd, append="intel_iommu=on iommu=pt memmap=1M$128M",
         args=["-device", "intel-iommu,caching-mode=on",
-              "-device", "pcie-root-port,id=rp0,chassis=1", "-device", vfio])
+              *render_devices(VvuFunctionDevice(0, devd.vfio))])
     try:
         with appliance as vm:
             con = vm.console

@@ -24,6 +24,7 @@ from vvu_runtime.launch.appliance import ApplianceImage, ApplianceMachine
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import RUNTIME_PREFIX, GuestConsole, QemuMachine
 from vvu_runtime.launch.process import VvuLink
+from vvu_runtime.launch.render import BlkDevice, NetDevice, render_devices
 from vvu_runtime.launch.toolchain import Toolchain
 
 #: RAM of every consumer VM; vvu-devd shows it as the VVU function's BAR2.
@@ -96,8 +97,7 @@ def blk_consumer(toolchain: Toolchain, assets: ConsumerAssets, link: VvuLink | P
     return QemuMachine(
         toolchain, name=name, kernel=assets.kernel, initrd=assets.initrd,
         memory_mib=memory_mib, memory_file=ram,
-        args=["-chardev", f"socket,id=blk0,path={sock},reconnect-ms=300",
-              "-device", "vhost-user-blk-pci,chardev=blk0,num-queues=1"])
+        args=render_devices(BlkDevice("blk0", sock, reconnect_ms=300)))
 
 
 def net_consumer(toolchain: Toolchain, assets: ConsumerAssets, link: VvuLink | Path, ip: str,
@@ -107,9 +107,7 @@ def net_consumer(toolchain: Toolchain, assets: ConsumerAssets, link: VvuLink | P
     return QemuMachine(
         toolchain, name=name, kernel=assets.kernel, initrd=assets.initrd,
         append=f"vvu.ip={ip}/24", memory_mib=memory_mib, memory_file=ram,
-        args=["-chardev", f"socket,id=net0,path={sock},reconnect-ms=1000",
-              "-netdev", "vhost-user,id=n0,chardev=net0",
-              "-device", f"virtio-net-pci,netdev=n0,mac={mac}"])
+        args=render_devices(NetDevice("net0", sock, mac)))
 
 
 def boot_all(stack: contextlib.ExitStack, vms: Sequence[QemuMachine]) -> None:

@@ -139,7 +139,8 @@ class NetDevice:
 
     id: str
     socket: Path
-    mac: str
+    mac: str | None = None
+    #: 0: no reconnect (QEMU gives up when the back end goes away).
     reconnect_ms: int = 1000
     queues: int = 1
 
@@ -150,8 +151,10 @@ class BlkDevice:
 
     id: str
     socket: Path
+    #: 0: no reconnect.
     reconnect_ms: int = 1000
     queues: int = 1
+    packed: bool = False
 
 
 @dataclass(frozen=True)
