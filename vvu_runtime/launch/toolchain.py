@@ -389,17 +389,25 @@ class Toolchain:
         self.write_mkosi_wrapper(Path(sysconfig.get_paths()["scripts"]) / "mkosi", install)
         return pth
 
-    def write_mkosi_wrapper(self, path: Path, install: MkosiInstall) -> Path:
+    @property
+    def mkosi_wrapper(self) -> Path:
+        """``$VVU_CACHE_DIR/bin/mkosi``: the clone-independent ``mkosi`` command
+        (host python3); ./setup links ``/usr/local/bin/mkosi`` to it."""
+        return self.cache_dir / "bin/mkosi"
+
+    def write_mkosi_wrapper(self, path: Path, install: MkosiInstall,
+                            python: str | None = None) -> Path:
         """A ``mkosi`` command: the cached mkosi with ``VVU_CACHE_DIR`` set (default:
         this cache), so ``mkosi -C appliances/NAME build`` finds the tools tree,
         sources and caches the configs name through ``$VVU_CACHE_DIR``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
         text = (
             "#!/bin/sh\n"
             f"# mkosi {install.version} for vvu (written by vvu-toolchain ensure).\n"
             f': "${{VVU_CACHE_DIR:={self.cache_dir}}}"\n'
             "export VVU_CACHE_DIR\n"
             f"PYTHONPATH={shlex.quote(str(install.site))} PATH={HOST_PATH} \\\n"
-            f"    exec {shlex.quote(sys.executable)} -m mkosi \"$@\"\n"
+            f"    exec {shlex.quote(python or sys.executable)} -m mkosi \"$@\"\n"
         )
         if not path.is_file() or path.read_text() != text:
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -508,6 +516,7 @@ class Toolchain:
             start = time.monotonic()
             install = self.fetch_mkosi(refresh=refresh_mkosi)
             self.link_mkosi_into_venv(install)
+            self.write_mkosi_wrapper(self.mkosi_wrapper, install, "/usr/bin/python3")
             sources = self._write_sources()
             digest = self._inputs_hash(install, sources)
             stamp = self._stamp()
