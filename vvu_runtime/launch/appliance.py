@@ -827,12 +827,23 @@ def _image_row(image: ApplianceImage, state: str) -> list[str]:
 HEADER = ("appliance", "state", "disk used", "build", "built at", "image")
 
 
-def _boot(toolchain: Toolchain, name: str, *, persistent: bool, output_dir: Path | None) -> int:
+def _boot(toolchain: Toolchain, name: str, *, persistent: bool, output_dir: Path | None,
+          config: Path | None = None) -> int:
     image = build_appliance(toolchain, name, output_dir=output_dir)
     _say(f"booting {image.disk} ({'persistent' if persistent else 'throwaway overlay'})…")
     start = time.monotonic()
+    text = None
+    if config is not None:
+        from vvu_runtime.appliance.config import ConfigError, parse_config
+
+        text = config.read_text()
+        try:
+            parse_config(text, str(config))
+        except ConfigError as e:
+            _say(f"error: {e}")
+            return 1
     try:
-        with ApplianceMachine(toolchain, image, persistent=persistent) as vm:
+        with ApplianceMachine(toolchain, image, persistent=persistent, config=text) as vm:
             _say(f"{name} is up after {time.monotonic() - start:.0f} s")
             print(f"ssh:     {shlex.join(vm.ssh_argv())}", flush=True)
             if vm.temp_dir is not None:
@@ -868,6 +879,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--persistent", action="store_true", help="keep the guest's writes in the image"
     )
     p_boot.add_argument("--output-dir", type=Path, help="instead of images/")
+    p_boot.add_argument("--config", type=Path,
+                        help="appliance config (JSON/YAML) passed as the vvu.appliance credential")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tc = Toolchain()
@@ -891,7 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_table(HEADER, rows)
             return 0 if all(r[1] == "up to date" for r in rows) else 1
         elif args.cmd == "boot":
-            return _boot(tc, args.name, persistent=args.persistent, output_dir=args.output_dir)
+            return _boot(tc, args.name, persistent=args.persistent, output_dir=args.output_dir,
+                         config=args.config)
     except (ApplianceError, ToolchainError) as e:
         _say(f"error: {e}")
         return 1
