@@ -246,7 +246,17 @@ class Backend:
     buffer: bytes = b""
 
 
-def commands(config: ApplianceConfig, matched: dict[str, str]) -> list[Backend]:
+def planned_image(export: Export) -> Path:
+    """Where ``export`` will be served from, without preparing anything (``--check``)."""
+    if export.disk is not None:
+        return disk_path(export.disk)
+    assert export.file is not None
+    return RUN_DIR / "disks" / export.file.disk / export.file.path
+
+
+def commands(config: ApplianceConfig, matched: dict[str, str], *,
+             prepare: bool = True) -> list[Backend]:
+    """The backend command lines; ``prepare``: wait for disks, mount, create files."""
     opts = config.options
     if config.kind == "vswitch":
         argv = ["vvu-switch"]
@@ -257,7 +267,8 @@ def commands(config: ApplianceConfig, matched: dict[str, str]) -> list[Backend]:
     backends = []
     for export in config.exports:
         addr = matched[export.name]
-        argv = ["vvu-blk", "--vvu", addr, "--image", str(export_image(export)),
+        image = export_image(export) if prepare else planned_image(export)
+        argv = ["vvu-blk", "--vvu", addr, "--image", str(image),
                 "--serial", export.serial, "--queues", str(opts["queues"]),
                 "--poll-us", str(opts["poll_us"])]
         if export.readonly:
@@ -513,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             RUN_DIR.mkdir(parents=True, exist_ok=True)
     matched = discover(config, 0 if args.check else FUNCTION_TIMEOUT)
     try:
-        backends = commands(config, matched)
+        backends = commands(config, matched, prepare=not args.check)
     except RuntimeError as e:
         _say(f"error: {e}")
         sd_notify(f"STATUS=failed: {e}")
