@@ -283,6 +283,7 @@ def test_ssh_accepts_the_given_key_only(host: Any, vswitch: tuple[ApplianceMachi
     accepted = subprocess.run(vm.ssh_argv("true"), capture_output=True, text=True, timeout=60,
                               check=False)
     assert accepted.returncode == 0, accepted.stderr
+    assert host.check_output("passwd -S root").split()[1] == "L"  # locked: no password
     config = host.check_output("sshd -T")
     assert "passwordauthentication no" in config
     assert "authorizedkeysfile none" in config
