@@ -5,15 +5,10 @@ vvu-backend helper (against a fake sysfs and fake backend programs)."""
 from __future__ import annotations
 
 import base64
-import importlib.machinery
-import importlib.util
 import json
-import os
 import stat
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -28,13 +23,12 @@ from vvu_runtime.launch.appliance import (
 from vvu_runtime.launch.toolchain import Toolchain
 
 REPO = Path(__file__).resolve().parents[2]
-BACKEND_SCRIPT = REPO / "appliances/base/mkosi.extra/usr/lib/vvu/vvu-backend"
 
 PYPROJECT = """\
 [project]
 name = "x"
 [project.scripts]
-vvu-switch = "vvu_runtime.backends.switch.cli:main"
+vvu-switch = "vvu_runtime.serve.switch:main"
 vvu-toolchain = "vvu_runtime.launch.toolchain:main"
 other = "elsewhere:main"
 """
@@ -58,6 +52,7 @@ def fake(tmp_path: Path) -> Toolchain:
     _write(repo / "vvu_runtime/launch/machine.py", "import qemu\n")
     _write(repo / "appliances/base/mkosi.conf", "[Distribution]\nDistribution=debian\n")
     _write(repo / "appliances/base/mkosi.extra/etc/motd", "hi\n")
+    _write(repo / "appliances/standalone.conf", "[Match]\nImage=main\n")
     for name in ("vswitch", "storage"):
         _write(
             repo / f"appliances/{name}/mkosi.conf",
@@ -75,49 +70,41 @@ def fake(tmp_path: Path) -> Toolchain:
 
 def test_names_and_image_ids_of_the_real_checkout() -> None:
     tc = Toolchain(repo=REPO)
-    assert appliance.appliance_names(tc) == ["storage", "vswitch"]
+    assert appliance.appliance_names(tc) == ["consumer", "storage", "vswitch"]
     assert appliance.image_id(tc, "vswitch") == "vvu-vswitch"
     assert appliance.image_id(tc, "storage") == "vvu-storage"
+    assert appliance.image_id(tc, "consumer") == "vvu-consumer"
     with pytest.raises(appliance.ApplianceError, match=r"no appliance 'nope'.*storage, vswitch"):
         appliance.image_id(tc, "nope")
 
 
-def test_staging_ships_guest_packages_scripts_and_the_key(fake: Toolchain) -> None:
-    files = {f.path: f for f in appliance._staged_files(fake, "vswitch")}
-    site = "usr/lib/python3/dist-packages/vvu_runtime"
-    assert f"{site}/__init__.py" in files
-    assert files[f"{site}/driver/__init__.py"].data == b"X = 1\n"
-    assert not any("__pycache__" in p or "/launch/" in p for p in files)
-    # Console scripts only for guest-side modules.
-    script = files["usr/bin/vvu-switch"]
-    assert script.mode == 0o755
-    assert b"from vvu_runtime.backends.switch.cli import main" in script.data
-    assert "usr/bin/vvu-toolchain" not in files and "usr/bin/other" not in files
-    key = appliance.ssh_key(fake)
-    assert files["root/.ssh/authorized_keys"].data == key.with_suffix(".pub").read_bytes()
-    assert files["root/.ssh/authorized_keys"].mode == 0o600
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
-    info = json.loads(files["usr/lib/vvu/build-info.json"].data)
-    assert info["appliance"] == "vswitch" and len(info["vvu_runtime_sha256"]) == 64
+def test_root_builds_every_appliance_as_a_subimage() -> None:
+    tc = Toolchain(repo=REPO)
+    subimages = sorted(p.parent.name for p in (REPO / "mkosi.images").glob("*/mkosi.conf"))
+    assert subimages == appliance.appliance_names(tc)
+    for name in subimages:
+        conf = (REPO / "mkosi.images" / name / "mkosi.conf").read_text()
+        assert f"Include=%D/appliances/{name}" in conf
+        # Standalone settings (tools tree, caches) only when built on its own.
+        own = (REPO / "appliances" / name / "mkosi.conf").read_text()
+        assert "Include=../standalone.conf" in own
+    standalone = (REPO / "appliances/standalone.conf").read_text()
+    assert "[Match]\nImage=main" in standalone
+    assert "ToolsTree=$VVU_CACHE_DIR/tools/tree" in standalone
 
 
-def test_ssh_key_is_made_once(fake: Toolchain) -> None:
+def test_ssh_key_is_made_once_and_never_staged(fake: Toolchain) -> None:
     key = appliance.ssh_key(fake)
     first = key.read_bytes()
     assert appliance.ssh_key(fake) == key and key.read_bytes() == first
-
-
-def test_stage_is_written_with_modes(fake: Toolchain, tmp_path: Path) -> None:
-    stage = tmp_path / "stage"
-    appliance._write_stage(appliance._staged_files(fake, "storage"), stage)
-    assert stat.S_IMODE((stage / "root/.ssh").stat().st_mode) == 0o700
-    assert stat.S_IMODE((stage / "root/.ssh/authorized_keys").stat().st_mode) == 0o600
-    assert os.access(stage / "usr/bin/vvu-switch", os.X_OK)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    # No image config ships a key or an authorized_keys file.
+    assert not list((REPO / "appliances").rglob("authorized_keys*"))
 
 
 def _digest(tc: Toolchain, name: str = "vswitch") -> str:
-    return appliance._inputs_digest(tc, name, appliance._staged_files(tc, name))
+    return appliance._inputs_digest(tc, name)
 
 
 def test_digest_is_stable_and_follows_every_input(fake: Toolchain) -> None:
@@ -126,6 +113,7 @@ def test_digest_is_stable_and_follows_every_input(fake: Toolchain) -> None:
     assert _digest(fake, "storage") != base
     # Host-only code is not in the image.
     _write(fake.repo / "vvu_runtime/launch/machine.py", "import qemu  # changed\n")
+    _write(fake.repo / "vvu_runtime/device/devd.py", "# the device model\n")
     assert _digest(fake) == base
     # Guest code, shared and per-appliance configuration, the tools tree: rebuild.
     changes: list[Callable[[], object]] = [
@@ -133,6 +121,8 @@ def test_digest_is_stable_and_follows_every_input(fake: Toolchain) -> None:
         lambda: _write(fake.repo / "appliances/base/mkosi.extra/etc/motd", "hello\n"),
         lambda: (fake.repo / "appliances/base/mkosi.extra/etc/motd").chmod(0o600),
         lambda: _write(fake.repo / "appliances/vswitch/mkosi.extra/etc/issue", "x\n"),
+        lambda: _write(fake.repo / "appliances/standalone.conf", "[Match]\nImage=x\n"),
+        lambda: _write(fake.repo / "pyproject.toml", PYPROJECT + "# v2\n"),
         lambda: _write(fake.stamp_file, json.dumps({"inputs": "new tools tree"})),
     ]
     seen = {base}
@@ -229,134 +219,47 @@ def test_cli_status_without_images(
     out = capsys.readouterr().out.splitlines()
     assert rc == 1
     assert out[0].split()[:2] == ["appliance", "state"]
-    assert [line.split()[0] for line in out[1:]] == ["storage", "vswitch"]
+    assert [line.split()[0] for line in out[1:]] == ["consumer", "storage", "vswitch"]
     assert all("not built" in line for line in out[1:])
 
 
-# --------------------------------------------------------------------------
-# The in-guest helper behind vvu-switch.service / vvu-blk.service
-# --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    sysfs = tmp_path / "sys/bus/pci/devices"
-    for addr, device in [
-        ("0000:00:03.0", "0x1000"),  # virtio-net: not ours
-        ("0000:02:00.0", "0x107f"),
-        ("0000:01:00.0", "0x107f"),
-    ]:
-        _write(sysfs / addr / "vendor", "0x1af4\n")
-        _write(sysfs / addr / "device", device + "\n")
-    monkeypatch.setenv("VVU_SYSFS_PCI", str(sysfs))
-    creds = tmp_path / "credentials"
-    creds.mkdir()
-    monkeypatch.setenv("VVU_SYSTEM_CREDENTIALS", str(creds))
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    for var in ("VVU_SWITCH_ARGS", "VVU_BLK_IMAGES", "VVU_BLK_ARGS", "VVU_PCI_IDS"):
-        monkeypatch.delenv(var, raising=False)
-    loader = importlib.machinery.SourceFileLoader("vvu_backend_under_test", str(BACKEND_SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    module.BIN = bindir  # type: ignore[attr-defined]
-    module.CREDS = creds  # type: ignore[attr-defined]
-    return module
-
-
-def _program(backend: ModuleType, name: str, help_text: str) -> None:
-    path = backend.BIN / name
-    path.write_text(f"#!/bin/sh\ncat <<'EOF'\n{help_text}\nEOF\n")
-    path.chmod(0o755)
-
-
-def test_backend_finds_vvu_functions_in_address_order(backend: ModuleType) -> None:
-    assert backend.vvu_functions() == ["0000:01:00.0", "0000:02:00.0"]
-    os.environ["VVU_PCI_IDS"] = "1af4:1000"
-    try:
-        assert backend.vvu_functions() == ["0000:00:03.0"]
-    finally:
-        del os.environ["VVU_PCI_IDS"]
-
-
-def test_backend_not_ready_without_vvu_option(
-    backend: ModuleType, capsys: pytest.CaptureFixture[str]
-) -> None:
-    _program(backend, "vvu-switch", "usage: vvu-switch [--port NAME=SOCKET]")
-    assert backend.main(["switch", "--check"]) == 1
-    assert "vvu-switch has no --vvu option" in capsys.readouterr().err
-    assert backend.main(["switch"]) == 2  # run without --check: a failure, not a skip
-
-
-def test_backend_switch_command(
-    backend: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _program(backend, "vvu-switch", "  --vvu NAME=PCI_ADDRESS  a port on a VVU function")
-    monkeypatch.setenv("VVU_SWITCH_ARGS", "--queues 2 --uplink tap0")
-    assert backend.main(["switch", "--check"]) == 0
-    assert backend.main(["switch", "--print"]) == 0
-    assert capsys.readouterr().out.strip() == (
-        "vvu-switch --vvu vvu0=0000:01:00.0 --vvu vvu1=0000:02:00.0 --queues 2 --uplink tap0"
-    )
-
-
-def test_backend_blk_commands(
-    backend: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _program(
-        backend, "vvu-blk",
-        "usage: vvu-blk [--vvu-access {auto,vfio,sysfs}] [--vvu PCI_ADDRESS]\n"
-        "  --vvu-access {auto,vfio,sysfs}\n  --vvu PCI_ADDRESS  the VVU function to serve",
-    )  # fmt: skip
-    assert backend.main(["blk", "--check"]) == 1
-    assert "VVU_BLK_IMAGES" in capsys.readouterr().err
-    monkeypatch.setenv("VVU_BLK_IMAGES", "/dev/vdb")
-    assert backend.main(["blk", "--check"]) == 1
-    assert "no image for VVU function(s) 0000:02:00.0" in capsys.readouterr().err
-    monkeypatch.setenv("VVU_BLK_IMAGES", "0000:02:00.0=/b.raw 0000:01:00.0=/a.raw")
-    monkeypatch.setenv("VVU_BLK_ARGS", "--direct")
-    assert backend.main(["blk", "--print"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        "vvu-blk --vvu 0000:01:00.0 --image /a.raw --direct",
-        "vvu-blk --vvu 0000:02:00.0 --image /b.raw --direct",
-    ]
-
-
-def test_backend_supervises_one_process_per_disk(backend: ModuleType, tmp_path: Path) -> None:
-    quick = [sys.executable, "-c", "import sys; sys.exit(3)"]
-    slow = [sys.executable, "-c", "import time; time.sleep(60)"]
-    # The first to end decides the status; the other is stopped.
-    assert backend.supervise([slow, quick]) == 3
-
-
-def test_backend_settings_from_credentials_before_the_environment(
-    backend: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> None:  # fmt: skip
-    _program(backend, "vvu-blk", "  --vvu PCI_ADDRESS")
-    monkeypatch.setenv("VVU_BLK_IMAGES", "/env/a /env/b")
-    (backend.CREDS / "vvu.blk-images").write_text("/system/a /system/b\n")
-    unit = tmp_path / "unit-credentials"
-    unit.mkdir()
-    (unit / "vvu.blk-args").write_text("--read-only")
-    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(unit))
-    assert backend.main(["blk", "--print"]) == 0
-    assert capsys.readouterr().out.splitlines() == [
-        "vvu-blk --vvu 0000:01:00.0 --image /system/a --read-only",
-        "vvu-blk --vvu 0000:02:00.0 --image /system/b --read-only",
-    ]
+def _credentials(vm: ApplianceMachine) -> dict[str, bytes]:
+    args = vm._compose_args(2222)
+    prefix = "type=11,value=io.systemd.credential.binary:"
+    out = {}
+    for i, a in enumerate(args[:-1]):
+        if a == "-smbios" and args[i + 1].startswith(prefix):
+            name, _, value = args[i + 1][len(prefix):].partition("=")
+            assert "," not in value  # base64: nothing for QEMU to escape
+            out[name] = base64.b64decode(value)
+    return out
 
 
 def test_credentials_become_smbios_strings(fake: Toolchain, tmp_path: Path) -> None:
-    vm = _machine(fake, tmp_path, Accelerator.TCG, credentials={"vvu.blk-images": "/dev/a,b c"})
-    args = vm._compose_args(2222)
-    value = args[args.index("-smbios") + 1]
-    prefix = "type=11,value=io.systemd.credential.binary:vvu.blk-images="
-    assert value.startswith(prefix) and "," not in value[len(prefix) :]
-    assert base64.b64decode(value[len(prefix) :]) == b"/dev/a,b c"
+    vm = _machine(fake, tmp_path, Accelerator.TCG, credentials={"vvu.x": "/dev/a,b c"})
+    creds = _credentials(vm)
+    assert creds["vvu.x"] == b"/dev/a,b c"
+    # By default: the test key and the debug console (tests drive the root shell).
+    assert creds["vvu.debug-console"] == b"1"
+    assert "vvu.appliance" not in creds
     with pytest.raises(ValueError, match="credential name"):
         _machine(fake, tmp_path, Accelerator.TCG, credentials={"bad name": "x"})
+
+
+def test_machine_passes_key_config_and_console_credentials(
+    fake: Toolchain, tmp_path: Path
+) -> None:
+    key = appliance.ssh_key(fake)
+    image = _fake_image(fake, tmp_path / "images")
+    image = ApplianceImage(**{**image.__dict__, "ssh_key": key})
+    config = {"kind": "vswitch", "links": [{"name": "c1-nic0"}]}
+    vm = ApplianceMachine(fake, image, accel=Accelerator.TCG, config=config)
+    creds = _credentials(vm)
+    assert creds["ssh.authorized_keys.root"] == key.with_suffix(".pub").read_bytes()
+    assert json.loads(creds["vvu.appliance"]) == config
+    assert vm.ssh_key == key
+    prod = ApplianceMachine(fake, image, accel=Accelerator.TCG, debug_console=False,
+                            config='{"kind": "storage"}')
+    creds = _credentials(prod)
+    assert "vvu.debug-console" not in creds and creds["vvu.appliance"] == b'{"kind": "storage"}'
+    assert (prod.boot_banner, prod.prompt) == ("login: ", None)

@@ -109,3 +109,19 @@ def test_accelerator_args_and_forced_tcg(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("VVU_ACCEL", "hvf")
     with pytest.raises(AccelError, match="VVU_ACCEL"):
         choose_accelerator(tc)
+
+
+def test_mkosi_wrapper_and_tree_link(tmp_path: Path) -> None:
+    _fake_mkosi(tmp_path, "27.1-1")
+    tc = Toolchain(cache_dir=tmp_path, repo=REPO)
+    wrapper = tc.write_mkosi_wrapper(tc.mkosi_wrapper, tc.mkosi(), "/usr/bin/python3")
+    assert wrapper == tmp_path / "bin/mkosi" and wrapper.stat().st_mode & 0o111
+    text = wrapper.read_text()
+    assert f': "${{VVU_CACHE_DIR:={tmp_path}}}"' in text and "export VVU_CACHE_DIR" in text
+    assert "exec /usr/bin/python3 -m mkosi" in text and "27.1-1" in text
+    # The configs name the tree through tools/tree, whatever mkosi's generation.
+    (tmp_path / "tools/mkosi.tools").mkdir(parents=True)
+    tc._link_tree()
+    assert tc.tree_link.resolve() == tc.tree.resolve()
+    standalone = (REPO / "appliances/standalone.conf").read_text()
+    assert "ToolsTree=$VVU_CACHE_DIR/tools/tree" in standalone

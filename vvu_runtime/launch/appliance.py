@@ -2,25 +2,28 @@
 
 An appliance is a Debian trixie disk image (``appliances/<name>/``, which
 includes ``appliances/base/``) that runs one vvu backend on the VVU PCI
-functions the host gives it. :func:`build_appliance` builds one with mkosi from
-the tools tree and returns an :class:`ApplianceImage`: the raw disk plus the
-kernel and initrd for direct kernel boot, all in ``images/``::
+functions the host gives it; ``appliances/consumer`` is the consumer VM image
+(fio, iperf3, a kernel with virtiofs) built the same way. mkosi is the build
+interface: ``mkosi -C appliances/NAME build`` builds one (its
+``standalone.conf`` finds the tool chain ./setup prepared), ``mkosi build`` at
+the repository root builds them all. :func:`build_appliance` runs that same
+mkosi build and returns an :class:`ApplianceImage`, all files in ``images/``::
 
     images/vvu-vswitch.raw       root file system (one ext4 partition)
     images/vvu-vswitch.vmlinuz   the image's own kernel
     images/vvu-vswitch.initrd    busybox initrd: loads virtio_blk, mounts root
+    images/vvu-vswitch.cmdline   kernel command line of direct kernel boot
+    images/vvu-vswitch.manifest  installed packages and versions (JSON)
 
-What goes into the image from the checkout is staged here and handed to mkosi
-as an extra tree: the ``vvu_runtime`` package (without ``launch``, which is
-host-only) under ``/usr/lib/python3/dist-packages``, console scripts for its
-guest-side entry points in ``/usr/bin``, and root's ``authorized_keys`` for the
-key :func:`ssh_key` keeps in the cache.
+Nothing is staged from here: the image's mkosi.postinst.chroot builds the
+runtime wheel from the checkout (``vvu_runtime.appliance.wheel``) and installs
+it; no key is baked in.
 
 Builds are incremental. A build record in the cache holds a digest of every
-input (the appliance's mkosi configuration, the staged files, mkosi's version,
-the tools tree, the apt sources and this builder); when nothing changed,
-:func:`build_appliance` returns at once. Otherwise mkosi runs with
-``Incremental=yes`` on a package cache shared by all appliances, so a change of
+input (the appliance's mkosi configuration, the runtime's shipped sources,
+mkosi's version, the tools tree, the apt sources and this builder); when
+nothing changed, :func:`build_appliance` returns at once. Otherwise mkosi runs
+with ``Incremental=yes`` on caches shared by all appliances, so a change of
 ``vvu_runtime`` costs one image assembly, not a Debian installation. Builds
 take a lock, so parallel callers wait instead of corrupting the shared cache.
 
@@ -28,8 +31,11 @@ take a lock, so parallel callers wait instead of corrupting the shared cache.
 kernel boot of the image (a throwaway overlay unless ``persistent=True``), a
 virtual Intel IOMMU placed before any vfio-user device
 (:meth:`~ApplianceMachine.add_vfio_user_device`), a user-mode NIC with SSH
-forwarded to a free local port, and a boot that waits for the console banner
-and for sshd. :meth:`~ApplianceMachine.testinfra_host` gives a
+forwarded to a free local port, the credentials ``ssh.authorized_keys.root``
+(the key :func:`ssh_key` keeps in the cache), ``vvu.debug-console=1`` (the
+root console tests drive; ``debug_console=False`` for the production login
+prompt) and ``vvu.appliance`` (``config=``), and a boot that waits for the
+console banner and for sshd. :meth:`~ApplianceMachine.testinfra_host` gives a
 pytest-testinfra host on its paramiko backend.
 
 Cache layout (``$VVU_CACHE_DIR``, default ``/var/cache/vvu``)::
@@ -37,7 +43,7 @@ Cache layout (``$VVU_CACHE_DIR``, default ``/var/cache/vvu``)::
     appliances/mkosi-cache/    mkosi's incremental cache (Debian installed once)
     appliances/records/        build records, one directory per output directory
     appliances/logs/           mkosi's full output of the last build of each appliance
-    appliances/ssh/id_ed25519  root's key for every appliance built here
+    appliances/ssh/id_ed25519  the key tests pass as ssh.authorized_keys.root
 
 Errors: :class:`ApplianceError` (:class:`ApplianceMissing` for an image not
 built yet); boot failures are :class:`~vvu_runtime.launch.machine.MachineError`.
@@ -59,9 +65,7 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,15 +96,16 @@ __all__ = [
 BOOT_BANNER = "vvu-appliance: ready"
 #: That shell's prompt.
 PROMPT = "vvu# "
+#: Credentials the images understand (SMBIOS type 11; docs in appliances/README.md).
+SSH_KEY_CREDENTIAL = "ssh.authorized_keys.root"
+DEBUG_CONSOLE_CREDENTIAL = "vvu.debug-console"
+CONFIG_CREDENTIAL = "vvu.appliance"
 #: The VVU function's PCI identity (docs/vvu-abi.md).
 VVU_PCI_ID = "1af4:107f"
-#: Where Debian's python3 finds packages.
-SITE_PACKAGES = "usr/lib/python3/dist-packages"
-#: vvu_runtime subpackages not shipped: host-only (QEMU, mkosi, QMP; the device model
-#: and vvu-devd). Their console scripts are not staged either.
-HOST_ONLY = frozenset({"launch", "device"})
-#: Bump when the staged layout or the record format changes.
-BUILDER_VERSION = 1
+#: Bump when the build or the record format changes.
+BUILDER_VERSION = 2
+#: Not appliances: shared configuration included by them.
+NOT_IMAGES = frozenset({"base"})
 
 
 class ApplianceError(Exception):
@@ -125,9 +130,11 @@ def appliances_dir(toolchain: Toolchain) -> Path:
 
 
 def appliance_names(toolchain: Toolchain) -> list[str]:
-    """The appliances of this checkout: ``appliances/*/mkosi.conf`` except ``base``."""
+    """The images of this checkout: ``appliances/*/mkosi.conf`` except ``base``
+    (``vswitch``, ``storage``, ``consumer``)."""
     root = appliances_dir(toolchain)
-    return sorted(p.parent.name for p in root.glob("*/mkosi.conf") if p.parent.name != "base")
+    return sorted(p.parent.name for p in root.glob("*/mkosi.conf")
+                  if p.parent.name not in NOT_IMAGES)
 
 
 def _config_dir(toolchain: Toolchain, name: str) -> Path:
@@ -148,74 +155,6 @@ def image_id(toolchain: Toolchain, name: str) -> str:
     return m.group(1)
 
 
-@dataclass(frozen=True)
-class StagedFile:
-    """One file of the extra tree handed to mkosi (``path`` relative to /)."""
-
-    path: str
-    data: bytes
-    mode: int
-
-
-def _stage_runtime(toolchain: Toolchain) -> list[StagedFile]:
-    """vvu_runtime (guest-side packages) and console scripts for its entry points."""
-    src = toolchain.repo / "vvu_runtime"
-    files: list[StagedFile] = []
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if (
-            not p.is_file()
-            or "__pycache__" in rel.parts
-            or p.suffix in (".pyc", ".pyo")
-            or (len(rel.parts) > 1 and rel.parts[0] in HOST_ONLY)
-        ):
-            continue
-        files.append(StagedFile(f"{SITE_PACKAGES}/vvu_runtime/{rel}", p.read_bytes(), 0o644))
-    try:
-        project = tomllib.loads((toolchain.repo / "pyproject.toml").read_text())
-        scripts: dict[str, str] = project["project"]["scripts"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
-        raise ApplianceError(f"cannot read [project.scripts] of pyproject.toml: {e}") from e
-    for script, target in sorted(scripts.items()):
-        module, _, func = target.partition(":")
-        parts = module.split(".")
-        if parts[0] != "vvu_runtime" or (len(parts) > 1 and parts[1] in HOST_ONLY):
-            continue
-        body = (
-            "#!/usr/bin/python3\n"
-            f"# {script}: console script of the vvu_runtime package (vvu-appliance).\n"
-            "import sys\n\n"
-            f"from {module} import {func}\n\n"
-            f"sys.exit({func}())\n"
-        )
-        files.append(StagedFile(f"usr/bin/{script}", body.encode(), 0o755))
-    return files
-
-
-def _staged_files(toolchain: Toolchain, name: str) -> list[StagedFile]:
-    files = _stage_runtime(toolchain)
-    sources = hashlib.sha256()
-    for f in files:
-        sources.update(f.path.encode() + b"\0" + f.data + b"\0")
-    info = {"appliance": name, "vvu_runtime_sha256": sources.hexdigest()}
-    info_json = json.dumps(info, indent=2) + "\n"
-    files.append(StagedFile("usr/lib/vvu/build-info.json", info_json.encode(), 0o644))
-    public = ssh_key(toolchain).with_suffix(".pub").read_bytes()
-    files.append(StagedFile("root/.ssh/authorized_keys", public, 0o600))
-    return files
-
-
-def _write_stage(files: Sequence[StagedFile], root: Path) -> None:
-    for f in files:
-        dest = root / f.path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(f.data)
-        dest.chmod(f.mode)
-    ssh_dir = root / "root/.ssh"
-    if ssh_dir.is_dir():
-        ssh_dir.chmod(0o700)
-
-
 def _tree_digest(h: Any, root: Path, label: str) -> None:
     """Feed every file, symlink and mode under ``root`` into ``h``."""
     for p in sorted(root.rglob("*")):
@@ -229,14 +168,19 @@ def _tree_digest(h: Any, root: Path, label: str) -> None:
             h.update(f"D {rel}\0".encode())
 
 
-def _inputs_digest(toolchain: Toolchain, name: str, files: Sequence[StagedFile]) -> str:
+def _inputs_digest(toolchain: Toolchain, name: str) -> str:
+    from vvu_runtime.appliance.wheel import shipped_files
+
     h = hashlib.sha256()
     h.update(f"vvu-appliance builder {BUILDER_VERSION} {name}\0".encode())
     h.update(Path(__file__).read_bytes())
     for d in ("base", name):
         _tree_digest(h, appliances_dir(toolchain) / d, d)
-    for f in files:
-        h.update(f"S {f.path} {f.mode:o}\0".encode() + f.data + b"\0")
+    for f in sorted(appliances_dir(toolchain).glob("*.conf")):
+        h.update(f"C {f.name}\0".encode() + f.read_bytes() + b"\0")
+    h.update(b"P\0" + (toolchain.repo / "pyproject.toml").read_bytes() + b"\0")
+    for rel, path in shipped_files(toolchain.repo / "vvu_runtime"):
+        h.update(f"S {rel}\0".encode() + path.read_bytes() + b"\0")
     h.update(toolchain.mkosi().version.encode() + b"\0")
     with contextlib.suppress(OSError, ValueError):
         h.update(str(json.loads(toolchain.stamp_file.read_text()).get("inputs")).encode())
@@ -254,9 +198,10 @@ def _appliance_cache(toolchain: Toolchain) -> Path:
 
 
 def ssh_key(toolchain: Toolchain) -> Path:
-    """root's private key for every appliance built with this cache (made once).
+    """A private key for tests and ``vvu-appliance boot`` (made once per cache).
 
-    ``<key>.pub`` next to it is what the images' ``authorized_keys`` holds.
+    No image contains it: :class:`ApplianceMachine` passes ``<key>.pub`` at boot
+    as the credential ``ssh.authorized_keys.root``.
     """
     key = _appliance_cache(toolchain) / "ssh/id_ed25519"
     pub = key.with_suffix(".pub")
@@ -414,7 +359,7 @@ def appliance_status(
             rows.append(ApplianceStatus(name, "not built", None, out / f"{iid}.raw"))
             continue
         try:
-            digest = _inputs_digest(toolchain, name, _staged_files(toolchain, name))
+            digest = _inputs_digest(toolchain, name)
             state = "up to date" if digest == image.inputs else "stale (inputs changed)"
         except (ToolchainError, ApplianceError) as e:
             state = f"unknown ({e})"
@@ -440,17 +385,11 @@ def _build_lock(toolchain: Toolchain) -> Iterator[None]:
         yield
 
 
-def _mkosi_build_argv(
-    toolchain: Toolchain, name: str, out: Path, stage: Path, force: bool
-) -> list[str]:
-    cache = _appliance_cache(toolchain)
+def _mkosi_build_argv(toolchain: Toolchain, name: str, out: Path, force: bool) -> list[str]:
+    """``mkosi -C appliances/NAME build``, as a user runs it, plus the output directory."""
     args = [
         f"--directory={_config_dir(toolchain, name)}",
-        f"--tools-tree={toolchain.tree}",
-        f"--sandbox-tree={toolchain.sources_tree}",
-        f"--cache-directory={cache / 'mkosi-cache'}",
         f"--output-directory={out}",
-        f"--extra-tree={stage}",
         # -f replaces the previous outputs; -ff also drops the incremental cache.
         "-ff" if force else "-f",
         "build",
@@ -518,8 +457,7 @@ def build_appliance(
     out = _output_dir(toolchain, output_dir)
     iid = image_id(toolchain, name)
     with _build_lock(toolchain):
-        files = _staged_files(toolchain, name)
-        digest = _inputs_digest(toolchain, name, files)
+        digest = _inputs_digest(toolchain, name)
         current = _load_image(toolchain, name, out)
         if current is not None and current.inputs == digest and not force:
             return current
@@ -532,11 +470,8 @@ def build_appliance(
         (cache / "mkosi-cache").mkdir(exist_ok=True)
         toolchain.package_cache.mkdir(parents=True, exist_ok=True)
         _record_path(toolchain, out, name).unlink(missing_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"stage-{name}-", dir=cache) as tmp:
-            stage = Path(tmp)
-            _write_stage(files, stage)
-            argv = _mkosi_build_argv(toolchain, name, out, stage, force)
-            _run_mkosi(argv, cache / "logs" / f"{name}.log", name)
+        argv = _mkosi_build_argv(toolchain, name, out, force)
+        _run_mkosi(argv, cache / "logs" / f"{name}.log", name)
         disk, kernel, initrd = _image_paths(out, iid)
         missing = [p.name for p in (disk, kernel, initrd) if not p.is_file()]
         if missing:
@@ -548,9 +483,7 @@ def build_appliance(
             cmdline = cmdline_file.read_text().strip()
         except OSError as e:
             raise ApplianceError(f"mkosi.finalize wrote no {cmdline_file}: {e}") from e
-        # The command line lives in the record: images/ holds only the boot files
-        # (not mkosi's "NAME -> NAME.raw" symlink either).
-        cmdline_file.unlink()
+        # Not mkosi's "NAME -> NAME.raw" symlink: images/ holds the boot files.
         link = out / iid
         if link.is_symlink():
             link.unlink()
@@ -633,9 +566,12 @@ class ApplianceMachine(QemuMachine):
     vfio-user devices (VVU functions served by a device model) are added with
     :meth:`add_vfio_user_device` before launch, each on its own
     ``pcie-root-port`` behind the virtual Intel IOMMU. Guest RAM is a shared
-    file (vfio-user DMA needs fds). ``credentials`` become systemd credentials
-    in the guest (SMBIOS type 11): the backend units read ``vvu.switch-args``,
-    ``vvu.blk-images``, ``vvu.blk-args`` (see appliances/README.md).
+    file (vfio-user DMA needs fds). Systemd credentials (SMBIOS type 11):
+    ``ssh.authorized_keys.root`` = ``ssh_key`` (default: the image's test key,
+    :func:`ssh_key`) + ``.pub``; ``vvu.debug-console=1`` unless
+    ``debug_console=False`` (then the console is a login prompt and entering
+    waits for ``login:``); ``vvu.appliance`` = ``config`` (a mapping, sent as
+    JSON, or text); ``credentials`` adds or overrides any (appliances/README.md).
     """
 
     def __init__(
@@ -654,6 +590,9 @@ class ApplianceMachine(QemuMachine):
         args: Sequence[str] = (),
         append: str = "",
         credentials: Mapping[str, str] | None = None,
+        config: Mapping[str, Any] | str | None = None,
+        debug_console: bool = True,
+        ssh_key: Path | None = None,
         launch_timeout: float = 60.0,
         boot_timeout: float = 300.0,
     ) -> None:
@@ -673,7 +612,16 @@ class ApplianceMachine(QemuMachine):
             "-object", "rng-random,id=rng0,filename=/dev/urandom",
             "-device", "virtio-rng-pci,rng=rng0",
         ]  # fmt: skip
-        for cred, value in (credentials or {}).items():
+        key = ssh_key or image.ssh_key
+        creds: dict[str, str] = {}
+        with contextlib.suppress(OSError):
+            creds[SSH_KEY_CREDENTIAL] = key.with_suffix(".pub").read_text()
+        if debug_console:
+            creds[DEBUG_CONSOLE_CREDENTIAL] = "1"
+        if config is not None:
+            creds[CONFIG_CREDENTIAL] = config if isinstance(config, str) else json.dumps(config)
+        creds.update(credentials or {})
+        for cred, value in creds.items():
             base_args += ["-smbios", _smbios_credential(cred, value)]
         # QemuMachine adds "console=ttyS0 panic=-1" itself.
         cmdline = " ".join(w for w in image.cmdline.split() if w != "console=ttyS0")
@@ -692,14 +640,16 @@ class ApplianceMachine(QemuMachine):
             machine=machine,
             args=[*base_args, *args],
             console=True,
-            boot_banner=BOOT_BANNER,
-            prompt=PROMPT,
+            # Without the debug console there is only a login prompt to wait for.
+            boot_banner=BOOT_BANNER if debug_console else "login: ",
+            prompt=PROMPT if debug_console else None,
             launch_timeout=launch_timeout,
             boot_timeout=boot_timeout,
         )
         self.image = image
         self.persistent = persistent
-        self.ssh_key = image.ssh_key
+        self.ssh_key = key
+        self.debug_console = debug_console
         self.ssh_user = "root"
         self.ssh_host = "127.0.0.1"
         self._want_port = ssh_port
@@ -877,12 +827,23 @@ def _image_row(image: ApplianceImage, state: str) -> list[str]:
 HEADER = ("appliance", "state", "disk used", "build", "built at", "image")
 
 
-def _boot(toolchain: Toolchain, name: str, *, persistent: bool, output_dir: Path | None) -> int:
+def _boot(toolchain: Toolchain, name: str, *, persistent: bool, output_dir: Path | None,
+          config: Path | None = None) -> int:
     image = build_appliance(toolchain, name, output_dir=output_dir)
     _say(f"booting {image.disk} ({'persistent' if persistent else 'throwaway overlay'})…")
     start = time.monotonic()
+    text = None
+    if config is not None:
+        from vvu_runtime.appliance.config import ConfigError, parse_config
+
+        text = config.read_text()
+        try:
+            parse_config(text, str(config))
+        except ConfigError as e:
+            _say(f"error: {e}")
+            return 1
     try:
-        with ApplianceMachine(toolchain, image, persistent=persistent) as vm:
+        with ApplianceMachine(toolchain, image, persistent=persistent, config=text) as vm:
             _say(f"{name} is up after {time.monotonic() - start:.0f} s")
             print(f"ssh:     {shlex.join(vm.ssh_argv())}", flush=True)
             if vm.temp_dir is not None:
@@ -918,6 +879,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--persistent", action="store_true", help="keep the guest's writes in the image"
     )
     p_boot.add_argument("--output-dir", type=Path, help="instead of images/")
+    p_boot.add_argument("--config", type=Path,
+                        help="appliance config (JSON/YAML) passed as the vvu.appliance credential")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tc = Toolchain()
@@ -941,7 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _print_table(HEADER, rows)
             return 0 if all(r[1] == "up to date" for r in rows) else 1
         elif args.cmd == "boot":
-            return _boot(tc, args.name, persistent=args.persistent, output_dir=args.output_dir)
+            return _boot(tc, args.name, persistent=args.persistent, output_dir=args.output_dir,
+                         config=args.config)
     except (ApplianceError, ToolchainError) as e:
         _say(f"error: {e}")
         return 1

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -60,8 +61,12 @@ __all__ = [
 DEFAULT_CACHE_DIR = Path("/var/cache/vvu")
 #: -device vfio-user-pci appeared in QEMU 10.1.
 MIN_QEMU = (10, 1)
-#: mkosi releases tried in order: sid has 27.x (smaller tools tree, mkosi.tools.conf),
-#: trixie's 25.3 stays available for trixie's whole life. VVU_MKOSI_SUITES overrides.
+#: The mkosi vvu is built and tested with (Debian package version). Fetched from
+#: whichever suite of MKOSI_SUITES still has it; once sid moves on, the fallback
+#: is the newest mkosi of those suites (trixie's 25.3 stays for trixie's whole
+#: life), with a warning. VVU_MKOSI_VERSION overrides the pin ("" = no pin).
+MKOSI_PIN = os.environ.get("VVU_MKOSI_VERSION", "27.1-1")
+#: Suites searched in order: sid has 27.x (smaller tools tree, mkosi.tools.conf).
 MKOSI_SUITES = tuple(os.environ.get("VVU_MKOSI_SUITES", "sid trixie").split())
 #: Inside the tools tree: the host PATH may hold e.g. a pyenv shim shadowing python3.
 SANDBOX_PATH = "/usr/bin:/usr/sbin"
@@ -274,6 +279,21 @@ class Toolchain:
         return self.tools_dir / "mkosi.tools"
 
     @property
+    def tree_link(self) -> Path:
+        """``tools/tree``: a symlink to :attr:`tree`, what the image configs name
+        (``ToolsTree=$VVU_CACHE_DIR/tools/tree``) whatever mkosi's version."""
+        return self.tools_dir / "tree"
+
+    def _link_tree(self) -> None:
+        link = self.tree_link
+        if link.is_symlink() and os.readlink(link) == self.tree.name:
+            return
+        tmp = link.with_name(f".tree.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.tree.name)
+        tmp.replace(link)
+
+    @property
     def stamp_file(self) -> Path:
         return self.tools_dir / "vvu-stamp.json"
 
@@ -324,8 +344,14 @@ class Toolchain:
         except ToolchainError as e:
             # One suite failing must not stop the fallback to the other.
             errors.append(f"apt-get update: {e}")
-        for suite in MKOSI_SUITES:
-            version = apt.candidate("mkosi", suite)
+        offers = {suite: apt.candidate("mkosi", suite) for suite in MKOSI_SUITES}
+        pinned = [s for s, v in offers.items() if MKOSI_PIN and v == MKOSI_PIN]
+        if MKOSI_PIN and not pinned:
+            _say(f"warning: mkosi {MKOSI_PIN} (the pinned version) is not on {mirror} any "
+                 f"more ({', '.join(f'{s}: {v}' for s, v in offers.items())}); falling back "
+                 "to the first suite that has one (see VVU_MKOSI_VERSION)")
+        for suite in pinned + [s for s in MKOSI_SUITES if s not in pinned]:
+            version = offers[suite]
             if version is None:
                 errors.append(f"{suite}: no mkosi")
                 continue
@@ -352,14 +378,43 @@ class Toolchain:
         raise ToolchainError("cannot fetch mkosi: " + "; ".join(errors))
 
     def link_mkosi_into_venv(self, install: MkosiInstall) -> Path | None:
-        """A ``.pth`` in the running venv, so its ``python -m mkosi`` works."""
+        """A ``.pth`` in the running venv, so its ``python -m mkosi`` works, and a
+        ``mkosi`` command next to its python (:meth:`write_mkosi_wrapper`)."""
         if sys.prefix == sys.base_prefix:
             return None  # not a venv: commands carry PYTHONPATH instead
         pth = Path(sysconfig.get_paths()["purelib"]) / "vvu-mkosi.pth"
         want = f"{install.site}\n"
         if not pth.is_file() or pth.read_text() != want:
             pth.write_text(want)
+        self.write_mkosi_wrapper(Path(sysconfig.get_paths()["scripts"]) / "mkosi", install)
         return pth
+
+    @property
+    def mkosi_wrapper(self) -> Path:
+        """``$VVU_CACHE_DIR/bin/mkosi``: the clone-independent ``mkosi`` command
+        (host python3); ./setup links ``/usr/local/bin/mkosi`` to it."""
+        return self.cache_dir / "bin/mkosi"
+
+    def write_mkosi_wrapper(self, path: Path, install: MkosiInstall,
+                            python: str | None = None) -> Path:
+        """A ``mkosi`` command: the cached mkosi with ``VVU_CACHE_DIR`` set (default:
+        this cache), so ``mkosi -C appliances/NAME build`` finds the tools tree,
+        sources and caches the configs name through ``$VVU_CACHE_DIR``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = (
+            "#!/bin/sh\n"
+            f"# mkosi {install.version} for vvu (written by vvu-toolchain ensure).\n"
+            f': "${{VVU_CACHE_DIR:={self.cache_dir}}}"\n'
+            "export VVU_CACHE_DIR\n"
+            f"PYTHONPATH={shlex.quote(str(install.site))} PATH={HOST_PATH} \\\n"
+            f"    exec {shlex.quote(python or sys.executable)} -m mkosi \"$@\"\n"
+        )
+        if not path.is_file() or path.read_text() != text:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(text)
+            tmp.chmod(0o755)
+            tmp.replace(path)
+        return path
 
     def mkosi_argv(self, *args: str) -> list[str]:
         """Run mkosi on vvu's configuration (``env … python -m mkosi …``).
@@ -461,6 +516,7 @@ class Toolchain:
             start = time.monotonic()
             install = self.fetch_mkosi(refresh=refresh_mkosi)
             self.link_mkosi_into_venv(install)
+            self.write_mkosi_wrapper(self.mkosi_wrapper, install, "/usr/bin/python3")
             sources = self._write_sources()
             digest = self._inputs_hash(install, sources)
             stamp = self._stamp()
@@ -474,6 +530,7 @@ class Toolchain:
                     "built_at": time.time(),
                 }
                 self._write_stamp(stamp)
+            self._link_tree()
             if not stamp.get("verified"):
                 _say("verifying the tools tree")
                 stamp["verified"] = self.verify()

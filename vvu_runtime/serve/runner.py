@@ -46,6 +46,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -135,6 +136,42 @@ async def serve(endpoints: Sequence[EndpointSpec], stop: asyncio.Event, *,
             s.close()
 
 
+def sd_notify(message: str) -> None:
+    """Send ``message`` (``READY=1``, ``WATCHDOG=1``...) to ``$NOTIFY_SOCKET``, if set.
+
+    The sd_notify protocol: one datagram on a UNIX socket (``@`` = abstract).
+    Under systemd (``Type=notify``) or under the appliance's ``vvu-backend``.
+    """
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.debug("sd_notify %r: %s", message, exc)
+
+
+def _keep_watchdog(loop: asyncio.AbstractEventLoop) -> None:
+    """Ping ``WATCHDOG=1`` from the event loop at half ``$WATCHDOG_USEC``: a wedged
+    loop stops the pings and systemd (WatchdogSec=) restarts the backend."""
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+        pid = int(os.environ.get("WATCHDOG_PID", str(os.getpid())))
+    except ValueError:
+        return
+    if usec <= 0 or pid != os.getpid():
+        return
+    interval = usec / 2e6
+
+    def ping() -> None:
+        sd_notify("WATCHDOG=1")
+        loop.call_later(interval, ping)
+
+    ping()
+
+
 def run(endpoints: Sequence[EndpointSpec], *, program: str = "vvu",
         log_level: str | int = "INFO",
         setup: Callable[[asyncio.AbstractEventLoop], None] | None = None,
@@ -161,8 +198,12 @@ def run(endpoints: Sequence[EndpointSpec], *, program: str = "vvu",
                     log.info("%s: %s", ep.device.name, ep.describe())
                 if ready is not None:
                     ready()
+                # Every endpoint is up (a VVU one has BACKEND_UP set): tell systemd.
+                sd_notify("READY=1")
+                _keep_watchdog(loop)
 
             await serve(endpoints, stop, ready=announce)
+            sd_notify("STOPPING=1")
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
