@@ -57,14 +57,10 @@ def links(workdir: Path, *names: str) -> list[VvuLink]:
 def appliance(toolchain: Toolchain, image: ApplianceImage, vfio_sockets: Sequence[Path], *,
               viommu: bool = True) -> Iterator[ApplianceMachine]:
     """The appliance booted with one VVU function per socket, its backend units masked."""
-    vm = ApplianceMachine(toolchain, image)
+    # viommu=False: the poll-mode fallback, for appliances without a vIOMMU.
+    vm = ApplianceMachine(toolchain, image, viommu=viommu)
     for sock in vfio_sockets:
         vm.add_vfio_user_device(sock)
-    if not viommu:
-        # The poll-mode fallback is for appliances without a vIOMMU (the launcher
-        # always adds one and has no option against it yet: drop it).
-        i = vm._fixed_args.index("intel-iommu,caching-mode=on")
-        del vm._fixed_args[i - 1:i + 1]
     with vm:
         c = vm.console
         c.check("dmesg -n 1")  # no kernel messages in the middle of command output

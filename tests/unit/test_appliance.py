@@ -20,6 +20,7 @@ from vvu_runtime.launch.appliance import (
     ApplianceMissing,
     find_appliance,
 )
+from vvu_runtime.launch.render import RenderError
 from vvu_runtime.launch.toolchain import Toolchain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -192,7 +193,8 @@ def test_qemu_arguments(fake: Toolchain, tmp_path: Path) -> None:
     assert iommu == 1  # before every other device
     first = json.loads(args[vfio[0]])
     assert first["socket"] == {"type": "unix", "path": "/tmp/vvu0.sock"}
-    assert first["bus"] == "vvu-rp1" and "pcie-root-port,id=vvu-rp1,chassis=1,slot=1" in args
+    assert first["bus"] == "vvu-rp0" and "pcie-root-port,id=vvu-rp0,chassis=1,slot=1" in args
+    assert "ivshmem-plain,memdev=vvu-no-migrate,master=off" in args  # refuses migration
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in joined
     assert f"file={vm.image.disk},format=raw" in joined and "snapshot=on" in joined
     assert vm.machine_type == "q35" and vm.shared_memory  # vfio-user DMA needs fds
@@ -202,6 +204,12 @@ def test_qemu_arguments(fake: Toolchain, tmp_path: Path) -> None:
     # Stable across relaunches (another port), devices not duplicated.
     again = vm._compose_args(2223)
     assert len(again) == len(args) and "hostfwd=tcp:127.0.0.1:2223-:22" in " ".join(again)
+
+
+def test_poll_mode_appliance_has_no_viommu(fake: Toolchain, tmp_path: Path) -> None:
+    vm = _machine(fake, tmp_path, Accelerator.KVM, viommu=False)
+    assert vm.machine_type == "q35"
+    assert "intel-iommu,caching-mode=on" not in vm._compose_args(2222)
 
 
 def test_qemu_arguments_under_kvm_and_persistent(fake: Toolchain, tmp_path: Path) -> None:
@@ -242,7 +250,7 @@ def test_credentials_become_smbios_strings(fake: Toolchain, tmp_path: Path) -> N
     # By default: the test key and the debug console (tests drive the root shell).
     assert creds["vvu.debug-console"] == b"1"
     assert "vvu.appliance" not in creds
-    with pytest.raises(ValueError, match="credential name"):
+    with pytest.raises(RenderError, match="credential name"):
         _machine(fake, tmp_path, Accelerator.TCG, credentials={"bad name": "x"})
 
 

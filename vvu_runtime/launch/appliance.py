@@ -73,6 +73,16 @@ from typing import Any
 
 from vvu_runtime.launch.accel import Accelerator, choose_accelerator
 from vvu_runtime.launch.machine import MachineError, MachineLaunchError, MachineTimeout, QemuMachine
+from vvu_runtime.launch.render import (
+    Credential,
+    NoMigrate,
+    Rng,
+    RootDisk,
+    SshForward,
+    Viommu,
+    VvuFunctionDevice,
+    render_devices,
+)
 from vvu_runtime.launch.toolchain import Toolchain, ToolchainError
 
 __all__ = [
@@ -540,14 +550,6 @@ def _ssh_banner(port: int, timeout: float = 3.0) -> bytes:
         return b""
 
 
-def _smbios_credential(name: str, value: str) -> str:
-    """A systemd credential as an SMBIOS type 11 string (base64: no QEMU escaping)."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"credential name {name!r}: use letters, digits, '.', '_', '-'")
-    data = base64.b64encode(value.encode()).decode()
-    return f"type=11,value=io.systemd.credential.binary:{name}={data}"
-
-
 class ApplianceMachine(QemuMachine):
     """An appliance VM, used as a context manager::
 
@@ -593,25 +595,15 @@ class ApplianceMachine(QemuMachine):
         config: Mapping[str, Any] | str | None = None,
         debug_console: bool = True,
         ssh_key: Path | None = None,
+        viommu: bool = True,
         launch_timeout: float = 60.0,
         boot_timeout: float = 300.0,
     ) -> None:
         if accel is None:
             accel = choose_accelerator(toolchain).accel
         machine = "q35"
-        if accel is Accelerator.KVM:
+        if accel is Accelerator.KVM and viommu:
             machine += ",kernel-irqchip=split"  # interrupt remapping of the vIOMMU
-        drive = f"file={image.disk},format=raw,if=none,id=root,discard=unmap"
-        if not persistent:
-            drive += ",snapshot=on"
-        base_args = [
-            # Before every PCI device, above all before vfio-user ones.
-            "-device", "intel-iommu,caching-mode=on",
-            "-drive", drive,
-            "-device", "virtio-blk-pci,drive=root",
-            "-object", "rng-random,id=rng0,filename=/dev/urandom",
-            "-device", "virtio-rng-pci,rng=rng0",
-        ]  # fmt: skip
         key = ssh_key or image.ssh_key
         creds: dict[str, str] = {}
         with contextlib.suppress(OSError):
@@ -621,8 +613,11 @@ class ApplianceMachine(QemuMachine):
         if config is not None:
             creds[CONFIG_CREDENTIAL] = config if isinstance(config, str) else json.dumps(config)
         creds.update(credentials or {})
-        for cred, value in creds.items():
-            base_args += ["-smbios", _smbios_credential(cred, value)]
+        # From qemu/*.j2, as vvu-launch's appliances: the vIOMMU before every PCI device.
+        base_args = render_devices(
+            *([Viommu()] if viommu else []),
+            RootDisk(image.disk, snapshot=not persistent), Rng(), NoMigrate(),
+            *(Credential(name, value) for name, value in creds.items()))
         # QemuMachine adds "console=ttyS0 panic=-1" itself.
         cmdline = " ".join(w for w in image.cmdline.split() if w != "console=ttyS0")
         super().__init__(
@@ -670,20 +665,10 @@ class ApplianceMachine(QemuMachine):
         """
         if self._proc is not None:
             raise MachineError("add_vfio_user_device() after launch()")
+        index = self._root_ports
         self._root_ports += 1
-        n = self._root_ports
-        dev_id = device_id or f"vvu{n - 1}"
-        port = f"vvu-rp{n}"
-        device = {
-            "driver": "vfio-user-pci",
-            "id": dev_id,
-            "bus": port,
-            "socket": {"type": "unix", "path": str(socket_path)},
-        }
-        self._devices += [
-            "-device", f"pcie-root-port,id={port},chassis={n},slot={n}",
-            "-device", json.dumps(device, separators=(",", ":")),
-        ]  # fmt: skip
+        dev_id = device_id or f"vvu{index}"
+        self._devices += render_devices(VvuFunctionDevice(index, Path(socket_path), id=dev_id))
         return dev_id
 
     # ---- lifecycle ----------------------------------------------------------
@@ -707,13 +692,11 @@ class ApplianceMachine(QemuMachine):
 
     def _compose_args(self, ssh_port: int) -> list[str]:
         """The QEMU arguments after the kernel's: IOMMU, disk, rng, NIC, vfio-user devices."""
-        netdev = f"user,id=mgmt,hostfwd=tcp:{self.ssh_host}:{ssh_port}-:22"
         self._extra_args = [
             *self._fixed_args,
-            "-netdev", netdev,
-            "-device", "virtio-net-pci,netdev=mgmt",
+            *render_devices(SshForward(ssh_port, host=self.ssh_host)),
             *self._devices,
-        ]  # fmt: skip
+        ]
         return list(self._extra_args)
 
     def __enter__(self) -> ApplianceMachine:

@@ -33,10 +33,14 @@ __all__ = [
     "BlkDevice",
     "Credential",
     "DataDisk",
+    "Device",
     "NetDevice",
+    "NoMigrate",
     "RenderError",
+    "Rng",
     "RootDisk",
     "SshForward",
+    "Viommu",
     "VmConfig",
     "VvuFunctionDevice",
     "render_devices",
@@ -186,6 +190,21 @@ class DataDisk:
     readonly: bool = False
 
 
+@dataclass(frozen=True)
+class Viommu:
+    """The virtual Intel IOMMU (must come before every PCI device)."""
+
+
+@dataclass(frozen=True)
+class Rng:
+    """virtio-rng from the host's /dev/urandom."""
+
+
+@dataclass(frozen=True)
+class NoMigrate:
+    """The device that makes QEMU refuse to migrate the VM (``qemu/no-migrate.j2``)."""
+
+
 @dataclass
 class VmConfig:
     """Everything :func:`render_vm` needs for one VM (see ``qemu/*.j2``)."""
@@ -242,12 +261,21 @@ def render_vm(template: str, vm: VmConfig) -> list[str]:
     return _render_lines(template, vm.context())
 
 
-def render_devices(*devices: NetDevice | BlkDevice | VvuFunctionDevice | DataDisk
-                   | Credential | SshForward | RootDisk) -> list[str]:
+Device = (NetDevice | BlkDevice | VvuFunctionDevice | DataDisk | Credential | SshForward
+          | RootDisk | Viommu | Rng | NoMigrate)
+
+
+def render_devices(*devices: Device) -> list[str]:
     """The QEMU arguments of single devices, from their own templates."""
     argv: list[str] = []
     for dev in devices:
         match dev:
+            case Viommu():
+                argv += _render_lines("viommu.j2", {})
+            case Rng():
+                argv += _render_lines("rng.j2", {})
+            case NoMigrate():
+                argv += _render_lines("no-migrate.j2", {})
             case NetDevice():
                 argv += _render_lines("net-vhost-user.j2", {"net": dev})
             case BlkDevice():
