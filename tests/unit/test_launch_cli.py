@@ -219,3 +219,22 @@ def test_unknown_lab_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("VVU_STATE_DIR", str(tmp_path / "state"))
     assert cli.main(["status", "nosuchlab"]) == 1
     assert "no lab 'nosuchlab'" in capsys.readouterr().err
+
+
+def test_down_of_a_lab_never_touches_a_lab_whose_name_it_prefixes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VVU_STATE_DIR", str(tmp_path / "state"))
+    name = f"pre{os.getpid()}"
+    paths = _lab(tmp_path, name)
+    other = _sleeper(f"{paths.run}2/sw1.qmp", f"{paths.root}2")
+    mine = _sleeper(f"{paths.run}/sw1.qmp")
+    try:
+        write_json(paths.state, {"supervisor": {"pid": 999999999}, "phase": "running",
+                                 "nodes": {}, "links": {}})
+        assert cli.main(["down", name]) == 0
+        assert _gone(mine)
+        assert other.poll() is None
+    finally:
+        for p in (mine, other):
+            p.kill()
+            p.wait()

@@ -52,7 +52,6 @@ built yet); boot failures are :class:`~vvu_runtime.launch.machine.MachineError`.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import fcntl
 import hashlib

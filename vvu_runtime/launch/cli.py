@@ -162,7 +162,7 @@ def lab_state(paths: LabPaths) -> dict[str, Any]:
 def supervisor_pid(paths: LabPaths, state: dict[str, Any]) -> int | None:
     """The lab's running supervisor, if any (checked against pid reuse)."""
     pid = state.get("supervisor", {}).get("pid")
-    if pid and pid_alive(pid) and pid_mentions(pid, str(paths.root)):
+    if pid and pid_alive(pid) and pid_mentions(pid, paths.root):
         return int(pid)
     return None
 
@@ -315,7 +315,7 @@ def _clean_leftovers(paths: LabPaths, quiet: bool = False) -> list[str]:
     plan: dict[str, Any] = {}
     with contextlib.suppress(LabError):
         plan = read_json(paths.topology_json, what="the lab's resolved topology")
-    needle = str(paths.run)
+    needle = paths.run
     pids: set[int] = set()
     for node in state.get("nodes", {}).values():
         for key in ("pid", "wrapper_pid", "devd_pid"):

@@ -110,13 +110,18 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
-def pid_mentions(pid: int, needle: str) -> bool:
-    """Whether process ``pid``'s command line contains ``needle`` (guards against pid reuse)."""
+def pid_mentions(pid: int, path: str | Path) -> bool:
+    """Whether process ``pid``'s command line names ``path`` or something under it.
+
+    Guards against pid reuse; an argument must be the path itself or contain it
+    followed by ``/`` (so lab ``a`` never matches lab ``a2``).
+    """
     try:
-        return needle in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+    want = str(path).rstrip("/").encode()
+    return any(a == want or want + b"/" in a for a in args)
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -476,7 +481,7 @@ class Supervisor:
                     assert c.vm.proc is not None
                     c.vm.proc.wait(timeout=10)
             c.vm.stop(grace=5)
-        if c.qemu_pid and pid_alive(c.qemu_pid) and pid_mentions(c.qemu_pid, str(self.paths.run)):
+        if c.qemu_pid and pid_alive(c.qemu_pid) and pid_mentions(c.qemu_pid, self.paths.run):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c.qemu_pid, signal.SIGKILL)
         if c.devd is not None:
