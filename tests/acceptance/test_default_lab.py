@@ -129,6 +129,8 @@ def test_status_shows_every_node_ready_and_every_link_up(lab: Lab) -> None:
         ("c1", "consumer", "consumer", "ready"), ("c2", "consumer", "consumer", "ready")}
     for n in st["nodes"]:
         assert Path(f"/proc/{n['pid']}").exists(), n
+        if n["role"] == "appliance":  # the image's runtime is this checkout's
+            assert n["runtime"]["matches_checkout"], n
     assert {lk["name"] for lk in st["links"]} == {"c1-nic0", "c2-nic0", "c1-disk0", "c2-disk0"}
     for lk in st["links"]:
         assert "BACKEND_UP" in lk["status"] and "FRONTEND_UP" in lk["status"], lk

@@ -426,6 +426,38 @@ def _live_table(paths: LabPaths, proc: subprocess.Popen[bytes], every: float = 5
         shown = text.count("\n") + 1
 
 
+def _runtime_check(paths: LabPaths) -> dict[str, dict[str, Any]]:
+    """Each appliance's installed vvu runtime against this checkout's (``runtime.json``)."""
+    import vvu_runtime
+    from vvu_runtime.appliance.wheel import source_digest
+
+    want = source_digest(Path(vvu_runtime.__file__).parent)
+    plan = read_json(paths.topology_json, what="the lab's resolved topology")
+    access = LabAccess(plan, paths.key)
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for n in plan["nodes"]:
+            if n["role"] != "appliance":
+                continue
+            try:
+                r = access.run(n["name"], "vvu-appliance-info --json", timeout=60)
+                got = json.loads(r.stdout)
+            except (ShellError, ValueError) as e:
+                out[n["name"]] = {"error": str(e), "matches_checkout": False}
+                continue
+            got["matches_checkout"] = got.get("digest") == want and bool(got.get("verified"))
+            out[n["name"]] = got
+    finally:
+        access.close()
+    write_json(paths.root / "runtime.json", {"checkout_digest": want, "nodes": out})
+    for name, info in out.items():
+        if not info["matches_checkout"]:
+            say(f"warning: {name} runs vvu-runtime {info.get('version')} "
+                f"{str(info.get('digest'))[:12]}, not this checkout's {want[:12]} "
+                f"({info.get('error') or 'rebuild the image: vvu-appliance build'})")
+    return out
+
+
 def _print_checks(results: Sequence[CheckResult]) -> None:
     rows = [[r.name, "pass" if r.ok else "FAIL", f"{r.seconds:.1f}s", r.detail]
             for r in results]
@@ -491,6 +523,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         up_s = time.monotonic() - start
         say(f"lab {topo.name} is up in {up_s:.0f} s ({_stages(state, start_wall, built_s)})")
         code = 0
+        _runtime_check(paths)
         if not args.no_check:
             results = _run_lab_checks(paths)
             if results:
@@ -572,6 +605,14 @@ def lab_status(paths: LabPaths) -> dict[str, Any]:
             "error": st.get("error"),
             "log": str(paths.console_log(n["name"])),
         })
+    runtime: dict[str, Any] = {}
+    with contextlib.suppress(LabError):
+        runtime = read_json(paths.root / "runtime.json", what="runtime versions")["nodes"]
+    for node in nodes:
+        info = runtime.get(node["name"])
+        node["runtime"] = None if info is None else {
+            "version": info.get("version"), "digest": info.get("digest"),
+            "matches_checkout": info.get("matches_checkout")}
     links = []
     rows = state.get("links", {}) if running else {}
     # Fresher than state.json: vvu-devd's own status files.
@@ -604,10 +645,18 @@ def status_text(paths: LabPaths) -> str:
            f"{st['lab_dir']}"]
     if st["error"]:
         out.append(f"error: {st['error']}")
+    def runtime(n: dict[str, Any]) -> str:
+        r = n.get("runtime")
+        if not r:
+            return "-"
+        return f"{r['version']} " + ("(this checkout)" if r["matches_checkout"] else "(OTHER)")
+
     out.append(table(
-        ["node", "role", "kind", "state", "accel", "pid", "uptime", "restarts", "ssh"],
+        ["node", "role", "kind", "state", "accel", "pid", "uptime", "restarts", "ssh",
+         "vvu runtime"],
         [[n["name"], n["role"], n["kind"], n["state"], n["accel"], n["pid"],
-          _duration(n["uptime"]), n["restarts"], n["ssh_port"]] for n in st["nodes"]]))
+          _duration(n["uptime"]), n["restarts"], n["ssh_port"], runtime(n)]
+         for n in st["nodes"]]))
     if st["links"]:
         out.append("")
         out.append(table(
