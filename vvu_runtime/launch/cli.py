@@ -130,8 +130,12 @@ def find_lab(ref: str | None) -> LabPaths:
         if not labs:
             raise LaunchError(f"no lab on this machine (under {labs_root()}): "
                               f"start one with `{PROG} up TOPOLOGY`")
+        running = [p for p in labs
+                   if supervisor_pid(LabPaths.from_dir(p), lab_state(LabPaths.from_dir(p)))]
+        if len(running) == 1:
+            return LabPaths.from_dir(running[0])
         names = ", ".join(p.name for p in labs)
-        raise LaunchError(f"several labs ({names}): name one")
+        raise LaunchError(f"several labs ({names}), {len(running)} of them running: name one")
     p = Path(ref)
     if p.is_dir() and (p / "topology.json").is_file():
         return LabPaths.from_dir(p)
