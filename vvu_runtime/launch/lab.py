@@ -430,12 +430,16 @@ def plan_lab(
 
     def vm(name: str, memory_mib: int, cpus: int, image: ImageFiles, **kw: Any) -> VmConfig:
         _check_socket_path(paths.qmp_socket(name))
+        append = " ".join(w for w in image.cmdline.split() if w != "console=ttyS0")
+        if image.disk is not None:
+            # The node's name: the kernel command line beats the image's /etc/hostname.
+            append = f"{append} systemd.hostname={name}".strip()
         return VmConfig(
             name=name, accel=accel, memory_mib=memory_mib, cpus=cpus,
             memory_file=paths.ram_file(name), qmp_socket=paths.qmp_socket(name),
             console_socket=paths.console_socket(name), console_log=paths.console_log(name),
             pidfile=paths.pidfile(name), kernel=image.kernel, initrd=image.initrd,
-            append=" ".join(w for w in image.cmdline.split() if w != "console=ttyS0"),
+            append=append,
             root_disk=RootDisk(image.disk) if image.disk is not None else None, **kw)
 
     appliances: list[NodePlan] = []
@@ -460,8 +464,7 @@ def plan_lab(
                 for lk, d in own]
         else:
             config["links"] = [{"name": lk.name} for lk, _ in own]
-        creds = [cred_key, Credential("vvu.appliance", json.dumps(config)),
-                 Credential("system.hostname", a.name)]
+        creds = [cred_key, Credential("vvu.appliance", json.dumps(config))]
         if os.environ.get("VVU_DEBUG_CONSOLE"):
             creds.append(Credential("vvu.debug-console", "1"))
         functions = [VvuFunctionDevice(i, lk.vfio_socket, id=f"vvu{i}")
@@ -502,7 +505,7 @@ def plan_lab(
                           reconnect_ms=RECONNECT_MS) for n in c.nics]
         blks = [BlkDevice(f"blk{d.index}", paths.vhost_socket(d.link),
                           reconnect_ms=RECONNECT_MS) for d in c.disks]
-        creds = [cred_key, Credential("system.hostname", c.name)]
+        creds = [cred_key]
         addresses: dict[str, str] = {}
         nic_config = []
         for n in c.nics:

@@ -19,9 +19,9 @@ lab's ``topology.json`` (the plan), and:
 
 Everything it knows is in ``state.json`` (rewritten atomically on every change),
 which ``vvu-launch status`` reads. SIGTERM, SIGINT or SIGHUP stop the lab at any
-moment, also in the middle of a boot: consumers get an ACPI power-down (so their
-file systems are clean), then every process is stopped and the runtime
-directory and RAM files are removed. Every child dies with the supervisor
+moment, also in the middle of a boot: consumers are powered off (``systemctl
+poweroff`` over SSH, else the ACPI button) so their file systems are clean, then
+every process is stopped and the runtime directory and RAM files are removed. Every child dies with the supervisor
 (parent-death signal), so even a SIGKILLed supervisor leaves no VM running;
 ``vvu-launch down`` then removes what is left on disk.
 """
@@ -487,6 +487,22 @@ class Supervisor:
         if c.devd is not None:
             c.devd.stop(grace=10)
 
+    def power_off(self, c: Component) -> None:
+        """Ask a guest to shut down: over SSH (images need no ACPI button handling), else ACPI."""
+        port = c.plan.get("ssh_port")
+        if port is not None:
+            from vvu_runtime.launch.shell import ShellError, SshShell
+
+            shell = SshShell(c.name, port, self.paths.key, connect_timeout=5)
+            try:
+                shell.run("systemctl poweroff --no-block", timeout=10)
+                return
+            except ShellError as e:
+                log.info("%s: no power-off over SSH (%s): ACPI power button", c.name, e)
+            finally:
+                shell.close()
+        self.qmp(c, "system_powerdown")
+
     def teardown(self) -> None:
         self._stopping = True
         self.phase = LabPhase.STOPPING
@@ -502,7 +518,7 @@ class Supervisor:
         # A busybox initramfs guest has no ACPI power button handling: no point waiting.
         booted = [c for c in booted if c.ready_at is not None and c.kind != "initramfs"]
         for c in booted:
-            self.qmp(c, "system_powerdown")
+            self.power_off(c)
         deadline = time.monotonic() + POWERDOWN_GRACE
         for c in booted:
             if c.ready_at is None or c.vm is None or c.vm.proc is None:
