@@ -21,9 +21,9 @@ Everything it knows is in ``state.json`` (rewritten atomically on every change),
 which ``vvu-launch status`` reads. SIGTERM, SIGINT or SIGHUP stop the lab at any
 moment, also in the middle of a boot: consumers are powered off (``systemctl
 poweroff`` over SSH, else the ACPI button) so their file systems are clean, then
-every process is stopped and the runtime directory and RAM files are removed. Every child dies with the supervisor
-(parent-death signal), so even a SIGKILLed supervisor leaves no VM running;
-``vvu-launch down`` then removes what is left on disk.
+every process is stopped and the runtime directory and RAM files are removed.
+Every child dies with the supervisor (parent-death signal), so even a SIGKILLed
+supervisor leaves no VM running; ``vvu-launch down`` then removes what is left.
 """
 
 from __future__ import annotations
