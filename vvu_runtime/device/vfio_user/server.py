@@ -36,10 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vvu_runtime.device.errors import (
-    ConnectionClosed,
     DeviceError,
     FramingError,
     MessageError,
+    PeerHungUp,
     StateError,
     UnsupportedCommand,
 )
@@ -112,13 +112,13 @@ class MessageReader:
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError as exc:
-            raise ConnectionClosed("the client reset the connection") from exc
+            raise PeerHungUp("the client reset the connection") from exc
         self._fds.extend(fds_from_ancdata(anc))
         if flags & socket.MSG_CTRUNC:
             self._truncated = True
         if not data:
             partial = self._header is not None or bool(self._head)
-            raise ConnectionClosed("the client closed the connection"
+            raise PeerHungUp("the client closed the connection"
                                    + (" in the middle of a message" if partial else ""))
         return data
 
@@ -262,7 +262,7 @@ class Session:
                 return
             try:
                 msg = self._reader.receive()
-            except ConnectionClosed as exc:
+            except PeerHungUp as exc:
                 self.close(str(exc))
                 return
             except FramingError as exc:
@@ -502,7 +502,6 @@ class VfioUserServer:
         self.state = ServerState.IDLE
         self.session: Session | None = None
         self._listener: socket.socket | None = None
-        self._disconnected: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
         #: How many clients were served (finished sessions).
         self.sessions_served = 0
@@ -513,11 +512,10 @@ class VfioUserServer:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
-        if self._disconnected is None or self._closed is None:
-            self._disconnected = asyncio.Event()
+    def _closed_event(self) -> asyncio.Event:
+        if self._closed is None:
             self._closed = asyncio.Event()
-        return self._disconnected, self._closed
+        return self._closed
 
     def start(self) -> None:
         """Bind and listen on ``path`` (a stale socket there is replaced). Needs a loop."""
@@ -525,7 +523,7 @@ class VfioUserServer:
             raise StateError(f"{self.device.name}: start() in state {self.state.value}")
         if self.path is None:
             raise StateError(f"{self.device.name}: start() needs a socket path")
-        self._events()
+        self._closed_event()
         try:
             remove_stale_socket(self.path)
         except FdError as exc:
@@ -547,7 +545,7 @@ class VfioUserServer:
         """Serve an already connected socket (tests use a socketpair). Needs a loop."""
         if self.state not in (ServerState.IDLE, ServerState.LISTENING):
             raise StateError(f"{self.device.name}: attach() in state {self.state.value}")
-        self._events()
+        self._closed_event()
         return self._serve(sock)
 
     def _accept(self) -> None:
@@ -581,19 +579,10 @@ class VfioUserServer:
             if self.state is not ServerState.CLOSED:
                 self.state = (ServerState.LISTENING if self._listener is not None
                               else ServerState.IDLE)
-            if self._disconnected is not None:
-                self._disconnected.set()
-
-    async def wait_disconnected(self) -> None:
-        """Until the current (or next) client has gone."""
-        disconnected, _ = self._events()
-        await disconnected.wait()
-        disconnected.clear()
 
     async def serve_forever(self) -> None:
         """Until :meth:`close`."""
-        _, closed = self._events()
-        await closed.wait()
+        await self._closed_event().wait()
 
     def close(self) -> None:
         """Stop listening, drop the client, release the device's client state."""
