@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import enum
 import errno
 import logging
@@ -74,7 +73,7 @@ from vvu_runtime.device.vfio_user.protocol import (
     error_reply,
     reply_header,
 )
-from vvu_runtime.fds import FdError, Outbox, close_fds, fds_from_ancdata, remove_stale_socket
+from vvu_runtime.fds import FdError, Outbox, UnixListener, close_fds, fds_from_ancdata
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +500,7 @@ class VfioUserServer:
         self._loop = loop
         self.state = ServerState.IDLE
         self.session: Session | None = None
-        self._listener: socket.socket | None = None
+        self._listener: UnixListener | None = None
         self._closed: asyncio.Event | None = None
         #: How many clients were served (finished sessions).
         self.sessions_served = 0
@@ -525,19 +524,10 @@ class VfioUserServer:
             raise StateError(f"{self.device.name}: start() needs a socket path")
         self._closed_event()
         try:
-            remove_stale_socket(self.path)
+            self._listener = UnixListener(self.path, 1)
         except FdError as exc:
             raise StateError(f"{self.device.name}: {exc}") from exc
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(self.path)
-            listener.listen(1)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
-        self.loop.add_reader(listener.fileno(), self._accept)
+        self.loop.add_reader(self._listener.fileno(), self._accept)
         self.state = ServerState.LISTENING
         log.info("%s: vfio-user server listening on %s", self.device.name, self.path)
 
@@ -551,11 +541,11 @@ class VfioUserServer:
     def _accept(self) -> None:
         assert self._listener is not None
         try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+            sock = self._listener.accept()
         except OSError as exc:
             log.warning("%s: accept failed: %s", self.device.name, exc)
+            return
+        if sock is None:
             return
         if self.session is not None:
             log.warning("%s: a second client connected while one is served; refused (one "
@@ -595,8 +585,5 @@ class VfioUserServer:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            if self.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
         if self._closed is not None:
             self._closed.set()
