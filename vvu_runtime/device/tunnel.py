@@ -326,7 +326,7 @@ class VhostUserTunnel:
             return
         stats.tx_replies += 1
         log.debug("%s: txq → front-end: %s reply (%d bytes)", self.name, code.name, len(payload))
-        conn.outbox.send(m.HEADER.pack(request, flags, len(payload)) + payload)
+        conn.outbox.send(m.format_message(request, flags, payload))
 
     def _tx_backend_request(self, request: int, flags: int, payload: bytes, data: bytes) -> None:
         stats = self.device.stats
@@ -436,8 +436,7 @@ class VhostUserTunnel:
                                         f"carries {nfds} fds; none can be tunnelled")
                 log.debug("%s: front-end → rxq: %s reply to a back-end request", self.name,
                           code.name)
-                data = m.HEADER.pack(frame.request, frame.flags, len(frame.payload)) \
-                    + frame.payload
+                data = m.format_message(frame.request, frame.flags, frame.payload)
                 if not self.device.rx_put(data) or self.conn is not conn:
                     break
         except ConnectionClosed:
@@ -489,7 +488,7 @@ class VhostUserTunnel:
         if frame.fds:  # pragma: no cover - decode bounds fds to the requests above
             raise ConsumerError(f"{request.name}: {len(frame.fds)} unexpected fds")
         log.debug("%s: front-end → rxq: %s (%d bytes)", self.name, request.name, len(payload))
-        return m.HEADER.pack(frame.request, frame.flags, len(payload)) + payload
+        return m.format_message(frame.request, frame.flags, payload)
 
     def _check_memory(self, request: FR, region: MemoryRegion, fd: int) -> None:
         ram = self.device.ram
