@@ -3,7 +3,9 @@
 The layer order is written once, in pyproject.toml's [tool.vvu.layers]. Every
 import under vvu_runtime (module level, function level, under TYPE_CHECKING,
 relative ones resolved) is checked: nothing imports from tests, a package imports
-only its own tier and the tiers below, and packages that share a tier keep apart.
+only its own tier and the tiers below, packages that share a tier keep apart, no
+module imports itself back through others, and nothing the appliance image ships
+imports a host-only package (launch.appliance.HOST_ONLY).
 """
 
 from __future__ import annotations
