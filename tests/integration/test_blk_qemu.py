@@ -27,7 +27,8 @@ IMAGE_MIB = 64
 #: while requests are popped but not completed: the inflight area must bring them back.
 SLOW_RUNNER = """
 import os, sys, time
-from vvu_runtime.backends.blk import cli, device
+from vvu_runtime.backends.blk import device
+from vvu_runtime.serve import blk as cli
 
 MARK = os.environ["VVU_TEST_MARK"]
 
