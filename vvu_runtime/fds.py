@@ -5,7 +5,8 @@
 * :func:`fds_from_ancdata`, :func:`rights`: SCM_RIGHTS in and out;
 * :func:`unix_stream_socket`: an fd a peer says is a UNIX stream socket, checked;
 * :func:`remove_stale_socket`: a listening path left by a dead process is
-  replaced, anything else refused;
+  replaced, anything else refused; :class:`UnixListener` listens there and
+  removes the file on close only while it is still ours;
 * :class:`Outbox`: bytes (and fds) waiting for a non-blocking stream socket, so
   an event loop never blocks on a peer that does not read.
 
@@ -103,6 +104,51 @@ def remove_stale_socket(path: str) -> None:
     raise FdError(f"{path}: another process is listening there")
 
 
+class UnixListener:
+    """A non-blocking listening UNIX stream socket at ``path``, owned: a stale socket
+    there is replaced (anything else refused), and :meth:`close` removes the file
+    only if it is still the one we bound (same inode), not a successor's."""
+
+    def __init__(self, path: str, backlog: int) -> None:
+        self.path = path
+        remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            sock.listen(backlog)
+            st = os.stat(path)
+        except OSError as exc:
+            sock.close()
+            raise FdError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self._inode = (st.st_dev, st.st_ino)
+
+    def fileno(self) -> int:
+        assert self.sock is not None, "closed"
+        return self.sock.fileno()
+
+    def accept(self) -> socket.socket | None:
+        """The next connection, or None when none is waiting (OSError on failure)."""
+        assert self.sock is not None, "closed"
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        return conn
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file if it is still ours (idempotent)."""
+        if self.sock is None:
+            return
+        self.sock.close()
+        self.sock = None
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+
+
 class Outbox:
     """Bytes waiting for a non-blocking stream socket; the loop is never blocked.
 
@@ -191,6 +237,7 @@ class Outbox:
 __all__ = [
     "FdError",
     "Outbox",
+    "UnixListener",
     "close_fds",
     "fds_from_ancdata",
     "is_eventfd",

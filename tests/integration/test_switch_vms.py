@@ -186,18 +186,23 @@ def test_switch_restart_consumers_reconnect(rig: Rig, vm1: QemuMachine) -> None:
         _send_file(vm2.console, vm1.console, "10.0.0.1", 256)
 
 
-def test_sigterm_stops_cleanly_and_removes_sockets(rig: Rig) -> None:
-    # Runs last in the module: the switch goes away for good.
-    proc = rig.switch.proc
+def test_sigterm_stops_cleanly_and_removes_sockets(tmp_path: Path) -> None:
+    # A switch of its own: the module's rig keeps running, whatever the test order.
+    sockets = {n: tmp_path / f"{n}.sock" for n in ("vm1", "vm2")}
+    switch = BackendProcess(
+        "vvu-switch", [a for n, s in sockets.items() for a in ("--port", f"{n}={s}")],
+        list(sockets.values()), tmp_path / "vvu-switch.log")
+    switch.start()
+    proc = switch.proc
     assert proc is not None
     proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait(30)
     finally:
         with contextlib.suppress(Exception):
-            rig.switch.stop()
-    assert code == 0, rig.switch.output()[-2000:]
-    assert not any(s.exists() for s in rig.sockets.values())
-    out = rig.switch.output()
+            switch.stop()
+    assert code == 0, switch.output()[-2000:]
+    assert not any(s.exists() for s in sockets.values())
+    out = switch.output()
     assert "Traceback" not in out
     assert "port counters" in out  # the final table was logged

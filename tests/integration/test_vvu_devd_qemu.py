@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.devd import DevdProcess
 from vvu_runtime.launch.accel import choose_accelerator
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import GuestConsole, QemuMachine
@@ -53,47 +52,13 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> No
         time.sleep(0.1)
 
 
-class Devd:
+class Devd(DevdProcess):
     """vvu-devd in its own process, one device."""
 
     def __init__(self, tmp: Path, ram: Path) -> None:
         self.vhost = tmp / "c0.vhost"
         self.vfio = tmp / "c0.vfio"
-        self.log_path = tmp / "devd.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vvu_runtime.device.devd",
-             "--device", f"c0:{self.vhost}:{self.vfio}:{ram}"],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        _wait(lambda: "serving 1 VVU device" in self.log() or self.proc.poll() is not None,
-              "vvu-devd to listen")
-        assert self.proc.poll() is None, self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def table(self) -> dict[str, str]:
-        """SIGUSR1's counters table, as column → value of the device's row."""
-        seen = self.log().count("counters (SIGUSR1)")
-        self.proc.send_signal(signal.SIGUSR1)
-        _wait(lambda: self.log().count("counters (SIGUSR1)") > seen, "the counters table")
-        block = self.log().rsplit("counters (SIGUSR1):\n", 1)[1].splitlines()
-        head, row = block[0], block[2]
-        # Columns are separated by two spaces; names and values have at most one.
-        names = re.split(r"\s{2,}", head.strip())
-        values = re.split(r"\s{2,}", row.strip())
-        return dict(zip(names, values, strict=True))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        super().__init__([("c0", self.vhost, self.vfio, ram)], tmp / "devd.log", timeout=30)
 
 
 class Consumer:

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vvu_runtime.device.errors import ConnectionClosed, ProtocolError, RemoteError
+from vvu_runtime.device.errors import PeerHungUp, ProtocolError, RemoteError
 from vvu_runtime.device.vfio_user.protocol import (
     HEADER_SIZE,
     MAX_MSG_FDS,
@@ -99,7 +99,7 @@ class VfioUserClient:
                 # The fds went with the first byte; a big message may need more calls.
                 self.sock.sendall(data[sent:])
         except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ConnectionClosed(f"the server closed the connection: {exc}") from exc
+            raise PeerHungUp(f"the server closed the connection: {exc}") from exc
 
     def send(self, command: int, payload: bytes = b"", fds: Sequence[int] = (), *,
              no_reply: bool = False, msg_id: int | None = None) -> Header:
@@ -115,10 +115,10 @@ class VfioUserClient:
             try:
                 data, anc, _, _ = self.sock.recvmsg(n - len(buf), space)
             except ConnectionResetError as exc:
-                raise ConnectionClosed("the server reset the connection") from exc
+                raise PeerHungUp("the server reset the connection") from exc
             fds.extend(fds_from_ancdata(anc))
             if not data:
-                raise ConnectionClosed("the server closed the connection")
+                raise PeerHungUp("the server closed the connection")
             buf += data
         return bytes(buf)
 

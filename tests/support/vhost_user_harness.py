@@ -1,27 +1,23 @@
-"""Shared pieces of the vhost-user tests: an event-loop thread running back-end
-sessions, a tiny echo device, fd counting. (tests/unit/test_vhost_user_harness.py
-checks the harness itself.)"""
+"""Shared pieces of the vhost-user tests: back-end sessions on an event-loop thread
+(``LoopThread``, from loop_thread), a tiny echo device, fd counting.
+(tests/unit/test_vhost_user_harness.py checks the harness itself.)"""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import gc
 import os
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
+from tests.support.loop_thread import LoopThread
 from vvu_runtime.vhost_user.backend import BackendSession
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.frontend import VhostUserFrontend
 from vvu_runtime.vhost_user.server import backend_channel
 from vvu_runtime.vhost_user.vring import Vring
 from vvu_runtime.virtio.features import RING_FEATURES, VirtioFeature
-
-T = TypeVar("T")
 
 ECHO_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.EVENT_IDX
                     | VirtioFeature.INDIRECT_DESC)
@@ -31,37 +27,6 @@ def open_fds() -> int:
     """Open fds of this process, after collecting garbage (earlier tests' mappings)."""
     gc.collect()
     return len(os.listdir("/proc/self/fd"))
-
-
-class LoopThread:
-    """An asyncio loop in a thread: the back-end side of a test."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:  # pragma: no cover - reported to the test
-                fut.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(10)
-
-    def sync(self) -> None:
-        """Wait until the loop has run everything queued so far (twice: call_soon chains)."""
-        for _ in range(3):
-            self.call(lambda: None)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class EchoDevice(VhostUserDevice):
@@ -149,3 +114,6 @@ def session_pair(device: VhostUserDevice, lt: LoopThread, **kwargs: Any
     finally:
         fe.close()
         lt.call(session.close)
+
+
+__all__ = ["ECHO_FEATURES", "EchoDevice", "LoopThread", "open_fds", "session_pair"]

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.server_thread import ServerThread
 from tests.support.vfio_user_client import VfioUserClient
-from vvu_runtime.device.errors import ConnectionClosed, RemoteError
+from vvu_runtime.device.errors import PeerHungUp, RemoteError
 from vvu_runtime.device.pci import (
     Bar,
     MappedBar,
@@ -578,7 +578,7 @@ def test_framing_lost_closes_and_cleans_up(h: Harness) -> None:
         os.close(ram)
         os.close(efd)
     c.send_raw(Header(1, Command.DEVICE_GET_INFO, 8).pack())  # claims 8 < 16 bytes
-    with pytest.raises(ConnectionClosed):
+    with pytest.raises(PeerHungUp):
         c.receive()
     assert h.thread.call(lambda: h.server.state) is ServerState.IDLE
     assert h.thread.call(h.device.irqs.open_fds) == []
@@ -625,7 +625,7 @@ def test_listening_server_reconnect_and_no_leaks(tmp_path: os.PathLike[str]) -> 
                 for fd in (ram, *efds):
                     os.close(fd)
                 # One client per device: a second one is turned away.
-                with VfioUserClient.connect(path) as intruder, pytest.raises(ConnectionClosed):
+                with VfioUserClient.connect(path) as intruder, pytest.raises(PeerHungUp):
                     intruder.version()
                 c.region_write(0, SCRATCH, b"\1\0\0\0")
                 assert c.region_read(0, SCRATCH, 4) == b"\1\0\0\0"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vvu_runtime.driver.errors import DeviceError
+from vvu_runtime.driver.errors import DeviceFault
 from vvu_runtime.driver.transport import (
     DoorbellNotifier,
     VectorKick,
@@ -72,11 +72,11 @@ class FakeVvu:
 
     def doorbell(self, index: int) -> None:
         if index == 99:
-            raise DeviceError("gone")
+            raise DeviceFault("gone")
         self.doorbells.append(index)
 
     def map_shared_memory(self, offset: int, length: int) -> object:
-        raise DeviceError(f"[{offset:#x}, +{length:#x}) is outside the shared memory")
+        raise DeviceFault(f"[{offset:#x}, +{length:#x}) is outside the shared memory")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from tests.support.server_thread import ServerThread
 from tests.support.vfio_user_client import VfioUserClient
 from tests.support.vfio_user_function import VfioUserPciFunction
 from vvu_runtime.device.vfio_user.server import VfioUserServer
-from vvu_runtime.driver.errors import DeviceError
+from vvu_runtime.driver.errors import DeviceFault
 from vvu_runtime.driver.pci import CAP_ID_MSIX, DmaArena, PciFunction
 from vvu_runtime.driver.virtio_pci import VirtioPciDriver
 from vvu_runtime.virtio.features import VirtioFeature
@@ -80,7 +80,7 @@ def test_capability_walk_finds_every_structure(rig: Rig) -> None:
     shm = drv.cap(VirtioPciCapType.SHARED_MEMORY_CFG, 1)
     assert (shm.bar, shm.offset, shm.length) == (2, 0, 0x10000)
     assert drv.notify_cap.multiplier == 4
-    with pytest.raises(DeviceError, match="virtio device ID 4, expected 63"):
+    with pytest.raises(DeviceFault, match="virtio device ID 4, expected 63"):
         VirtioPciDriver(rig.pci, virtio_id=63)
 
 
@@ -95,7 +95,7 @@ def test_negotiation_and_reset(rig: Rig) -> None:
     assert rig.thread.call(lambda: rig.device.negotiated_features) == got
     drv.reset()
     assert drv.status == 0
-    with pytest.raises(DeviceError, match="required"):
+    with pytest.raises(DeviceFault, match="required"):
         drv.negotiate(0, required=1 << 50)
 
 
@@ -139,9 +139,9 @@ def test_refused_vector_and_absent_queue(rig: Rig) -> None:
     drv = VirtioPciDriver(rig.pci)
     drv.negotiate(0)
     arena = DmaArena(rig.pci.alloc_dma(0x4000))
-    with pytest.raises(DeviceError, match="vector 7 refused"):
+    with pytest.raises(DeviceFault, match="vector 7 refused"):
         drv.setup_queue(0, 16, arena, vector=7)
-    with pytest.raises(DeviceError, match="does not exist"):
+    with pytest.raises(DeviceFault, match="does not exist"):
         drv.setup_queue(3, 16, arena)
     drv.reset()
     q = drv.setup_queue(0, 16, arena, vector=NO_VECTOR)

@@ -3,7 +3,9 @@
 The layer order is written once, in pyproject.toml's [tool.vvu.layers]. Every
 import under vvu_runtime (module level, function level, under TYPE_CHECKING,
 relative ones resolved) is checked: nothing imports from tests, a package imports
-only its own tier and the tiers below, and packages that share a tier keep apart.
+only its own tier and the tiers below, packages that share a tier keep apart, no
+module imports itself back through others, and nothing the appliance image ships
+imports a host-only package (launch.appliance.HOST_ONLY).
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def test_the_guest_side_needs_no_host_only_package() -> None:
 
     HOST_ONLY = {d.rstrip("/") for d in HOST_ONLY_DIRS}
 
+    # The device model and vvu-devd run on the host; launch drives QEMU and mkosi.
+    assert {"launch", "device"} <= HOST_ONLY
     bad = []
     for path in _sources():
         src = _unit(_module_name(path))

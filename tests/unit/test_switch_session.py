@@ -3,16 +3,14 @@ driven by our front-end and driver rings over UNIX sockets and memfds."""
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.support.loop_thread import LoopThread
 from tests.support.net_frames import (
     BROADCAST,
     DriverPort,
@@ -31,35 +29,9 @@ from vvu_runtime.virtio.net import GsoType, HdrFlags, NetFeature
 T = TypeVar("T")
 
 
-class Loop:
-    """The switch's event loop in a thread; the test is the guests' side."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(10)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 class Rig:
     def __init__(self, tmp: Path, names: list[str], **port_kw: Any) -> None:
-        self.loop = Loop()
+        self.loop = LoopThread()
         self.switch = Switch()
         self.ports = {n: SwitchPort(self.switch, n, **port_kw) for n in names}
         self.paths = {n: str(tmp / f"{n}.sock") for n in names}

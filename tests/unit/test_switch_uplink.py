@@ -183,27 +183,14 @@ def test_real_tap_in_a_network_namespace() -> None:
 def _scenario() -> dict[str, object]:
     """Runs inside a fresh network namespace: a switch with one guest port and
     the uplink; the guest talks to the namespace's own stack."""
-    import asyncio
     import tempfile
-    import threading
 
+    from tests.support.loop_thread import LoopThread
     from tests.support.net_frames import DriverPort
     from vvu_runtime.vhost_user.server import VhostUserServer
 
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-
-    def call(fn: object) -> None:
-        import concurrent.futures
-        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())  # type: ignore[operator]
-            except BaseException as exc:
-                fut.set_exception(exc)
-        loop.call_soon_threadsafe(run)
-        fut.result(10)
+    lt = LoopThread()
+    loop, call = lt.loop, lt.call
 
     sw = Switch()
     tmp = tempfile.mkdtemp()

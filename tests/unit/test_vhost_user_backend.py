@@ -581,3 +581,29 @@ def test_memory_table_replaced_while_running_keeps_rings_going(lt: LoopThread) -
         dq.close()
         extra.close()
     ram.close()
+
+
+def test_requests_need_their_protocol_feature(lt: LoopThread) -> None:
+    """RESET_DEVICE, ADD_MEM_REG, GET_CONFIG are refused unless their feature was
+    negotiated (RESET_DEVICE, CONFIGURE_MEM_SLOTS, CONFIG), and work once it is."""
+    ram = GuestRam(RAM)
+    dev = EchoDevice()
+    with session_pair(dev, lt) as (fe, session):
+        fe.negotiate(protocol_features=PF.REPLY_ACK.mask)
+        with pytest.raises(FrontendError, match="ack"):
+            fe.reset_device()
+        with pytest.raises(FrontendError, match="ack"):
+            fe.request(FR.ADD_MEM_REG, m.SingleRegion(ram.region), [ram.fd])
+        with pytest.raises(FrontendError):
+            fe.get_config(0, 4)
+        lt.sync()
+        assert dev.resets == 0 and len(session.memory) == 0
+    with session_pair(dev, lt) as (fe, session):
+        fe.negotiate(protocol_features=PF.REPLY_ACK.mask | PF.RESET_DEVICE.mask
+                     | PF.CONFIGURE_MEM_SLOTS.mask | PF.CONFIG.mask)
+        fe.reset_device()
+        fe.request(FR.ADD_MEM_REG, m.SingleRegion(ram.region), [ram.fd])
+        assert fe.get_config(0, 4) == bytes(range(4))
+        lt.sync()
+        assert dev.resets >= 1 and len(session.memory) == 1
+    ram.close()

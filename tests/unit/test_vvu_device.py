@@ -11,7 +11,6 @@ memfd as the consumer's RAM file. Two VVU devices share one server loop, as in
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import select
@@ -20,13 +19,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+from tests.support.loop_thread import LoopThread
 from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.tunnel import TUNNEL_PROTOCOL_FEATURES, VhostUserTunnel
 from vvu_runtime.device.vfio_user.protocol import IrqSetFlags, PciIrq, PciRegion
@@ -58,33 +57,6 @@ TIMEOUT = 5.0
 DROPPED = (ConnectionClosed, TransportError)
 
 T = TypeVar("T")
-
-
-class LoopThread:
-    """The device model's event loop in a background thread (as vvu-devd runs it)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="vvu-devd-loop",
-                                        daemon=True)
-        self._thread.start()
-
-    def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
-        fut: Future[T] = Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-        self.loop.call_soon_threadsafe(run)
-        return fut.result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 def open_fds() -> set[int]:

@@ -7,15 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.vfio_user_client import VfioUserClient
+from tests.support.devd import DevdProcess
 from vvu_runtime.device.devd import DeviceSpec, counters_table, main
 from vvu_runtime.vhost_user.errors import ConnectionClosed, TransportError
 from vvu_runtime.vhost_user.frontend import VhostUserFrontend
@@ -23,49 +21,23 @@ from vvu_runtime.vhost_user.frontend import VhostUserFrontend
 MiB = 1 << 20
 
 
-class Devd:
+class Devd(DevdProcess):
+    """Devices ``names``, each with an 8 MiB RAM file and its sockets in ``tmp``."""
+
     def __init__(self, tmp: Path, *extra: str, names: tuple[str, ...] = ("net0", "blk0")) -> None:
         self.tmp = tmp
         self.names = names
-        self.sockets: dict[str, tuple[Path, Path, Path]] = {}
-        args = [sys.executable, "-m", "vvu_runtime.device.devd", "--max-queues", "8", *extra]
+        devices = []
         for name in names:
             ram = tmp / f"{name}.ram"
             with ram.open("wb") as f:
                 f.truncate(8 * MiB)
-            vhost, vfio = tmp / f"{name}.vhost", tmp / f"{name}.vfio"
-            self.sockets[name] = (vhost, vfio, ram)
-            args += ["--device", f"{name}:{vhost}:{vfio}:{ram}"]
-        self.log_path = tmp / "devd.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-        self.wait_log("serving 2 VVU devices" if len(names) == 2 else "serving")
+            devices.append((name, tmp / f"{name}.vhost", tmp / f"{name}.vfio", ram))
+        super().__init__(devices, tmp / "devd.log", "--max-queues", "8", *extra)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"no {text!r} in the vvu-devd log:\n{self.log()}")
-            time.sleep(0.02)
-
-    def client(self, name: str) -> VfioUserClient:
-        c = VfioUserClient.connect(str(self.sockets[name][1]))
-        c.version()
-        return c
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+    @property
+    def sockets(self) -> dict[str, tuple[Path, Path, Path]]:
+        return self.devices
 
 
 @pytest.fixture

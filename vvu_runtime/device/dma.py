@@ -220,9 +220,6 @@ class DmaTable:
         """
         self._listeners.append(listener)
 
-    def remove_unmap_listener(self, listener: UnmapListener) -> None:
-        self._listeners.remove(listener)
-
     def _notify(self, iova: int, size: int) -> None:
         for listener in list(self._listeners):
             listener(iova, size)

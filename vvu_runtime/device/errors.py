@@ -16,7 +16,7 @@ Exception tree::
      │    ├── FramingError        the stream can no longer be split into messages (a
      │    │                       header claiming fewer than 16 bytes): the connection
      │    │                       is closed
-     │    ├── ConnectionClosed    the peer hung up, possibly in the middle of a message
+     │    ├── PeerHungUp    the peer hung up, possibly in the middle of a message
      │    └── RemoteError         the peer answered one of our requests with an error
      │                            reply (raised by the client side)
      ├── RegionAccessError        a region index, offset or length outside the device
@@ -79,7 +79,7 @@ class FramingError(ProtocolError):
     """The byte stream cannot be split into messages any more; the connection must close."""
 
 
-class ConnectionClosed(ProtocolError):
+class PeerHungUp(ProtocolError):
     """The peer closed the connection."""
 
     errno = _errno.ECONNRESET

@@ -531,10 +531,6 @@ class IrqLines:
             raise IrqError(f"{self.name}: interrupt index {index} does not exist (0..4: "
                            "INTx, MSI, MSI-X, ERR, REQ)") from None
 
-    def has_eventfd(self, index: int, vector: int) -> bool:
-        irq = self._get(index)
-        return 0 <= vector < irq.count and irq.fds[vector] is not None
-
     def pending(self, index: int, vector: int) -> bool:
         irq = self._get(index)
         return 0 <= vector < irq.count and irq.pending[vector]

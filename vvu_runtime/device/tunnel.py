@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import stat
 from dataclasses import dataclass, field
 
@@ -58,9 +57,9 @@ from vvu_runtime.device.vvu import VvuDevice
 from vvu_runtime.fds import (
     FdError,
     Outbox,
+    UnixListener,
     close_fds,
     is_eventfd,
-    remove_stale_socket,
     unix_stream_socket,
 )
 from vvu_runtime.vhost_user import messages as m
@@ -163,8 +162,7 @@ class VhostUserTunnel:
         self.path = os.fspath(path)
         self.backlog = backlog
         self._loop = loop
-        self._listener: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None
+        self._listener: UnixListener | None = None
         self._accepting = False
         self.link = LinkMachine(device.name)
         self.conn: Connection | None = None
@@ -196,21 +194,9 @@ class VhostUserTunnel:
         if self._listener is not None:
             return
         try:
-            remove_stale_socket(self.path)
+            self._listener = UnixListener(self.path, self.backlog)
         except FdError as exc:
-            raise TransportError(str(exc)) from exc
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(self.path)
-            sock.listen(self.backlog)
-        except OSError as exc:
-            sock.close()
-            raise TransportError(f"{self.name}: cannot listen on {self.path}: "
-                                 f"{exc.strerror or exc}") from exc
-        sock.setblocking(False)
-        st = os.stat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
-        self._listener = sock
+            raise TransportError(f"{self.name}: {exc}") from exc
         self.device.link = self
         log.info("%s: vhost-user socket %s bound (front-ends wait until BACKEND_UP)",
                  self.name, self.path)
@@ -229,10 +215,6 @@ class VhostUserTunnel:
         self._listener = None
         if self.device.link is self:
             self.device.link = None
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
-                os.unlink(self.path)
 
     def _update_accepting(self) -> None:
         self._set_accepting(self._listener is not None and self.link.state is LinkState.ARMED)
@@ -249,11 +231,11 @@ class VhostUserTunnel:
     def _on_accept(self) -> None:
         assert self._listener is not None
         try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+            sock = self._listener.accept()
         except OSError as exc:
             log.error("%s: accept on %s failed: %s", self.name, self.path, exc)
+            return
+        if sock is None:
             return
         if not self.link.can(LinkEvent.FRONTEND_UP):  # pragma: no cover - not accepting then
             sock.close()
@@ -344,7 +326,7 @@ class VhostUserTunnel:
             return
         stats.tx_replies += 1
         log.debug("%s: txq → front-end: %s reply (%d bytes)", self.name, code.name, len(payload))
-        conn.outbox.send(m.HEADER.pack(request, flags, len(payload)) + payload)
+        conn.outbox.send(m.format_message(request, flags, payload))
 
     def _tx_backend_request(self, request: int, flags: int, payload: bytes, data: bytes) -> None:
         stats = self.device.stats
@@ -454,8 +436,7 @@ class VhostUserTunnel:
                                         f"carries {nfds} fds; none can be tunnelled")
                 log.debug("%s: front-end → rxq: %s reply to a back-end request", self.name,
                           code.name)
-                data = m.HEADER.pack(frame.request, frame.flags, len(frame.payload)) \
-                    + frame.payload
+                data = m.format_message(frame.request, frame.flags, frame.payload)
                 if not self.device.rx_put(data) or self.conn is not conn:
                     break
         except ConnectionClosed:
@@ -507,7 +488,7 @@ class VhostUserTunnel:
         if frame.fds:  # pragma: no cover - decode bounds fds to the requests above
             raise ConsumerError(f"{request.name}: {len(frame.fds)} unexpected fds")
         log.debug("%s: front-end → rxq: %s (%d bytes)", self.name, request.name, len(payload))
-        return m.HEADER.pack(frame.request, frame.flags, len(payload)) + payload
+        return m.format_message(frame.request, frame.flags, payload)
 
     def _check_memory(self, request: FR, region: MemoryRegion, fd: int) -> None:
         ram = self.device.ram

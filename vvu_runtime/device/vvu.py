@@ -33,7 +33,6 @@ import os
 import stat
 import struct
 import uuid as uuid_mod
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -261,10 +260,6 @@ class VvuDevice(VirtioPciDevice):
     @property
     def backend_up(self) -> bool:
         return bool(self.vvu_status & VvuStatus.BACKEND_UP)
-
-    @property
-    def frontend_up(self) -> bool:
-        return bool(self.vvu_status & VvuStatus.FRONTEND_UP)
 
     def describe_state(self) -> str:
         bits = [b.name or "" for b in VvuStatus if self.vvu_status & b]
@@ -543,10 +538,6 @@ class VvuDevice(VirtioPciDevice):
         if self.vvu_status:
             log.info("%s: device reset: link down", self.name)
         self._link_down()
-
-    def layout_rows(self) -> Iterator[str]:
-        """The BAR/capability table (for docs and ``vvu-devd --describe``)."""
-        yield from self.layout.describe().splitlines()
 
 
 def _claimed(bar: Bar, offset: int, length: int) -> bool:

@@ -24,7 +24,7 @@ import asyncio
 import logging
 
 from vvu_runtime.driver.access import PciAccess, open_function
-from vvu_runtime.driver.errors import DeviceError, DeviceGone, DriverError
+from vvu_runtime.driver.errors import DeviceFault, DeviceGone, DriverError
 from vvu_runtime.driver.pci import PciFunction
 from vvu_runtime.driver.transport import VvuChannel, VvuTransport
 from vvu_runtime.driver.vvu import (
@@ -126,7 +126,7 @@ class VvuEndpoint:
             log.info("%s: dropped %d message(s) of the previous front-end", self.name, dropped)
         self.vvu.set_backend_up(True)
         if not self.vvu.read_status() & VvuStatus.BACKEND_UP:
-            raise DeviceError(f"{self.address}: BACKEND_UP does not stick (device "
+            raise DeviceFault(f"{self.address}: BACKEND_UP does not stick (device "
                               f"status {self.vvu.virtio.status:#x})")
         self.link.fire(LinkEvent.BACKEND_UP)
         log.info("%s: ready for a front-end (BACKEND_UP)", self.name)

@@ -8,7 +8,7 @@ Exception tree::
      │                         group, a BAR that cannot be mapped, no hugepage for a DMA
      │                         buffer, an ioctl refused. Carries the PCI address in the
      │                         message; fix the appliance's configuration.
-     └── DeviceError           the device does not behave as the ABI says: a missing
+     └── DeviceFault           the device does not behave as the ABI says: a missing
           │                    capability, FEATURES_OK refused, a queue that cannot be
           │                    set up, a malformed message on rxq, DEVICE_NEEDS_RESET.
           └── DeviceGone       the device answers all-ones (the device model died);
@@ -30,12 +30,12 @@ class PciError(DriverError):
     """The PCI function cannot be reached or set up."""
 
 
-class DeviceError(DriverError):
+class DeviceFault(DriverError):
     """The device does not follow the ABI (or asked to be reset)."""
 
 
-class DeviceGone(DeviceError):
+class DeviceGone(DeviceFault):
     """The device reads as all-ones: its device model is gone."""
 
 
-__all__ = ["DeviceError", "DeviceGone", "DriverError", "PciError"]
+__all__ = ["DeviceFault", "DeviceGone", "DriverError", "PciError"]

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vvu_runtime.driver.errors import DeviceError, DeviceGone
+from vvu_runtime.driver.errors import DeviceFault, DeviceGone
 from vvu_runtime.driver.pci import CAP_ID_VENDOR, DmaArena, PciFunction, Registers
 from vvu_runtime.virtio.driver_ring import SplitDriverRing
 from vvu_runtime.virtio.features import VirtioFeature
@@ -81,7 +81,7 @@ class Structure:
 
     def _check(self, offset: int, size: int) -> None:
         if offset < 0 or offset + size > self.length:
-            raise DeviceError(f"access [{offset:#x}, +{size}) outside the {self.length:#x}-byte "
+            raise DeviceFault(f"access [{offset:#x}, +{size}) outside the {self.length:#x}-byte "
                               f"structure (cap type {self.cap.cfg_type})")
 
     def read(self, offset: int, size: int) -> int:
@@ -145,11 +145,11 @@ class VirtioPciDriver:
             raise DeviceGone(f"{pci.address}: config space reads all-ones (no device)")
         if vendor != VIRTIO_PCI_VENDOR_ID or not (
                 VIRTIO_PCI_MODERN_DEVICE_BASE <= device <= VIRTIO_PCI_MODERN_DEVICE_LAST):
-            raise DeviceError(f"{pci.address}: {vendor:04x}:{device:04x} is not a modern "
+            raise DeviceFault(f"{pci.address}: {vendor:04x}:{device:04x} is not a modern "
                               "virtio-pci device")
         self.virtio_id = device - VIRTIO_PCI_MODERN_DEVICE_BASE
         if virtio_id is not None and virtio_id != self.virtio_id:
-            raise DeviceError(f"{pci.address}: virtio device ID {self.virtio_id}, expected "
+            raise DeviceFault(f"{pci.address}: virtio device ID {self.virtio_id}, expected "
                               f"{virtio_id}")
         self.caps = self._walk_caps()
         self.common = self._structure(VirtioPciCapType.COMMON_CFG)
@@ -204,24 +204,24 @@ class VirtioPciDriver:
             what = VirtioPciCapType(cfg_type).name
         except ValueError:
             what = str(cfg_type)
-        raise DeviceError(f"{self.pci.address}: no virtio capability {what}"
+        raise DeviceFault(f"{self.pci.address}: no virtio capability {what}"
                           + (f" id {cap_id}" if cap_id is not None else ""))
 
     def cap(self, cfg_type: int, cap_id: int | None = None) -> VirtioCap:
-        """The first capability of ``cfg_type`` (and ``cap_id``); DeviceError if absent."""
+        """The first capability of ``cfg_type`` (and ``cap_id``); DeviceFault if absent."""
         return self._cap(cfg_type, cap_id)
 
     def _structure(self, cfg_type: int, cap_id: int | None = None) -> Structure:
         cap = self._cap(cfg_type, cap_id)
         bar_size = self.pci.bar_size(cap.bar)
         if cap.offset + cap.length > bar_size:
-            raise DeviceError(f"{self.pci.address}: capability type {cfg_type} "
+            raise DeviceFault(f"{self.pci.address}: capability type {cfg_type} "
                               f"[{cap.offset:#x}, +{cap.length:#x}) does not fit BAR{cap.bar} "
                               f"({bar_size:#x} bytes)")
         return Structure(self.pci.registers(cap.bar), cap)
 
     def structure(self, cfg_type: int, cap_id: int | None = None) -> Structure:
-        """Register access to the structure of a capability (DeviceError if absent)."""
+        """Register access to the structure of a capability (DeviceFault if absent)."""
         return self._structure(cfg_type, cap_id)
 
     # -- status and features ----------------------------------------------------------
@@ -245,7 +245,7 @@ class VirtioPciDriver:
         deadline = time.monotonic() + RESET_TIMEOUT
         while self.status != 0:
             if time.monotonic() > deadline:
-                raise DeviceError(f"{self.pci.address}: device status does not read 0 after "
+                raise DeviceFault(f"{self.pci.address}: device status does not read 0 after "
                                   "a reset")
             time.sleep(0.001)
         self.features = 0
@@ -270,7 +270,7 @@ class VirtioPciDriver:
         missing = required & ~offered
         if missing:
             self.set_status(DeviceStatus.FAILED)
-            raise DeviceError(f"{self.pci.address}: device does not offer required features "
+            raise DeviceFault(f"{self.pci.address}: device does not offer required features "
                               f"{missing:#x} (offers {offered:#x})")
         features = offered & (wanted | required)
         for word in (0, 1):
@@ -279,7 +279,7 @@ class VirtioPciDriver:
         self.add_status(DeviceStatus.FEATURES_OK)
         if not self.status & DeviceStatus.FEATURES_OK:
             self.set_status(DeviceStatus.FAILED)
-            raise DeviceError(f"{self.pci.address}: device refused features {features:#x}")
+            raise DeviceFault(f"{self.pci.address}: device refused features {features:#x}")
         self.features = features
         log.debug("%s: features %#x (offered %#x)", self.pci.address, features, offered)
         return features
@@ -296,7 +296,7 @@ class VirtioPciDriver:
         self.common.write(Common.CONFIG_MSIX_VECTOR, 2, vector)
         got = self.common.read(Common.CONFIG_MSIX_VECTOR, 2)
         if got != vector:
-            raise DeviceError(f"{self.pci.address}: config MSI-X vector {vector} refused "
+            raise DeviceFault(f"{self.pci.address}: config MSI-X vector {vector} refused "
                               f"(reads {got:#x})")
 
     # -- queues --------------------------------------------------------------------------
@@ -315,14 +315,14 @@ class VirtioPciDriver:
         ``size`` is capped to the device's maximum. The ring parts come from ``arena``.
         """
         if index >= self.num_queues:
-            raise DeviceError(f"{self.pci.address}: queue {index} does not exist "
+            raise DeviceFault(f"{self.pci.address}: queue {index} does not exist "
                               f"({self.num_queues} queues)")
         self.common.write(Common.QUEUE_SELECT, 2, index)
         if self.common.read(Common.QUEUE_ENABLE, 2):
-            raise DeviceError(f"{self.pci.address}: queue {index} is already enabled")
+            raise DeviceFault(f"{self.pci.address}: queue {index} is already enabled")
         max_size = self.common.read(Common.QUEUE_SIZE, 2)
         if max_size == 0:
-            raise DeviceError(f"{self.pci.address}: queue {index} is not available")
+            raise DeviceFault(f"{self.pci.address}: queue {index} is not available")
         size = min(size, max_size)
         desc = arena.alloc(16 * size, 16)
         avail = arena.alloc(6 + 2 * size, 4)
@@ -337,14 +337,14 @@ class VirtioPciDriver:
         self.common.write(Common.QUEUE_MSIX_VECTOR, 2, vector)
         got = self.common.read(Common.QUEUE_MSIX_VECTOR, 2)
         if got != vector:
-            raise DeviceError(f"{self.pci.address}: queue {index} MSI-X vector {vector} "
+            raise DeviceFault(f"{self.pci.address}: queue {index} MSI-X vector {vector} "
                               f"refused (reads {got:#x})")
         notify_off = self.common.read(Common.QUEUE_NOTIFY_OFF, 2)
         self.common.write(Common.QUEUE_ENABLE, 2, 1)
         cap = self.notify_cap
         offset = cap.offset + notify_off * cap.multiplier
         if offset + 2 > cap.offset + max(cap.length, 2):
-            raise DeviceError(f"{self.pci.address}: queue {index} notify offset {offset:#x} "
+            raise DeviceFault(f"{self.pci.address}: queue {index} notify offset {offset:#x} "
                               "is outside the notify structure")
         queue = DriverQueue(index, ring, vector, self.notify_regs, offset)
         self.queues[index] = queue
@@ -359,17 +359,13 @@ class VirtioPciDriver:
         """Run ``fn(device_cfg)`` until the config generation did not move under it."""
         cfg = self.device_cfg
         if cfg is None:
-            raise DeviceError(f"{self.pci.address}: the device has no device configuration")
+            raise DeviceFault(f"{self.pci.address}: the device has no device configuration")
         for _ in range(CONFIG_RETRIES):
             before = self.config_generation
             value = fn(cfg)
             if self.config_generation == before:
                 return value
-        raise DeviceError(f"{self.pci.address}: config generation keeps changing")
-
-    def read_isr(self) -> int:
-        """Read (and so clear) the ISR status."""
-        return self.isr.read(0, 1)
+        raise DeviceFault(f"{self.pci.address}: config generation keeps changing")
 
 
 __all__ = ["DriverQueue", "Structure", "VirtioCap", "VirtioPciDriver", "ring_bytes"]

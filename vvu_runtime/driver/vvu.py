@@ -37,7 +37,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
-from vvu_runtime.driver.errors import DeviceError, PciError
+from vvu_runtime.driver.errors import DeviceFault, PciError
 from vvu_runtime.driver.pci import (
     COMMAND,
     COMMAND_INTX_DISABLE,
@@ -102,10 +102,10 @@ class VvuDriver:
         for cfg_type in (VirtioPciCapType.DEVICE_AUX_NOTIFY_CFG,
                          VirtioPciCapType.DRIVER_AUX_NOTIFY_CFG):
             if not self.virtio.has_cap(cfg_type):
-                raise DeviceError(f"{pci.address}: not a VVU device: no {cfg_type.name} "
+                raise DeviceFault(f"{pci.address}: not a VVU device: no {cfg_type.name} "
                                   "capability")
         if self.virtio.device_cfg is None or self.virtio.device_cfg.length < DEVICE_CONFIG.size:
-            raise DeviceError(f"{pci.address}: not a VVU device: device config shorter than "
+            raise DeviceFault(f"{pci.address}: not a VVU device: device config shorter than "
                               f"{DEVICE_CONFIG.size} bytes")
         self.name = f"vvu {pci.address}"
         self.rx_size = rx_size
@@ -152,7 +152,7 @@ class VvuDriver:
         if self.interrupts and not self.eventfds:
             table = pci.msix_table_size()
             if table < VECTOR_KICK_BASE:
-                raise DeviceError(f"{pci.address}: {table} MSI-X vectors, at least "
+                raise DeviceFault(f"{pci.address}: {table} MSI-X vectors, at least "
                                   f"{VECTOR_KICK_BASE} needed")
             self.eventfds = pci.enable_msix(min(table, VECTOR_KICK_BASE + n))
         if not self.interrupts:
@@ -175,7 +175,7 @@ class VvuDriver:
         if virtio.needs_reset:
             # E.g. the device model cannot reach our rings (a guest whose RAM is not
             # shared with it, an IOVA it has no mapping for): its log says why.
-            raise DeviceError(f"{pci.address}: the device set DEVICE_NEEDS_RESET during "
+            raise DeviceFault(f"{pci.address}: the device set DEVICE_NEEDS_RESET during "
                               "setup (see the device model's log)")
         for i, iova in enumerate(self._rx_bufs):
             self.rxq.ring.add((), ((iova, MESSAGE_BUFFER_SIZE),), i)
@@ -206,7 +206,7 @@ class VvuDriver:
         if self.started or self._dma is not None:
             try:
                 self.virtio.set_status(0)
-            except (PciError, DeviceError) as exc:
+            except (PciError, DeviceFault) as exc:
                 log.warning("%s: reset on close failed: %s", self.name, exc)
         self.started = False
         self.rxq = self.txq = None
@@ -282,7 +282,7 @@ class VvuDriver:
     def map_shared_memory(self, offset: int, length: int) -> BarWindow:
         """Map ``[offset, offset+length)`` of the shared memory (the consumer's RAM file)."""
         if offset < 0 or length <= 0 or offset + length > self.shm_size:
-            raise DeviceError(f"{self.name}: [{offset:#x}, +{length:#x}) is outside the "
+            raise DeviceFault(f"{self.name}: [{offset:#x}, +{length:#x}) is outside the "
                               f"{self.shm_size:#x}-byte shared memory")
         return self.pci.map_bar(self.shm_bar, self.shm_offset + offset, length)
 
@@ -308,7 +308,7 @@ class VvuDriver:
             for slot, written in done:
                 iova = self._rx_bufs[slot]
                 if written > MESSAGE_BUFFER_SIZE:
-                    raise DeviceError(f"{self.name}: rxq used length {written} > "
+                    raise DeviceFault(f"{self.name}: rxq used length {written} > "
                                       f"{MESSAGE_BUFFER_SIZE}")
                 out.append(bytes(arena.view(iova, written)))
                 ring.add((), ((iova, MESSAGE_BUFFER_SIZE),), slot)
@@ -328,10 +328,10 @@ class VvuDriver:
         """
         txq = self.txq
         if txq is None:
-            raise DeviceError(f"{self.name}: not started")
+            raise DeviceFault(f"{self.name}: not started")
         n = len(message)
         if n > MESSAGE_BUFFER_SIZE:
-            raise DeviceError(f"{self.name}: a {n}-byte message does not fit a txq buffer")
+            raise DeviceFault(f"{self.name}: a {n}-byte message does not fit a txq buffer")
         ring = txq.ring
         if not self._tx_free:
             self._reclaim_tx(wait=True)
@@ -361,7 +361,7 @@ class VvuDriver:
             if self._tx_free or not wait:
                 return
             if time.monotonic() > deadline:
-                raise DeviceError(f"{self.name}: txq stays full for {SEND_TIMEOUT} s")
+                raise DeviceFault(f"{self.name}: txq stays full for {SEND_TIMEOUT} s")
             self.txq.notify()
             time.sleep(0.001)
 

@@ -321,6 +321,10 @@ class BackendSession:
         handler = self._handlers.get(request)
         if handler is None:
             raise RequestError(f"{request.name} is not supported by this back-end")
+        needs = m.FRONTEND_TABLE[request].needs
+        if needs is not None and not self.has_protocol(needs):
+            raise RequestError(f"{request.name} without protocol feature {needs.name} "
+                               "negotiated")
         log.debug("%s: %s %s", self.name, request.name, msg.payload)
         return handler(msg)
 
@@ -738,16 +742,12 @@ class BackendSession:
 
     def _send_rarp(self, msg: m.Message) -> None:
         mac = msg.get(m.U64).value.to_bytes(8, "little")[:6]
-        hook = getattr(self.device, "send_rarp", None)
-        if callable(hook):
-            hook(mac)
+        self.device.send_rarp(mac)
         return None
 
     def _net_set_mtu(self, msg: m.Message) -> None:
         mtu = msg.get(m.U64).value
-        hook = getattr(self.device, "set_mtu", None)
-        if callable(hook):
-            hook(mtu)
+        self.device.set_mtu(mtu)
         return None
 
     def _set_backend_req_fd(self, msg: m.Message) -> None:
@@ -795,7 +795,8 @@ class BackendSession:
     def _set_inflight_fd(self, msg: m.Message) -> None:
         req = msg.get(m.Inflight)
         fd = msg.take_fd()
-        assert fd is not None
+        if fd is None:  # the message table asks for one fd; refuse rather than trust it
+            raise RequestError("SET_INFLIGHT_FD without a memory fd")
         packed = bool(self.features & VIRTIO_F_RING_PACKED)
         try:
             area = InflightArea(fd, req.mmap_size, req.mmap_offset, req.num_queues,

@@ -109,5 +109,11 @@ class VhostUserDevice(ABC):
         ``control.config_changed()`` when the config space changes (a resized disk,
         a link going down); call it from the event-loop thread."""
 
+    def send_rarp(self, mac: bytes) -> None:  # noqa: B027 - optional hook
+        """SEND_RARP (protocol feature RARP): announce ``mac`` after a migration."""
+
+    def set_mtu(self, mtu: int) -> None:  # noqa: B027 - optional hook
+        """NET_SET_MTU (protocol feature NET_MTU): the front-end's MTU for a net device."""
+
     def reset(self) -> None:  # noqa: B027 - optional hook
         """The front-end went away or sent RESET_DEVICE: forget negotiated state."""

@@ -519,13 +519,6 @@ class Opaque:
         return cls(bytes(data))
 
 
-class PayloadType(Protocol):
-    """A payload class: its accepted sizes and how to unpack it."""
-
-    @classmethod
-    def unpack(cls, data: bytes) -> object: ...
-
-
 def _sizes(cls: type) -> tuple[int, ...]:
     sizes: tuple[int, ...] | None = getattr(cls, "SIZES", None)
     if sizes is not None:
@@ -558,6 +551,8 @@ class MessageSpec:
     reply_payload: type | None = None
     reply_fds: tuple[int, int] = (0, 0)
     sizes: tuple[int, ...] = field(default=())
+    #: The protocol feature that must be negotiated before this request is valid.
+    needs: ProtocolFeature | None = None
 
     def __post_init__(self) -> None:
         if not self.sizes:
@@ -609,8 +604,9 @@ FRONTEND_TABLE: dict[int, MessageSpec] = _table(
     MessageSpec(FR.SET_BACKEND_REQ_FD, Empty, fds=(1, 1)),
     MessageSpec(FR.IOTLB_MSG, Iotlb, reply=Reply.ALWAYS, reply_payload=U64),
     MessageSpec(FR.SET_VRING_ENDIAN, VringState),
-    MessageSpec(FR.GET_CONFIG, ConfigSpace, reply=Reply.ALWAYS, reply_payload=ConfigSpace),
-    MessageSpec(FR.SET_CONFIG, ConfigSpace),
+    MessageSpec(FR.GET_CONFIG, ConfigSpace, reply=Reply.ALWAYS, reply_payload=ConfigSpace,
+                needs=ProtocolFeature.CONFIG),
+    MessageSpec(FR.SET_CONFIG, ConfigSpace, needs=ProtocolFeature.CONFIG),
     MessageSpec(FR.CREATE_CRYPTO_SESSION, Opaque, reply=Reply.ALWAYS, reply_payload=Opaque),
     MessageSpec(FR.CLOSE_CRYPTO_SESSION, U64),
     MessageSpec(FR.POSTCOPY_ADVISE, Empty, reply=Reply.ALWAYS, reply_payload=Empty,
@@ -621,13 +617,14 @@ FRONTEND_TABLE: dict[int, MessageSpec] = _table(
                 reply_fds=(0, 1)),
     MessageSpec(FR.SET_INFLIGHT_FD, Inflight, fds=(1, 1)),
     MessageSpec(FR.GPU_SET_SOCKET, Empty, fds=(1, 1)),
-    MessageSpec(FR.RESET_DEVICE, Empty),
+    MessageSpec(FR.RESET_DEVICE, Empty, needs=ProtocolFeature.RESET_DEVICE),
     MessageSpec(FR.VRING_KICK, VringState),
-    MessageSpec(FR.GET_MAX_MEM_SLOTS, Empty, reply=Reply.ALWAYS, reply_payload=U64),
+    MessageSpec(FR.GET_MAX_MEM_SLOTS, Empty, reply=Reply.ALWAYS, reply_payload=U64,
+                needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
     MessageSpec(FR.ADD_MEM_REG, SingleRegion, fds=(1, 1), reply=Reply.CONDITIONAL,
-                reply_payload=SingleRegion),
+                reply_payload=SingleRegion, needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
     MessageSpec(FR.REM_MEM_REG, SingleRegion, fds=(0, 1), reply=Reply.CONDITIONAL,
-                reply_payload=SingleRegion),
+                reply_payload=SingleRegion, needs=ProtocolFeature.CONFIGURE_MEM_SLOTS),
     MessageSpec(FR.SET_STATUS, U64),
     MessageSpec(FR.GET_STATUS, Empty, reply=Reply.ALWAYS, reply_payload=U64),
     MessageSpec(FR.GET_SHARED_OBJECT, SharedObject, reply=Reply.ALWAYS, reply_payload=U64,

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 
-from vvu_runtime.fds import FdError, remove_stale_socket
+from vvu_runtime.fds import FdError, UnixListener
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.backend import BackendSession
 from vvu_runtime.vhost_user.device import VhostUserDevice
@@ -49,40 +49,27 @@ class VhostUserServer:
         self.backlog = backlog
         self.session: BackendSession | None = None
         self.connections = 0
-        self._sock: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None
+        self._listener: UnixListener | None = None
 
     def start(self) -> None:
         """Bind and listen; raises TransportError/OSError with the path in the message."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
         try:
-            remove_stale_socket(self.path)
+            self._listener = UnixListener(self.path, self.backlog)
         except FdError as exc:
             raise TransportError(str(exc)) from exc
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(self.path)
-            sock.listen(self.backlog)
-        except OSError as exc:
-            sock.close()
-            raise TransportError(f"cannot listen on {self.path}: {exc.strerror or exc}") \
-                from exc
-        sock.setblocking(False)
-        st = os.stat(self.path)
-        self._inode = (st.st_dev, st.st_ino)
-        self._sock = sock
-        self.loop.add_reader(sock.fileno(), self._on_accept)
+        self.loop.add_reader(self._listener.fileno(), self._on_accept)
         log.debug("%s: listening on %s", self.device.name, self.path)
 
     def _on_accept(self) -> None:
-        assert self._sock is not None and self.loop is not None
+        assert self._listener is not None and self.loop is not None
         try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+            conn = self._listener.accept()
         except OSError as exc:
             log.error("%s: accept on %s failed: %s", self.device.name, self.path, exc)
+            return
+        if conn is None:
             return
         if self.session is not None and not self.session.closed:
             log.warning("%s: refusing a second connection on %s (one front-end at a time)",
@@ -105,17 +92,11 @@ class VhostUserServer:
         if self.session is not None:
             self.session.close()
             self.session = None
-        if self._sock is not None:
+        if self._listener is not None:
             if self.loop is not None:
-                self.loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-            try:
-                st = os.stat(self.path)
-                if (st.st_dev, st.st_ino) == self._inode:
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+                self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
 
 
 class VhostUserClient:

@@ -84,8 +84,10 @@ class InflightTracker(Protocol):
 
     def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
         """Bind to ``queue`` (just started); chains recorded as inflight by a previous
-        connection, in submission order. (Optional ``bind(queue)``: rebind after
-        the ring was rebuilt over a new memory table, without resubmitting.)"""
+        connection, in submission order."""
+
+    def bind(self, queue: Virtqueue) -> None:
+        """Rebind after the ring was rebuilt over a new memory table (no resubmitting)."""
 
 
 class _StoppedQueue(Virtqueue):
@@ -277,9 +279,8 @@ class Vring:
 
     def set_log(self, log_all: bool) -> None:
         """Follow LOG_ALL or the ring's log flag changing while the ring runs."""
-        set_log = getattr(self._queue, "set_log", None)
-        if set_log is not None and self.started:
-            set_log(log_all, self.addresses)
+        if self.started:
+            self._queue.set_log(log_all, self.addresses)
 
     def restart(self, memory: GuestMemory) -> None:
         """Rebuild the ring after a memory table change, keeping the ring position."""
@@ -292,11 +293,7 @@ class Vring:
         self._queue = queue
         if self.inflight is not None:
             # The tracker reads the used index from the queue it was bound to.
-            bind = getattr(self.inflight, "bind", None)
-            if bind is not None:
-                bind(queue)
-            elif hasattr(self.inflight, "_queue"):
-                self.inflight._queue = queue
+            self.inflight.bind(queue)
 
     def stop(self) -> int:
         """Stop serving the ring; the vring base to report (GET_VRING_BASE)."""

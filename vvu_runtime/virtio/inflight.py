@@ -198,6 +198,13 @@ class SplitInflight:
             raise RingError("inflight tracker used before resubmit() bound it to a queue")
         self.commit(queue.used_idx)
 
+    def bind(self, queue: Virtqueue) -> None:
+        """Track ``queue`` from now on (the ring was rebuilt over a new memory table)."""
+        if not isinstance(queue, SplitQueue):
+            raise RingError(f"a {type(queue).__name__} is not a split ring: a split inflight "
+                            "region cannot track it")
+        self._queue = queue
+
     def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
         """Bind to the (split) ``queue`` that just started; the chains to process again.
 
@@ -349,6 +356,13 @@ class PackedInflight:
         if self._queue is None:
             raise RingError("inflight tracker used before resubmit() bound it to a queue")
         return self._queue
+
+    def bind(self, queue: Virtqueue) -> None:
+        """Track ``queue`` from now on (the ring was rebuilt over a new memory table)."""
+        if not isinstance(queue, PackedQueue):
+            raise RingError(f"a {type(queue).__name__} is not a packed ring: a packed inflight "
+                            "region cannot track it")
+        self._queue = queue
 
     def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
         """Bind to the packed ``queue`` that just started; the chains to process again.

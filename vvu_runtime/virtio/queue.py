@@ -127,6 +127,9 @@ class Virtqueue(ABC):
         re-enables kicks polls once more instead of missing a kick (the usual race).
         """
 
+    def set_log(self, log_all: bool, addrs: RingAddresses | None = None) -> None:  # noqa: B027
+        """Follow LOG_ALL / the ring's log flag (rings that log dirty pages override)."""
+
     @abstractmethod
     def get_base(self) -> int:
         """The vhost-user vring base (SET/GET_VRING_BASE ``num``) describing our position."""

@@ -94,7 +94,7 @@ class BadChain(DescriptorError):
     """A chain that is not a virtio-blk request at all (no header or no status byte)."""
 
 
-class RequestError(Exception):
+class RequestFailed(Exception):
     """A request that parses but cannot be served: its status becomes ``status``."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -375,7 +375,7 @@ class BlkDevice(VhostUserDevice):
                 status = self._write(readable, writable, first, sector)
             else:
                 status = self._other(rtype, readable, writable, first, sector)
-        except RequestError as exc:
+        except RequestFailed as exc:
             self._log_request(rtype, sector, str(exc))
             status = exc.status
         except OSError as exc:
@@ -387,7 +387,7 @@ class BlkDevice(VhostUserDevice):
     def _read(self, readable: list[memoryview], writable: list[memoryview],
               first: memoryview, sector: int) -> int:
         if len(readable) > 1 or len(first) > _HDR_SIZE:
-            raise RequestError(_IOERR, "IN request carries device-readable data")
+            raise RequestFailed(_IOERR, "IN request carries device-readable data")
         last = writable[-1]
         data = writable[:-1] if len(last) == 1 else [*writable[:-1], last[:-1]]
         length = 0
@@ -395,9 +395,9 @@ class BlkDevice(VhostUserDevice):
             length += len(d)
         offset = sector << SECTOR_SHIFT
         if length & (SECTOR_SIZE - 1):
-            raise RequestError(_IOERR, f"IN of {length} bytes is not whole sectors")
+            raise RequestFailed(_IOERR, f"IN of {length} bytes is not whole sectors")
         if offset + length > self._capacity_bytes:
-            raise RequestError(_IOERR, f"IN of {length} bytes beyond capacity "
+            raise RequestFailed(_IOERR, f"IN of {length} bytes beyond capacity "
                                        f"{self.capacity} sectors")
         if length:
             self.image.readv(data, offset)
@@ -406,18 +406,18 @@ class BlkDevice(VhostUserDevice):
     def _write(self, readable: list[memoryview], writable: list[memoryview],
                first: memoryview, sector: int) -> int:
         if len(writable) > 1 or len(writable[0]) > 1:
-            raise RequestError(_IOERR, "OUT request carries device-writable data")
+            raise RequestFailed(_IOERR, "OUT request carries device-writable data")
         if self.read_only:
-            raise RequestError(_IOERR, "OUT to a read-only disk")
+            raise RequestFailed(_IOERR, "OUT to a read-only disk")
         data = self._readable_data(readable, first)
         length = 0
         for d in data:
             length += len(d)
         offset = sector << SECTOR_SHIFT
         if length & (SECTOR_SIZE - 1):
-            raise RequestError(_IOERR, f"OUT of {length} bytes is not whole sectors")
+            raise RequestFailed(_IOERR, f"OUT of {length} bytes is not whole sectors")
         if offset + length > self._capacity_bytes:
-            raise RequestError(_IOERR, f"OUT of {length} bytes beyond capacity "
+            raise RequestFailed(_IOERR, f"OUT of {length} bytes beyond capacity "
                                        f"{self.capacity} sectors")
         if length:
             self.image.writev(data, offset, dsync=not self.writeback)
@@ -454,7 +454,7 @@ class BlkDevice(VhostUserDevice):
         if rtype == RequestType.WRITE_ZEROES:
             return self._ranges(rtype, readable, writable, first, Feature.WRITE_ZEROES,
                                 MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS)
-        raise RequestError(_UNSUPP, f"request type {rtype} is not supported")
+        raise RequestFailed(_UNSUPP, f"request type {rtype} is not supported")
 
     def _get_id(self, writable: list[memoryview]) -> int:
         last = writable[-1]
@@ -474,29 +474,29 @@ class BlkDevice(VhostUserDevice):
                 first: memoryview, feature: Feature, max_seg: int, max_sectors: int) -> int:
         """DISCARD and WRITE_ZEROES: validate every segment, then apply them in order."""
         if not self._acked & feature.mask:
-            raise RequestError(_UNSUPP, f"{feature.name} was not negotiated")
+            raise RequestFailed(_UNSUPP, f"{feature.name} was not negotiated")
         if self.read_only:
-            raise RequestError(_IOERR, f"{feature.name} on a read-only disk")
+            raise RequestFailed(_IOERR, f"{feature.name} on a read-only disk")
         if len(writable) > 1 or len(writable[0]) > 1:
-            raise RequestError(_IOERR, f"{feature.name} request carries device-writable data")
+            raise RequestFailed(_IOERR, f"{feature.name} request carries device-writable data")
         raw = b"".join(self._readable_data(readable, first))
         if not raw or len(raw) % SEGMENT.size:
-            raise RequestError(_IOERR, f"{feature.name} payload of {len(raw)} bytes is not a "
+            raise RequestFailed(_IOERR, f"{feature.name} payload of {len(raw)} bytes is not a "
                                        f"whole number of {SEGMENT.size}-byte segments")
         segments = list(SEGMENT.iter_unpack(raw))
         if len(segments) > max_seg:
-            raise RequestError(_IOERR, f"{feature.name} with {len(segments)} segments, "
+            raise RequestFailed(_IOERR, f"{feature.name} with {len(segments)} segments, "
                                        f"at most {max_seg}")
         zeroes = rtype == RequestType.WRITE_ZEROES
         allowed_flags = SEGMENT_F_UNMAP if zeroes else 0
         for seg_sector, num, flags in segments:
             if flags & ~allowed_flags:
-                raise RequestError(_UNSUPP, f"{feature.name} segment flags {flags:#x}")
+                raise RequestFailed(_UNSUPP, f"{feature.name} segment flags {flags:#x}")
             if num > max_sectors:
-                raise RequestError(_IOERR, f"{feature.name} of {num} sectors, "
+                raise RequestFailed(_IOERR, f"{feature.name} of {num} sectors, "
                                            f"at most {max_sectors}")
             if seg_sector + num > self.capacity:
-                raise RequestError(_IOERR, f"{feature.name} of sectors [{seg_sector}, "
+                raise RequestFailed(_IOERR, f"{feature.name} of sectors [{seg_sector}, "
                                            f"+{num}) beyond capacity {self.capacity}")
         dsync = not self.writeback
         for seg_sector, num, flags in segments:

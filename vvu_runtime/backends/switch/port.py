@@ -29,7 +29,13 @@ import time
 from typing import TYPE_CHECKING
 
 from vvu_runtime.backends.switch.offload import SoftFrame
-from vvu_runtime.backends.switch.switch import Drop, Frame, Port, RingLike, Switch
+from vvu_runtime.backends.switch.switch import (
+    Drop,
+    ForwardedFrame,
+    ForwardingPort,
+    RingLike,
+    Switch,
+)
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.virtio.errors import DescriptorError, VirtioError
 from vvu_runtime.virtio.features import RING_FEATURES, VirtioFeature
@@ -102,7 +108,7 @@ class RxQueue:
             self.port._ring_error(self, exc, 0)
 
 
-class SwitchPort(Port, VhostUserDevice):
+class SwitchPort(ForwardingPort, VhostUserDevice):
     """One vhost-user-net port of the switch."""
 
     def __init__(self, switch: Switch, port_name: str, *, queue_pairs: int = 1,
@@ -111,7 +117,7 @@ class SwitchPort(Port, VhostUserDevice):
                  busy_poll: float = 0.0) -> None:
         if queue_pairs < 1 or queue_pairs > 0x8000:
             raise ValueError(f"queue pairs must be 1..32768, got {queue_pairs}")
-        Port.__init__(self, port_name)
+        ForwardingPort.__init__(self, port_name)
         self.queue_pairs = queue_pairs
         self.config = NetConfig(mac=mac or bytes(6), status=NetStatus.LINK_UP,
                                 max_virtqueue_pairs=queue_pairs)
@@ -270,7 +276,7 @@ class SwitchPort(Port, VhostUserDevice):
         if self.switch is not None:
             self.switch.port_down(self)
 
-    # ---------------------------------------------------------------- Port
+    # ---------------------------------------------------------------- ForwardingPort
     @property
     def up(self) -> bool:
         return bool(self.rx_queues)
@@ -286,14 +292,14 @@ class SwitchPort(Port, VhostUserDevice):
                  if OFFLOAD_FEATURES >> f.value & 1 and self.negotiated >> f.value & 1]
         return ",".join(names) or "none"
 
-    def _pick_queue(self, frame: Frame) -> RxQueue | None:
+    def _pick_queue(self, frame: ForwardedFrame) -> RxQueue | None:
         """The RX queue for ``frame``: by flow hash among the enabled ones."""
         qs = [q for q in self.rx_queues if q.vring.enabled and not q.broken]
         if not qs:
             return None
         return qs[0] if len(qs) == 1 else qs[frame.flow_hash() % len(qs)]
 
-    def deliver(self, frame: Frame) -> None:
+    def deliver(self, frame: ForwardedFrame) -> None:
         if not self.accepts(frame):
             q = self._pick_queue(frame)
             if q is None:
@@ -308,7 +314,7 @@ class SwitchPort(Port, VhostUserDevice):
             return
         self.deliver_plain(frame)
 
-    def deliver_plain(self, frame: Frame) -> None:
+    def deliver_plain(self, frame: ForwardedFrame) -> None:
         """The hot path: copy the frame (header included) into one RX buffer."""
         qs = self.rx_queues
         q: RxQueue | None = qs[0] if len(qs) == 1 and qs[0].vring.enabled \

@@ -1,10 +1,10 @@
 """The L2 learning switch: forwarding, flooding, offload decisions, counters.
 
 One :class:`Switch` owns the forwarding database and every port. A port is a
-:class:`Port`: a vhost-user connection (``port.SwitchPort``) or the TAP uplink
+:class:`ForwardingPort`: a vhost-user connection (``port.SwitchPort``) or the TAP uplink
 (``uplink.TapUplink``). Frames enter through :meth:`Switch.forward_chains`
 (a vhost-user TX ring was kicked) or :meth:`Switch.forward_buffer` (the uplink
-read a frame) and leave through :meth:`Port.deliver`.
+read a frame) and leave through :meth:`ForwardingPort.deliver`.
 
 The forwarding loop is the hot path and is written for speed (measured with
 ``benchmarks/switch_bench.py``): TX chains are taken in bursts; per frame, one
@@ -180,7 +180,14 @@ def offload_table(features: int, *, guest: bool) -> tuple[bool, list[bool], bool
     return csum, table, csum and uso4, csum and uso6
 
 
-class Port:
+class PortKind(enum.Enum):
+    """What a port is, as logs name it ("port vm1", "uplink tap0")."""
+
+    PORT = "port"      # a vhost-user connection
+    UPLINK = "uplink"  # the host's TAP device
+
+
+class ForwardingPort:
     """Something frames are forwarded to: a vhost-user port or the uplink.
 
     Subclasses set ``hdr_size`` and the offload tables when features are known
@@ -191,11 +198,12 @@ class Port:
     #: host kernel's TAP; a guest's DATA_VALID is stripped).
     trusted_data_valid = False
 
-    def __init__(self, port_name: str, *, kind: str = "port") -> None:
+    def __init__(self, port_name: str, *, kind: PortKind = PortKind.PORT) -> None:
         #: The operator's name for the port (``--port NAME=...``), used in tables.
         self.port_name = port_name
+        self.kind = kind
         #: How logs name it ("port vm1", "uplink tap0").
-        self.name = f"{kind} {port_name}"
+        self.name = f"{kind.value} {port_name}"
         self.counters = PortCounters()
         self.switch: Switch | None = None
         self.hdr_size = 12
@@ -217,11 +225,11 @@ class Port:
         """Whether frames can be delivered now."""
         return False
 
-    def deliver(self, frame: Frame) -> None:
+    def deliver(self, frame: ForwardedFrame) -> None:
         """Send ``frame`` out of this port (count it, or count why not)."""
         raise NotImplementedError
 
-    def deliver_plain(self, frame: Frame) -> None:
+    def deliver_plain(self, frame: ForwardedFrame) -> None:
         """:meth:`deliver` for a frame whose header has no flags and no GSO type
         (``frame.flags``/``gso_type`` are not set on this path)."""
         frame.flags = frame.gso_type = 0
@@ -235,7 +243,7 @@ class Port:
         bytes first) and whose header flags this port accepts as they are."""
         raise NotImplementedError
 
-    def accepts(self, frame: Frame) -> bool:
+    def accepts(self, frame: ForwardedFrame) -> bool:
         """Whether ``frame``'s offloads may be delivered to this port untouched."""
         if frame.flags & _NEEDS_CSUM and not self.accept_csum:
             return False
@@ -249,14 +257,14 @@ class Port:
         return "up" if self.up else "down"
 
 
-class Frame:
+class ForwardedFrame:
     """The frame being forwarded: where its bytes are and what its header says.
 
     One instance per switch, reused for every frame (no allocation per frame);
     batched frames never touch it. ``views`` hold the virtio-net header
     (``hdr_size`` bytes, the sender's size) followed by the Ethernet frame,
     possibly scattered. ``flags``/``gso_type`` are set only when the header has
-    any (otherwise the frame goes out through :meth:`Port.deliver_plain`). Slow
+    any (otherwise the frame goes out through :meth:`ForwardingPort.deliver_plain`). Slow
     paths compute what they need (a linear copy, the flow hash, software
     offloads) on demand; those caches belong to the frame whose ``views`` they
     were made for.
@@ -271,7 +279,7 @@ class Frame:
         self.length = 0  # header + frame
         self.flags = 0
         self.gso_type = 0
-        self.ingress: Port | None = None
+        self.ingress: ForwardingPort | None = None
         #: The header's flags differ from the sender's (a DATA_VALID not believed):
         #: receivers write ``flags`` instead of copying the byte.
         self.rewrite_flags = False
@@ -289,11 +297,6 @@ class Frame:
             self._hash = None
             self._soft = None
             self._linear = None
-
-    @property
-    def frame_len(self) -> int:
-        """Bytes of the Ethernet frame (without the virtio-net header)."""
-        return self.length - self.hdr_size
 
     def linear(self) -> bytes:
         """Header and frame as one bytes object (slow paths only)."""
@@ -395,23 +398,23 @@ class Switch:
                  max_fdb_entries: int = DEFAULT_MAX_ENTRIES,
                  max_fdb_per_port: int = DEFAULT_MAX_PER_PORT,
                  clock: Clock | None = None) -> None:
-        self.fdb: Fdb[Port] = Fdb(ageing_time, max_fdb_entries, max_fdb_per_port)
-        self.ports: list[Port] = []
+        self.fdb: Fdb[ForwardingPort] = Fdb(ageing_time, max_fdb_entries, max_fdb_per_port)
+        self.ports: list[ForwardingPort] = []
         self.clock: Clock = clock or time.monotonic
         self.started_at = self.clock()
-        self._frame = Frame()
+        self._frame = ForwardedFrame()
         #: RX queues written to in the current batch, notified once at its end.
         self._touched: list[Touchable] = []
 
     # -------------------------------------------------------------------- ports
-    def add_port(self, port: Port) -> Port:
+    def add_port(self, port: ForwardingPort) -> ForwardingPort:
         if any(p.port_name == port.port_name for p in self.ports):
             raise ValueError(f"port name {port.port_name!r} is used twice")
         port.switch = self
         self.ports.append(port)
         return port
 
-    def port_down(self, port: Port) -> None:
+    def port_down(self, port: ForwardingPort) -> None:
         """``port`` lost its link: forget the addresses learned on it."""
         n = self.fdb.flush_port(port)
         if n:
@@ -437,7 +440,7 @@ class Switch:
         return self.fdb.age(self.clock())
 
     # ------------------------------------------------------------------ ingress
-    def forward_chains(self, port: Port, ring: RingLike, hdr_size: int,
+    def forward_chains(self, port: ForwardingPort, ring: RingLike, hdr_size: int,
                        budget: int = 0) -> bool:
         """Drain ``ring`` (a TX ring of ``port``): forward every frame, return every chain.
 
@@ -473,7 +476,7 @@ class Switch:
         send_gso = port.send_gso
         send_csum = port.send_csum
         zero_mac = _ZERO_MAC
-        batches: dict[Port, list[memoryview]] = {}
+        batches: dict[ForwardingPort, list[memoryview]] = {}
         # Per burst: destination MAC -> its batch, for plain frames (skips the
         # lookup, ageing and offload checks for every frame after the first).
         fast: dict[bytes, list[memoryview]] = {}
@@ -615,7 +618,7 @@ class Switch:
                 ring.fail(exc)
 
     @staticmethod
-    def _flush_batches(batches: dict[Port, list[memoryview]],
+    def _flush_batches(batches: dict[ForwardingPort, list[memoryview]],
                        fast: dict[bytes, list[memoryview]]) -> None:
         """Deliver the frames collected per destination (see forward_chains)."""
         fast.clear()
@@ -643,7 +646,7 @@ class Switch:
             return v0, hdr_size
         return b"".join(views)[:hdr_size + ETH_HLEN], hdr_size
 
-    def forward_buffer(self, port: Port, buf: memoryview, hdr_size: int) -> None:
+    def forward_buffer(self, port: ForwardingPort, buf: memoryview, hdr_size: int) -> None:
         """Forward one frame held in ``buf`` (virtio-net header first), e.g. from a TAP.
 
         The caller calls :meth:`flush_notifications` after its batch.
@@ -670,7 +673,8 @@ class Switch:
         self.fdb.learn(src_mac, port, now)
         self._forward_slow(port, frame, dst_mac, now)
 
-    def _forward_slow(self, port: Port, frame: Frame, dst_mac: bytes, now: float) -> None:
+    def _forward_slow(self, port: ForwardingPort, frame: ForwardedFrame, dst_mac: bytes,
+                      now: float) -> None:
         """Everything but a plain learned unicast: offload flags, multicast, unknown."""
         hdr = frame.header()
         flags = hdr[0]
@@ -695,7 +699,7 @@ class Switch:
         finally:
             frame.rewrite_flags = False
 
-    def _deliver_slow(self, port: Port, frame: Frame, dst_mac: bytes, now: float,
+    def _deliver_slow(self, port: ForwardingPort, frame: ForwardedFrame, dst_mac: bytes, now: float,
                       plain: bool) -> None:
         if dst_mac[0] & 1:
             dst = None
@@ -718,7 +722,7 @@ class Switch:
                 else:
                     p.deliver(frame)
 
-    def _drain_disabled(self, port: Port, ring: RingLike) -> None:
+    def _drain_disabled(self, port: ForwardingPort, ring: RingLike) -> None:
         """A started but disabled TX ring: consume and drop, as the spec asks."""
         n = 0
         while True:
@@ -740,7 +744,7 @@ class Switch:
                 ring.fail(exc)
 
     # ------------------------------------------------------------------ egress helper
-    def software_frames(self, dst: Port, frame: Frame) -> list[SoftFrame] | None:
+    def software_frames(self, dst: ForwardingPort, frame: ForwardedFrame) -> list[SoftFrame] | None:
         """``frame`` offloaded in software for ``dst``; None (dropped, counted) if impossible."""
         try:
             soft = frame.software(partial_ok=dst.accept_csum)

@@ -24,7 +24,13 @@ import logging
 import os
 import struct
 
-from vvu_runtime.backends.switch.switch import Drop, Frame, Port, Switch
+from vvu_runtime.backends.switch.switch import (
+    Drop,
+    ForwardedFrame,
+    ForwardingPort,
+    PortKind,
+    Switch,
+)
 from vvu_runtime.virtio.net import HDR_SIZE, NetFeature, feature_mask
 
 log = logging.getLogger(__name__)
@@ -101,7 +107,7 @@ _TUNSETIFF_HINTS = {
 }
 
 
-class TapUplink(Port):
+class TapUplink(ForwardingPort):
     """A TAP interface as a switch port."""
 
     trusted_data_valid = True  # the host kernel checked the checksum
@@ -109,7 +115,7 @@ class TapUplink(Port):
     def __init__(self, switch: Switch, ifname: str) -> None:
         if not ifname or len(ifname.encode()) > 15 or "/" in ifname:
             raise ValueError(f"TAP name {ifname!r}: 1-15 characters, no '/'")
-        super().__init__(ifname, kind="uplink")
+        super().__init__(ifname, kind=PortKind.UPLINK)
         self.ifname = ifname
         self.fd = -1
         self.tun_offloads = 0
@@ -206,7 +212,7 @@ class TapUplink(Port):
     def status_line(self) -> str:
         return "up (tap)" if self.fd >= 0 else "down (tap)"
 
-    def deliver(self, frame: Frame) -> None:
+    def deliver(self, frame: ForwardedFrame) -> None:
         if self.fd < 0:
             self.counters.drop(Drop.PORT_DOWN)
             return

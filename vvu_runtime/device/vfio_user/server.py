@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
 import enum
 import errno
 import logging
@@ -36,10 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vvu_runtime.device.errors import (
-    ConnectionClosed,
     DeviceError,
     FramingError,
     MessageError,
+    PeerHungUp,
     StateError,
     UnsupportedCommand,
 )
@@ -74,7 +73,7 @@ from vvu_runtime.device.vfio_user.protocol import (
     error_reply,
     reply_header,
 )
-from vvu_runtime.fds import FdError, Outbox, close_fds, fds_from_ancdata, remove_stale_socket
+from vvu_runtime.fds import FdError, Outbox, UnixListener, close_fds, fds_from_ancdata
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +111,13 @@ class MessageReader:
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError as exc:
-            raise ConnectionClosed("the client reset the connection") from exc
+            raise PeerHungUp("the client reset the connection") from exc
         self._fds.extend(fds_from_ancdata(anc))
         if flags & socket.MSG_CTRUNC:
             self._truncated = True
         if not data:
             partial = self._header is not None or bool(self._head)
-            raise ConnectionClosed("the client closed the connection"
+            raise PeerHungUp("the client closed the connection"
                                    + (" in the middle of a message" if partial else ""))
         return data
 
@@ -262,7 +261,7 @@ class Session:
                 return
             try:
                 msg = self._reader.receive()
-            except ConnectionClosed as exc:
+            except PeerHungUp as exc:
                 self.close(str(exc))
                 return
             except FramingError as exc:
@@ -501,8 +500,7 @@ class VfioUserServer:
         self._loop = loop
         self.state = ServerState.IDLE
         self.session: Session | None = None
-        self._listener: socket.socket | None = None
-        self._disconnected: asyncio.Event | None = None
+        self._listener: UnixListener | None = None
         self._closed: asyncio.Event | None = None
         #: How many clients were served (finished sessions).
         self.sessions_served = 0
@@ -513,11 +511,10 @@ class VfioUserServer:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
-        if self._disconnected is None or self._closed is None:
-            self._disconnected = asyncio.Event()
+    def _closed_event(self) -> asyncio.Event:
+        if self._closed is None:
             self._closed = asyncio.Event()
-        return self._disconnected, self._closed
+        return self._closed
 
     def start(self) -> None:
         """Bind and listen on ``path`` (a stale socket there is replaced). Needs a loop."""
@@ -525,21 +522,12 @@ class VfioUserServer:
             raise StateError(f"{self.device.name}: start() in state {self.state.value}")
         if self.path is None:
             raise StateError(f"{self.device.name}: start() needs a socket path")
-        self._events()
+        self._closed_event()
         try:
-            remove_stale_socket(self.path)
+            self._listener = UnixListener(self.path, 1)
         except FdError as exc:
             raise StateError(f"{self.device.name}: {exc}") from exc
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(self.path)
-            listener.listen(1)
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
-        self.loop.add_reader(listener.fileno(), self._accept)
+        self.loop.add_reader(self._listener.fileno(), self._accept)
         self.state = ServerState.LISTENING
         log.info("%s: vfio-user server listening on %s", self.device.name, self.path)
 
@@ -547,17 +535,17 @@ class VfioUserServer:
         """Serve an already connected socket (tests use a socketpair). Needs a loop."""
         if self.state not in (ServerState.IDLE, ServerState.LISTENING):
             raise StateError(f"{self.device.name}: attach() in state {self.state.value}")
-        self._events()
+        self._closed_event()
         return self._serve(sock)
 
     def _accept(self) -> None:
         assert self._listener is not None
         try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+            sock = self._listener.accept()
         except OSError as exc:
             log.warning("%s: accept failed: %s", self.device.name, exc)
+            return
+        if sock is None:
             return
         if self.session is not None:
             log.warning("%s: a second client connected while one is served; refused (one "
@@ -581,19 +569,10 @@ class VfioUserServer:
             if self.state is not ServerState.CLOSED:
                 self.state = (ServerState.LISTENING if self._listener is not None
                               else ServerState.IDLE)
-            if self._disconnected is not None:
-                self._disconnected.set()
-
-    async def wait_disconnected(self) -> None:
-        """Until the current (or next) client has gone."""
-        disconnected, _ = self._events()
-        await disconnected.wait()
-        disconnected.clear()
 
     async def serve_forever(self) -> None:
         """Until :meth:`close`."""
-        _, closed = self._events()
-        await closed.wait()
+        await self._closed_event().wait()
 
     def close(self) -> None:
         """Stop listening, drop the client, release the device's client state."""
@@ -606,8 +585,5 @@ class VfioUserServer:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            if self.path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
         if self._closed is not None:
             self._closed.set()
