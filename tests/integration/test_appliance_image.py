@@ -227,6 +227,17 @@ def test_backend_unit_is_ready_with_every_link(host: Any,
         "c1-nic0": "0000:01:00.0", "c2-nic0": "0000:02:00.0"}
 
 
+def test_boot_timeline_is_reported(host: Any, vswitch: tuple[ApplianceMachine, float]) -> None:
+    """Not a check: where the boot time goes (shown with -s), for the README."""
+    _wait_for(lambda: host.run("systemctl is-system-running").stdout.strip() != "starting",
+              "the boot to finish", 60)
+    print(f"\nQEMU start -> READY: {vswitch[1]:.1f} s", file=sys.stderr)
+    for cmd in ("systemd-analyze", "systemd-analyze critical-chain vvu-switch.service",
+                "journalctl -b -u vvu-switch -o short-monotonic --no-pager",
+                "systemd-analyze blame --no-pager"):
+        print(f"$ {cmd}\n{host.run(cmd).stdout}", file=sys.stderr)
+
+
 def test_vvu_functions_are_on_vfio_pci(host: Any) -> None:
     lspci = host.check_output("lspci -n -D -d 1af4:107f").splitlines()
     functions = [line.split()[0] for line in lspci]
