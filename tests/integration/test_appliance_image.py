@@ -281,7 +281,10 @@ def test_ssh_accepts_the_given_key_only(host: Any, vswitch: tuple[ApplianceMachi
                                         tmp_path: Path) -> None:
     vm = vswitch[0]
     assert host.user().name == "root"
-    assert host.file("/root/.ssh/authorized_keys").exists is False  # nothing baked in
+    # sshd reads root's keys from the credential only (systemd's tmpfiles may copy it
+    # to ~/.ssh/authorized_keys too: never read).
+    root = host.check_output("sshd -T -C user=root,host=x,addr=127.0.0.1")
+    assert "authorizedkeysfile /run/credentials/@system/ssh.authorized_keys.root" in root
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     # Another key only: refused; the one given as the credential: accepted.
