@@ -326,9 +326,11 @@ class Supervisor:
 
     def report(self) -> None:
         status = "; ".join(f"{n}: {s}" for n, s in self.states.items())
-        if status != self._status:
-            self._status = status
-            sd_notify(f"STATUS={status}")
+        key = f"{status}|{self.ready_sent}"
+        if key != self._status:
+            if status != self._status.partition("|")[0]:
+                sd_notify(f"STATUS={status}")
+            self._status = key
             _write_status(self.config, self.states, self.addresses, ready=self.ready_sent)
 
     def _on_log(self, b: Backend, stream: IO[bytes]) -> None:
