@@ -227,6 +227,17 @@ def test_backend_unit_is_ready_with_every_link(host: Any,
         "c1-nic0": "0000:01:00.0", "c2-nic0": "0000:02:00.0"}
 
 
+def test_boot_timeline_is_reported(host: Any, vswitch: tuple[ApplianceMachine, float]) -> None:
+    """Not a check: where the boot time goes (shown with -s), for the README."""
+    _wait_for(lambda: host.run("systemctl is-system-running").stdout.strip() != "starting",
+              "the boot to finish", 60)
+    print(f"\nQEMU start -> READY: {vswitch[1]:.1f} s", file=sys.stderr)
+    for cmd in ("systemd-analyze", "systemd-analyze critical-chain vvu-switch.service",
+                "journalctl -b -u vvu-switch -o short-monotonic --no-pager",
+                "systemd-analyze blame --no-pager"):
+        print(f"$ {cmd}\n{host.run(cmd).stdout}", file=sys.stderr)
+
+
 def test_vvu_functions_are_on_vfio_pci(host: Any) -> None:
     lspci = host.check_output("lspci -n -D -d 1af4:107f").splitlines()
     functions = [line.split()[0] for line in lspci]
@@ -270,7 +281,10 @@ def test_ssh_accepts_the_given_key_only(host: Any, vswitch: tuple[ApplianceMachi
                                         tmp_path: Path) -> None:
     vm = vswitch[0]
     assert host.user().name == "root"
-    assert host.file("/root/.ssh/authorized_keys").exists is False  # nothing baked in
+    # sshd reads root's keys from the credential only (systemd's tmpfiles may copy it
+    # to ~/.ssh/authorized_keys too: never read).
+    root = host.check_output("sshd -T -C user=root,host=x,addr=127.0.0.1")
+    assert "authorizedkeysfile /run/credentials/@system/ssh.authorized_keys.root" in root
     other = tmp_path / "other"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     # Another key only: refused; the one given as the credential: accepted.

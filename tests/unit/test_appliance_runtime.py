@@ -394,3 +394,35 @@ def test_daemon_notifies_ready_and_watchdog(tmp_path: Path,
     time.sleep(0.1)
     assert got[0] == "READY=1" and got.count("WATCHDOG=1") >= 2
     sock.close()
+
+
+def test_link_states_follow_the_backends_log_lines(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    monkeypatch.setattr(backend, "RUN_DIR", tmp_path)
+    sock, got = _notify_listener(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    c = parse_config('{"kind": "vswitch", "links": [{"name": "a"}, {"name": "b"}]}', "f")
+    states = backend.LinkStates(c, backend.Backend(["vvu-switch"], {"0000:01:00.0": "a",
+                                                                     "0000:02:00.0": "b"}))
+    log = logging.getLogger("test.linkstates")
+    log.addHandler(states)
+    log.setLevel(logging.INFO)
+    try:
+        # The lines driver/endpoint.py and vhost_user/backend.py write.
+        log.info("%s: ready for a front-end (BACKEND_UP)", "port a @ vvu 0000:01:00.0")
+        log.info("%s: ready for a front-end (BACKEND_UP)", "port b @ vvu 0000:02:00.0")
+        log.info("%s: front-end connected", "port b (vvu 0000:02:00.0 connection 1)")
+        assert states.states == {"a": "waiting for front-end", "b": "connected"}
+        log.info("%s: front-end disconnected (FRONTEND_UP cleared)", "port b @ vvu 0000:02:00.0")
+        log.error("%s: the device needs a reset; re-initialising it", "port a @ vvu 0000:01:00.0")
+        assert states.states == {"a": "needs reset", "b": "waiting for front-end"}
+    finally:
+        log.removeHandler(states)
+    time.sleep(0.1)
+    assert "STATUS=a: waiting for front-end; b: connected" in got
+    doc = json.loads((tmp_path / "status.json").read_text())
+    assert doc["ready"] and [x["state"] for x in doc["links"]] == [
+        "needs reset", "waiting for front-end"]
+    sock.close()

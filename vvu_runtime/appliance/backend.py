@@ -75,12 +75,14 @@ KINDS = {"switch": "vswitch", "blk": "storage"}
 
 #: The backends' log lines that change a link's state (driver/endpoint.py,
 #: vhost_user/backend.py); ``addr`` is the VVU function's PCI address.
+_ADDR = r"(?P<addr>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])"
 LOG_STATES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"@ vvu (?P<addr>\S+): ready for a front-end"), "waiting for front-end"),
-    (re.compile(r"vvu (?P<addr>\S+) connection \d+: front-end connected"), "connected"),
-    (re.compile(r"@ vvu (?P<addr>\S+): front-end disconnected"), "waiting for front-end"),
-    (re.compile(r"@ vvu (?P<addr>\S+): the device needs a reset"), "needs reset"),
-    (re.compile(r"@ vvu (?P<addr>\S+): .*dead until the appliance restarts"), "dead"),
+    (re.compile(rf"@ vvu {_ADDR}: ready for a front-end"), "waiting for front-end"),
+    # The session's name: "DEVICE (vvu ADDR connection N)".
+    (re.compile(rf"vvu {_ADDR} connection \d+\)?: front-end connected"), "connected"),
+    (re.compile(rf"@ vvu {_ADDR}: front-end disconnected"), "waiting for front-end"),
+    (re.compile(rf"@ vvu {_ADDR}: the device needs a reset"), "needs reset"),
+    (re.compile(rf"@ vvu {_ADDR}: .*dead until the appliance restarts"), "dead"),
 )
 
 
@@ -324,9 +326,11 @@ class Supervisor:
 
     def report(self) -> None:
         status = "; ".join(f"{n}: {s}" for n, s in self.states.items())
-        if status != self._status:
-            self._status = status
-            sd_notify(f"STATUS={status}")
+        key = f"{status}|{self.ready_sent}"
+        if key != self._status:
+            if status != self._status.partition("|")[0]:
+                sd_notify(f"STATUS={status}")
+            self._status = key
             _write_status(self.config, self.states, self.addresses, ready=self.ready_sent)
 
     def _on_log(self, b: Backend, stream: IO[bytes]) -> None:
