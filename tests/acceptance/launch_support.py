@@ -100,6 +100,8 @@ class Lab:
     name: str
     topology: Path
     state_dir: Path
+    #: What ``up`` printed (stdout and stderr), once it ran.
+    up_output: str = ""
 
     @property
     def lab_dir(self) -> Path:

@@ -13,6 +13,7 @@ Run with ``flock /tmp/vvu-heavy.lock python -m pytest tests/acceptance/test_laun
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -107,13 +108,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory,
         assert up.returncode == 0, f"up --detach failed:\n{explain(up)}\n" \
                                    f"--- supervisor log:\n{lab.supervisor_log()}"
         print(f"lab {lab.name} up in {time.monotonic() - start:.0f} s")
-        yield lab
+        yield dataclasses.replace(lab, up_output=up.stdout + up.stderr)
     finally:
         _down_cleanup(lab)
 
 
 @pytest.mark.timeout(1200)
 def test_up_detach_status_check_logs_graph(lab: Lab) -> None:
+    # up ran the topology's checks and showed the lab.
+    assert "checks: 2 passed, 0 failed" in lab.up_output, lab.up_output
+    assert f"lab {lab.name}: running" in lab.up_output, lab.up_output
+
     st = lab.status()
     assert st["phase"] == "running", st
     assert st["supervisor_pid"] and Path(f"/proc/{st['supervisor_pid']}").exists()
@@ -133,6 +138,14 @@ def test_up_detach_status_check_logs_graph(lab: Lab) -> None:
     rows = _check_rows(chk.stdout)
     assert set(rows) == {"ping", "transfer"}, explain(chk)
     assert all(" pass " in r for r in rows.values()), explain(chk)
+
+    text = lab.vvu("status", lab.name)
+    assert text.returncode == 0, explain(text)
+    for name in NODES:
+        assert re.search(rf"^{name}\s.*\sready\s", text.stdout, re.M), text.stdout
+    listed = lab.vvu("list")
+    assert listed.returncode == 0, explain(listed)
+    assert re.search(rf"^{lab.name}\s+running\s+3/3\s", listed.stdout, re.M), listed.stdout
 
     logs = lab.vvu("logs", "--lab", lab.name, "c1")
     assert logs.returncode == 0, explain(logs)
@@ -300,6 +313,8 @@ def test_ctrl_c_while_the_appliance_boots_leaves_nothing(
         text = out.read_text()
         assert code == 130, f"up exited {code} on Ctrl-C:\n{text}"
         assert took < 60, f"up took {took:.0f} s to stop on Ctrl-C:\n{text}"
+        assert f"interrupted: stopping lab {lab.name}" in text, text
+        assert f"lab {lab.name} stopped" in text, text
         _assert_clean(lab, "after Ctrl-C during up")
         assert lab.state().get("phase") == "stopped", lab.state()
     finally:
