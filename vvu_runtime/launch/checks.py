@@ -16,6 +16,7 @@ reachable) fails with the reason. Kinds:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import shlex
@@ -136,32 +137,44 @@ def check_transfer(lab: LabAccess, p: Mapping[str, Any]) -> str:
     ip = lab.address(src, dst)
     size = _size(p.get("size", 8 << 20))
     tok = secrets.token_hex(4)
-    tx, rx = f"/tmp/vvu-tx-{tok}", f"/tmp/vvu-rx-{tok}"
+    tx, rx, rx_pid = f"/tmp/vvu-tx-{tok}", f"/tmp/vvu-rx-{tok}", f"/tmp/vvu-rx-{tok}.pid"
     mib = max(1, size >> 20)
-    _checked(lab.run(src, f"head -c {size} /dev/urandom > {tx} && sha256sum {tx}"), "make data")
-    want = lab.run(src, f"sha256sum {tx}").stdout.split()[0]
     # netcat-openbsd (has -N) takes the port as an argument, busybox nc wants -p. The
-    # listener's stdin must never end: busybox nc closes the connection at its EOF.
+    # listener's stdin must never end: busybox nc closes the connection at its EOF. No fd
+    # of the background pipeline may be the shell's (an SSH channel would stay open). $! is
+    # the last command's pid: GNU timeout passes a SIGTERM on to nc, busybox timeout is nc.
     listen = (f"L='-l -p {TRANSFER_PORT}'; nc -h 2>&1 | grep -q -- ' -N' && "
-              f"L='-l {TRANSFER_PORT}'; (sleep 300 | timeout 300 nc $L > {rx}) >/dev/null 2>&1 &")
-    _checked(lab.run(dst, listen), "start the receiver")
-    _retry(lambda: _checked(lab.run(dst, f"netstat -ltn 2>/dev/null | grep -q ':{TRANSFER_PORT} '"
-                                        f" || ss -ltn | grep -q ':{TRANSFER_PORT} '"),
-                            "receiver listening"), attempts=20, pause=0.5)
+              f"L='-l {TRANSFER_PORT}'; sleep 300 </dev/null 2>/dev/null | "
+              f"timeout 300 nc $L > {rx} 2>/dev/null & echo $! > {rx_pid}")
     # netcat-openbsd needs -N to close the connection at EOF; busybox nc does it anyway.
     send = (f"N=; nc -h 2>&1 | grep -q -- ' -N' && N=-N; "
             f"nc $N -w 30 {ip} {TRANSFER_PORT} < {tx}")
-    start = time.monotonic()
-    _retry(lambda: _checked(lab.run(src, send, timeout=300), f"nc to {ip}"), attempts=3, pause=2)
-    took = time.monotonic() - start
     got = ""
-    for _ in range(30):
-        got = lab.run(dst, f"sha256sum {rx} 2>/dev/null").stdout.split(" ")[0]
-        if got == want:
-            break
-        time.sleep(1)
-    lab.run(src, f"rm -f {tx}")
-    lab.run(dst, f"rm -f {rx}")
+    try:
+        _checked(lab.run(src, f"head -c {size} /dev/urandom > {tx} && sha256sum {tx}"),
+                 "make data")
+        want = lab.run(src, f"sha256sum {tx}").stdout.split()[0]
+        _checked(lab.run(dst, listen), "start the receiver")
+        _retry(lambda: _checked(
+            lab.run(dst, f"netstat -ltn 2>/dev/null | grep -q ':{TRANSFER_PORT} '"
+                         f" || ss -ltn | grep -q ':{TRANSFER_PORT} '"),
+            "receiver listening"), attempts=20, pause=0.5)
+        start = time.monotonic()
+        _retry(lambda: _checked(lab.run(src, send, timeout=300), f"nc to {ip}"), attempts=3,
+               pause=2)
+        took = time.monotonic() - start
+        for _ in range(30):
+            got = lab.run(dst, f"sha256sum {rx} 2>/dev/null").stdout.split(" ")[0]
+            if got == want:
+                break
+            time.sleep(1)
+    finally:
+        # A receiver left listening (the send failed) would take the next transfer's data
+        # and leave that check's receiver unable to listen.
+        with contextlib.suppress(ShellError):
+            lab.run(dst, f"kill $(cat {rx_pid} 2>/dev/null) 2>/dev/null; rm -f {rx} {rx_pid}")
+        with contextlib.suppress(ShellError):
+            lab.run(src, f"rm -f {tx}")
     if got != want:
         raise CheckFailed(f"sha256 differs: sent {want[:16]}…, received {got[:16] or 'nothing'}…")
     return f"{mib} MiB to {ip}, sha256 equal, {size / max(took, 1e-3) / 2**20:.1f} MiB/s"
