@@ -86,7 +86,7 @@ class InflightTracker(Protocol):
         """Bind to ``queue`` (just started); chains recorded as inflight by a previous
         connection, in submission order."""
 
-    def bind(self, queue: Virtqueue) -> None:
+    def bind(self, queue: Virtqueue) -> Virtqueue:
         """Rebind after the ring was rebuilt over a new memory table (no resubmitting)."""
 
 

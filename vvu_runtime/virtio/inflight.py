@@ -198,12 +198,14 @@ class SplitInflight:
             raise RingError("inflight tracker used before resubmit() bound it to a queue")
         self.commit(queue.used_idx)
 
-    def bind(self, queue: Virtqueue) -> None:
-        """Track ``queue`` from now on (the ring was rebuilt over a new memory table)."""
+    def bind(self, queue: Virtqueue) -> SplitQueue:
+        """Track ``queue`` from now on (also after the ring was rebuilt over a new
+        memory table); the queue, as the ring type this region tracks."""
         if not isinstance(queue, SplitQueue):
             raise RingError(f"a {type(queue).__name__} is not a split ring: a split inflight "
                             "region cannot track it")
         self._queue = queue
+        return queue
 
     def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
         """Bind to the (split) ``queue`` that just started; the chains to process again.
@@ -213,10 +215,7 @@ class SplitInflight:
         as the base (it could not ask GET_VRING_BASE), and the entries between used
         and used + inflight are exactly the ones being resubmitted here.
         """
-        if not isinstance(queue, SplitQueue):
-            raise RingError(f"a {type(queue).__name__} is not a split ring: a split inflight "
-                            "region cannot track it")
-        self._queue = queue
+        queue = self.bind(queue)
         heads = self.pending(queue.used_idx)
         queue.last_avail_idx = queue.used_idx + len(heads)
         return [queue.chain_at(head) for head in heads]
@@ -357,12 +356,14 @@ class PackedInflight:
             raise RingError("inflight tracker used before resubmit() bound it to a queue")
         return self._queue
 
-    def bind(self, queue: Virtqueue) -> None:
-        """Track ``queue`` from now on (the ring was rebuilt over a new memory table)."""
+    def bind(self, queue: Virtqueue) -> PackedQueue:
+        """Track ``queue`` from now on (also after the ring was rebuilt over a new
+        memory table); the queue, as the ring type this region tracks."""
         if not isinstance(queue, PackedQueue):
             raise RingError(f"a {type(queue).__name__} is not a packed ring: a packed inflight "
                             "region cannot track it")
         self._queue = queue
+        return queue
 
     def resubmit(self, queue: Virtqueue) -> list[DescriptorChain]:
         """Bind to the packed ``queue`` that just started; the chains to process again.
@@ -371,10 +372,7 @@ class PackedInflight:
         the committed used index, avail past every slot still in flight (after a
         crash the front-end cannot tell us: QEMU does not restore packed positions).
         """
-        if not isinstance(queue, PackedQueue):
-            raise RingError(f"a {type(queue).__name__} is not a packed ring: a packed inflight "
-                            "region cannot track it")
-        self._queue = queue
+        queue = self.bind(queue)
         self._batch.clear()
         self._entry_of.clear()
         if not self.initialized:
