@@ -74,7 +74,7 @@ def test_consumer_boots_with_virtio_net_and_blk(
         rc, out = vm.console.run("echo oops >&2; exit_code() { return 3; }; exit_code")
         assert (rc, out) == (3, "oops\n")
 
-        pgid = vm._proc.pid if vm._proc else -1
+        pgid = vm.process_group or -1
         qemu_pid = vm.qemu_pid
         temp_dir = vm.temp_dir
 

@@ -530,6 +530,11 @@ class QemuMachine:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def process_group(self) -> int | None:
+        """The process group QEMU (and its tools-tree wrapper) runs in; None before launch."""
+        return self._proc.pid if self._proc is not None else None
+
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Execute a QMP command and return its ``return`` value."""
         if self._qmp is None or not self.is_running():
