@@ -104,6 +104,10 @@ def leftovers(lab: Lab) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    # testinfra's ansible:// hosts run ansible-inventory: the venv's, also when the
+    # venv is not activated (.venv/bin/python -m pytest).
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}:{path}"
     state = tmp_path_factory.mktemp("state")
     lab = Lab(f"acc-default-{os.getpid() % 100000}", state, REPO / "examples" / "default.yaml")
     try:
@@ -111,6 +115,7 @@ def lab(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield lab
     finally:
         lab.cli("down", lab.name, check=False)
+        os.environ["PATH"] = path
 
 
 def test_checks_of_the_default_topology_pass(lab: Lab) -> None:
