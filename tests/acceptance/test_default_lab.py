@@ -19,15 +19,14 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import testinfra
 
+from tests.support.launch_lab import Lab, explain, wait_until
 from vvu_runtime.launch.toolchain import Toolchain
 
 pytestmark = [pytest.mark.integration, pytest.mark.acceptance]
@@ -36,70 +35,25 @@ REPO = Path(__file__).resolve().parents[2]
 DISK = "/dev/vdb"  # c1's disk from st1 (vda is its root disk)
 
 
-@dataclass
-class Lab:
-    name: str
-    state_dir: Path
-    topology: Path
+def cli(lab: Lab, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``vvu-launch ARGS`` that must succeed."""
+    r = lab.vvu(*args, timeout=timeout)
+    assert r.returncode == 0, f"vvu-launch {' '.join(args)}: {explain(r)}"
+    return r
 
-    @property
-    def root(self) -> Path:
-        return self.state_dir / "labs" / self.name
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "VVU_STATE_DIR": str(self.state_dir)}
+def up(lab: Lab) -> None:
+    cli(lab, "up", "--detach", "--no-check", "--name", lab.name, str(lab.topology))
 
-    def cli(self, *args: str, timeout: float = 900, check: bool = True
-            ) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "vvu_runtime.launch.cli", *args],
-                           capture_output=True, text=True, env=self.env, timeout=timeout,
-                           cwd=REPO)
-        if check and r.returncode != 0:
-            raise AssertionError(f"vvu-launch {' '.join(args)} exited {r.returncode}:\n"
-                                 f"{r.stdout}\n{r.stderr}")
-        return r
 
-    def status(self) -> dict[str, Any]:
-        return dict(json.loads(self.cli("status", self.name, "--json").stdout))
-
-    def node(self, name: str) -> dict[str, Any]:
-        return next(n for n in self.status()["nodes"] if n["name"] == name)
-
-    def host(self, name: str) -> Any:
-        """A testinfra host from the lab's Ansible inventory (ansible://NAME)."""
-        return testinfra.get_host(f"ansible://{name}",
-                                  ansible_inventory=str(self.root / "inventory.yml"))
-
-    def up(self) -> None:
-        self.cli("up", "--detach", "--no-check", "--name", self.name, str(self.topology))
+def host(lab: Lab, name: str) -> Any:
+    """A testinfra host from the lab's Ansible inventory (ansible://NAME)."""
+    return testinfra.get_host(f"ansible://{name}",
+                              ansible_inventory=str(lab.lab_dir / "inventory.yml"))
 
 
 def wait(predicate: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(2)
-
-
-def leftovers(lab: Lab) -> list[str]:
-    """Everything of the lab that must be gone after `down`."""
-    left = []
-    run_dir = f"/run/vvu/{lab.name}"
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if run_dir in cmd or str(lab.root) in cmd:
-            left.append(f"process {proc.name}: {cmd[:200]}")
-    left += [f"RAM file {p}" for p in Path("/dev/shm").glob(f"vvu-lab-{lab.name}-*")]
-    if Path(run_dir).exists():
-        left.append(f"runtime dir {run_dir}: {sorted(os.listdir(run_dir))}")
-    return left
+    wait_until(what, lambda: predicate() or None, timeout, interval=2)
 
 
 @pytest.fixture(scope="module")
@@ -108,18 +62,19 @@ def lab(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Itera
     # venv is not activated (.venv/bin/python -m pytest).
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = f"{Path(sys.executable).parent}:{path}"
-    state = tmp_path_factory.mktemp("state")
-    lab = Lab(f"acc-default-{os.getpid() % 100000}", state, REPO / "examples" / "default.yaml")
+    lab = Lab(name=f"acc-default-{os.getpid() % 100000}",
+              topology=REPO / "examples" / "default.yaml",
+              state_dir=tmp_path_factory.mktemp("state"))
     try:
-        lab.up()
+        up(lab)
         yield lab
     finally:
-        lab.cli("down", lab.name, check=False)
+        lab.vvu("down", lab.name, timeout=300)
         os.environ["PATH"] = path
 
 
 def test_checks_of_the_default_topology_pass(lab: Lab) -> None:
-    r = lab.cli("check", lab.name, "--json")
+    r = cli(lab, "check", lab.name, "--json")
     results = json.loads(r.stdout)
     assert [c["ok"] for c in results] == [True] * 6, results
     kinds = {c["check"].split()[0] for c in results}
@@ -140,12 +95,12 @@ def test_status_shows_every_node_ready_and_every_link_up(lab: Lab) -> None:
     for lk in st["links"]:
         assert "BACKEND_UP" in lk["status"] and "FRONTEND_UP" in lk["status"], lk
         assert lk["messages"] > 0 and lk["errors"] == 0, lk
-    text = lab.cli("status", lab.name).stdout
+    text = cli(lab, "status", lab.name).stdout
     assert re.search(r"^c1-disk0\s+blk\s+c1\s+st1\s", text, re.M), text
 
 
 def test_nodes_through_the_inventory(lab: Lab) -> None:
-    sw1, st1, c1, c2 = (lab.host(n) for n in ("sw1", "st1", "c1", "c2"))
+    sw1, st1, c1, c2 = (host(lab, n) for n in ("sw1", "st1", "c1", "c2"))
     assert sw1.check_output("hostname") == "sw1"
     assert sw1.service("vvu-switch").is_running
     assert st1.service("vvu-blk").is_running
@@ -158,7 +113,7 @@ def test_nodes_through_the_inventory(lab: Lab) -> None:
 
 
 def test_consumers_ping_and_move_a_file_through_the_switch_appliance(lab: Lab) -> None:
-    c1, c2 = lab.host("c1"), lab.host("c2")
+    c1, c2 = host(lab, "c1"), host(lab, "c2")
     assert c1.run("ping -c 3 -W 2 10.10.1.11").rc == 0
     tok = secrets.token_hex(4)
     c1.check_output(f"head -c 4194304 /dev/urandom > /tmp/x-{tok}")
@@ -185,18 +140,18 @@ def _read_from_disk(c1: Any) -> str:
 
 def test_a_file_on_a_storage_appliance_disk_survives_down_and_up(lab: Lab) -> None:
     tok = secrets.token_hex(8)
-    _write_on_disk(lab.host("c1"), tok)
-    lab.cli("down", lab.name)
-    assert leftovers(lab) == []
-    lab.up()
-    assert _read_from_disk(lab.host("c1")) == tok
+    _write_on_disk(host(lab, "c1"), tok)
+    cli(lab, "down", lab.name)
+    assert lab.leftovers() == []
+    up(lab)
+    assert _read_from_disk(host(lab, "c1")) == tok
 
 
 def test_consumers_recover_when_the_backend_inside_an_appliance_is_killed(lab: Lab) -> None:
-    c1 = lab.host("c1")
+    c1 = host(lab, "c1")
     tok = secrets.token_hex(8)
     _write_on_disk(c1, tok)
-    st1, sw1 = lab.host("st1"), lab.host("sw1")
+    st1, sw1 = host(lab, "st1"), host(lab, "sw1")
     before = {n: lab.node(n)["pid"] for n in ("c1", "c2", "st1", "sw1")}
     st1.check_output("systemctl kill -s KILL vvu-blk.service")
     sw1.check_output("systemctl kill -s KILL vvu-switch.service")
@@ -216,7 +171,7 @@ def test_a_killed_vvu_devd_is_healed_without_restarting_a_consumer(lab: Lab) -> 
          and lab.node("st1")["state"] == "ready", "st1 healed", 400)
     assert {n: lab.node(n)["pid"] for n in consumers} == consumers
     tok = secrets.token_hex(8)
-    c1 = lab.host("c1")
+    c1 = host(lab, "c1")
     wait(lambda: c1.run(f"dd if=/dev/zero of={DISK} bs=4096 count=1 seek=100000 "
                         "oflag=direct").rc == 0, "c1's disk to work again", 120)
     _write_on_disk(c1, tok)
@@ -224,9 +179,9 @@ def test_a_killed_vvu_devd_is_healed_without_restarting_a_consumer(lab: Lab) -> 
 
 
 def test_down_leaves_nothing_behind(lab: Lab) -> None:
-    lab.cli("down", lab.name)
-    assert leftovers(lab) == []
+    cli(lab, "down", lab.name)
+    assert lab.leftovers() == []
     assert lab.status()["phase"] == "stopped"
-    assert (lab.root / "disks").is_dir()  # data survives down; --cleanup removes it
-    lab.cli("down", lab.name, "--cleanup")
-    assert not lab.root.exists()
+    assert (lab.lab_dir / "disks").is_dir()  # data survives down; --cleanup removes it
+    cli(lab, "down", lab.name, "--cleanup")
+    assert not lab.lab_dir.exists()

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch_support import Lab, explain, processes_mentioning, topology_yaml, wait_until
 
+from tests.support.launch_lab import Lab, explain, processes_mentioning, topology_yaml, wait_until
 from vvu_runtime.launch.appliance import ApplianceImage, build_appliance
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.shell import ConsoleShell
