@@ -358,7 +358,11 @@ def test_killed_supervisor_takes_the_vms_and_down_cleans_up(
         def all_gone() -> bool:
             return not any(_lab_pid_alive(lab, p) for p in vms)
 
-        wait_until("the lab's VMs and vvu-devd die with their supervisor", all_gone, 30)
+        try:
+            wait_until("the lab's VMs and vvu-devd die with their supervisor", all_gone, 30)
+        except AssertionError as e:
+            survivors = processes_mentioning(str(lab.run_dir), str(lab.lab_dir))
+            raise AssertionError(f"{e}:\n  " + "\n  ".join(survivors)) from None
         assert processes_mentioning(str(lab.run_dir), str(lab.lab_dir)) == []
         st = lab.status()
         assert st["phase"].startswith("crashed"), st
