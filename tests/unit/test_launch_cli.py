@@ -238,3 +238,24 @@ def test_down_of_a_lab_never_touches_a_lab_whose_name_it_prefixes(
         for p in (mine, other):
             p.kill()
             p.wait()
+
+
+def test_a_lab_brought_up_again_keeps_its_free_ssh_ports(tmp_path: Path) -> None:
+    import socket
+
+    paths = _lab(tmp_path, f"ports{os.getpid()}")
+    plan = json.loads(paths.topology_json.read_text())
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    free_port = free.getsockname()[1]
+    free.close()
+    for n in plan["nodes"]:
+        n["ssh_port"] = {"sw1": taken.getsockname()[1], "c1": free_port}[n["name"]]
+    write_json(paths.topology_json, plan)
+    try:
+        assert cli._previous_ports(paths) == {"c1": free_port}
+    finally:
+        taken.close()

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -398,6 +399,26 @@ def _stop_supervisor(paths: LabPaths, proc: subprocess.Popen[bytes] | None,
     _clean_leftovers(paths, quiet=True)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _previous_ports(paths: LabPaths) -> dict[str, int]:
+    """The SSH ports of the lab's last run that are still free: a lab brought up again
+    keeps its ssh_config and inventory valid."""
+    try:
+        plan = read_json(paths.topology_json, what="the lab's resolved topology")
+    except LabError:
+        return {}
+    return {n["name"]: n["ssh_port"] for n in plan.get("nodes", [])
+            if n.get("ssh_port") and _port_free(n["ssh_port"])}
+
+
 def _stages(state: dict[str, Any], start: float, built_s: float) -> str:
     """Where the time of `up` went: images, appliances ready, consumers ready."""
     def last_ready(role: str) -> float | None:
@@ -498,7 +519,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 (paths.root / d).mkdir(parents=True, exist_ok=True)
             public_key = make_key(paths)
             built = time.monotonic()
-            plan = plan_for(topo, build=True, paths=paths, public_key=public_key)
+            plan = plan_for(topo, build=True, paths=paths, public_key=public_key,
+                            ports=_previous_ports(paths))
             built_s = time.monotonic() - built
             start_wall = time.time()
             data = plan.to_json()
