@@ -344,7 +344,7 @@ def _clean_leftovers(paths: LabPaths, quiet: bool = False) -> list[str]:
     if paths.run.exists() or had:
         remove_runtime(paths, plan)
         done.append(f"removed {paths.run} and {len(had)} RAM file(s)")
-    if state and state.get("phase") not in ("stopped", None):
+    if state and state.get("phase") not in ("stopped", "failed", None):
         state["phase"] = "stopped"
         for node in state.get("nodes", {}).values():
             node["state"] = "stopped"
