@@ -24,6 +24,7 @@ from vvu_runtime.launch.appliance import ApplianceImage, ApplianceMachine
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import RUNTIME_PREFIX, GuestConsole, QemuMachine
 from vvu_runtime.launch.process import VvuLink
+from vvu_runtime.launch.procs import pid_alive
 from vvu_runtime.launch.render import BlkDevice, NetDevice, render_devices
 from vvu_runtime.launch.toolchain import Toolchain
 
@@ -152,21 +153,6 @@ def send_file(src: GuestConsole, dst: GuestConsole, dst_ip: str, kib: int, *,
 # --------------------------------------------------------------------------
 # Leaks
 # --------------------------------------------------------------------------
-
-
-def pid_alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes (its parent has not reaped it yet).
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False
 
 
 def processes_mentioning(*needles: str) -> list[str]:

@@ -60,8 +60,9 @@ from vvu_runtime.launch.lab import (
     write_access_files,
     write_json,
 )
+from vvu_runtime.launch.procs import pid_alive, pid_mentions
 from vvu_runtime.launch.shell import ShellError, SshShell
-from vvu_runtime.launch.supervisor import pid_alive, pid_mentions, remove_runtime
+from vvu_runtime.launch.supervisor import remove_runtime
 from vvu_runtime.launch.toolchain import Toolchain, ToolchainError
 from vvu_runtime.launch.topology import (
     Accel,

@@ -49,6 +49,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vvu_runtime.launch.accel import Accelerator, choose_accelerator
 from vvu_runtime.launch.initramfs import READY_BANNER
+from vvu_runtime.launch.procs import pid_alive
 from vvu_runtime.launch.toolchain import Toolchain, stop_process_group
 
 log = logging.getLogger(__name__)
@@ -224,22 +225,12 @@ class GuestConsole:
 # --------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep_stale() -> None:
     """Remove runtime files of machines whose process died without cleanup (SIGKILL)."""
     for base in (Path(tempfile.gettempdir()), SHM_DIR):
         for p in base.glob(f"{RUNTIME_PREFIX}*"):
             m = re.match(rf"{RUNTIME_PREFIX}(\d+)-", p.name)
-            if m and not _pid_alive(int(m.group(1))):
+            if m and not pid_alive(int(m.group(1))):
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -250,7 +241,7 @@ def _cleanup(proc: subprocess.Popen[bytes] | None, qemu_pid: int | None, paths: 
     """Last-resort cleanup (garbage collection or interpreter exit)."""
     if proc is not None and proc.poll() is None:
         stop_process_group(proc, grace=2.0)
-    if qemu_pid is not None and _pid_alive(qemu_pid):
+    if qemu_pid is not None and pid_alive(qemu_pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(qemu_pid, signal.SIGKILL)
     for p in paths:
@@ -582,11 +573,11 @@ class QemuMachine:
             if self._proc.poll() is None:
                 stop_process_group(self._proc)
             self.exitcode = self._proc.returncode
-        if self.qemu_pid is not None and _pid_alive(self.qemu_pid):
+        if self.qemu_pid is not None and pid_alive(self.qemu_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.qemu_pid, signal.SIGKILL)
             deadline = time.monotonic() + 5
-            while _pid_alive(self.qemu_pid) and time.monotonic() < deadline:
+            while pid_alive(self.qemu_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
     def _release(self) -> None:

@@ -47,6 +47,7 @@ from types import FrameType
 from typing import Any
 
 from vvu_runtime.launch.lab import LabPaths, read_json, write_json
+from vvu_runtime.launch.procs import pid_alive, pid_mentions
 from vvu_runtime.launch.toolchain import Toolchain, stop_process_group
 
 log = logging.getLogger("vvu_runtime.launch.supervisor")
@@ -92,36 +93,6 @@ class StartError(Exception):
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        # A zombie is dead for our purposes.
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
-def pid_mentions(pid: int, path: str | Path) -> bool:
-    """Whether process ``pid``'s command line names ``path`` or something under it.
-
-    Guards against pid reuse; an argument must be the path itself or contain it
-    followed by ``/`` (so lab ``a`` never matches lab ``a2``).
-    """
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    want = str(path).rstrip("/").encode()
-    return any(a == want or want + b"/" in a for a in args)
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
