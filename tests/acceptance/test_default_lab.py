@@ -172,8 +172,8 @@ def test_a_killed_vvu_devd_is_healed_without_restarting_a_consumer(lab: Lab) -> 
     assert {n: lab.node(n)["pid"] for n in consumers} == consumers
     tok = secrets.token_hex(8)
     c1 = host(lab, "c1")
-    wait(lambda: c1.run(f"dd if=/dev/zero of={DISK} bs=4096 count=1 seek=100000 "
-                        "oflag=direct").rc == 0, "c1's disk to work again", 120)
+    wait(lambda: c1.run(f"dd if={DISK} of=/dev/null bs=4096 count=16 iflag=direct").rc == 0,
+         "c1's disk to work again", 120)
     _write_on_disk(c1, tok)
     assert _read_from_disk(c1) == tok
 
