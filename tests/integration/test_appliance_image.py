@@ -337,6 +337,19 @@ def test_two_consumers_ping_through_the_appliance(
         assert status == "c2-nic0: connected; c1-nic0: connected", status
 
 
+def test_watchdog_restarts_a_wedged_backend(host: Any, devd: DeviceModel) -> None:
+    before = devd.backend_up()
+    pid = host.check_output("systemctl show -p MainPID --value vvu-switch")
+    host.check_output(f"kill -STOP {pid}")  # wedged: no more WATCHDOG=1
+    _wait_for(lambda: host.check_output("systemctl show -p NRestarts --value vvu-switch") == "1",
+              "systemd to restart the wedged backend (WatchdogSec=20)", 90)
+    _wait_for(lambda: host.service("vvu-switch").is_running and devd.backend_up() >= before + 2,
+              "the restarted backend to arm both links again", 90)
+    journal = host.check_output("journalctl -b -u vvu-switch --no-pager")
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    assert host.check_output("systemctl show -p MainPID --value vvu-switch") != pid
+
+
 # --------------------------------------------------------------------------
 # storage
 # --------------------------------------------------------------------------
