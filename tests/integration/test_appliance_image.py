@@ -393,8 +393,10 @@ def test_storage_appliance_serves_a_disk_and_a_file(
             _wait_for(lambda: host.service("vvu-blk").is_running, "vvu-blk READY", 60)
             status = host.check_output("systemctl show -p StatusText --value vvu-blk")
             assert status == "c1-disk0: waiting for front-end; c2-disk0: waiting for front-end"
-            children = host.check_output("pgrep -f -a 'vvu-blk --vvu'").splitlines()
-            assert len(children) == 2, children
+            main = host.check_output("systemctl show -p MainPID --value vvu-blk")
+            children = host.check_output(f"ps -o args= --ppid {main}").splitlines()
+            assert [c.split()[1:3] for c in children] == [
+                ["/usr/bin/vvu-blk", "--vvu"], ["/usr/bin/vvu-blk", "--vvu"]], children
             image = host.file("/run/vvu/disks/data1/c2.img")
             assert image.exists and image.size == 16 << 20
             consumer = QemuMachine(
