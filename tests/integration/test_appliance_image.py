@@ -9,8 +9,9 @@
   failed, ``is-system-running`` = running, config valid, the installed
   runtime's version and digest = the checkout's, another key refused, only the
   listed units enabled. Two busybox consumers then ping each other through it.
-* storage: serves a data disk (named by serial in the config) to a stock
-  vhost-user-blk consumer; then booted without the debug console and with a
+* storage: two exports (two vvu-blk under vvu-backend): a whole data disk named
+  by serial, served to a stock vhost-user-blk consumer, and a file created on a
+  blank second data disk; then booted without the debug console and with a
   bad config: a login prompt that refuses root without password, and the unit
   ``failed`` with the config error (file, line, field) in ``systemctl status``.
 * consumer: fio, iperf3, mkfs.ext4, nc, ping, kernel modules virtio-net/blk/scsi
@@ -337,6 +338,19 @@ def test_two_consumers_ping_through_the_appliance(
         assert status == "c2-nic0: connected; c1-nic0: connected", status
 
 
+def test_watchdog_restarts_a_wedged_backend(host: Any, devd: DeviceModel) -> None:
+    before = devd.backend_up()
+    pid = host.check_output("systemctl show -p MainPID --value vvu-switch")
+    host.check_output(f"kill -STOP {pid}")  # wedged: no more WATCHDOG=1
+    _wait_for(lambda: host.check_output("systemctl show -p NRestarts --value vvu-switch") == "1",
+              "systemd to restart the wedged backend (WatchdogSec=20)", 90)
+    _wait_for(lambda: host.service("vvu-switch").is_running and devd.backend_up() >= before + 2,
+              "the restarted backend to arm both links again", 90)
+    journal = host.check_output("journalctl -b -u vvu-switch --no-pager")
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    assert host.check_output("systemctl show -p MainPID --value vvu-switch") != pid
+
+
 # --------------------------------------------------------------------------
 # storage
 # --------------------------------------------------------------------------
@@ -347,28 +361,44 @@ def storage_image(toolchain: Toolchain) -> ApplianceImage:
     return build_appliance(toolchain, "storage")
 
 
-def test_storage_appliance_serves_a_disk_by_serial(
+def test_storage_appliance_serves_a_disk_and_a_file(
     toolchain: Toolchain, storage_image: ApplianceImage, consumer_assets: ConsumerAssets,
     tmp_path: Path, record_property: Any,
 ) -> None:  # fmt: skip
-    disk = tmp_path / "served.raw"
-    with disk.open("wb") as f:
-        f.truncate(32 << 20)
-    devd = DeviceModel(tmp_path, ("c1-disk0",))
+    """Two exports, so two vvu-blk processes under vvu-backend: a whole data disk
+    (by serial) and a file it creates on a blank second data disk."""
+    disks = {serial: tmp_path / f"{serial}.raw" for serial in ("data0", "data1")}
+    for path in disks.values():
+        with path.open("wb") as f:
+            f.truncate(64 << 20)
+    devd = DeviceModel(tmp_path, ("c1-disk0", "c2-disk0"))
+    config = {"kind": "storage", "exports": [
+        {"name": "c1-disk0", "disk": "data0"},
+        {"name": "c2-disk0", "file": {"disk": "data1", "path": "c2.img", "size": "16M"}}]}
+    args = []
+    for serial, path in disks.items():
+        args += ["-drive", f"file={path},format=raw,if=none,id={serial},cache=none,aio=threads",
+                 "-device", f"virtio-blk-pci,drive={serial},serial={serial}"]
     try:
-        vm = ApplianceMachine(
-            toolchain, storage_image, accel=Accelerator.TCG,
-            args=["-drive", f"file={disk},format=raw,if=none,id=served,cache=none,aio=threads",
-                  "-device", "virtio-blk-pci,drive=served,serial=data0"],
-            config={"kind": "storage", "exports": [{"name": "c1-disk0", "disk": "data0"}]},
-        )  # fmt: skip
-        vm.add_vfio_user_device(devd.vfio_sockets[0])
+        vm = ApplianceMachine(toolchain, storage_image, accel=Accelerator.TCG, args=args,
+                              config=config)
+        for sock in devd.vfio_sockets:
+            vm.add_vfio_user_device(sock)
         try:
-            ready = _boot(vm, devd, 1)
-            print(f"\nstorage: QEMU start -> BACKEND_UP: {ready:.1f} s", file=sys.stderr)
+            ready = _boot(vm, devd, 2)
+            print(f"\nstorage: QEMU start -> both links BACKEND_UP: {ready:.1f} s",
+                  file=sys.stderr)
             record_property("boot_to_ready_seconds", round(ready, 1))
             host = vm.testinfra_host()
-            assert host.service("vvu-blk").is_running
+            _wait_for(lambda: host.service("vvu-blk").is_running, "vvu-blk READY", 60)
+            status = host.check_output("systemctl show -p StatusText --value vvu-blk")
+            assert status == "c1-disk0: waiting for front-end; c2-disk0: waiting for front-end"
+            main = host.check_output("systemctl show -p MainPID --value vvu-blk")
+            children = host.check_output(f"ps -o args= --ppid {main}").splitlines()
+            assert [c.split()[1:3] for c in children] == [
+                ["/usr/bin/vvu-blk", "--vvu"], ["/usr/bin/vvu-blk", "--vvu"]], children
+            image = host.file("/run/vvu/disks/data1/c2.img")
+            assert image.exists and image.size == 16 << 20
             consumer = QemuMachine(
                 toolchain, name="blk-consumer", kernel=consumer_assets.kernel,
                 initrd=consumer_assets.initrd, memory_mib=DeviceModel.RAM_MIB,
@@ -378,14 +408,14 @@ def test_storage_appliance_serves_a_disk_by_serial(
             )  # fmt: skip
             with consumer:
                 con = consumer.console
-                assert con.check("cat /sys/block/vda/size").strip() == str((32 << 20) // 512)
+                assert con.check("cat /sys/block/vda/size").strip() == str((64 << 20) // 512)
                 assert con.check("cat /sys/block/vda/serial").strip() == "c1-disk0"
                 con.check("echo VVU-STORAGE-APPLIANCE | dd of=/dev/vda bs=512 seek=100 "
                           "conv=fsync", timeout=120)
             assert host.run("systemctl is-system-running").stdout.strip() == "running"
         finally:
             vm.shutdown()
-        with disk.open("rb") as f:
+        with disks["data0"].open("rb") as f:
             f.seek(100 * 512)
             assert f.read(21) == b"VVU-STORAGE-APPLIANCE"
     finally:
