@@ -990,7 +990,11 @@ def test_no_fd_leak_over_many_connections(tmp_path: Path) -> None:
             for fd in fds:
                 os.close(fd)
             wait_for(lambda: link.tunnel.conn is None, "the disconnect")
-            now = len(open_fds())
-            settled = now if settled is None else settled
-            assert now == settled, f"fds grew on connection {i}"
+            if settled is None:
+                settled = len(open_fds())
+                continue
+            # Another thread of this test process may hold an fd for a moment under load;
+            # a leak is a count that stays above the first connection's.
+            wait_for(lambda limit=settled: len(open_fds()) <= limit,  # type: ignore[misc]
+                     f"fds back to {settled} after connection {i} (a leak if they stay above)")
     assert_no_fds_beyond(before)
