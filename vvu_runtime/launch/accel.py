@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.toolchain import Toolchain, ToolchainError, stop_process_group
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ _PROBE_FAIL = re.compile(r"KVM internal error|emulation failure|failed to initia
 PROBE_TIMEOUT = 45.0
 
 
-class AccelError(Exception):
+class AccelError(VvuError):
     """The requested accelerator cannot be used here."""
 
 

@@ -70,6 +70,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vvu_runtime.console import run_main
+from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator, choose_accelerator
 from vvu_runtime.launch.machine import MachineError, MachineLaunchError, MachineTimeout, QemuMachine
 from vvu_runtime.launch.render import (
@@ -117,7 +119,7 @@ BUILDER_VERSION = 2
 NOT_IMAGES = frozenset({"base"})
 
 
-class ApplianceError(Exception):
+class ApplianceError(VvuError):
     """An appliance cannot be built or found; the message says why."""
 
 
@@ -865,35 +867,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="appliance config (JSON/YAML) passed as the vvu.appliance credential")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return run_main(lambda: _command(args), program="vvu-appliance")
+
+
+def _command(args: argparse.Namespace) -> int:
     tc = Toolchain()
-    try:
-        if args.cmd == "build":
-            rows = []
-            for name in args.names or appliance_names(tc):
-                start = time.monotonic()
-                image = build_appliance(tc, name, force=args.force, output_dir=args.output_dir)
-                took = time.monotonic() - start
-                state = f"built ({took:.0f} s)" if image.rebuilt else "up to date"
-                rows.append(_image_row(image, state))
-            _print_table(HEADER, rows)
-        elif args.cmd == "status":
-            rows = []
-            for st in appliance_status(tc, output_dir=args.output_dir):
-                if st.image is None:
-                    rows.append([st.name, st.state, "-", "-", "-", str(st.where)])
-                else:
-                    rows.append(_image_row(st.image, st.state))
-            _print_table(HEADER, rows)
-            return 0 if all(r[1] == "up to date" for r in rows) else 1
-        elif args.cmd == "boot":
-            return _boot(tc, args.name, persistent=args.persistent, output_dir=args.output_dir,
-                         config=args.config)
-    except (ApplianceError, ToolchainError) as e:
-        _say(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return 130
+    if args.cmd == "build":
+        rows = []
+        for name in args.names or appliance_names(tc):
+            start = time.monotonic()
+            image = build_appliance(tc, name, force=args.force, output_dir=args.output_dir)
+            took = time.monotonic() - start
+            state = f"built ({took:.0f} s)" if image.rebuilt else "up to date"
+            rows.append(_image_row(image, state))
+        _print_table(HEADER, rows)
+    elif args.cmd == "status":
+        rows = []
+        for st in appliance_status(tc, output_dir=args.output_dir):
+            if st.image is None:
+                rows.append([st.name, st.state, "-", "-", "-", str(st.where)])
+            else:
+                rows.append(_image_row(st.image, st.state))
+        _print_table(HEADER, rows)
+        return 0 if all(r[1] == "up to date" for r in rows) else 1
+    elif args.cmd == "boot":
+        return _boot(tc, args.name, persistent=args.persistent, output_dir=args.output_dir,
+                     config=args.config)
     return 0
 
 

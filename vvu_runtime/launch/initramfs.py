@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from vvu_runtime.errors import VvuError
+
 if TYPE_CHECKING:
     from vvu_runtime.launch.toolchain import Toolchain
 
@@ -72,7 +74,7 @@ DEFAULT_MODULES: tuple[str, ...] = (
 READY_BANNER = "vvu-consumer: ready"
 
 
-class InitramfsError(Exception):
+class InitramfsError(VvuError):
     """Building a consumer initramfs failed; the message says what to fix."""
 
 

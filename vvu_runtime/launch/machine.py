@@ -47,6 +47,7 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator, choose_accelerator
 from vvu_runtime.launch.initramfs import READY_BANNER
 from vvu_runtime.launch.procs import pid_alive
@@ -68,7 +69,7 @@ RUNTIME_PREFIX = "vvu-qemu-"
 SHM_DIR = Path("/dev/shm")
 
 
-class MachineError(Exception):
+class MachineError(VvuError):
     """A VM could not be run or driven as asked."""
 
 

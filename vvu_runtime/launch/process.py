@@ -38,6 +38,8 @@ from pathlib import Path
 from signal import Signals
 from types import TracebackType
 
+from vvu_runtime.errors import VvuError
+
 __all__ = [
     "ApplianceProcess",
     "BackendError",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 
-class BackendError(Exception):
+class BackendError(VvuError):
     """A backend process did not start, or did not stop when asked."""
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.lab import LabPaths, read_json, write_json
 from vvu_runtime.launch.procs import pid_alive, pid_mentions
 from vvu_runtime.launch.toolchain import Toolchain, stop_process_group
@@ -86,7 +87,7 @@ class Stop(BaseException):
     """A signal asked the supervisor to stop the lab (raised from the handler)."""
 
 
-class StartError(Exception):
+class StartError(VvuError):
     """A component did not start or did not become ready."""
 
 

@@ -46,6 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vvu_runtime.console import run_main
+from vvu_runtime.errors import VvuError
+
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "MIN_QEMU",
@@ -80,7 +83,7 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 ENSURE_HINT = "run ./setup (or .venv/bin/vvu-toolchain ensure)"
 
 
-class ToolchainError(Exception):
+class ToolchainError(VvuError):
     """The tool chain cannot be prepared or used; the message says why."""
 
 
@@ -842,31 +845,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so a running mkosi build is stopped with us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return run_main(lambda: _command(args, parser), program="vvu-toolchain")
+
+
+def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     tc = Toolchain()
-    try:
-        if args.cmd == "ensure":
-            tc.ensure(rebuild=args.rebuild, refresh_mkosi=args.refresh_mkosi)
-        elif args.cmd == "status":
-            rows = tc.status()
-            _print_table(rows)
-            return 0 if all(r.ok for r in rows) else 1
-        elif args.cmd == "run":
-            cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-            if not cmd:
-                parser.error("run needs a command: vvu-toolchain run -- CMD …")
-            full = tc.command(cmd)
-            sys.stdout.flush()
-            os.execv(full[0], full)
-        elif args.cmd == "path":
-            print(tc.path(args.name))
-        elif args.cmd == "mkosi":
-            print(" ".join(tc.mkosi_argv()))
-    except ToolchainError as e:
-        _say(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return 130
+    if args.cmd == "ensure":
+        tc.ensure(rebuild=args.rebuild, refresh_mkosi=args.refresh_mkosi)
+    elif args.cmd == "status":
+        rows = tc.status()
+        _print_table(rows)
+        return 0 if all(r.ok for r in rows) else 1
+    elif args.cmd == "run":
+        cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not cmd:
+            parser.error("run needs a command: vvu-toolchain run -- CMD …")
+        full = tc.command(cmd)
+        sys.stdout.flush()
+        os.execv(full[0], full)
+    elif args.cmd == "path":
+        print(tc.path(args.name))
+    elif args.cmd == "mkosi":
+        print(" ".join(tc.mkosi_argv()))
     return 0
 
 

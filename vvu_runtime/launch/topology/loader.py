@@ -229,7 +229,9 @@ class _Resolver:
             return None  # missing or wrong: reported
         layers = [p, *self._default_layer(kind.value), *self._default_layer("appliance")]
         v = APPLIANCE.resolve(layers, kind)
-        exports = self._exports(v.get("exports") or [])
+        raw = v.get("exports")
+        # An exports value that was not a list is reported already: nothing to walk.
+        exports = INVALID if raw is INVALID else self._exports(raw or [])
         subnet = v.get("subnet")
         if kind is ApplianceKind.VSWITCH and subnet is None:
             subnet = self._default_subnet(name, p)
