@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.vvu_rig import wait_ping
 from vvu_runtime.launch.initramfs import ConsumerAssets
 from vvu_runtime.launch.machine import GuestConsole, QemuMachine
 from vvu_runtime.launch.process import BackendProcess
@@ -88,17 +89,6 @@ def vm1(rig: Rig) -> Iterator[QemuMachine]:
         yield vm
 
 
-def _wait_link(console: GuestConsole, peer: str, timeout: float = 60) -> None:
-    """ARP/ND may take a moment after boot; ping until the peer answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rc, out = console.run(f"ping -c 1 -W 2 {peer}")
-        if rc == 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{peer} unreachable:\n{out}")
-
-
 def _send_file(src: GuestConsole, dst: GuestConsole, dst_ip: str, kib: int) -> str:
     # The listener's stdin is a pipe that never delivers: a background busybox nc
     # reading the console would be stopped (SIGTTIN) and stop reading the socket.
@@ -121,7 +111,7 @@ def test_ping_and_file_transfer_with_offloads_end_to_end(rig: Rig, vm1: QemuMach
     with rig.vm("vm2", "10.0.0.2", "52:54:00:00:00:02", queues=2) as vm2:
         queues = vm2.console.check("ls /sys/class/net/eth0/queues").split()
         assert {"rx-0", "rx-1", "tx-0", "tx-1"} <= set(queues), queues
-        _wait_link(vm1.console, "10.0.0.2")
+        wait_ping(vm1.console, "10.0.0.2", timeout=60)
         out = vm1.console.check("ping -c 5 -W 5 10.0.0.2")
         assert " 0% packet loss" in out
         out = vm2.console.check("ping -c 3 -W 5 10.0.0.1")
@@ -154,7 +144,7 @@ def test_consumer_reconnects_without_restarting_the_switch(rig: Rig, vm1: QemuMa
     vm1_connections_before = rig.switch.output().count("port vm1 (connection")
     for attempt in range(2):
         with rig.vm("vm2", "10.0.0.2", "52:54:00:00:00:02") as vm2:
-            _wait_link(vm2.console, "10.0.0.1")
+            wait_ping(vm2.console, "10.0.0.1", timeout=60)
             out = vm1.console.check("ping -c 3 -W 5 10.0.0.2")
             assert " 0% packet loss" in out, f"attempt {attempt}: {out}"
         # vm2's QEMU is gone: its port went down, vm1's session lives on.
@@ -176,11 +166,11 @@ def test_switch_restart_consumers_reconnect(rig: Rig, vm1: QemuMachine) -> None:
     """The other direction: the switch goes away and comes back; QEMU's
     reconnect-ms brings both guests back onto it and traffic resumes."""
     with rig.vm("vm2", "10.0.0.2", "52:54:00:00:00:02") as vm2:
-        _wait_link(vm1.console, "10.0.0.2")
+        wait_ping(vm1.console, "10.0.0.2", timeout=60)
         assert rig.switch.stop() == 0
         rig.switch.start()
         # QEMU retries every second; the rings resume where the guests are.
-        _wait_link(vm1.console, "10.0.0.2", timeout=90)
+        wait_ping(vm1.console, "10.0.0.2", timeout=90)
         out = vm2.console.check("ping -c 3 -W 5 10.0.0.1")
         assert " 0% packet loss" in out
         _send_file(vm2.console, vm1.console, "10.0.0.1", 256)

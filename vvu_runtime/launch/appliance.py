@@ -60,7 +60,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -74,6 +73,7 @@ from vvu_runtime.console import run_main
 from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator, choose_accelerator
 from vvu_runtime.launch.machine import MachineError, MachineLaunchError, MachineTimeout, QemuMachine
+from vvu_runtime.launch.ports import free_port, ssh_banner
 from vvu_runtime.launch.render import (
     Credential,
     NoMigrate,
@@ -535,22 +535,6 @@ def build_appliances(
 # --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ssh_banner(port: int, timeout: float = 3.0) -> bytes:
-    """The first bytes the forwarded port sends (slirp accepts even with no sshd)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            return s.recv(64)
-    except OSError:
-        return b""
-
-
 class ApplianceMachine(QemuMachine):
     """An appliance VM, used as a context manager::
 
@@ -677,7 +661,7 @@ class ApplianceMachine(QemuMachine):
     def launch(self) -> None:
         """Start QEMU with SSH forwarded to a free port (retried if it was taken meanwhile)."""
         for attempt in range(3):
-            port = self._want_port or _free_port()
+            port = self._want_port or free_port()
             self._compose_args(port)
             try:
                 super().launch()
@@ -716,7 +700,7 @@ class ApplianceMachine(QemuMachine):
             raise MachineError(f"machine {self.name} is not running")
         budget = self.ssh_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
-        while not _ssh_banner(self.ssh_port).startswith(b"SSH-"):
+        while not ssh_banner(self.ssh_port).startswith(b"SSH-"):
             if not self.is_running():
                 raise MachineError(f"{self.name} exited while waiting for sshd")
             if time.monotonic() > deadline:

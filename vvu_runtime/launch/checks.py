@@ -123,19 +123,10 @@ def check_ping(lab: LabAccess, p: Mapping[str, Any]) -> str:
     return _retry(once, attempts=5, pause=2)
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"(\d+)\s*([KMG]?)i?B?", str(value).strip(), re.I)
-    if not m:
-        raise CheckFailed(f"size {value!r}")
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
-
-
 def check_transfer(lab: LabAccess, p: Mapping[str, Any]) -> str:
     src, dst = p["from"], p["to"]
     ip = lab.address(src, dst)
-    size = _size(p.get("size", 8 << 20))
+    size = int(p["size"])  # bytes: the topology loader resolved it (default 8M)
     tok = secrets.token_hex(4)
     tx, rx, rx_pid = f"/tmp/vvu-tx-{tok}", f"/tmp/vvu-rx-{tok}", f"/tmp/vvu-rx-{tok}.pid"
     mib = max(1, size >> 20)

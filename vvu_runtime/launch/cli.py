@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,6 +59,7 @@ from vvu_runtime.launch.lab import (
     write_access_files,
     write_json,
 )
+from vvu_runtime.launch.ports import port_free
 from vvu_runtime.launch.procs import pid_alive, pid_mentions
 from vvu_runtime.launch.shell import ShellError, SshShell
 from vvu_runtime.launch.supervisor import remove_runtime
@@ -400,15 +400,6 @@ def _stop_supervisor(paths: LabPaths, proc: subprocess.Popen[bytes] | None,
     _clean_leftovers(paths, quiet=True)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _previous_ports(paths: LabPaths) -> dict[str, int]:
     """The SSH ports of the lab's last run that are still free: a lab brought up again
     keeps its ssh_config and inventory valid."""
@@ -417,7 +408,7 @@ def _previous_ports(paths: LabPaths) -> dict[str, int]:
     except LabError:
         return {}
     return {n["name"]: n["ssh_port"] for n in plan.get("nodes", [])
-            if n.get("ssh_port") and _port_free(n["ssh_port"])}
+            if n.get("ssh_port") and port_free(n["ssh_port"])}
 
 
 def _stages(state: dict[str, Any], start: float, built_s: float) -> str:

@@ -35,7 +35,6 @@ import ipaddress
 import json
 import os
 import shlex
-import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -45,6 +44,7 @@ from typing import Any
 
 from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator
+from vvu_runtime.launch.ports import free_port
 from vvu_runtime.launch.render import (
     BlkDevice,
     Credential,
@@ -344,12 +344,6 @@ class LabPlan:
         return "\n".join(out) + "\n"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _mac(*parts: str) -> str:
     """A stable, locally administered unicast MAC from the given names."""
     h = hashlib.sha256("/".join(parts).encode()).digest()
@@ -447,7 +441,7 @@ def plan_lab(
         ram_files[paths.ram_file(a.name)] = a.memory_mib
         image = (ImageFiles(**{**asdict(image_of(a.kind.value)), "disk": a.image})
                  if a.image is not None else image_of(a.kind.value))
-        port = ports.get(a.name) or _free_port()
+        port = ports.get(a.name) or free_port()
         own = appliance_links[a.name]
         config: dict[str, Any] = {"kind": a.kind.value, "options": dict(a.options)}
         disks: list[DataDisk] = []
@@ -500,7 +494,7 @@ def plan_lab(
         else:
             image = image_of(c.image.name or "consumer")
             kind = "consumer"
-        port = ports.get(c.name) or _free_port()
+        port = ports.get(c.name) or free_port()
         nets = [NetDevice(f"net{n.index}", paths.vhost_socket(n.link), n.mac,
                           reconnect_ms=RECONNECT_MS) for n in c.nics]
         blks = [BlkDevice(f"blk{d.index}", paths.vhost_socket(d.link),

@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from typing import Any
 
 from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.lab import LabPaths, read_json, write_json
+from vvu_runtime.launch.ports import ssh_banner
 from vvu_runtime.launch.procs import pid_alive, pid_mentions
 from vvu_runtime.launch.toolchain import Toolchain, stop_process_group
 
@@ -335,9 +335,9 @@ class Supervisor:
         if c.role == "appliance":
             if c.plan["links"]:
                 return self.links_have(c, "BACKEND_UP")
-            return _ssh_banner(c.plan["ssh_port"])
+            return ssh_banner(c.plan["ssh_port"], 2.0).startswith(b"SSH-")
         if c.plan["ssh_port"] is not None:
-            up = _ssh_banner(c.plan["ssh_port"])
+            up = ssh_banner(c.plan["ssh_port"], 2.0).startswith(b"SSH-")
         else:
             up = "vvu# " in _tail(self.paths.console_log(c.name), 400)
         return up and self.consumer_links_up(c)
@@ -509,18 +509,6 @@ def remove_runtime(paths: LabPaths, plan: dict[str, Any]) -> None:
     for path in plan.get("ram_files", {}):
         Path(path).unlink(missing_ok=True)
     shutil.rmtree(paths.run, ignore_errors=True)
-
-
-def _ssh_banner(port: int | None, timeout: float = 2.0) -> bool:
-    """Whether sshd answers on the forwarded port (slirp accepts even with no sshd)."""
-    if port is None:
-        return False
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            return s.recv(8).startswith(b"SSH-")
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
