@@ -8,7 +8,16 @@
   replaced, anything else refused; :class:`UnixListener` listens there and
   removes the file on close only while it is still ours;
 * :class:`Outbox`: bytes (and fds) waiting for a non-blocking stream socket, so
-  an event loop never blocks on a peer that does not read.
+  an event loop never blocks on a peer that does not read;
+* :func:`eventfd_take`, :func:`eventfd_signal`: read and write an eventfd a
+  peer shares without ever blocking, whatever the peer does to its flags.
+
+An fd received from a peer shares its open file description with that peer,
+which can clear O_NONBLOCK at any time: ``os.set_blocking`` once is no
+protection. Reads therefore use per-call non-blocking I/O (``RWF_NOWAIT``,
+``MSG_DONTWAIT``); eventfd writes, for which Linux has no per-call flag
+(pwritev2 RWF_NOWAIT gives EOPNOTSUPP, reopening /proc/self/fd/N gives ENXIO),
+check writability first and set O_NONBLOCK right before the write.
 
 This is a base module: it imports nothing else of vvu_runtime. Errors are
 :class:`FdError`; each layer wraps them into its own tree.
@@ -20,7 +29,9 @@ import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
+import select
 import socket
 import stat
 from collections import deque
@@ -49,6 +60,55 @@ def is_eventfd(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
     except OSError:
         return False
+
+
+_EVENTFD_ONE = (1).to_bytes(8, "little")
+
+
+def eventfd_take(fd: int) -> int:
+    """Read (and so reset) an eventfd's counter without blocking; 0 when it is zero.
+
+    ``preadv2(RWF_NOWAIT)`` is non-blocking for this call only, so a peer that
+    made the shared file blocking cannot stall us (eventfd supports it since
+    Linux 5.12). An fd that is closed or not readable gives 0: the caller's
+    link checks what kind of fd it holds when it takes it.
+    """
+    buf = bytearray(8)
+    try:
+        if os.preadv(fd, [buf], -1, os.RWF_NOWAIT) != 8:
+            return 0
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.EINVAL, errno.EOPNOTSUPP):
+            return 0
+        raise
+    return int.from_bytes(buf, "little")
+
+
+def eventfd_signal(fd: int) -> bool:
+    """Add 1 to an eventfd a peer shares, never blocking; False if not written.
+
+    A write blocks only when the counter is about to overflow, which means a
+    wake-up is already pending: skipping it loses nothing. A peer would have
+    to refill the counter and clear O_NONBLOCK between these three system
+    calls to block us; :meth:`poll` first makes the ordinary attack (a full
+    counter, a blocking file) a no-op.
+    """
+    try:
+        ready = select.poll()
+        ready.register(fd, select.POLLOUT)
+        if not ready.poll(0):
+            return False
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)
+        os.write(fd, _EVENTFD_ONE)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return False
+        raise
+    return True
 
 
 def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
@@ -239,6 +299,8 @@ __all__ = [
     "Outbox",
     "UnixListener",
     "close_fds",
+    "eventfd_signal",
+    "eventfd_take",
     "fds_from_ancdata",
     "is_eventfd",
     "remove_stale_socket",

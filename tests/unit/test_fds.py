@@ -89,3 +89,33 @@ def test_unix_channel_on_a_loop_never_blocks_on_a_silent_peer() -> None:
         ch.close()
         loop.close()
         b.close()
+
+
+def test_eventfd_take_never_blocks_on_a_blocking_shared_file():
+    from vvu_runtime.fds import eventfd_take
+    fd = os.eventfd(0)  # blocking, as a peer may leave it
+    try:
+        assert eventfd_take(fd) == 0
+        os.eventfd_write(fd, 7)
+        assert eventfd_take(fd) == 7
+        assert eventfd_take(fd) == 0
+    finally:
+        os.close(fd)
+
+
+def test_eventfd_signal_skips_a_saturated_blocking_counter():
+    from vvu_runtime.fds import eventfd_signal, eventfd_take
+    fd = os.eventfd(0)
+    try:
+        assert eventfd_signal(fd) is True
+        assert eventfd_take(fd) == 1
+        os.eventfd_write(fd, 2**64 - 2)  # saturated: one more write would block
+        os.set_blocking(fd, True)
+        assert eventfd_signal(fd) is False
+        assert eventfd_take(fd) == 2**64 - 2
+        os.close(fd)
+        assert eventfd_signal(fd) is False  # closed under us: nothing written, no raise
+        fd = -1
+    finally:
+        if fd >= 0:
+            os.close(fd)
