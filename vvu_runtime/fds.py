@@ -239,7 +239,7 @@ class Outbox:
         fds = list(fds)
         if not self._queue:
             try:
-                sent = self.sock.sendmsg([data], rights(fds))
+                sent = self.sock.sendmsg([data], rights(fds), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -259,7 +259,7 @@ class Outbox:
         while self._queue:
             view, fds = self._queue[0]
             try:
-                sent = self.sock.sendmsg([view], rights(fds))
+                sent = self.sock.sendmsg([view], rights(fds), socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

@@ -304,8 +304,10 @@ class UnixChannel(Channel):
     def _recv_some(self, want: int) -> bool:
         """One recvmsg of at most ``want`` bytes; False when nothing was available."""
         try:
-            data, anc, msg_flags, _ = self.sock.recvmsg(want, self._anc_size,
-                                                        socket.MSG_CMSG_CLOEXEC)
+            # MSG_DONTWAIT: the socket may be shared with the peer (a back-end
+            # request socket), which can make the file blocking at any time.
+            data, anc, msg_flags, _ = self.sock.recvmsg(
+                want, self._anc_size, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -404,7 +406,7 @@ class UnixChannel(Channel):
         anc = rights(fds)
         while data:
             try:
-                sent = self.sock.sendmsg([data], anc)
+                sent = self.sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 _, ready, _ = select.select([], [self.sock], [], SEND_TIMEOUT)
                 if not ready:
