@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tests.support.guest_ram import sealed_memfd
 from tests.support.vfio_user_client import RegionInfoResult, VfioUserClient
 from vvu_runtime.device.errors import DeviceError as VfioUserError
 from vvu_runtime.device.vfio_user.protocol import (
@@ -185,9 +186,8 @@ class VfioUserPciFunction(PciFunction):
 
     def alloc_dma(self, size: int) -> DmaBuffer:
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-        fd = os.memfd_create("vvu-driver-dma", os.MFD_CLOEXEC)
+        fd = sealed_memfd("vvu-driver-dma", size)
         try:
-            os.ftruncate(fd, size)
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.guest_ram import sealed_memfd
 from vvu_runtime.device.dma import PAGE_SIZE, DmaMemory, DmaTable
 from vvu_runtime.device.errors import DmaError
 from vvu_runtime.virtio.errors import GuestMemoryError
@@ -19,8 +20,7 @@ P = PAGE_SIZE
 
 @pytest.fixture
 def ram() -> Iterator[int]:
-    fd = os.memfd_create("vvu-dma-test", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 64 * P)
+    fd = sealed_memfd("vvu-dma-test", 64 * P)
     for page in range(64):
         os.pwrite(fd, page.to_bytes(2, "little") * (P // 2), page * P)
     yield fd
@@ -134,8 +134,7 @@ def test_dma_memory_is_guest_memory_for_rings(ram: int) -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 31), st.integers(1, 8)), max_size=40))
 def test_table_matches_a_page_model(ops: list[tuple[bool, int, int]]) -> None:
-    fd = os.memfd_create("vvu-dma-model", os.MFD_CLOEXEC)
-    os.ftruncate(fd, 40 * P)
+    fd = sealed_memfd("vvu-dma-model", 40 * P)
     for page in range(40):
         os.pwrite(fd, page.to_bytes(2, "little"), page * P)
     t = DmaTable()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.guest_ram import sealed_memfd
 from tests.support.server_thread import ServerThread
 from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.errors import PeerHungUp, RemoteError
@@ -113,9 +114,7 @@ class Harness:
 
 
 def _ram(size: int = 4 * MiB) -> int:
-    fd = os.memfd_create("vvu-test-ram", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd
+    return sealed_memfd("vvu-test-ram", size)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.entropy import EntropyDevice
+from tests.support.guest_ram import sealed_memfd
 from tests.support.server_thread import ServerThread
 from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.vfio_user.protocol import IrqSetFlags, PciIrq, PciRegion
@@ -222,8 +223,7 @@ def rig(request: pytest.FixtureRequest) -> Iterator[Driver]:
     device: VirtioPciDevice = getattr(request, "param", EchoDevice)()
     ours, theirs = socket.socketpair()
     server = VfioUserServer(device)
-    ram = os.memfd_create("vvu-test-guest-ram", os.MFD_CLOEXEC)
-    os.ftruncate(ram, RAM_SIZE)
+    ram = sealed_memfd("vvu-test-guest-ram", RAM_SIZE)
     memory = GuestMemory()
     memory.add(map_fd(MemoryRegion(0, RAM_SIZE, 0, 0), ram))
     with ServerThread(lambda: server) as thread:

@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import pytest
 
+from tests.support.guest_ram import sealed_memfd
 from tests.support.loop_thread import LoopThread
 from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.tunnel import TUNNEL_PROTOCOL_FEATURES, VhostUserTunnel
@@ -375,8 +376,7 @@ def make_link(thread: LoopThread, tmp: Path, name: str, ram_size: int = CONSUMER
     thread.call(lambda: server.attach(theirs))
     client = VfioUserClient(ours)
     client.version()
-    app_ram = os.memfd_create(f"{name}-appliance-ram", os.MFD_CLOEXEC)
-    os.ftruncate(app_ram, APPLIANCE_RAM)
+    app_ram = sealed_memfd(f"{name}-appliance-ram", APPLIANCE_RAM)
     memory = GuestMemory()
     memory.add(map_fd(MemoryRegion(0, APPLIANCE_RAM, 0, 0), app_ram))
     client.dma_map(0, APPLIANCE_RAM, app_ram)

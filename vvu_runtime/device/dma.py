@@ -20,19 +20,27 @@ existing one is refused with EEXIST, as the vfio-user spec says.
 Every translation is bounds-checked and confined to one map: a buffer that spans
 two maps (4 KiB pages mapped separately) is only reachable through
 :meth:`DmaTable.read` / :meth:`DmaTable.write` / :meth:`DmaTable.translate_sg`.
-An fd is trusted to be at least as long as the map (checked for regular files and
-memfds at map time): a client that truncates guest RAM under us could still fault
-the server, which is the client's own device dying.
+
+The device model walks rings in these maps through its own mmap of the fd, and
+one process serves every device of an appliance: a client that truncated the file
+under that mmap would kill all of them with SIGBUS. So an fd is mapped only if it
+is sealed against shrinking (``F_SEAL_SHRINK``, which QEMU's
+``memory-backend-memfd`` sets by default); anything else is refused with a reason
+naming the fix. Seals cannot be removed, so checking the size after the seals is
+race-free. Each distinct file is mapped once, whole, and shared by every map that
+uses it (QEMU sends one DMA_MAP per 4 KiB page with the same fd): the cost is one
+mapping and one fd per file, not per page, and at most :data:`MAX_DMA_FILES`
+files.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import logging
 import mmap
 import os
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -46,17 +54,28 @@ PAGE_SIZE = 4096
 #: One past the highest IOVA.
 IOVA_LIMIT = 1 << 64
 
+#: Distinct files (memory backends) one client may have mapped at once.
+MAX_DMA_FILES = 64
+#: Address space those mappings may take per client (sparse files cost nothing more,
+#: but a client must not exhaust the address space every other device needs too).
+MAX_DMA_BYTES = 1 << 40
+
 #: Called after pages [iova, iova+size) stopped being reachable.
 UnmapListener = Callable[[int, int], None]
 
+#: (st_dev, st_ino, writable): one mapping per file and access.
+_FileKey = tuple[int, int, bool]
+
 
 class _Backing:
-    """One mmap of a DMA_MAP's fd, shared by the entries a partial unmap split it into."""
+    """One mmap of a whole file, shared by every map entry that uses the file."""
 
-    __slots__ = ("mmap", "refs", "view")
+    __slots__ = ("key", "mmap", "refs", "size", "view")
 
-    def __init__(self, m: mmap.mmap, writable: bool) -> None:
+    def __init__(self, m: mmap.mmap, writable: bool, key: _FileKey, size: int) -> None:
         self.mmap = m
+        self.key = key
+        self.size = size
         view = memoryview(m)
         self.view = view if writable else view.toreadonly()
         self.refs = 0
@@ -117,9 +136,18 @@ def _check_range(what: str, iova: int, size: int) -> None:
 class DmaTable:
     """The IOVA ranges the client let the device reach, with their host mappings."""
 
-    def __init__(self, max_maps: int = 65535, name: str = "device") -> None:
+    def __init__(self, max_maps: int = 65535, name: str = "device",
+                 max_files: int = MAX_DMA_FILES, max_bytes: int = MAX_DMA_BYTES) -> None:
         self.name = name
         self.max_maps = max_maps
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        #: Bytes of address space the mappings alive take.
+        self.mapped_bytes = 0
+        #: The mapping new DMA_MAPs of a file use (older ones live while referenced).
+        self._files: dict[_FileKey, _Backing] = {}
+        #: Mappings alive (referenced by some entry), the current ones included.
+        self._backings = 0
         self._starts: list[int] = []
         self._maps: dict[int, DmaMapping] = {}
         self._last: DmaMapping | None = None
@@ -146,36 +174,64 @@ class DmaTable:
                            f"{self.max_maps} maps", errno=errno.ENOSPC)
         backing = None
         if fd is not None:
-            backing = self._mmap(fd, fd_offset, size, writable, iova)
+            backing = self._backing_for(fd, fd_offset, size, writable, iova)
+        entry = DmaMapping(iova, size, readable, writable, fd_offset, backing,
+                           _skip=fd_offset)
+        if backing is not None:
             backing.refs += 1
-        entry = DmaMapping(iova, size, readable, writable, fd_offset, backing)
         bisect.insort(self._starts, iova)
         self._maps[iova] = entry
         return entry
 
-    def _mmap(self, fd: int, offset: int, size: int, writable: bool, iova: int) -> _Backing:
+    def _backing_for(self, fd: int, offset: int, size: int, writable: bool,
+                     iova: int) -> _Backing:
+        """The shared whole-file mapping of ``fd`` that covers [offset, +size)."""
+        what = f"{self.name}: DMA_MAP at {iova:#x}"
         if offset % PAGE_SIZE or offset < 0:
-            raise DmaError(f"DMA_MAP at {iova:#x}: fd offset {offset:#x} is not page aligned",
+            raise DmaError(f"{what}: fd offset {offset:#x} is not page aligned",
                            errno=errno.EINVAL)
         try:
-            st = os.fstat(fd)
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         except OSError as exc:
-            raise DmaError(f"DMA_MAP at {iova:#x}: fd is unusable: {exc}",
-                           errno=errno.EBADF) from exc
-        # Touching pages past the end of a file raises SIGBUS, which would kill the
-        # whole device model: refuse such a map up front.
-        if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
-            raise DmaError(f"DMA_MAP at {iova:#x}: fd range [{offset:#x}, +{size:#x}) goes "
-                           f"past the end of the file ({st.st_size:#x} bytes)",
+            if exc.errno == errno.EBADF:
+                raise DmaError(f"{what}: the fd is unusable: {exc}",
+                               errno=errno.EBADF) from exc
+            seals = 0  # EINVAL: not a file that supports seals
+        if not seals & fcntl.F_SEAL_SHRINK:
+            raise DmaError(f"{what}: the fd is not sealed against shrinking (F_SEAL_SHRINK); "
+                           "the device model maps only such memory, since a file truncated "
+                           "under its mapping would crash it: back the VM's RAM with "
+                           "memory-backend-memfd (QEMU seals it by default)",
                            errno=errno.EINVAL)
+        # Sealed: the size read now can only grow later, never shrink.
+        st = os.fstat(fd)
+        if offset + size > st.st_size:
+            raise DmaError(f"{what}: fd range [{offset:#x}, +{size:#x}) goes past the end of "
+                           f"the file ({st.st_size:#x} bytes)", errno=errno.EINVAL)
+        key = (st.st_dev, st.st_ino, writable)
+        current = self._files.get(key)
+        if current is not None and offset + size <= current.size:
+            return current
+        if self._backings >= self.max_files:
+            raise DmaError(f"{what}: {self._backings} memory files are mapped already, at "
+                           f"most {self.max_files}", errno=errno.ENOSPC)
+        if self.mapped_bytes + st.st_size > self.max_bytes:
+            raise DmaError(f"{what}: mapping the {st.st_size:#x}-byte file would take more "
+                           f"than {self.max_bytes:#x} bytes of address space",
+                           errno=errno.ENOSPC)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
-            m = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
+            m = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, prot)
         except (OSError, ValueError, OverflowError) as exc:
             err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-            raise DmaError(f"DMA_MAP at {iova:#x}: cannot mmap {size:#x} bytes of the fd at "
-                           f"{offset:#x}: {exc}", errno=err) from exc
-        return _Backing(m, writable)
+            raise DmaError(f"{what}: cannot mmap the fd ({st.st_size:#x} bytes): {exc}",
+                           errno=err) from exc
+        # A file that grew gets a new mapping; entries on the old one keep it.
+        backing = _Backing(m, writable, key, st.st_size)
+        self._files[key] = backing
+        self._backings += 1
+        self.mapped_bytes += st.st_size
+        return backing
 
     def unmap(self, iova: int, size: int) -> int:
         """Make [iova, iova+size) unreachable; returns how many bytes were mapped there.
@@ -240,13 +296,21 @@ class DmaTable:
         if self._last is entry:
             self._last = None
 
-    @staticmethod
-    def _unref(entry: DmaMapping) -> None:
+    def _unref(self, entry: DmaMapping) -> None:
         backing = entry._backing
         if backing is not None:
             backing.refs -= 1
             if backing.refs == 0:
+                if self._files.get(backing.key) is backing:
+                    del self._files[backing.key]
+                self._backings -= 1
+                self.mapped_bytes -= backing.size
                 backing.release()
+
+    @property
+    def mapped_files(self) -> int:
+        """Whole-file mappings alive (each holds one fd and one mmap)."""
+        return self._backings
 
     # --- lookups -------------------------------------------------------------------
 

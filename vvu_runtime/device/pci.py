@@ -28,7 +28,6 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import mmap
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -55,7 +54,7 @@ from vvu_runtime.device.vfio_user.protocol import (
     RegionFlags,
     SparseArea,
 )
-from vvu_runtime.fds import is_eventfd
+from vvu_runtime.fds import eventfd_signal, is_eventfd
 
 log = logging.getLogger(__name__)
 
@@ -249,18 +248,24 @@ class MappedBar(Bar):
     ``fd`` and closes it in :meth:`close`.
 
     Trapped accesses that land in an area (QEMU traps everything while an INTx is
-    outstanding without KVM) are served from our own mapping of the same fd.
+    outstanding without KVM) are served with ``pread``/``pwrite`` on the fd, never
+    through a mapping of our own: whoever else holds the file (the consumer VM for
+    BAR2) may truncate it, and touching a mapped page past the end of a file is a
+    SIGBUS that would kill the process. Only the first ``file_size`` bytes (default:
+    the whole BAR) are the file's: past them reads are zero and writes are dropped,
+    so a trapped write never grows the file beyond what was provisioned.
     """
 
     def __init__(self, index: int, size: int, fd: int, *, name: str, fd_offset: int = 0,
                  areas: Sequence[SparseArea] | None = None, is_64bit: bool = True,
-                 prefetchable: bool = True) -> None:
+                 prefetchable: bool = True, file_size: int | None = None) -> None:
         super().__init__(index, size, name=name, is_64bit=is_64bit, prefetchable=prefetchable)
         if size < PAGE_SIZE or fd_offset % PAGE_SIZE:
             raise DeviceModelError(f"BAR{index} {name}: a mapped BAR needs >= 4 KiB and a "
                                    "page-aligned fd offset")
         self.fd = fd
         self.fd_offset = fd_offset
+        self.file_size = size if file_size is None else min(file_size, size)
         if areas is None:
             areas = [SparseArea(0, size)]
         prev_end = 0
@@ -272,7 +277,6 @@ class MappedBar(Bar):
                                        "or runs past the BAR")
             prev_end = a.offset + a.size
         self.areas = tuple(sorted(areas, key=lambda a: a.offset))
-        self._map: mmap.mmap | None = None
 
     def add_range(self, name: str, offset: int, length: int, read: ReadHandler,
                   write: WriteHandler) -> MmioRange:
@@ -290,46 +294,45 @@ class MappedBar(Bar):
         return RegionDescription(self.size, flags, self.fd, self.fd_offset,
                                  () if whole else self.areas)
 
-    def _area_of(self, offset: int) -> SparseArea | None:
+    def _area_of(self, offset: int, count: int) -> SparseArea | None:
         for a in self.areas:
             if a.offset <= offset < a.offset + a.size:
+                if offset + count > a.offset + a.size:
+                    raise RegionAccessError(f"BAR{self.index} ({self.name}): access "
+                                            f"[{offset:#x}, +{count:#x}) straddles the end "
+                                            "of an mmapped area")
                 return a
         return None
 
-    def _backing(self) -> mmap.mmap:
-        if self._map is None:
-            try:
-                self._map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
-                                      mmap.PROT_READ | mmap.PROT_WRITE, offset=self.fd_offset)
-            except (OSError, ValueError) as exc:
-                raise RegionAccessError(f"BAR{self.index} ({self.name}): cannot map its fd to "
-                                        f"serve a trapped access: {exc}",
-                                        errno=errno.EIO) from exc
-        return self._map
+    def _io_error(self, what: str, offset: int, count: int, exc: OSError) -> RegionAccessError:
+        return RegionAccessError(f"BAR{self.index} ({self.name}): {what} of {count:#x} bytes "
+                                 f"at {offset:#x} failed: {exc.strerror or exc}",
+                                 errno=errno.EIO)
 
     def read(self, offset: int, count: int) -> bytes:
-        area = self._area_of(offset)
-        if area is None:
+        if self._area_of(offset, count) is None:
             return super().read(offset, count)
-        if offset + count > area.offset + area.size:
-            raise RegionAccessError(f"BAR{self.index} ({self.name}): access [{offset:#x}, "
-                                    f"+{count:#x}) straddles the end of an mmapped area")
-        return self._backing()[offset:offset + count]
+        inside = max(0, min(count, self.file_size - offset))
+        try:
+            data = os.pread(self.fd, inside, self.fd_offset + offset) if inside else b""
+        except OSError as exc:
+            raise self._io_error("read", offset, count, exc) from exc
+        # Short when the file shrank under us: the missing bytes read as zero.
+        return data.ljust(count, b"\0")
 
     def write(self, offset: int, data: bytes) -> None:
-        area = self._area_of(offset)
-        if area is None:
+        if self._area_of(offset, len(data)) is None:
             super().write(offset, data)
             return
-        if offset + len(data) > area.offset + area.size:
-            raise RegionAccessError(f"BAR{self.index} ({self.name}): access [{offset:#x}, "
-                                    f"+{len(data):#x}) straddles the end of an mmapped area")
-        self._backing()[offset:offset + len(data)] = data
+        view = memoryview(data)[:max(0, self.file_size - offset)]
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], self.fd_offset + offset + done)
+        except OSError as exc:
+            raise self._io_error("write", offset, len(data), exc) from exc
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -555,8 +558,12 @@ class IrqLines:
             irq.pending[vector] = True
             return False
         irq.pending[vector] = False
+        # The client shares this eventfd's file and may have made it blocking with a
+        # full counter: eventfd_signal never blocks (a full counter is a wake-up
+        # already pending, so nothing is lost by skipping).
         try:
-            os.eventfd_write(fd, 1)
+            if not eventfd_signal(fd):
+                return False
         except OSError as exc:
             log.warning("%s: writing the eventfd of %s vector %d failed: %s", self.name,
                         PciIrq(index).name, vector, exc)

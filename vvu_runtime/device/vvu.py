@@ -253,7 +253,8 @@ class VvuDevice(VirtioPciDevice):
         """BAR2: the file, page-rounded, mmapped; the BAR is the next power of two."""
         area = -(-ram.size // PAGE_SIZE) * PAGE_SIZE
         size = _pow2_at_least(area)
-        return MappedBar(SHM_BAR, size, fd, name="consumer RAM", areas=[SparseArea(0, area)])
+        return MappedBar(SHM_BAR, size, fd, name="consumer RAM", areas=[SparseArea(0, area)],
+                         file_size=ram.size)
 
     # --- state seen by the tunnel ----------------------------------------------------
 
