@@ -30,16 +30,19 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import select
 import socket
 import stat
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
 from vvu_runtime.errors import VvuError
 
 _FD_SIZE = array.array("i").itemsize
+_log = logging.getLogger(__name__)
 
 
 class FdError(VvuError):
@@ -164,10 +167,26 @@ def remove_stale_socket(path: str) -> None:
     raise FdError(f"{path}: another process is listening there")
 
 
+#: accept() errors that mean "no fd (or memory) for a new connection right now".
+_ACCEPT_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: First and longest pause of accepting after such an error (doubling in between).
+ACCEPT_RETRY_FIRST = 0.05
+ACCEPT_RETRY_MAX = 2.0
+#: At most one log line per listener this often while accepting keeps failing.
+ACCEPT_LOG_INTERVAL = 10.0
+
+
 class UnixListener:
     """A non-blocking listening UNIX stream socket at ``path``, owned: a stale socket
     there is replaced (anything else refused), and :meth:`close` removes the file
-    only if it is still the one we bound (same inode), not a successor's."""
+    only if it is still the one we bound (same inode), not a successor's.
+
+    :meth:`watch` puts it on an event loop. A watched listener that cannot accept
+    for lack of fds or memory (EMFILE, ENFILE, ...) stops watching for a while
+    (doubling pauses up to :data:`ACCEPT_RETRY_MAX`) instead of spinning on a
+    socket that stays readable, and logs that at most once per
+    :data:`ACCEPT_LOG_INTERVAL`; waiting clients stay in the backlog meanwhile.
+    """
 
     def __init__(self, path: str, backlog: int) -> None:
         self.path = path
@@ -183,24 +202,92 @@ class UnixListener:
         sock.setblocking(False)
         self.sock: socket.socket | None = sock
         self._inode = (st.st_dev, st.st_ino)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_ready: Callable[[], None] | None = None
+        self._reading = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._delay = ACCEPT_RETRY_FIRST
+        #: accept() failures for lack of resources (all of them, logged or not).
+        self.shortages = 0
+        self._unlogged = 0
+        self._logged_at: float | None = None
 
     def fileno(self) -> int:
         assert self.sock is not None, "closed"
         return self.sock.fileno()
 
+    def watch(self, loop: asyncio.AbstractEventLoop, on_ready: Callable[[], None]) -> None:
+        """Call ``on_ready`` (which calls :meth:`accept`) when a client may be waiting."""
+        self._loop, self._on_ready = loop, on_ready
+        if self._retry is None:
+            self._start_reading()
+
+    def unwatch(self) -> None:
+        """Stop calling ``on_ready`` (idempotent)."""
+        self._stop_reading()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._on_ready = None
+
+    def _start_reading(self) -> None:
+        if not self._reading and self._loop is not None and self._on_ready is not None \
+                and self.sock is not None:
+            self._loop.add_reader(self.sock.fileno(), self._on_ready)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._loop is not None and self.sock is not None:
+            self._loop.remove_reader(self.sock.fileno())
+        self._reading = False
+
     def accept(self) -> socket.socket | None:
-        """The next connection, or None when none is waiting (OSError on failure)."""
+        """The next connection, or None when none is waiting (OSError on failure).
+
+        On a watched listener a lack of fds or memory also gives None: accepting
+        pauses and resumes by itself.
+        """
         assert self.sock is not None, "closed"
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return None
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_SHORTAGE or self._on_ready is None:
+                raise
+            self._pause(exc)
+            return None
+        if self.shortages and self._delay > ACCEPT_RETRY_FIRST:
+            _log.warning("%s: accepting again (%d failed accepts for lack of resources "
+                         "so far)", self.path, self.shortages)
+        self._delay = ACCEPT_RETRY_FIRST
         return conn
+
+    def _pause(self, exc: OSError) -> None:
+        assert self._loop is not None
+        self.shortages += 1
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= ACCEPT_LOG_INTERVAL:
+            more = f" ({self._unlogged} more since the last report)" if self._unlogged else ""
+            _log.error("%s: cannot accept a connection: %s; pausing accepts, retrying "
+                       "with backoff up to %.0f s%s", self.path, exc.strerror or exc,
+                       ACCEPT_RETRY_MAX, more)
+            self._logged_at, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
+        self._stop_reading()
+        self._retry = self._loop.call_later(self._delay, self._resume)
+        self._delay = min(self._delay * 2, ACCEPT_RETRY_MAX)
+
+    def _resume(self) -> None:
+        self._retry = None
+        self._start_reading()
 
     def close(self) -> None:
         """Stop listening and remove the socket file if it is still ours (idempotent)."""
         if self.sock is None:
             return
+        self.unwatch()
         self.sock.close()
         self.sock = None
         with contextlib.suppress(FileNotFoundError):
@@ -234,6 +321,16 @@ class Outbox:
     @property
     def empty(self) -> bool:
         return not self._queue
+
+    @property
+    def queued_messages(self) -> int:
+        """Messages (or their tails) waiting for the socket."""
+        return len(self._queue)
+
+    @property
+    def queued_fds(self) -> int:
+        """Duplicated fds the queue holds until their message goes out."""
+        return sum(len(fds) for _, fds in self._queue)
 
     def send(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
         fds = list(fds)

@@ -223,9 +223,9 @@ class VhostUserTunnel:
         if on == self._accepting or self._listener is None:
             return
         if on:
-            self.loop.add_reader(self._listener.fileno(), self._on_accept)
+            self._listener.watch(self.loop, self._on_accept)
         else:
-            self.loop.remove_reader(self._listener.fileno())
+            self._listener.unwatch()
         self._accepting = on
 
     def _on_accept(self) -> None:

@@ -68,6 +68,10 @@ from vvu_runtime.virtio.pci_layout import (
 from vvu_runtime.virtio.queue import RingAddresses
 from vvu_runtime.virtio.split import SplitQueue, check_queue_size
 
+#: Split used ring: le16 flags, le16 idx, then (le32 id, le32 len) per entry.
+USED_RING_HEADER = 4
+USED_ELEM_SIZE = 8
+
 log = logging.getLogger(__name__)
 
 # --- the declarative layout ------------------------------------------------------------
@@ -592,6 +596,10 @@ class VirtioPciDevice(PciDevice):
 
     def _build_ring(self, q: QueueState) -> None:
         try:
+            # The device writes the used ring: a read-only map there is the driver's
+            # error (NEEDS_RESET), not a TypeError at the first completion.
+            self.dma.translate(q.device, USED_RING_HEADER + USED_ELEM_SIZE * q.size,
+                               write=True)
             q.ring = SplitQueue(q.index, q.size, RingAddresses(q.desc, q.driver, q.device),
                                 self.memory, self.negotiated_features)
         except VirtioError as exc:

@@ -368,6 +368,10 @@ class VvuDevice(VirtioPciDevice):
             self.appliance_error(f"rxq buffer {chain.head} has {chain.readable_len} "
                                  "device-readable bytes; rxq buffers are write-only")
             return False
+        if any(view.readonly for view in chain.writable):
+            self.appliance_error(f"rxq buffer {chain.head} lies in a read-only DMA map; "
+                                 "rxq buffers must be mapped writable")
+            return False
         if chain.writable_len < len(data):
             self.appliance_error(f"rxq buffer {chain.head} holds {chain.writable_len} bytes, "
                                  f"a {len(data)}-byte message does not fit (the ABI asks for "

@@ -59,7 +59,7 @@ class VhostUserServer:
             self._listener = UnixListener(self.path, self.backlog)
         except FdError as exc:
             raise TransportError(str(exc)) from exc
-        self.loop.add_reader(self._listener.fileno(), self._on_accept)
+        self._listener.watch(self.loop, self._on_accept)
         log.debug("%s: listening on %s", self.device.name, self.path)
 
     def _on_accept(self) -> None:
@@ -93,8 +93,6 @@ class VhostUserServer:
             self.session.close()
             self.session = None
         if self._listener is not None:
-            if self.loop is not None:
-                self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
 

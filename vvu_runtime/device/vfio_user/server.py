@@ -80,8 +80,13 @@ log = logging.getLogger(__name__)
 
 #: Messages handled per readable event before yielding to other fds on the loop.
 BATCH = 64
-#: Stop reading while this much reply data waits for the peer to read it.
+#: Stop reading while this much reply data waits for the peer to read it,
 SEND_HIGH_WATER = 4 << 20
+#: or this many replies,
+MAX_QUEUED_REPLIES = 256
+#: or this many fds in them (region fds are duplicated while queued: a client that
+#: asks for region info without reading would otherwise fill our fd table).
+MAX_QUEUED_FDS = MAX_MSG_FDS
 
 
 class MessageReader:
@@ -112,9 +117,17 @@ class MessageReader:
             return None
         except ConnectionResetError as exc:
             raise PeerHungUp("the client reset the connection") from exc
-        self._fds.extend(fds_from_ancdata(anc))
-        if flags & socket.MSG_CTRUNC:
+        got = fds_from_ancdata(anc)
+        room = MAX_MSG_FDS - len(self._fds)
+        if len(got) > room or flags & socket.MSG_CTRUNC:
+            # A message may carry at most MAX_MSG_FDS fds, however many pieces it
+            # arrives in: close the rest now, so that one never-finished message cannot
+            # fill our fd table; the message is refused when it ends.
             self._truncated = True
+            extra = got[max(room, 0):]
+            got = got[:max(room, 0)]
+            close_fds(extra)
+        self._fds.extend(got)
         if not data:
             partial = self._header is not None or bool(self._head)
             raise PeerHungUp("the client closed the connection"
@@ -311,6 +324,8 @@ class Session:
         if header.flags & MSG_TYPE_MASK != MsgFlags.COMMAND:
             raise MessageError(f"message type {header.flags & MSG_TYPE_MASK} is not a command "
                                "(the server sends no requests, so expects no replies)")
+        if header.flags & MsgFlags.ERROR:
+            raise MessageError("a command with the ERROR flag set (only replies carry it)")
         if msg.oversized:
             raise MessageError(f"message of {header.size} bytes exceeds the {MAX_MESSAGE_SIZE}"
                                " bytes we accept (max_data_xfer_size)", errno=errno.E2BIG)
@@ -413,6 +428,11 @@ class Session:
         fixed = IrqSet.STRUCT.size
         if req.argsz < fixed:
             raise MessageError(f"DEVICE_SET_IRQS argsz {req.argsz} < {fixed}")
+        if req.argsz != len(msg.payload):
+            # QEMU sends argsz = the payload it sends (20 with eventfds, which travel
+            # out of band; 20 + count with DATA_BOOL).
+            raise MessageError(f"DEVICE_SET_IRQS argsz {req.argsz} does not match the "
+                               f"{len(msg.payload)}-byte payload")
         data = msg.payload[fixed:]
         if req.flags & IrqSetFlags.DATA_BOOL and len(data) < req.count:
             raise MessageError(f"DEVICE_SET_IRQS DATA_BOOL: {len(data)} bytes for "
@@ -467,7 +487,9 @@ class Session:
         if self.state is SessionState.CLOSED:
             return
         self._outbox.send(data, fds)
-        if self._outbox.pending > SEND_HIGH_WATER:
+        box = self._outbox
+        if (box.pending > SEND_HIGH_WATER or box.queued_messages > MAX_QUEUED_REPLIES
+                or box.queued_fds > MAX_QUEUED_FDS):
             self._pause_reading()  # until the client has read what waits (on_drained)
 
     # --- teardown -------------------------------------------------------------------
@@ -527,7 +549,7 @@ class VfioUserServer:
             self._listener = UnixListener(self.path, 1)
         except FdError as exc:
             raise StateError(f"{self.device.name}: {exc}") from exc
-        self.loop.add_reader(self._listener.fileno(), self._accept)
+        self._listener.watch(self.loop, self._accept)
         self.state = ServerState.LISTENING
         log.info("%s: vfio-user server listening on %s", self.device.name, self.path)
 
@@ -582,7 +604,6 @@ class VfioUserServer:
         if self.session is not None:
             self.session.close("server shutting down")
         if self._listener is not None:
-            self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
         if self._closed is not None:
