@@ -149,7 +149,7 @@ def test_guest_drives_the_device_and_killing_it_leaks_nothing(
     device_json = json.dumps({"driver": "vfio-user-pci", "id": "vvu0", "addr": "0x5",
                               "socket": {"type": "unix", "path": str(dev.socket_path)}})
     vm = QemuMachine(toolchain, name="vfio-user-guest", kernel=rng_guest_assets.kernel,
-                     initrd=rng_guest_assets.initrd, args=["-device", device_json])
+                     initrd=rng_guest_assets.initrd, memfd=True, args=["-device", device_json])
     with vm:
         con = vm.console
         # Enumeration: identity and BARs as the guest kernel sees them.

@@ -151,6 +151,7 @@ def test_appliance_sees_the_function_and_the_consumer_waits_for_backend_up(
     appliance = QemuMachine(
         toolchain, name="vvu-appliance", kernel=consumer_assets.kernel,
         initrd=consumer_assets.initrd, append="intel_iommu=on iommu=pt memmap=1M$128M",
+        memfd=True,
         args=["-device", "intel-iommu,caching-mode=on",
               *render_devices(VvuFunctionDevice(0, devd.vfio))])
     try:

@@ -144,8 +144,6 @@ def test_files_and_ports() -> None:
     assert plan.ram_files == {
         Path("/dev/shm/vvu-lab-default-c1.ram"): 512,
         Path("/dev/shm/vvu-lab-default-c2.ram"): 512,
-        Path("/dev/shm/vvu-lab-default-sw1.ram"): 1024,
-        Path("/dev/shm/vvu-lab-default-st1.ram"): 1024,
     }
     assert plan.data_disks == {Path("/labs/default/disks/st1-disk-a.raw"): 256 << 20,
                                Path("/labs/default/disks/st1-disk-b.raw"): 256 << 20}

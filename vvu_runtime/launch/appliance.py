@@ -552,8 +552,9 @@ class ApplianceMachine(QemuMachine):
 
     vfio-user devices (VVU functions served by a device model) are added with
     :meth:`add_vfio_user_device` before launch, each on its own
-    ``pcie-root-port`` behind the virtual Intel IOMMU. Guest RAM is a shared
-    file (vfio-user DMA needs fds). Systemd credentials (SMBIOS type 11):
+    ``pcie-root-port`` behind the virtual Intel IOMMU. Guest RAM is a sealed
+    memfd (vfio-user DMA needs fds, and vvu-devd maps only memory that cannot
+    shrink). Systemd credentials (SMBIOS type 11):
     ``ssh.authorized_keys.root`` = ``ssh_key`` (default: the image's test key,
     :func:`ssh_key`) + ``.pub``; ``vvu.debug-console=1`` unless
     ``debug_console=False`` (then the console is a login prompt and entering
@@ -614,9 +615,9 @@ class ApplianceMachine(QemuMachine):
             memory_mib=memory_mib,
             smp=smp,
             accel=accel,
-            # vfio-user DMA_MAPs carry fds only for fd-backed RAM: without them the
-            # device model cannot reach the driver's rings (a /dev/shm file, sparse).
-            shared_memory=True,
+            # vfio-user DMA_MAPs carry fds only for fd-backed RAM, and vvu-devd maps
+            # only fds sealed against shrinking: a memfd as QEMU seals it by default.
+            memfd=True,
             machine=machine,
             args=[*base_args, *args],
             console=True,

@@ -271,7 +271,8 @@ class NodePlan:
     qmp_socket: Path
     console_socket: Path
     pidfile: Path
-    memory_file: Path
+    #: The guest-RAM file (consumers); None for a memfd (appliances).
+    memory_file: Path | None
     memory_mib: int
     #: True: the serial console is a root shell (busybox initramfs); else SSH only.
     console_shell: bool = False
@@ -422,7 +423,8 @@ def plan_lab(
             raise LabError(f"no image for {kind!r}")
         return images[kind]
 
-    def vm(name: str, memory_mib: int, cpus: int, image: ImageFiles, **kw: Any) -> VmConfig:
+    def vm(name: str, memory_mib: int, cpus: int, image: ImageFiles, *, memfd: bool = False,
+           **kw: Any) -> VmConfig:
         _check_socket_path(paths.qmp_socket(name))
         append = " ".join(w for w in image.cmdline.split() if w != "console=ttyS0")
         if image.disk is not None:
@@ -430,7 +432,8 @@ def plan_lab(
             append = f"{append} systemd.hostname={name}".strip()
         return VmConfig(
             name=name, accel=accel, memory_mib=memory_mib, cpus=cpus,
-            memory_file=paths.ram_file(name), qmp_socket=paths.qmp_socket(name),
+            memory_file=None if memfd else paths.ram_file(name), memfd=memfd,
+            qmp_socket=paths.qmp_socket(name),
             console_socket=paths.console_socket(name), console_log=paths.console_log(name),
             pidfile=paths.pidfile(name), kernel=image.kernel, initrd=image.initrd,
             append=append,
@@ -438,7 +441,6 @@ def plan_lab(
 
     appliances: list[NodePlan] = []
     for a in topology.appliances:
-        ram_files[paths.ram_file(a.name)] = a.memory_mib
         image = (ImageFiles(**{**asdict(image_of(a.kind.value)), "disk": a.image})
                  if a.image is not None else image_of(a.kind.value))
         port = ports.get(a.name) or free_port()
@@ -463,7 +465,9 @@ def plan_lab(
             creds.append(Credential("vvu.debug-console", "1"))
         functions = [VvuFunctionDevice(i, lk.vfio_socket, id=f"vvu{i}")
                      for i, (lk, _) in enumerate(own)]
-        cfg = vm(a.name, a.memory_mib, a.cpus, image,
+        # An appliance's RAM is a sealed memfd: vvu-devd maps only memory that
+        # cannot shrink under it (docs/vvu-abi.md "DMA").
+        cfg = vm(a.name, a.memory_mib, a.cpus, image, memfd=True,
                  viommu=a.access is ApplianceAccess.VIOMMU, credentials=creds,
                  ssh=SshForward(port, mac=_mac(topology.name, a.name, "mgmt")),
                  vvu_functions=functions, data_disks=disks)
@@ -480,7 +484,7 @@ def plan_lab(
         appliances.append(NodePlan(
             name=a.name, role="appliance", kind=a.kind.value, argv=argv, ssh_port=port,
             qmp_socket=paths.qmp_socket(a.name), console_socket=paths.console_socket(a.name),
-            pidfile=paths.pidfile(a.name), memory_file=paths.ram_file(a.name),
+            pidfile=paths.pidfile(a.name), memory_file=None,
             memory_mib=a.memory_mib, links=[lk.name for lk, _ in own], devd_argv=devd,
             devd_status=paths.devd_status(a.name) if own else None))
 

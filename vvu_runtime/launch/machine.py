@@ -15,7 +15,9 @@ parent-death signal on the wrapper), so even a killed test runner leaves no VM.
 Guest RAM is shared (``memory-backend-file,share=on``), as vhost-user needs:
 either a file the caller passes (``memory_file=``, e.g. one the launcher also
 hands to the device model), or a sparse file the machine creates in /dev/shm
-and removes.
+and removes. With ``memfd=True`` it is a sealed memfd instead
+(``memory-backend-memfd,share=on``): what a VM with vfio-user devices served by
+vvu needs, since the device model maps only memory that cannot shrink.
 
 Exceptions (all :class:`MachineError`):
 
@@ -289,6 +291,7 @@ class QemuMachine:
         accel: Accelerator | None = None,
         memory_file: Path | None = None,
         shared_memory: bool = True,
+        memfd: bool = False,
         machine: str = "q35",
         args: Sequence[str] = (),
         console: bool = True,
@@ -307,8 +310,11 @@ class QemuMachine:
         self.memory_mib = memory_mib
         self.smp = smp
         self.accel = accel
+        if memfd and memory_file is not None:
+            raise ValueError(f"machine {name}: guest RAM is either a memfd or {memory_file}")
         self.memory_file = memory_file
-        self.shared_memory = shared_memory or memory_file is not None
+        self.memfd = memfd
+        self.shared_memory = not memfd and (shared_memory or memory_file is not None)
         self.machine_type = machine
         self.boot_banner = boot_banner
         self.prompt = prompt
@@ -350,7 +356,7 @@ class QemuMachine:
         assert self.accel is not None
         args = render_machine(
             name=self.name, accel=self.accel, memory_mib=self.memory_mib, cpus=self.smp,
-            memory_file=self.memory_path if self.shared_memory else None,
+            memory_file=self.memory_path if self.shared_memory else None, memfd=self.memfd,
             machine=self.machine_type, qmp_socket=qmp_path,
             console_socket=console_path if self._want_console else None, pidfile=pidfile,
             kernel=self.kernel, initrd=self.initrd, append=self.append)

@@ -213,8 +213,12 @@ class VmConfig:
     accel: Accelerator
     memory_mib: int
     cpus: int = 1
-    #: Guest RAM as a shared file (vhost-user and vfio-user DMA need one); None: private.
+    #: Guest RAM as a shared file (vhost-user needs one; a consumer's is also its VVU
+    #: device's BAR2); None: private, or a memfd (``memfd``).
     memory_file: Path | None = None
+    #: Guest RAM as a shared memfd, sealed against resizing (QEMU's default): what
+    #: vvu-devd requires of the memory an appliance DMA_MAPs (docs/vvu-abi.md).
+    memfd: bool = False
     qmp_socket: Path | None = None
     console_socket: Path | None = None
     console_log: Path | None = None
@@ -248,6 +252,9 @@ class VmConfig:
     def context(self) -> dict[str, Any]:
         if self.qmp_socket is None:
             raise RenderError(f"VM {self.name}: no QMP socket")
+        if self.memfd and self.memory_file is not None:
+            raise RenderError(f"VM {self.name}: guest RAM is either a memfd or the file "
+                              f"{self.memory_file}, not both")
         return {
             **{k: getattr(self, k) for k in self.__dataclass_fields__},
             "machine": self.machine,
@@ -296,11 +303,12 @@ def render_devices(*devices: Device) -> list[str]:
 def render_machine(*, name: str, accel: Accelerator, memory_mib: int, cpus: int,
                    memory_file: Path | None, machine: str, qmp_socket: Path,
                    console_socket: Path | None, pidfile: Path, kernel: Path | None,
-                   initrd: Path | None, append: str) -> list[str]:
+                   initrd: Path | None, append: str, memfd: bool = False) -> list[str]:
     """The machine of ``qemu/base.j2`` alone, QEMU connecting to the caller's sockets
     (:class:`~vvu_runtime.launch.machine.QemuMachine`; devices are added after it)."""
     vm = VmConfig(name=name, accel=accel, memory_mib=memory_mib, cpus=cpus,
-                  memory_file=memory_file, qmp_socket=qmp_socket, console_socket=console_socket,
+                  memory_file=memory_file, memfd=memfd, qmp_socket=qmp_socket,
+                  console_socket=console_socket,
                   sockets_server=False, pidfile=pidfile, kernel=kernel, initrd=initrd,
                   append=append, machine_type=machine)
     return _render_lines("base.j2", vm.context())
