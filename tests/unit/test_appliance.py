@@ -197,7 +197,8 @@ def test_qemu_arguments(fake: Toolchain, tmp_path: Path) -> None:
     assert "ivshmem-plain,memdev=vvu-no-migrate,master=off" in args  # refuses migration
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in joined
     assert f"file={vm.image.disk},format=raw" in joined and "snapshot=on" in joined
-    assert vm.machine_type == "q35" and vm.shared_memory  # vfio-user DMA needs fds
+    # vfio-user DMA needs fds, and vvu-devd maps only sealed ones: a memfd, no file.
+    assert vm.machine_type == "q35" and vm.memfd and vm.memory_path is None
     assert vm.append.split().count("console=ttyS0") == 0  # QemuMachine adds it once
     assert "intel_iommu=on" in vm.append and "root=PARTLABEL=root-x86-64" in vm.append
     assert (vm.boot_banner, vm.prompt) == (appliance.BOOT_BANNER, appliance.PROMPT)
