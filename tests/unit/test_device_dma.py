@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -71,6 +72,48 @@ def test_refusals(ram: int) -> None:
         t.map(16 * P, P)
     assert exc.value.errno == errno.ENOSPC
     assert isinstance(exc.value, GuestMemoryError)  # ring code catches it as such
+
+
+def test_only_memory_sealed_against_shrinking_is_mapped(tmp_path: Path) -> None:
+    t = DmaTable(name="dev0")
+    plain = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(4 * P))
+    regular = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(plain, 4 * P)
+        for fd in (plain, regular):
+            with pytest.raises(DmaError, match=r"F_SEAL_SHRINK.*memory-backend-memfd") as exc:
+                t.map(0, P, fd=fd)
+            assert exc.value.errno == errno.EINVAL
+        assert len(t) == 0 and t.mapped_files == 0
+    finally:
+        os.close(plain)
+        os.close(regular)
+
+
+def test_one_mapping_per_file_shared_by_page_maps(ram: int) -> None:
+    t = DmaTable(max_files=2)
+    for i in range(16):  # QEMU through a vIOMMU: one DMA_MAP per page, same fd
+        t.map(0x10000 + i * P, P, fd=ram, fd_offset=(15 - i) * P, writable=i % 2 == 0)
+    assert t.mapped_files == 1 and t.mapped_bytes == 64 * P
+    assert _page_of(t, 0x10000 + 3 * P) == 12
+    assert t.translate(0x10000 + P, 8).readonly  # a read-only entry stays read-only
+    t.translate(0x10000, 8, write=True)[:2] = b"ok"
+    assert os.pread(ram, 2, 15 * P) == b"ok"
+    others = [sealed_memfd(f"other{i}", P) for i in range(2)]
+    try:
+        t.map(0x100000, P, fd=others[0])
+        with pytest.raises(DmaError, match="at most 2") as exc:
+            t.map(0x200000, P, fd=others[1])
+        assert exc.value.errno == errno.ENOSPC
+    finally:
+        for fd in others:
+            os.close(fd)
+    t.unmap(0x10000, 16 * P)
+    assert t.mapped_files == 1  # the other file's
+    t.unmap_all()
+    assert t.mapped_files == 0 and t.mapped_bytes == 0
 
 
 def test_read_only_and_fd_less_maps(ram: int) -> None:

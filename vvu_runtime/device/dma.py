@@ -63,24 +63,32 @@ MAX_DMA_BYTES = 1 << 40
 #: Called after pages [iova, iova+size) stopped being reachable.
 UnmapListener = Callable[[int, int], None]
 
-#: (st_dev, st_ino, writable): one mapping per file and access.
-_FileKey = tuple[int, int, bool]
+#: (st_dev, st_ino): one mapping per file.
+_FileKey = tuple[int, int]
 
 
 class _Backing:
-    """One mmap of a whole file, shared by every map entry that uses the file."""
+    """One mmap of a whole file, shared by every map entry that uses the file.
 
-    __slots__ = ("key", "mmap", "refs", "size", "view")
+    Mapped read-write whenever the fd allows it, so that read-only and writable
+    DMA_MAPs of one file (QEMU maps firmware shadow ranges read-only) share it;
+    read-only entries only ever hand out :attr:`ro_view`.
+    """
+
+    __slots__ = ("key", "mmap", "refs", "ro_view", "size", "view", "writable")
 
     def __init__(self, m: mmap.mmap, writable: bool, key: _FileKey, size: int) -> None:
         self.mmap = m
         self.key = key
         self.size = size
+        self.writable = writable
         view = memoryview(m)
-        self.view = view if writable else view.toreadonly()
+        self.ro_view = view.toreadonly()
+        self.view = view if writable else self.ro_view
         self.refs = 0
 
     def release(self) -> None:
+        self.ro_view.release()
         self.view.release()
         try:
             self.mmap.close()
@@ -121,7 +129,8 @@ class DmaMapping:
         backing = self._backing
         assert backing is not None
         start = self._skip + offset
-        return backing.view[start:start + length]
+        view = backing.view if self.writable else backing.ro_view
+        return view[start:start + length]
 
 
 def _check_range(what: str, iova: int, size: int) -> None:
@@ -208,9 +217,10 @@ class DmaTable:
         if offset + size > st.st_size:
             raise DmaError(f"{what}: fd range [{offset:#x}, +{size:#x}) goes past the end of "
                            f"the file ({st.st_size:#x} bytes)", errno=errno.EINVAL)
-        key = (st.st_dev, st.st_ino, writable)
+        key = (st.st_dev, st.st_ino)
         current = self._files.get(key)
-        if current is not None and offset + size <= current.size:
+        if (current is not None and offset + size <= current.size
+                and (current.writable or not writable)):
             return current
         if self._backings >= self.max_files:
             raise DmaError(f"{what}: {self._backings} memory files are mapped already, at "
@@ -219,15 +229,23 @@ class DmaTable:
             raise DmaError(f"{what}: mapping the {st.st_size:#x}-byte file would take more "
                            f"than {self.max_bytes:#x} bytes of address space",
                            errno=errno.ENOSPC)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
         try:
-            m = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, prot)
+            try:
+                m = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, rw)
+                mapped_rw = True
+            except PermissionError:
+                if writable:
+                    raise
+                m = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+                mapped_rw = False
         except (OSError, ValueError, OverflowError) as exc:
             err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
             raise DmaError(f"{what}: cannot mmap the fd ({st.st_size:#x} bytes): {exc}",
                            errno=err) from exc
-        # A file that grew gets a new mapping; entries on the old one keep it.
-        backing = _Backing(m, writable, key, st.st_size)
+        # A file that grew (or a read-only fd, then a writable one) gets a new
+        # mapping; entries on the old one keep it.
+        backing = _Backing(m, mapped_rw, key, st.st_size)
         self._files[key] = backing
         self._backings += 1
         self.mapped_bytes += st.st_size
