@@ -29,7 +29,7 @@ from tests.support.guest_ram import sealed_memfd
 from tests.support.loop_thread import LoopThread
 from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.tunnel import TUNNEL_PROTOCOL_FEATURES, VhostUserTunnel
-from vvu_runtime.device.vfio_user.protocol import IrqSetFlags, PciIrq, PciRegion
+from vvu_runtime.device.vfio_user.protocol import DmaMapFlags, IrqSetFlags, PciIrq, PciRegion
 from vvu_runtime.device.vfio_user.server import VfioUserServer
 from vvu_runtime.device.virtio_pci import Common, DeviceStatus, VirtioPciCapType
 from vvu_runtime.device.vvu import VvuDevice
@@ -228,7 +228,8 @@ class Appliance:
         self.common(Common.QUEUE_ENABLE, 2, 1)
         return ring
 
-    def bring_up(self, *, msix: bool = True, rx_buffer: int = RX_BUF) -> None:
+    def bring_up(self, *, msix: bool = True, rx_buffer: int = RX_BUF,
+                 rx_at: int | None = None) -> None:
         """Reset, negotiate, queues, vectors, DRIVER_OK, rx buffers (not BACKEND_UP)."""
         self.negotiate()
         if msix:
@@ -241,12 +242,13 @@ class Appliance:
         for i in range(N):
             assert self.kick_vector(i, 3 + i) == 3 + i
         self.common(Common.DEVICE_STATUS, 1, self.virtio_status | DeviceStatus.DRIVER_OK)
-        self.post_rx(QSIZE, rx_buffer)
+        self.post_rx(QSIZE, rx_buffer, rx_at)
 
-    def post_rx(self, count: int, size: int = RX_BUF) -> None:
+    def post_rx(self, count: int, size: int = RX_BUF, at: int | None = None) -> None:
+        """``count`` rxq buffers from the appliance RAM (or from IOVA ``at`` on)."""
         assert self.rx is not None
-        for _ in range(count):
-            addr = self.alloc(size, 16)
+        for i in range(count):
+            addr = self.alloc(size, 16) if at is None else at + i * size
             self.rx.add([], [(addr, size)], addr)
         self.notify(0)
 
@@ -908,6 +910,25 @@ def test_rx_buffer_too_small_needs_reset(tmp_path: Path) -> None:
         with pytest.raises(DROPPED):
             fe.channel.recv_frame(TIMEOUT)
         assert link.stats["errors"] == 1
+
+
+def test_rx_buffers_in_a_read_only_map_need_reset(tmp_path: Path) -> None:
+    with rig_of(tmp_path, count=1) as r:
+        link = r.links[0]
+        read_only = sealed_memfd("read-only-buffers", MiB)
+        try:
+            iova = 1 << 32
+            link.appliance.client.dma_map(iova, MiB, read_only, flags=DmaMapFlags.READ)
+            link.appliance.bring_up(rx_at=iova)
+            fe = link.up()
+            _send(fe, FR.GET_FEATURES)
+            wait_for(lambda: bool(link.appliance.virtio_status
+                                  & DeviceStatus.DEVICE_NEEDS_RESET), "NEEDS_RESET")
+            with pytest.raises(DROPPED):
+                fe.channel.recv_frame(TIMEOUT)
+            assert link.stats["errors"] == 1
+        finally:
+            os.close(read_only)
 
 
 # --------------------------------------------------------------------------- a session
