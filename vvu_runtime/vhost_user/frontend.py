@@ -13,6 +13,7 @@ BASE, ADDR, KICK, CALL), driven from the driver side with
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
@@ -307,8 +308,10 @@ class GuestRam:
 
     def __init__(self, size: int, gpa: int = 0, uva: int | None = None,
                  name: str = "vvu-guest-ram") -> None:
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        # As QEMU's memory-backend-memfd does: back-ends refuse RAM that can shrink.
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.region = MemoryRegion(gpa, size, self.UVA_BASE + gpa if uva is None else uva, 0)
         self.memory = GuestMemory()
         self.memory.add(map_fd(self.region, self.fd))

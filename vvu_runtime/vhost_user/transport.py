@@ -35,7 +35,6 @@ import errno
 import os
 import select
 import socket
-import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -44,6 +43,8 @@ from vvu_runtime.fds import (
     FdError,
     Outbox,
     close_fds,
+    eventfd_signal,
+    eventfd_take,
     fds_from_ancdata,
     rights,
     unix_stream_socket,
@@ -54,6 +55,7 @@ from vvu_runtime.vhost_user.errors import (
     FramingError,
     TransportError,
 )
+from vvu_runtime.vhost_user.peer_fds import require_unshrinkable
 from vvu_runtime.virtio.errors import GuestMemoryError
 from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion, map_fd
 
@@ -88,31 +90,31 @@ class KickSource(ABC):
         """A descriptor that becomes readable on a kick."""
 
     @abstractmethod
-    def drain(self) -> None:
-        """Consume the pending kicks (after the descriptor became readable)."""
+    def drain(self) -> bool | None:
+        """Consume the pending kicks (after the descriptor became readable).
+
+        True means the source was signalled again at once (a kick storm, e.g. a
+        semaphore eventfd with a huge count): the session then waits a little
+        before it listens again instead of spinning."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the resource behind the kick source."""
 
 
 class EventFdNotifier(Notifier):
-    """An eventfd the front-end gave us (SET_VRING_CALL/ERR, SET_LOG_FD). Owns the fd."""
+    """An eventfd the front-end gave us (SET_VRING_CALL/ERR, SET_LOG_FD). Owns the fd.
+
+    The front-end shares the file and may have made it blocking or filled its
+    counter: :func:`eventfd_signal` never blocks either way."""
 
     __slots__ = ("fd",)
-
-    _ONE = struct.pack("=Q", 1)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
     def signal(self) -> None:
-        try:
-            os.write(self.fd, self._ONE)
-        except BlockingIOError:
-            pass  # the counter is saturated: the front-end has a wake-up pending anyway
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
+        with contextlib.suppress(OSError):  # a broken call fd is the front-end's loss
+            eventfd_signal(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -121,20 +123,25 @@ class EventFdNotifier(Notifier):
 
 
 class EventFdKick(KickSource):
-    """An eventfd the front-end kicks (SET_VRING_KICK). Owns the fd."""
+    """An eventfd the front-end kicks (SET_VRING_KICK). Owns the fd.
+
+    Read with :func:`eventfd_take`, non-blocking per call: the front-end shares
+    the file and can clear O_NONBLOCK whenever it likes."""
 
     __slots__ = ("fd",)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        os.set_blocking(fd, False)
 
     def fileno(self) -> int:
         return self.fd
 
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.fd, 8)
+    def drain(self) -> bool:
+        if eventfd_take(self.fd) != 1:
+            return False
+        # A count of exactly 1 with more behind it is what a semaphore eventfd
+        # gives (or a kick that raced in): either way the back-off costs little.
+        return eventfd_take(self.fd) != 0
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -186,6 +193,7 @@ class SocketTransport(Transport):
         if fd is None:
             raise GuestMemoryError(f"memory region {region}: no fd to map")
         try:
+            require_unshrinkable(fd, f"memory region {region}")
             return map_fd(region, fd)
         finally:
             os.close(fd)  # the mapping keeps the file alive
@@ -194,6 +202,7 @@ class SocketTransport(Transport):
         if fd is None:
             raise GuestMemoryError("dirty log without a shared-memory fd (LOG_SHMFD)")
         try:
+            require_unshrinkable(fd, "dirty log")
             return DirtyLog(fd, size, offset)
         finally:
             os.close(fd)
@@ -222,6 +231,8 @@ SEND_TIMEOUT = 5.0
 #: Bytes an event-loop sender lets wait for a peer before calling it stuck.
 MAX_BACKLOG = 4 << 20
 #: Most fds one message may carry (QEMU sends at most 8; a few spare to detect excess).
+#: Also the most a partial message may collect over several reads, and the most
+#: a channel queues for a peer that does not read: one peer cannot hoard fds.
 MAX_FDS = 16
 
 
@@ -314,6 +325,9 @@ class UnixChannel(Channel):
             self._drop_partial()
             raise TransportError(f"{self.name}: receive failed: {exc}") from exc
         self._fds.extend(fds_from_ancdata(anc))
+        if len(self._fds) > MAX_FDS:
+            self._drop_partial()
+            raise FramingError(f"{self.name}: more than {MAX_FDS} fds sent for one message")
         if msg_flags & socket.MSG_CTRUNC:
             self._drop_partial()
             raise FramingError(f"{self.name}: more than {MAX_FDS} fds on one message "
@@ -398,6 +412,11 @@ class UnixChannel(Channel):
             if self._outbox.pending > MAX_BACKLOG:
                 raise TransportError(f"{self.name}: peer does not read ({self._outbox.pending} "
                                      "bytes waiting)")
+            if fds and not self._outbox.empty:
+                # Queued fds are our duplicates: a peer that asks for fd-carrying
+                # replies and never reads them would fill our fd table.
+                raise TransportError(f"{self.name}: peer does not read; not queueing "
+                                     f"{len(fds)} more fds for it")
             self._outbox.send(data, fds)
             if self._send_error is not None:
                 self._raise_send_error(self._send_error)

@@ -1,0 +1,148 @@
+"""Checks on fds a front-end hands a back-end, before the session relies on them.
+
+* :func:`eventfd_facts`: whether an fd is an eventfd, which eventfd it is (two
+  fds naming one eventfd are told apart from two eventfds, which ``fstat``
+  cannot do: every eventfd shares one anonymous inode) and whether it is in
+  semaphore mode;
+* :func:`check_eventfd`: an eventfd a session is given for a role (kick, call,
+  err of a queue; the log), refused when it is not a plain eventfd or already
+  has a role that conflicts (our own writes would become kicks, or two rings
+  would steal each other's kicks);
+* :func:`require_unshrinkable`: a memory file the session maps must not be able
+  to shrink under the mapping (a touch past its end is SIGBUS, fatal to every
+  session of the process).
+
+Identity comes from ``/proc/self/fdinfo`` (``eventfd-id``, where the kernel
+shows it) or, failing that, from ``kcmp(KCMP_FILE)``. Semaphore mode is shown in fdinfo from
+Linux 6.6; on older kernels it cannot be seen, and the session's kick back-off
+(``backend.KICK_BACKOFF``) is what bounds a semaphore kick.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import fcntl
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vvu_runtime.vhost_user.errors import RequestError
+
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
+_KCMP_FILE = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EventFdFacts:
+    """What fdinfo says of an eventfd: its id (None: not shown) and its mode."""
+
+    ident: int | None
+    semaphore: bool | None  # None: this kernel does not say
+
+
+def eventfd_facts(fd: int) -> EventFdFacts | None:
+    """Facts of ``fd`` if it is an eventfd, else None."""
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+            return None
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+            text = info.read()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    ident = fields.get("eventfd-id")
+    sem = fields.get("eventfd-semaphore")
+    return EventFdFacts(int(ident) if ident is not None else None,
+                        None if sem is None else sem.strip() == "1")
+
+
+def same_file(a: int, b: int) -> bool | None:
+    """Whether fds ``a`` and ``b`` share one open file (kcmp); None if unknown."""
+    if _SYS_KCMP is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.getpid()
+    res: int = libc.syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, a, b)
+    if res < 0:
+        return None
+    return res == 0
+
+
+class Role(enum.StrEnum):
+    KICK = "kick"
+    CALL = "call"
+    ERR = "err"
+    LOG = "log"
+
+
+def check_eventfd(role: Role, index: int, fd: int, what: str,
+                  held: Iterable[tuple[Role, int, int]]) -> None:
+    """Refuse ``fd`` as ``role`` of queue ``index`` (RequestError naming ``what``)
+    unless it is a plain eventfd that no conflicting entry of ``held`` (role,
+    queue, fd: what the session holds now) already is.
+
+    A kick eventfd must be used for nothing else: shared with another ring's
+    kick, two readers race for its count; shared with a call, err or log, our
+    own signals become kicks (a loop at full speed). Calls and errs may share
+    one eventfd between queues: we only write them.
+    """
+    facts = eventfd_facts(fd)
+    if facts is None:
+        raise RequestError(f"{what}: the fd is not an eventfd")
+    if role is Role.KICK and facts.semaphore:
+        raise RequestError(f"{what}: the kick eventfd is in semaphore mode (EFD_SEMAPHORE); "
+                           "give a plain eventfd")
+    for other_role, other_index, other_fd in held:
+        if (other_role, other_index) == (role, index) or Role.KICK not in (role, other_role):
+            continue  # the one being replaced, or two write-only roles
+        if _same_eventfd(fd, facts, other_fd):
+            raise RequestError(f"{what}: this eventfd is already the {other_role} eventfd "
+                               f"of queue {other_index}; a kick eventfd cannot have a "
+                               "second role")
+
+
+def _same_eventfd(fd: int, facts: EventFdFacts, other: int) -> bool:
+    other_facts = eventfd_facts(other)
+    if other_facts is None:
+        return False
+    if facts.ident is not None and other_facts.ident is not None:
+        return facts.ident == other_facts.ident
+    return bool(same_file(fd, other))
+
+
+def require_unshrinkable(fd: int, what: str) -> None:
+    """Refuse a memfd that can still shrink (no F_SEAL_SHRINK), with the fix.
+
+    A file that is not a memfd (a RAM file on /dev/shm or hugetlbfs, which
+    cannot be sealed) is accepted: only a host process that can open it can
+    truncate it, and docs/architecture.md ("Reliability") says what then happens.
+    """
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise RequestError(f"{what}: the fd is unusable: {exc}") from exc
+    if not target.startswith("/memfd:"):
+        return
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise RequestError(f"{what}: cannot read the memfd's seals: {exc}") from exc
+        seals = 0
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise RequestError(
+            f"{what}: the memfd is not sealed against shrinking (F_SEAL_SHRINK), so it "
+            "could be truncated under our mapping; create it with MFD_ALLOW_SEALING and "
+            "seal it (QEMU's memory-backend-memfd does, unless seal=off)")
+
+
+def seal_unshrinkable(fd: int) -> None:
+    """Seal a memfd we made (MFD_ALLOW_SEALING) against growing and shrinking."""
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+
+
+__all__ = ["EventFdFacts", "Role", "check_eventfd", "eventfd_facts", "require_unshrinkable",
+           "same_file", "seal_unshrinkable"]
