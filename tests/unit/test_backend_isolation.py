@@ -9,7 +9,9 @@ alive, and where the attack could make it spin, its CPU time over a short window
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import resource
 import signal
@@ -26,10 +28,19 @@ from typing import Any
 import pytest
 
 from tests.support.blk_driver import BlkDriver
+from tests.support.loop_thread import LoopThread
 from tests.support.net_frames import BROADCAST, DriverPort, ether, mac, net_hdr
+from tests.support.vhost_user_harness import EchoDevice, session_pair
 from vvu_runtime.fds import rights
+from vvu_runtime.vhost_user import backend as backend_mod
 from vvu_runtime.vhost_user import messages as m
-from vvu_runtime.vhost_user.errors import VhostUserError
+from vvu_runtime.vhost_user import peer_fds
+from vvu_runtime.vhost_user.errors import (
+    FramingError,
+    RequestError,
+    TransportError,
+    VhostUserError,
+)
 from vvu_runtime.vhost_user.frontend import (
     DriverQueue,
     GuestRam,
@@ -37,7 +48,22 @@ from vvu_runtime.vhost_user.frontend import (
     setup_queue,
 )
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
-from vvu_runtime.vhost_user.peer_fds import eventfd_facts
+from vvu_runtime.vhost_user.peer_fds import (
+    EventFdFacts,
+    Role,
+    check_eventfd,
+    eventfd_facts,
+    require_unshrinkable,
+    same_file,
+    seal_unshrinkable,
+)
+from vvu_runtime.vhost_user.server import LogThrottle
+from vvu_runtime.vhost_user.transport import (
+    MAX_FDS,
+    EventFdKick,
+    EventFdNotifier,
+    UnixChannel,
+)
 from vvu_runtime.virtio.blk import RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
 
@@ -479,3 +505,223 @@ def test_blk_export_options(tmp_path: Path) -> None:
             parse_args(argv)
         assert info.value.code == 2
 
+
+
+# ------------------------------------------------------------------ the pieces, in-process
+
+
+@pytest.fixture
+def lt() -> Iterator[LoopThread]:
+    loop_thread = LoopThread()
+    yield loop_thread
+    loop_thread.stop()
+
+
+def finishes(fn: Callable[[], Any]) -> bool:
+    """Run ``fn`` in a thread; whether it returned (a blocked call never does)."""
+    worker = threading.Thread(target=fn, daemon=True)
+    worker.start()
+    worker.join(10)
+    return not worker.is_alive()
+
+
+def test_notifier_skips_a_full_blocking_eventfd() -> None:
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    notifier = EventFdNotifier(os.dup(fd))
+    try:
+        os.eventfd_write(fd, FULL)
+        os.set_blocking(fd, True)
+        assert finishes(notifier.signal)
+        assert os.eventfd_read(fd) == FULL
+        notifier.signal()  # room again: this one is written
+        assert os.eventfd_read(fd) == 1
+    finally:
+        notifier.close()
+        os.close(fd)
+
+
+def test_kick_drain_never_blocks_and_reports_a_storm() -> None:
+    plain = os.eventfd(0, os.EFD_CLOEXEC)
+    sem = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
+    kick, storm = EventFdKick(os.dup(plain)), EventFdKick(os.dup(sem))
+    try:
+        os.set_blocking(plain, True)  # the peer's doing: the file is shared
+        assert finishes(kick.drain)  # empty and blocking: a plain read would hang
+        os.eventfd_write(plain, 5)
+        assert kick.drain() is False
+        assert finishes(kick.drain)
+        os.eventfd_write(sem, FULL)
+        assert storm.drain() is True  # a count of 1 per read, and more behind it
+    finally:
+        for k in (kick, storm):
+            k.close()
+        os.close(plain)
+        os.close(sem)
+
+
+def test_eventfd_identity_by_fdinfo_and_by_kcmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = os.eventfd(0, os.EFD_CLOEXEC)
+    b = os.eventfd(0, os.EFD_CLOEXEC)
+    a2 = os.dup(a)
+    try:
+        held = [(Role.KICK, 0, a)]
+        check_eventfd(Role.KICK, 1, b, "kick 1", held)  # another eventfd: fine
+        check_eventfd(Role.KICK, 0, a2, "kick 0", held)  # replacing itself: fine
+        check_eventfd(Role.CALL, 3, b, "call 3", [(Role.CALL, 2, b)])  # calls may share
+        with pytest.raises(RequestError, match="kick 1: this eventfd is already the kick"):
+            check_eventfd(Role.KICK, 1, a2, "kick 1", held)
+        with pytest.raises(RequestError, match="already the kick eventfd of queue 0"):
+            check_eventfd(Role.ERR, 0, a2, "err 0", held)
+        assert same_file(a, a2) is True and same_file(a, b) is False
+        # A kernel whose fdinfo has no eventfd-id: kcmp tells them apart.
+        monkeypatch.setattr(peer_fds, "eventfd_facts",
+                            lambda fd: EventFdFacts(None, None) if fd in (a, a2, b) else None)
+        with pytest.raises(RequestError, match="already the kick eventfd"):
+            check_eventfd(Role.LOG, 0, a2, "SET_LOG_FD", held)
+        check_eventfd(Role.LOG, 0, b, "SET_LOG_FD", held)
+    finally:
+        for fd in (a, b, a2):
+            os.close(fd)
+
+
+def test_memory_that_can_shrink_is_refused(tmp_path: Path) -> None:
+    loose = os.memfd_create("loose", os.MFD_CLOEXEC)
+    tight = os.memfd_create("tight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    plain = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        with pytest.raises(RequestError, match=r"guest RAM: .*F_SEAL_SHRINK.*seal=off"):
+            require_unshrinkable(loose, "guest RAM")
+        os.ftruncate(tight, 4096)
+        seal_unshrinkable(tight)
+        require_unshrinkable(tight, "guest RAM")
+        with pytest.raises(OSError):
+            os.ftruncate(tight, 0)
+        require_unshrinkable(plain, "guest RAM")  # cannot be sealed: the doc's residual risk
+    finally:
+        for fd in (loose, tight, plain):
+            os.close(fd)
+
+
+def test_fds_of_one_partial_message_are_capped() -> None:
+    ours, theirs = socket.socketpair()
+    channel = UnixChannel(ours, max_payload=4096, name="peer")
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        theirs.sendmsg([m.HEADER.pack(FR.SET_MEM_TABLE, 1, 100)], rights([efd] * 10))
+        assert channel.recv_frame_nowait() is None
+        theirs.sendmsg([b"\0"], rights([efd] * 10))
+        with pytest.raises(FramingError, match=f"more than {MAX_FDS} fds sent for one message"):
+            channel.recv_frame_nowait()
+        assert len(os.listdir("/proc/self/fd")) == before  # what came was closed
+    finally:
+        channel.close()
+        theirs.close()
+        os.close(efd)
+
+
+def test_fds_are_not_queued_for_a_peer_that_does_not_read() -> None:
+    loop = asyncio.new_event_loop()
+    ours, theirs = socket.socketpair()
+    channel = UnixChannel(ours, name="peer")
+    channel.use_loop(loop)
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        big = bytes(60000)
+        for _ in range(100):  # until the socket stops taking more
+            channel.send_frame(FR.GET_CONFIG, 4, big[:4096])
+        with pytest.raises(TransportError, match="not queueing 1 more fds"):
+            channel.send_frame(FR.GET_INFLIGHT_FD, 4, bytes(16), [efd])
+    finally:
+        channel.close()
+        theirs.close()
+        os.close(efd)
+        loop.close()
+
+
+def test_backend_request_acks_are_awaited_through_the_loop(lt: LoopThread) -> None:
+    """config_changed returns at once; the front-end's ack, sent only after the
+    session answered another request, is read later from the loop."""
+    with session_pair(EchoDevice(), lt) as (fe, session):
+        fe.negotiate()
+        fe.set_backend_req_fd()
+        assert lt.call(session.config_changed) is True
+        assert fe.get_queue_num() == 2  # the loop is free while the ack is due
+        msg = fe.recv_backend_request(timeout=5)  # and answers it now
+        assert msg.request is m.BackendRequest.CONFIG_CHANGE_MSG and msg.need_reply
+        lt.sync()
+        backend = session.backend
+        assert backend is not None and not backend.closed
+        assert lt.call(session.config_changed) is True  # and again
+        fe.recv_backend_request(timeout=5)
+
+
+def test_a_frontend_that_never_acks_loses_only_its_backend_channel(
+        lt: LoopThread, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(backend_mod, "BACKEND_REPLY_TIMEOUT", 0.2)
+    with session_pair(EchoDevice(), lt) as (fe, session):
+        fe.negotiate()
+        channel = fe.set_backend_req_fd()
+        channel.sock.setblocking(True)  # shared with the back-end: no help to it
+        assert lt.call(session.config_changed) is True
+        channel.sock.send(m.HEADER.pack(0, 0, 0)[:6])  # half a header, never the rest
+        deadline = time.monotonic() + 10
+        while not lt.call(lambda: session.backend is None or session.backend.closed):
+            assert time.monotonic() < deadline, "the unanswered request never timed out"
+            time.sleep(0.05)
+        assert "did not answer CONFIG_CHANGE_MSG" in caplog.text
+        assert fe.get_queue_num() == 2  # the session goes on
+        assert lt.call(session.config_changed) is False  # no channel any more
+
+
+def test_kick_storm_without_a_visible_semaphore_mode_backs_off(
+        lt: LoopThread, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """On a kernel whose fdinfo does not show the mode, a semaphore kick gets in;
+    the session then listens to it at most once per KICK_BACKOFF."""
+    monkeypatch.setattr(peer_fds, "eventfd_facts", lambda fd: EventFdFacts(None, None))
+
+    class Counting(EchoDevice):
+        calls = 0
+
+        def process(self, vring: Any) -> None:
+            Counting.calls += 1
+            super().process(vring)
+
+    dev = Counting()
+    ram = GuestRam(1 << 20)
+    with session_pair(dev, lt) as (fe, _):
+        fe.negotiate()
+        fe.set_mem_table([(ram.region, ram.fd)])
+        dq = setup_queue(fe, ram, 0, 8)
+        storm = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
+        try:
+            fe.set_vring_kick(0, storm)
+            os.eventfd_write(storm, FULL)
+            lt.sync()
+            before = Counting.calls
+            time.sleep(0.5)
+            calls = lt.call(lambda: Counting.calls) - before
+            # One per back-off at most (0.5 s / 2 ms = 250); a spinning loop makes ~10^5.
+            assert calls < 2000, calls
+            assert "the kick stays signalled after each read" in caplog.text
+            src, dst = ram.alloc(4), ram.alloc(8)
+            ram.view(src, 4)[:] = b"ring"
+            dq.ring.add([(src, 4)], [(dst, 8)], token=dst)  # still served, without a kick
+            assert dq.wait_call()
+            assert dq.ring.get_used() == [(dst, 4)]
+        finally:
+            os.close(storm)
+            dq.close()
+    ram.close()
+
+
+def test_log_throttle_counts_what_it_leaves_out(caplog: pytest.LogCaptureFixture) -> None:
+    throttle = LogThrottle(logging.getLogger("test.throttle"), interval=3600)
+    for i in range(5):
+        throttle.error("accept failed %d", i)
+    assert caplog.text.count("accept failed") == 1
+    throttle._next = 0.0  # the interval is over
+    throttle.warning("accept failed %d", 9)
+    assert "accept failed 9 (4 more like this in the last 3600 s)" in caplog.text
