@@ -53,7 +53,7 @@ from vvu_runtime.vhost_user.peer_fds import (
     Role,
     check_eventfd,
     eventfd_facts,
-    require_unshrinkable,
+    protect_from_shrinking,
     same_file,
     seal_unshrinkable,
 )
@@ -410,18 +410,18 @@ def test_ring_flood_does_not_starve_the_other_port(backend: Backend) -> None:
 # ------------------------------------------------------------------ shrinking memory
 
 
-def test_unsealed_memfd_is_refused_and_truncating_it_is_harmless(backend: Backend) -> None:
+def test_memory_the_frontend_could_shrink_is_sealed_first(backend: Backend) -> None:
     """Memory the front-end can shrink under the mapping would turn the next ring
-    access into SIGBUS for every port: an unsealed memfd is refused."""
+    access into SIGBUS for every port: a memfd that allows sealing gets
+    F_SEAL_SHRINK from the backend before it is mapped."""
     evil = Evil(backend, sealed=False)
-    assert refused(evil.share_memory)
-    assert "not sealed against shrinking (F_SEAL_SHRINK)" in backend.text()
-    with contextlib.suppress(VhostUserError):
-        dq = evil.queue(evil.work_queue)
-        evil.add_work(dq)
+    evil.share_memory()
+    dq = evil.queue(evil.work_queue)
+    with pytest.raises(PermissionError):
         os.ftruncate(evil.ram.fd, 0)
-        dq.kick()
-    os.ftruncate(evil.ram.fd, 0)
+    evil.add_work(dq)
+    dq.kick()
+    assert dq.wait_call(), backend.text()  # its own ring still works, too
     backend.assert_isolated(cpu=False)
 
 
@@ -584,21 +584,27 @@ def test_eventfd_identity_by_fdinfo_and_by_kcmp(monkeypatch: pytest.MonkeyPatch)
             os.close(fd)
 
 
-def test_memory_that_can_shrink_is_refused(tmp_path: Path) -> None:
-    loose = os.memfd_create("loose", os.MFD_CLOEXEC)
-    tight = os.memfd_create("tight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def test_memfds_are_sealed_against_shrinking(tmp_path: Path) -> None:
+    sealable = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    sealed = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    unsealable = os.memfd_create("unsealable", os.MFD_CLOEXEC)
     plain = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        with pytest.raises(RequestError, match=r"guest RAM: .*F_SEAL_SHRINK.*seal=off"):
-            require_unshrinkable(loose, "guest RAM")
-        os.ftruncate(tight, 4096)
-        seal_unshrinkable(tight)
-        require_unshrinkable(tight, "guest RAM")
-        with pytest.raises(OSError):
-            os.ftruncate(tight, 0)
-        require_unshrinkable(plain, "guest RAM")  # cannot be sealed: the doc's residual risk
+        for fd in (sealable, sealed, unsealable, plain):
+            os.ftruncate(fd, 8192)
+        seal_unshrinkable(sealed)
+        assert protect_from_shrinking(sealed, "guest RAM") is None
+        assert protect_from_shrinking(sealable, "guest RAM") is None
+        with pytest.raises(PermissionError):
+            os.ftruncate(sealable, 4096)  # sealed by us
+        os.ftruncate(sealable, 16384)  # growing is still the front-end's business
+        warning = protect_from_shrinking(unsealable, "guest RAM")
+        assert warning is not None and "guest RAM: " in warning
+        assert "MFD_ALLOW_SEALING" in warning and "seal=off" in warning
+        # A RAM file cannot be sealed: the doc's residual risk, no warning per connection.
+        assert protect_from_shrinking(plain, "guest RAM") is None
     finally:
-        for fd in (loose, tight, plain):
+        for fd in (sealable, sealed, unsealable, plain):
             os.close(fd)
 
 

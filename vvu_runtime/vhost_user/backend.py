@@ -50,7 +50,7 @@ from vvu_runtime.vhost_user.errors import (
 from vvu_runtime.vhost_user.inflight import InflightArea
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
-from vvu_runtime.vhost_user.peer_fds import Role, check_eventfd, require_unshrinkable
+from vvu_runtime.vhost_user.peer_fds import Role, check_eventfd, protect_from_shrinking
 from vvu_runtime.vhost_user.transport import (
     Channel,
     Frame,
@@ -632,6 +632,8 @@ class BackendSession:
                 fd, pending[i] = pending[i], None
                 try:
                     region.validate()
+                    if fd is not None:
+                        self._protect(fd, f"memory region {i}")
                 except BaseException:
                     if fd is not None:
                         os.close(fd)
@@ -704,6 +706,12 @@ class BackendSession:
     def _set_log_base(self, msg: m.Message) -> m.Payload:
         area = msg.get(m.LogArea)
         fd = msg.take_fd()
+        if fd is not None:
+            try:
+                self._protect(fd, "SET_LOG_BASE")
+            except RequestError:
+                os.close(fd)
+                raise
         try:
             new = self.transport.map_log(area.mmap_size, area.mmap_offset, fd)
         except VirtioError as exc:
@@ -800,6 +808,15 @@ class BackendSession:
         if fd >= 0:
             held.append((Role.LOG, 0, fd))
         return held
+
+    def _protect(self, fd: int, what: str) -> None:
+        """Seal a memory fd against shrinking where possible (see peer_fds); on
+        failure the caller closes ``fd``."""
+        if not self._check_fds:
+            return
+        warning = protect_from_shrinking(fd, what)
+        if warning is not None:
+            log.warning("%s: %s", self.name, warning)
 
     def _set_vring_kick(self, msg: m.Message) -> None:
         vf = msg.get(m.VringFile)
@@ -923,7 +940,7 @@ class BackendSession:
             raise RequestError("SET_INFLIGHT_FD without a memory fd")
         packed = bool(self.features & VIRTIO_F_RING_PACKED)
         try:
-            require_unshrinkable(fd, "SET_INFLIGHT_FD")
+            self._protect(fd, "SET_INFLIGHT_FD")
             area = InflightArea(fd, req.mmap_size, req.mmap_offset, req.num_queues,
                                 req.queue_size, packed)
         except VirtioError as exc:

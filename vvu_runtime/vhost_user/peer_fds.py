@@ -8,9 +8,9 @@
   err of a queue; the log), refused when it is not a plain eventfd or already
   has a role that conflicts (our own writes would become kicks, or two rings
   would steal each other's kicks);
-* :func:`require_unshrinkable`: a memory file the session maps must not be able
-  to shrink under the mapping (a touch past its end is SIGBUS, fatal to every
-  session of the process).
+* :func:`protect_from_shrinking`: a memory file the session maps must not be
+  able to shrink under the mapping (a touch past its end is SIGBUS, fatal to
+  every session of the process): memfds are sealed (by the front-end or by us).
 
 Identity comes from ``/proc/self/fdinfo`` (``eventfd-id``, where the kernel
 shows it) or, failing that, from ``kcmp(KCMP_FILE)``. Semaphore mode is shown in fdinfo from
@@ -112,30 +112,35 @@ def _same_eventfd(fd: int, facts: EventFdFacts, other: int) -> bool:
     return bool(same_file(fd, other))
 
 
-def require_unshrinkable(fd: int, what: str) -> None:
-    """Refuse a memfd that can still shrink (no F_SEAL_SHRINK), with the fix.
+def protect_from_shrinking(fd: int, what: str) -> str | None:
+    """Make sure the memfd behind ``fd`` cannot shrink under our mapping.
 
-    A file that is not a memfd (a RAM file on /dev/shm or hugetlbfs, which
-    cannot be sealed) is accepted: only a host process that can open it can
-    truncate it, and docs/architecture.md ("Reliability") says what then happens.
+    A memfd already sealed with F_SEAL_SHRINK is fine; one that allows sealing
+    gets the seal from us (the front-end never needs to shrink its RAM, and
+    growing stays allowed). Returns a warning naming the fix when ``fd`` is a
+    memfd that cannot be sealed (made without MFD_ALLOW_SEALING); None for
+    every other file, which cannot be sealed at all (a RAM file on /dev/shm or
+    hugetlbfs): docs/architecture.md, "Reliability", says what that risks.
     """
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError as exc:
         raise RequestError(f"{what}: the fd is unusable: {exc}") from exc
     if not target.startswith("/memfd:"):
-        return
+        return None
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        if seals & fcntl.F_SEAL_SHRINK:
+            return None
+        if not seals & fcntl.F_SEAL_SEAL:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            return None
     except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise RequestError(f"{what}: cannot read the memfd's seals: {exc}") from exc
-        seals = 0
-    if not seals & fcntl.F_SEAL_SHRINK:
-        raise RequestError(
-            f"{what}: the memfd is not sealed against shrinking (F_SEAL_SHRINK), so it "
-            "could be truncated under our mapping; create it with MFD_ALLOW_SEALING and "
-            "seal it (QEMU's memory-backend-memfd does, unless seal=off)")
+        if exc.errno not in (errno.EINVAL, errno.EPERM):
+            raise RequestError(f"{what}: cannot read or add the memfd's seals: {exc}") from exc
+    return (f"{what}: the memfd cannot be sealed against shrinking (made without "
+            "MFD_ALLOW_SEALING): truncating it would crash this process; QEMU's "
+            "memory-backend-memfd seals it unless seal=off")
 
 
 def seal_unshrinkable(fd: int) -> None:
@@ -144,5 +149,5 @@ def seal_unshrinkable(fd: int) -> None:
                 fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
 
 
-__all__ = ["EventFdFacts", "Role", "check_eventfd", "eventfd_facts", "require_unshrinkable",
+__all__ = ["EventFdFacts", "Role", "check_eventfd", "eventfd_facts", "protect_from_shrinking",
            "same_file", "seal_unshrinkable"]

@@ -55,7 +55,6 @@ from vvu_runtime.vhost_user.errors import (
     FramingError,
     TransportError,
 )
-from vvu_runtime.vhost_user.peer_fds import require_unshrinkable
 from vvu_runtime.virtio.errors import GuestMemoryError
 from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion, map_fd
 
@@ -193,7 +192,6 @@ class SocketTransport(Transport):
         if fd is None:
             raise GuestMemoryError(f"memory region {region}: no fd to map")
         try:
-            require_unshrinkable(fd, f"memory region {region}")
             return map_fd(region, fd)
         finally:
             os.close(fd)  # the mapping keeps the file alive
@@ -202,7 +200,6 @@ class SocketTransport(Transport):
         if fd is None:
             raise GuestMemoryError("dirty log without a shared-memory fd (LOG_SHMFD)")
         try:
-            require_unshrinkable(fd, "dirty log")
             return DirtyLog(fd, size, offset)
         finally:
             os.close(fd)

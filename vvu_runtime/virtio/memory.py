@@ -9,7 +9,6 @@ bounds-checked: a buffer must lie entirely inside one region, or it is refused.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import mmap
 import os
 import threading
@@ -122,11 +121,9 @@ def memfd_region(size: int, *, guest_phys_addr: int, userspace_addr: int,
     Returns the mapping and the fd; the caller owns the fd (send it to a back-end
     with SET_MEM_TABLE, or close it: the mapping stays valid).
     """
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        # Sealed as QEMU's memory-backend-memfd is: back-ends refuse RAM that can shrink.
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         mapped = map_fd(MemoryRegion(guest_phys_addr, size, userspace_addr, 0), fd)
     except BaseException:
         os.close(fd)
