@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.devd import DevdProcess
+from tests.support.vhost_user_harness import EchoDevice
+from tests.support.vvu_chain import Appliance, DeviceModel
 from tests.support.vvu_driver_double import (
     CONFIG_VECTOR,
     TIMEOUT,
@@ -36,6 +38,9 @@ from tests.support.vvu_driver_double import (
     header,
     wait_for,
 )
+from vvu_runtime.device import tunnel as tunnel_mod
+from vvu_runtime.device.tunnel import SEMAPHORE_STREAK
+from vvu_runtime.fds import EventfdInfo
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import ConnectionClosed, TransportError
 from vvu_runtime.vhost_user.frontend import VhostUserFrontend
@@ -168,6 +173,8 @@ class Rig:
         assert self.devd.stop() == 0, f"vvu-devd did not exit on SIGTERM:\n{self.devd.log()}"
         log = self.devd.log()
         assert "Traceback" not in log
+        for vhost, vfio, _ in self.devd.devices.values():
+            assert not vhost.exists() and not vfio.exists(), "a socket file left behind"
         return log
 
     def close(self) -> None:
@@ -328,3 +335,35 @@ def test_sigterm_ends_devd_while_the_attacks_stand(rig: Rig) -> None:
         os.close(call)
         ours.close()
         theirs.close()
+
+
+def test_a_semaphore_kick_storm_on_a_kernel_whose_fdinfo_does_not_say(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before Linux 6.4 fdinfo has no ``eventfd-semaphore``: the tunnel then spots a
+    kick eventfd that stays readable after every read of 1 and drops the link
+    (in-process chain, with the kernel's answer hidden)."""
+    real = tunnel_mod.eventfd_info
+    monkeypatch.setattr(tunnel_mod, "eventfd_info",
+                        lambda fd: EventfdInfo(real(fd).ident, None))
+    model = DeviceModel(tmp_path, "att0", max_queues=2)
+    appliance = Appliance()
+    kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
+    try:
+        appliance.serve(EchoDevice(), model)
+        wait_for(lambda: model.status() == VvuStatus.BACKEND_UP, "BACKEND_UP")
+        fe = VhostUserFrontend.connect(model.sock_path, timeout=TIMEOUT)
+        try:
+            fe.negotiate()
+            fe.set_vring_kick(0, kick)
+            os.eventfd_write(kick, EVENTFD_MAX)
+            assert_dropped(fe)
+        finally:
+            fe.close()
+        stats = model.thread.call(lambda: model.device.stats.as_dict())
+        assert stats["link_resets"] == 1
+        # Dropped at the SEMAPHORE_STREAK-th read of 1, not after ~2**64 notifications.
+        assert stats["kicks"] == SEMAPHORE_STREAK - 1
+    finally:
+        os.close(kick)
+        appliance.close()
+        model.close()
