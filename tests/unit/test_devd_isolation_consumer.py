@@ -269,6 +269,7 @@ def test_a_saturated_blocking_call_eventfd(rig: Rig) -> None:
         for _ in range(3):
             rig.att.driver.doorbell(0)
         rig.assert_isolated()
+        assert rig.devd.table("att0")["db merged"] == "3"
         # The wake-up was pending anyway; once the consumer takes it, doorbells fire.
         assert os.eventfd_read(call) == EVENTFD_MAX
         rig.att.driver.doorbell(0)
