@@ -119,10 +119,10 @@ def eventfd_signal(fd: int) -> bool:
 class EventfdInfo:
     """What the kernel shows of an eventfd in /proc/self/fdinfo."""
 
-    #: The eventfd's id ("eventfd-id", Linux 5.18+), the same for every fd of one
+    #: The eventfd's id ("eventfd-id"; older kernels lack it), the same for every fd of one
     #: eventfd and unique among live ones; None on kernels that do not show it.
     ident: int | None
-    #: Made with EFD_SEMAPHORE ("eventfd-semaphore", Linux 6.4+): each read takes 1
+    #: Made with EFD_SEMAPHORE ("eventfd-semaphore", added in 2023): each read takes 1
     #: and it stays readable; None on kernels that do not show it.
     semaphore: bool | None
 

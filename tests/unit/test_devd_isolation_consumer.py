@@ -340,7 +340,7 @@ def test_sigterm_ends_devd_while_the_attacks_stand(rig: Rig) -> None:
 
 def test_a_semaphore_kick_storm_on_a_kernel_whose_fdinfo_does_not_say(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Before Linux 6.4 fdinfo has no ``eventfd-semaphore``: the tunnel then spots a
+    """Older kernels' fdinfo has no ``eventfd-semaphore``: the tunnel then spots a
     kick eventfd that stays readable after every read of 1 and drops the link
     (in-process chain, with the kernel's answer hidden)."""
     real = tunnel_mod.eventfd_info

@@ -138,7 +138,7 @@ REFUSED_BACKEND: dict[BR, str] = {
 #: Messages read per readable event before yielding to other fds.
 BATCH = 32
 #: Reads of exactly 1 in a row after which a kick eventfd that is still readable
-#: counts as EFD_SEMAPHORE, on kernels whose fdinfo does not say (before 6.4). An
+#: counts as EFD_SEMAPHORE, on kernels whose fdinfo does not say (the field dates from 2023). An
 #: ordinary eventfd is reset by a read: it would take a writer hitting the gap
 #: between our read and our poll this many times in a row.
 SEMAPHORE_STREAK = 16
@@ -155,8 +155,8 @@ class HeldEventfds:
     as a kick and a call, would let a front-end make one event look like another
     (and, shared with a blocking reader, stall it); across devices it would join
     two tenants' links. fstat cannot tell eventfds apart (one anon inode for all),
-    so the key is fdinfo's ``eventfd-id``; kernels that do not show it (before
-    5.18) go unchecked.
+    so the key is fdinfo's ``eventfd-id``; kernels that do not show it go
+    unchecked.
     """
 
     def __init__(self) -> None:
