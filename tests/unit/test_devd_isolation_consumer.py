@@ -252,6 +252,14 @@ def test_one_eventfd_as_kick_and_call_is_refused_and_the_link_serves_again(rig: 
         rig.att.round_trip(fe)
         rig.att.driver.doorbell(2)
         assert fired(efd)
+        # Once att0's consumer is gone, the eventfd is free for ok0's.
+        fe.close()
+        wait_for(lambda: rig.att.driver.vvu_status == 0, "att0: the disconnect")
+        ok_fe = rig.ok.up()
+        ok_fe.set_vring_err(1, efd)
+        rig.ok.forwarded(FR.SET_VRING_ERR)
+        rig.ok.driver.doorbell(N + 1)  # err doorbell of vring 1
+        assert fired(efd)
     finally:
         os.close(efd)
     rig.stop()
