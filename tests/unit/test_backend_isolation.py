@@ -31,7 +31,7 @@ from tests.support.blk_driver import BlkDriver
 from tests.support.loop_thread import LoopThread
 from tests.support.net_frames import BROADCAST, DriverPort, ether, mac, net_hdr
 from tests.support.vhost_user_harness import EchoDevice, session_pair
-from vvu_runtime.fds import rights
+from vvu_runtime.fds import EventfdInfo, rights
 from vvu_runtime.vhost_user import backend as backend_mod
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user import peer_fds
@@ -49,7 +49,6 @@ from vvu_runtime.vhost_user.frontend import (
 )
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.peer_fds import (
-    EventFdFacts,
     Role,
     check_eventfd,
     eventfd_facts,
@@ -575,7 +574,7 @@ def test_eventfd_identity_by_fdinfo_and_by_kcmp(monkeypatch: pytest.MonkeyPatch)
         assert same_file(a, a2) is True and same_file(a, b) is False
         # A kernel whose fdinfo has no eventfd-id: kcmp tells them apart.
         monkeypatch.setattr(peer_fds, "eventfd_facts",
-                            lambda fd: EventFdFacts(None, None) if fd in (a, a2, b) else None)
+                            lambda fd: EventfdInfo(None, None) if fd in (a, a2, b) else None)
         with pytest.raises(RequestError, match="already the kick eventfd"):
             check_eventfd(Role.LOG, 0, a2, "SET_LOG_FD", held)
         check_eventfd(Role.LOG, 0, b, "SET_LOG_FD", held)
@@ -686,7 +685,7 @@ def test_kick_storm_without_a_visible_semaphore_mode_backs_off(
         caplog: pytest.LogCaptureFixture) -> None:
     """On a kernel whose fdinfo does not show the mode, a semaphore kick gets in;
     the session then listens to it at most once per KICK_BACKOFF."""
-    monkeypatch.setattr(peer_fds, "eventfd_facts", lambda fd: EventFdFacts(None, None))
+    monkeypatch.setattr(peer_fds, "eventfd_facts", lambda fd: EventfdInfo(None, None))
 
     class Counting(EchoDevice):
         calls = 0

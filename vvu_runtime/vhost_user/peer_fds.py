@@ -1,9 +1,7 @@
 """Checks on fds a front-end hands a back-end, before the session relies on them.
 
-* :func:`eventfd_facts`: whether an fd is an eventfd, which eventfd it is (two
-  fds naming one eventfd are told apart from two eventfds, which ``fstat``
-  cannot do: every eventfd shares one anonymous inode) and whether it is in
-  semaphore mode;
+* :func:`eventfd_facts`: whether an fd is an eventfd and, from
+  :func:`fds.eventfd_info`, which one it is and whether it is in semaphore mode;
 * :func:`check_eventfd`: an eventfd a session is given for a role (kick, call,
   err of a queue; the log), refused when it is not a plain eventfd or already
   has a role that conflicts (our own writes would become kicks, or two rings
@@ -13,9 +11,9 @@
   every session of the process): memfds are sealed (by the front-end or by us).
 
 Identity comes from ``/proc/self/fdinfo`` (``eventfd-id``, where the kernel
-shows it) or, failing that, from ``kcmp(KCMP_FILE)``. Semaphore mode is shown in fdinfo from
-Linux 6.6; on older kernels it cannot be seen, and the session's kick back-off
-(``backend.KICK_BACKOFF``) is what bounds a semaphore kick.
+shows it) or, failing that, from ``kcmp(KCMP_FILE)``. Where fdinfo does not
+show semaphore mode, a semaphore kick gets in, and the session's kick back-off
+(``backend.KICK_BACKOFF``) is what bounds it.
 """
 
 from __future__ import annotations
@@ -26,36 +24,23 @@ import errno
 import fcntl
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from vvu_runtime.fds import EventfdInfo, FdError, eventfd_info, is_eventfd
 from vvu_runtime.vhost_user.errors import RequestError
 
 _SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
 _KCMP_FILE = 0
 
 
-@dataclass(frozen=True, slots=True)
-class EventFdFacts:
-    """What fdinfo says of an eventfd: its id (None: not shown) and its mode."""
-
-    ident: int | None
-    semaphore: bool | None  # None: this kernel does not say
-
-
-def eventfd_facts(fd: int) -> EventFdFacts | None:
-    """Facts of ``fd`` if it is an eventfd, else None."""
-    try:
-        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
-            return None
-        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
-            text = info.read()
-    except OSError:
+def eventfd_facts(fd: int) -> EventfdInfo | None:
+    """What fdinfo shows of ``fd`` if it is an eventfd (fields it lacks are None),
+    else None."""
+    if not is_eventfd(fd):
         return None
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    ident = fields.get("eventfd-id")
-    sem = fields.get("eventfd-semaphore")
-    return EventFdFacts(int(ident) if ident is not None else None,
-                        None if sem is None else sem.strip() == "1")
+    try:
+        return eventfd_info(fd)
+    except FdError:
+        return EventfdInfo(None, None)
 
 
 def same_file(a: int, b: int) -> bool | None:
@@ -103,7 +88,7 @@ def check_eventfd(role: Role, index: int, fd: int, what: str,
                                "second role")
 
 
-def _same_eventfd(fd: int, facts: EventFdFacts, other: int) -> bool:
+def _same_eventfd(fd: int, facts: EventfdInfo, other: int) -> bool:
     other_facts = eventfd_facts(other)
     if other_facts is None:
         return False
@@ -149,5 +134,5 @@ def seal_unshrinkable(fd: int) -> None:
                 fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
 
 
-__all__ = ["EventFdFacts", "Role", "check_eventfd", "eventfd_facts", "protect_from_shrinking",
+__all__ = ["Role", "check_eventfd", "eventfd_facts", "protect_from_shrinking",
            "same_file", "seal_unshrinkable"]
