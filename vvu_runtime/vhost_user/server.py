@@ -3,10 +3,11 @@
 :class:`VhostUserServer` listens on a UNIX socket path (QEMU connects with
 ``-chardev socket,path=...,reconnect-ms=...``) and serves one
 :class:`BackendSession` at a time: a second concurrent connection is refused
-with a log line (and closed) while the first goes on. When accept() fails for
-lack of fds or memory the listener rests for :data:`ACCEPT_RETRY` instead of
-spinning on a connection it cannot take; such lines are rate-limited. It accepts reconnections
-forever; ``close()`` ends the session and removes the socket file.
+with a log line (and closed) while the first goes on. It accepts reconnections
+forever; ``close()`` ends the session and removes the socket file. When accept()
+fails for lack of fds or memory the listener rests for :data:`ACCEPT_RETRY`
+instead of spinning on a connection it cannot take; such log lines, and those
+of refused connections, are rate-limited (:class:`LogThrottle`).
 
 :class:`VhostUserClient` connects to a front-end that listens
 (``-chardev socket,path=...,server=on``), retrying every ``retry_interval``
