@@ -1,0 +1,18 @@
+"""The harnesses, by name (the order ``python -m fuzz`` runs them in)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fuzz.engine import Harness
+
+
+def _codec() -> Harness:
+    from fuzz.harnesses.codec import CodecHarness
+    return CodecHarness()
+
+
+#: name -> factory (imported lazily: a harness's imports cost only when it runs).
+HARNESSES: dict[str, Callable[[], Harness]] = {
+    "codec": _codec,
+}
