@@ -12,7 +12,13 @@ def _codec() -> Harness:
     return CodecHarness()
 
 
+def _rings() -> Harness:
+    from fuzz.harnesses.rings import RingsHarness
+    return RingsHarness()
+
+
 #: name -> factory (imported lazily: a harness's imports cost only when it runs).
 HARNESSES: dict[str, Callable[[], Harness]] = {
     "codec": _codec,
+    "rings": _rings,
 }
