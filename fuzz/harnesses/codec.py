@@ -110,7 +110,7 @@ class CodecHarness(Harness):
         frame = m.format_message(request, flags, packed)
         if m.parse_message(frame) != (request, flags, packed):
             raise Finding(f"{direction.code(request)}: format/parse changed the frame")
-        code, eflags, edata = m.encode(request, value,  # type: ignore[arg-type]
+        code, _, edata = m.encode(request, value,  # type: ignore[arg-type]
                                        reply=reply, need_reply=bool(flags & 8))
         if edata != packed or code != request:
             raise Finding(f"{direction.code(request)}: encode differs from pack")

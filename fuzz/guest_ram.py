@@ -1,0 +1,101 @@
+"""A hostile driver's guest RAM: ring layouts written from a fuzz input.
+
+The RAM is 64 KiB that a front-end describes as two regions: A (guest-physical
+0, user address ``UVA``) and B (guest-physical ``REGION_B``, user address
+``UVA + REGION_B``), backed by the two halves of one memfd. Rings live in A at
+fixed offsets; buffers point mostly into A's data area, sometimes into B, into
+the indirect table, or anywhere. Virtio-blk request headers are laid out in the
+data area so that a blk device sees plausible requests.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fuzz.source import ByteSource
+from vvu_runtime.virtio.features import DescFlag
+
+#: Front-end user address of region A (region B follows at +REGION_B).
+UVA = 0x7F00_0000_0000
+REGION_SIZE = 0x8000
+RAM_SIZE = 2 * REGION_SIZE
+REGION_B = 0x10_0000
+DESC_AT, AVAIL_AT, USED_AT, INDIRECT_AT, DATA_AT = 0x0, 0x1000, 0x1800, 0x2800, 0x3000
+#: Where the virtio-blk request headers sit (one per 256 bytes).
+BLK_HEADERS_AT = DATA_AT
+BLK_HEADERS = 8
+SPLIT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_DESC = struct.Struct("<QIHH")
+_BLK_HEADER = struct.Struct("<IIQ")
+_FLAG_SETS = (0, int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.NEXT | DescFlag.WRITE),
+              int(DescFlag.INDIRECT), int(DescFlag.INDIRECT | DescFlag.NEXT),
+              int(DescFlag.INDIRECT | DescFlag.WRITE), 7)
+_AVAIL, _USED = int(DescFlag.AVAIL), int(DescFlag.USED)
+#: virtio-blk request types: IN, OUT, FLUSH, GET_ID, GET_LIFETIME, DISCARD, WRITE_ZEROES
+_BLK_TYPES = (0, 1, 4, 8, 10, 11, 13)
+_ZERO = bytes(RAM_SIZE)
+
+
+def _gpa(src: ByteSource) -> int:
+    mode = src.below(16)
+    if mode < 6:
+        return BLK_HEADERS_AT + 256 * src.below(BLK_HEADERS)
+    if mode < 11:
+        return DATA_AT + src.below(REGION_SIZE - DATA_AT)
+    if mode < 13:
+        return REGION_B + src.below(REGION_SIZE)
+    if mode < 15:
+        return INDIRECT_AT + 16 * src.below(64)
+    return src.uint(8)
+
+
+def _desc(src: ByteSource, size: int, packed: bool, slot: int) -> bytes:
+    addr = _gpa(src)
+    length = src.pick((16, 1, 64, 512, 4096, 0, src.below(REGION_SIZE), src.uint(4)))
+    flags = src.pick(_FLAG_SETS)
+    if packed:
+        # Mostly "available in the first wrap" (avail wrap counter starts at 1).
+        flags |= _AVAIL if src.chance(90) else src.pick((0, _AVAIL, _USED, _AVAIL | _USED))
+        return _DESC.pack(addr, length, src.below(size + 1), flags)
+    if flags & int(DescFlag.INDIRECT):
+        length = 16 * src.pick((1, 2, 4, 8, 0, 3, 128)) if src.chance(85) else length
+        addr = INDIRECT_AT if src.chance(80) else addr
+    nxt = (slot + 1) % size if src.chance(80) else src.below(size + 1)
+    return _DESC.pack(addr, length, flags, nxt)
+
+
+def write_ring(view: memoryview, src: ByteSource, size: int, packed: bool) -> None:
+    """Zero the RAM, then lay out one ring of ``size`` (<= 256) as the input says."""
+    view[:] = _ZERO
+    for i in range(BLK_HEADERS):
+        _BLK_HEADER.pack_into(view, BLK_HEADERS_AT + 256 * i, src.pick(_BLK_TYPES),
+                              0, src.pick((0, 1, 7, 2047, src.uint(8))))
+    n = min(size, 1 + src.below(16))
+    for i in range(n):
+        slot = src.below(size) if src.chance(30) else i
+        view[DESC_AT + 16 * slot:DESC_AT + 16 * slot + 16] = _desc(src, size, packed, slot)
+    for i in range(src.below(9)):  # an indirect table
+        view[INDIRECT_AT + 16 * i:INDIRECT_AT + 16 * i + 16] = _desc(src, 8, False, i)
+    if packed:
+        struct.pack_into("<HH", view, AVAIL_AT, src.uint(2), src.below(4))
+        struct.pack_into("<HH", view, USED_AT, src.uint(2), src.below(4))
+        return
+    avail_idx = src.edge_int(16, n)
+    struct.pack_into("<HH", view, AVAIL_AT, src.below(2), avail_idx)
+    for i in range(min(size, n + 2)):
+        struct.pack_into("<H", view, AVAIL_AT + 4 + 2 * i,
+                         i if src.chance(70) else src.edge_int(16, src.below(size)))
+    struct.pack_into("<H", view, AVAIL_AT + 4 + 2 * size, src.uint(2))  # used_event
+    struct.pack_into("<HH", view, USED_AT, src.below(2), src.edge_int(16, 0))
+
+
+def scribble(view: memoryview, src: ByteSource) -> None:
+    """The driver rewriting ring memory while the device walks it."""
+    at = src.pick((DESC_AT, AVAIL_AT, USED_AT, INDIRECT_AT, BLK_HEADERS_AT)) + src.below(0x800)
+    chunk = src.take(src.pick((2, 4, 8, 16)))
+    view[at:at + len(chunk)] = chunk
+
+
+def ring_size(src: ByteSource, packed: bool) -> int:
+    size = src.pick(SPLIT_SIZES) if not packed or src.chance(50) else 1 + src.below(256)
+    return src.edge_int(16, size)
