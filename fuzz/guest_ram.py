@@ -24,7 +24,7 @@ DESC_AT, AVAIL_AT, USED_AT, INDIRECT_AT, DATA_AT = 0x0, 0x1000, 0x1800, 0x2800, 
 #: Where the virtio-blk request headers sit (one per 256 bytes).
 BLK_HEADERS_AT = DATA_AT
 BLK_HEADERS = 8
-SPLIT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SPLIT_SIZES = (16, 1, 2, 4, 8, 32, 64, 128, 256)
 _DESC = struct.Struct("<QIHH")
 _BLK_HEADER = struct.Struct("<IIQ")
 _FLAG_SETS = (0, int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.NEXT | DescFlag.WRITE),
@@ -55,13 +55,38 @@ def _desc(src: ByteSource, size: int, packed: bool, slot: int) -> bytes:
     flags = src.pick(_FLAG_SETS)
     if packed:
         # Mostly "available in the first wrap" (avail wrap counter starts at 1).
-        flags |= _AVAIL if src.chance(90) else src.pick((0, _AVAIL, _USED, _AVAIL | _USED))
+        flags |= _AVAIL if src.usually(90) else src.pick((0, _AVAIL, _USED, _AVAIL | _USED))
         return _DESC.pack(addr, length, src.below(size + 1), flags)
     if flags & int(DescFlag.INDIRECT):
-        length = 16 * src.pick((1, 2, 4, 8, 0, 3, 128)) if src.chance(85) else length
-        addr = INDIRECT_AT if src.chance(80) else addr
-    nxt = (slot + 1) % size if src.chance(80) else src.below(size + 1)
+        length = 16 * src.pick((1, 2, 4, 8, 0, 3, 128)) if src.usually(85) else length
+        addr = INDIRECT_AT if src.usually(80) else addr
+    nxt = (slot + 1) % size if src.usually(80) else src.below(size + 1)
     return _DESC.pack(addr, length, flags, nxt)
+
+
+def _blk_chains(view: memoryview, src: ByteSource, size: int, packed: bool) -> int:
+    """Well-formed virtio-blk chains (header, data, status); returns avail entries."""
+    _NEXT, _WRITE = int(DescFlag.NEXT), int(DescFlag.WRITE)
+    chains = min(size // 3, 1 + src.below(5))
+    for k in range(chains):
+        kind = view[BLK_HEADERS_AT + 256 * k]
+        data_flags = _WRITE if kind in (0, 8, 10) else 0
+        parts = ((BLK_HEADERS_AT + 256 * k, 16, _NEXT),
+                 (DATA_AT + 0x1000 + 0x400 * k, src.pick((512, 1024, 20, 16, 1)),
+                  _NEXT | data_flags),
+                 (BLK_HEADERS_AT + 256 * k + 16 + src.below(8), 1, _WRITE))
+        for j, (addr, length, flags) in enumerate(parts):
+            slot = 3 * k + j
+            if packed:
+                flags |= _AVAIL
+                _DESC.pack_into(view, DESC_AT + 16 * slot, addr, length, k, flags)
+            else:
+                _DESC.pack_into(view, DESC_AT + 16 * slot, addr, length, flags, slot + 1)
+        if not packed:
+            struct.pack_into("<H", view, AVAIL_AT + 4 + 2 * k, 3 * k)
+    if not packed:
+        struct.pack_into("<HH", view, AVAIL_AT, 0, chains)
+    return chains
 
 
 def write_ring(view: memoryview, src: ByteSource, size: int, packed: bool) -> None:
@@ -70,6 +95,9 @@ def write_ring(view: memoryview, src: ByteSource, size: int, packed: bool) -> No
     for i in range(BLK_HEADERS):
         _BLK_HEADER.pack_into(view, BLK_HEADERS_AT + 256 * i, src.pick(_BLK_TYPES),
                               0, src.pick((0, 1, 7, 2047, src.uint(8))))
+    if size >= 3 and src.usually(50):
+        _blk_chains(view, src, size, packed)
+        return
     n = min(size, 1 + src.below(16))
     for i in range(n):
         slot = src.below(size) if src.chance(30) else i
@@ -84,7 +112,7 @@ def write_ring(view: memoryview, src: ByteSource, size: int, packed: bool) -> No
     struct.pack_into("<HH", view, AVAIL_AT, src.below(2), avail_idx)
     for i in range(min(size, n + 2)):
         struct.pack_into("<H", view, AVAIL_AT + 4 + 2 * i,
-                         i if src.chance(70) else src.edge_int(16, src.below(size)))
+                         i if src.usually(70) else src.edge_int(16, src.below(size)))
     struct.pack_into("<H", view, AVAIL_AT + 4 + 2 * size, src.uint(2))  # used_event
     struct.pack_into("<HH", view, USED_AT, src.below(2), src.edge_int(16, 0))
 

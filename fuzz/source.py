@@ -50,6 +50,10 @@ class ByteSource:
         """True for about ``percent`` % of byte values (never for a zero byte)."""
         return self.u8() * 100 >= (100 - percent) * 256
 
+    def usually(self, percent: int) -> bool:
+        """True for about ``percent`` % of byte values, always for a zero byte."""
+        return self.u8() * 100 < percent * 256
+
     def pick(self, items: Sequence[T]) -> T:
         return items[self.below(len(items))]
 

@@ -17,8 +17,14 @@ def _rings() -> Harness:
     return RingsHarness()
 
 
+def _session() -> Harness:
+    from fuzz.harnesses.session import SessionHarness
+    return SessionHarness()
+
+
 #: name -> factory (imported lazily: a harness's imports cost only when it runs).
 HARNESSES: dict[str, Callable[[], Harness]] = {
     "codec": _codec,
     "rings": _rings,
+    "session": _session,
 }

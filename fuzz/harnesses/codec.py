@@ -53,7 +53,7 @@ class CodecHarness(Harness):
             m.parse_message(src.take(src.below(80)))
             return 1
         if mode == 1:
-            m.parse_header(src.take(12 if src.chance(90) else src.below(24)))
+            m.parse_header(src.take(12 if src.usually(90) else src.below(24)))
             return 2
         direction = src.pick(_DIRECTIONS)
         reply = src.chance(35)

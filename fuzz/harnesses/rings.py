@@ -84,7 +84,7 @@ class RingsHarness(Harness):
         write_ring(self.view, src, max(1, min(size, 256)), packed)
         queue: Virtqueue
         if packed:
-            base = (PACKED_INITIAL_BASE if src.chance(80) else
+            base = (PACKED_INITIAL_BASE if src.usually(80) else
                     encode_packed_base(src.below(size + 1), src.below(2), src.below(size + 1),
                                        src.below(2)))
             queue = PackedQueue(0, size, addrs, self.memory, features, base)
