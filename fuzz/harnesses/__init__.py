@@ -22,9 +22,15 @@ def _session() -> Harness:
     return SessionHarness()
 
 
+def _registers() -> Harness:
+    from fuzz.harnesses.registers import RegistersHarness
+    return RegistersHarness()
+
+
 #: name -> factory (imported lazily: a harness's imports cost only when it runs).
 HARNESSES: dict[str, Callable[[], Harness]] = {
     "codec": _codec,
     "rings": _rings,
     "session": _session,
+    "registers": _registers,
 }
