@@ -203,7 +203,8 @@ def _logged_signature(text: str) -> str:
         if ln.startswith("File ") and ("vvu_runtime" in ln or "/fuzz/" in ln):
             path, _, rest = ln[6:].partition('", line ')
             where = f"{Path(path).name}:{rest.split(',')[0]}"
-    return f"logged: {lines[-1][:120] if lines else ''} at {where}"
+    kind = lines[-1].split(":")[0] if lines else ""
+    return f"logged: {kind} at {where}"
 
 
 class _Alarm:
@@ -384,8 +385,9 @@ class Runner:
         elif kind == "logged":
             sig = _logged_signature(detail)
         elif kind == "leak":
-            sig = "leak: " + ", ".join(d.split(" -> ")[-1].split(":")[0]
-                                       for d in detail[len("fds left open: "):].split(", "))
+            kinds = {d.split(" -> ")[-1].split(":")[0]
+                     for d in detail[len("fds left open: "):].split(";")[0].split(", ")}
+            sig = "leak: " + ", ".join(sorted(kinds))
         else:
             sig = _signature(kind, exc, detail)
         if exc is not None and kind in ("hang", "finding"):

@@ -27,10 +27,16 @@ def _registers() -> Harness:
     return RegistersHarness()
 
 
+def _vfio_user() -> Harness:
+    from fuzz.harnesses.vfio_user import VfioUserHarness
+    return VfioUserHarness()
+
+
 #: name -> factory (imported lazily: a harness's imports cost only when it runs).
 HARNESSES: dict[str, Callable[[], Harness]] = {
     "codec": _codec,
     "rings": _rings,
     "session": _session,
+    "vfio-user": _vfio_user,
     "registers": _registers,
 }

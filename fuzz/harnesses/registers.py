@@ -70,11 +70,12 @@ class Appliance:
             os.close(fd)
 
 
-def plan(src: ByteSource, driver: Driver) -> list[Op]:
+def plan(src: ByteSource, driver: Driver, bring_up: int = 80, extra: int = 24) -> list[Op]:
+    """Usually (``bring_up`` %) the bring-up, then up to ``extra`` arbitrary operations."""
     ops: list[Op] = []
-    if not src.chance(20):
+    if src.usually(bring_up):
         ops = driver.bring_up(src, max(1, min(ring_size(src, False), 256)))
-    ops += [driver.random_op(src) for _ in range(src.below(24))]
+    ops += [driver.random_op(src) for _ in range(src.below(extra))]
     return ops
 
 
