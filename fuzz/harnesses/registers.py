@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import mmap
 import os
 import shutil
@@ -41,8 +42,12 @@ class Appliance:
     """What a case owns on the appliance's side: its RAM and its eventfds."""
 
     def __init__(self) -> None:
-        self.ram_fd = os.memfd_create("vvu-fuzz-appliance-ram", os.MFD_CLOEXEC)
+        self.ram_fd = os.memfd_create("vvu-fuzz-appliance-ram",
+                                      os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.ram_fd, RAM_SIZE)
+        # Sealed against shrinking, as the launcher's appliance RAM is: a device model
+        # may refuse to DMA-map a file that could shrink under it.
+        fcntl.fcntl(self.ram_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.ram = mmap.mmap(self.ram_fd, RAM_SIZE)
         self.view = memoryview(self.ram)
         self.eventfds: list[int] = []
