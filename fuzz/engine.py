@@ -125,8 +125,17 @@ class Harness(ABC):
 LEAK_CHECK_EVERY = 1024
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
+    """The process's open fds (without the one listing /proc/self/fd used)."""
+    return {fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd)}
 
 
 def describe_fds(fds: set[int]) -> str:
@@ -213,11 +222,16 @@ class _Alarm:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._saved: object = None
+        self._outer = (0.0, 0.0)
+        self._entered = 0.0
 
     def _fire(self, signum: int, frame: FrameType | None) -> None:
         raise CaseTimeout(f"case ran longer than {self.seconds} s")
 
     def __enter__(self) -> _Alarm:
+        # Someone else's timer (pytest-timeout uses SIGALRM too) is put back on exit.
+        self._outer = signal.getitimer(signal.ITIMER_REAL)
+        self._entered = time.monotonic()
         self._saved = signal.signal(signal.SIGALRM, self._fire)
         return self
 
@@ -225,6 +239,10 @@ class _Alarm:
                  tb: TracebackType | None) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, self._saved)  # type: ignore[arg-type]
+        left, interval = self._outer
+        if left:
+            left = max(left - (time.monotonic() - self._entered), 0.001)
+            signal.setitimer(signal.ITIMER_REAL, left, interval)
 
     def arm(self) -> None:
         signal.setitimer(signal.ITIMER_REAL, self.seconds)
@@ -243,6 +261,7 @@ class Mutator:
         self.rng = random.Random(seed)
         self.corpus: dict[int, bytes] = {}
         self._pool: list[bytes] = [s[:MAX_INPUT] for s in seeds] or [b""]
+        self._unrun = list(reversed(self._pool))  # every seed runs once as it is, first
 
     def add(self, depth: int, data: bytes) -> None:
         if depth not in self.corpus and len(self.corpus) < MAX_CORPUS:
@@ -254,6 +273,8 @@ class Mutator:
             self._pool[self.rng.randrange(len(self._pool))] = data
 
     def next(self) -> bytes:
+        if self._unrun:
+            return self._unrun.pop()
         rng = self.rng
         if rng.random() < 0.25:
             return rng.randbytes(rng.choice((8, 32, 64, 128, 256, 512, 1024)))
