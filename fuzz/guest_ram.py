@@ -53,13 +53,13 @@ def _desc(src: ByteSource, size: int, packed: bool, slot: int) -> bytes:
     addr = _gpa(src)
     length = src.pick((16, 1, 64, 512, 4096, 0, src.below(REGION_SIZE), src.uint(4)))
     flags = src.pick(_FLAG_SETS)
+    if flags & int(DescFlag.INDIRECT):
+        length = 16 * src.pick((1, 2, 4, 8, 0, 3, 128)) if src.usually(85) else length
+        addr = INDIRECT_AT if src.usually(80) else addr
     if packed:
         # Mostly "available in the first wrap" (avail wrap counter starts at 1).
         flags |= _AVAIL if src.usually(90) else src.pick((0, _AVAIL, _USED, _AVAIL | _USED))
         return _DESC.pack(addr, length, src.below(size + 1), flags)
-    if flags & int(DescFlag.INDIRECT):
-        length = 16 * src.pick((1, 2, 4, 8, 0, 3, 128)) if src.usually(85) else length
-        addr = INDIRECT_AT if src.usually(80) else addr
     nxt = (slot + 1) % size if src.usually(80) else src.below(size + 1)
     return _DESC.pack(addr, length, flags, nxt)
 
@@ -104,8 +104,9 @@ def write_ring(view: memoryview, src: ByteSource, size: int, packed: bool) -> No
         view[DESC_AT + 16 * slot:DESC_AT + 16 * slot + 16] = _desc(src, size, packed, slot)
     for i in range(src.below(9)):  # an indirect table
         view[INDIRECT_AT + 16 * i:INDIRECT_AT + 16 * i + 16] = _desc(src, 8, False, i)
-    if packed:
-        struct.pack_into("<HH", view, AVAIL_AT, src.uint(2), src.below(4))
+    if packed:  # event suppression: off_wrap (wrap bit 15), flags ENABLE/DISABLE/DESC
+        struct.pack_into("<HH", view, AVAIL_AT, src.below(size) | src.below(2) << 15,
+                         src.below(4))
         struct.pack_into("<HH", view, USED_AT, src.uint(2), src.below(4))
         return
     avail_idx = src.edge_int(16, n)

@@ -119,6 +119,11 @@ class RingsHarness(Harness):
                                       f"{chain.writable_len} writable")
                     queue.push(chain, written)
                 elif op == 5:
+                    if held and src.chance(50):  # a batch, published with one index store
+                        batch = [(c, min(src.below(8), c.writable_len))
+                                 for c in held[:1 + src.below(len(held))]]
+                        del held[:len(batch)]
+                        queue.push_many(batch)
                     queue.should_notify()
                 elif op == 6:
                     queue.set_kick_suppression(src.chance(50))
