@@ -128,6 +128,7 @@ class Driver:
             _common(Common.DEVICE_STATUS, 1, src.edge_int(8, 0b1111)),
             Write(COMMON_BAR, DEVICE_CFG_AT, src.edge_int(32, 1).to_bytes(4, "little")),
             Write(COMMON_BAR, NOTIFY_AT, (0).to_bytes(2, "little")),
+            Write(COMMON_BAR, NOTIFY_AT + 4, (1).to_bytes(2, "little")),  # txq
         ]
         return ops
 

@@ -118,6 +118,30 @@ def write_ring(view: memoryview, src: ByteSource, size: int, packed: bool) -> No
     struct.pack_into("<HH", view, USED_AT, src.below(2), src.edge_int(16, 0))
 
 
+#: Where the VVU txq's buffers (vhost-user messages from the appliance) sit.
+TX_MESSAGES_AT = REGION_SIZE + 0x4000
+
+
+def write_tx_ring(view: memoryview, src: ByteSource, size: int) -> None:
+    """A split ring at ``REGION_SIZE`` whose buffers hold vhost-user messages (a VVU
+    txq: the appliance's replies and back-end requests), mostly well framed."""
+    base = REGION_SIZE
+    count = min(size, src.below(5))
+    for k in range(count):
+        at = TX_MESSAGES_AT + 0x100 * k
+        payload = src.take(src.pick((8, 0, 12, 16, 40, 256)))
+        request = src.pick((1, 11, 15, 17, 24, 40, 2, 4)) if src.usually(90) else src.uint(4)
+        flags = 0x5 if src.usually(80) else src.uint(4)  # version 1 | REPLY
+        size_field = len(payload) if src.usually(90) else src.uint(4)
+        message = struct.pack("<III", request, flags, size_field) + payload
+        view[at:at + len(message)] = message
+        length = len(message) if src.usually(90) else src.pick((0, 4, 12, 0x1000))
+        _DESC.pack_into(view, base + DESC_AT + 16 * k, at, length,
+                        0 if src.usually(90) else src.pick(_FLAG_SETS), 0)
+        struct.pack_into("<H", view, base + AVAIL_AT + 4 + 2 * k, k)
+    struct.pack_into("<HH", view, base + AVAIL_AT, 0, count)
+
+
 def scribble(view: memoryview, src: ByteSource) -> None:
     """The driver rewriting ring memory while the device walks it."""
     at = src.pick((DESC_AT, AVAIL_AT, USED_AT, INDIRECT_AT, BLK_HEADERS_AT)) + src.below(0x800)

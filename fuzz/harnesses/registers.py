@@ -30,7 +30,7 @@ from fuzz.appliance_ops import (
     Write,
 )
 from fuzz.engine import Finding, Harness, run_loop_once
-from fuzz.guest_ram import RAM_SIZE, ring_size, scribble, write_ring
+from fuzz.guest_ram import RAM_SIZE, ring_size, scribble, write_ring, write_tx_ring
 from fuzz.source import ByteSource
 from vvu_runtime.device.errors import DeviceError
 from vvu_runtime.device.vvu import VvuDevice
@@ -119,6 +119,7 @@ class RegistersHarness(Harness):
         done = 0
         try:
             write_ring(app.view, src, 16, False)
+            write_tx_ring(app.view, src, 16)
             self.device.client_connected()
             for op in plan(src, self.driver):
                 try:

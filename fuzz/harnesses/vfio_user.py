@@ -30,7 +30,7 @@ from typing import Any
 
 from fuzz.appliance_ops import DmaMapOp, DmaUnmapOp, Driver, Op, Other, Read, SetIrqs, Write
 from fuzz.engine import Finding, Harness, run_loop_once
-from fuzz.guest_ram import write_ring
+from fuzz.guest_ram import write_ring, write_tx_ring
 from fuzz.harnesses.registers import CONSUMER_RAM, Appliance, plan
 from fuzz.source import ByteSource
 from vvu_runtime.device.vfio_user.protocol import (
@@ -171,6 +171,7 @@ class VfioUserHarness(Harness):
         messages: list[tuple[bytes, list[int]]] = []
         try:
             write_ring(app.view, src, 16, False)
+            write_tx_ring(app.view, src, 16)
             self.server.attach(theirs)
             if not src.chance(10):
                 messages.append((self._frame(src, Command.VERSION, _version_payload(src)), []))
