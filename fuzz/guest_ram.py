@@ -118,28 +118,54 @@ def write_ring(view: memoryview, src: ByteSource, size: int, packed: bool) -> No
     struct.pack_into("<HH", view, USED_AT, src.below(2), src.edge_int(16, 0))
 
 
+#: The VVU rxq's buffers: one page each, device-writable.
+RX_BUFFERS = 5
+
+
+def write_rx_ring(view: memoryview, src: ByteSource, size: int = 16) -> None:
+    """Zero the RAM, then lay out a split ring in region A offering ``RX_BUFFERS``
+    page-sized writable buffers (a VVU rxq waiting for messages)."""
+    view[:] = _ZERO
+    for k in range(RX_BUFFERS):
+        length = 4096 if src.usually(95) else src.pick((0, 12, 100))
+        _DESC.pack_into(view, DESC_AT + 16 * k, DATA_AT + 0x1000 * k, length,
+                        int(DescFlag.WRITE), 0)
+    repost_rx(view, size)
+
+
+def repost_rx(view: memoryview, size: int = 16) -> None:
+    """Make every rx buffer available again (after the device used them)."""
+    (idx,) = struct.unpack_from("<H", view, AVAIL_AT + 2)
+    for k in range(RX_BUFFERS):
+        struct.pack_into("<H", view, AVAIL_AT + 4 + 2 * ((idx + k) % size), k)
+    struct.pack_into("<H", view, AVAIL_AT + 2, (idx + RX_BUFFERS) & 0xFFFF)
+
+
 #: Where the VVU txq's buffers (vhost-user messages from the appliance) sit.
 TX_MESSAGES_AT = REGION_SIZE + 0x4000
 
 
 def write_tx_ring(view: memoryview, src: ByteSource, size: int) -> None:
-    """A split ring at ``REGION_SIZE`` whose buffers hold vhost-user messages (a VVU
-    txq: the appliance's replies and back-end requests), mostly well framed."""
+    """Add up to 4 buffers holding vhost-user messages (mostly well framed) to the
+    split ring at ``REGION_SIZE`` (a VVU txq: the appliance's replies and back-end
+    requests), after those already there."""
     base = REGION_SIZE
+    (idx,) = struct.unpack_from("<H", view, base + AVAIL_AT + 2)
     count = min(size, src.below(5))
     for k in range(count):
-        at = TX_MESSAGES_AT + 0x100 * k
-        payload = src.take(src.pick((8, 0, 12, 16, 40, 256)))
-        request = src.pick((1, 11, 15, 17, 24, 40, 2, 4)) if src.usually(90) else src.uint(4)
+        slot = (idx + k) % size
+        at = TX_MESSAGES_AT + 0x100 * (slot % 16)
+        payload = src.take(src.pick((8, 0, 12, 16, 40, 200)))
+        request = src.pick((1, 15, 17, 24, 40, 11, 2, 4)) if src.usually(90) else src.uint(4)
         flags = 0x5 if src.usually(80) else src.uint(4)  # version 1 | REPLY
         size_field = len(payload) if src.usually(90) else src.uint(4)
         message = struct.pack("<III", request, flags, size_field) + payload
         view[at:at + len(message)] = message
         length = len(message) if src.usually(90) else src.pick((0, 4, 12, 0x1000))
-        _DESC.pack_into(view, base + DESC_AT + 16 * k, at, length,
+        _DESC.pack_into(view, base + DESC_AT + 16 * slot, at, length,
                         0 if src.usually(90) else src.pick(_FLAG_SETS), 0)
-        struct.pack_into("<H", view, base + AVAIL_AT + 4 + 2 * k, k)
-    struct.pack_into("<HH", view, base + AVAIL_AT, 0, count)
+        struct.pack_into("<H", view, base + AVAIL_AT + 4 + 2 * slot, slot)
+    struct.pack_into("<H", view, base + AVAIL_AT + 2, (idx + count) & 0xFFFF)
 
 
 def scribble(view: memoryview, src: ByteSource) -> None:

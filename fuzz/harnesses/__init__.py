@@ -32,6 +32,11 @@ def _vfio_user() -> Harness:
     return VfioUserHarness()
 
 
+def _tunnel() -> Harness:
+    from fuzz.harnesses.tunnel import TunnelHarness
+    return TunnelHarness()
+
+
 #: name -> factory (imported lazily: a harness's imports cost only when it runs).
 HARNESSES: dict[str, Callable[[], Harness]] = {
     "codec": _codec,
@@ -39,4 +44,5 @@ HARNESSES: dict[str, Callable[[], Harness]] = {
     "session": _session,
     "vfio-user": _vfio_user,
     "registers": _registers,
+    "tunnel": _tunnel,
 }

@@ -137,48 +137,52 @@ class RegistersHarness(Harness):
         return min(done, 60)
 
     def apply(self, op: Op, app: Appliance, src: ByteSource) -> None:
-        dev = self.device
-        if isinstance(op, Read):
-            data = dev.region_read(op.region, op.offset, op.count)
-            if len(data) != op.count:
-                raise Finding(f"region {op.region} read of {op.count} bytes at {op.offset:#x} "
-                              f"returned {len(data)}")
-        elif isinstance(op, Write):
-            dev.region_write(op.region, op.offset, op.data)
-        elif isinstance(op, DmaMapOp):
-            fd = app.fd(op.fd_kind)
-            try:
-                dev.dma.map(op.iova, op.size, readable=bool(op.flags & 1),
-                            writable=bool(op.flags & 2), fd=fd, fd_offset=op.fd_offset)
-            finally:
-                if fd is not None:
-                    os.close(fd)
-        elif isinstance(op, DmaUnmapOp):
-            if op.flags & 2:
-                dev.dma.unmap_all()
-            else:
-                dev.dma.unmap(op.iova, op.size)
-        elif isinstance(op, SetIrqs):
-            fds = app.irq_fds(op.nfds)
-            try:
-                dev.set_irqs(op.flags, op.index, op.start, op.count, fds, op.data)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-        elif isinstance(op, Other):
-            self._other(op, app, src)
+        apply_op(self.device, op, app, src)
 
-    def _other(self, op: Other, app: Appliance, src: ByteSource) -> None:
-        dev = self.device
-        if op.what == "scribble":
-            scribble(app.view, src)
-        elif op.what == "poke":
-            for fd in app.eventfds:
-                with contextlib.suppress(OSError):
-                    os.read(fd, 8)  # the driver taking its interrupts
-        elif op.what == "reset":
-            dev.reset()
-        elif op.what == "region_info":
-            dev.region_info(op.index)
-        elif op.what == "irq_info":
-            dev.irq_info(op.index)
+
+def apply_op(dev: VvuDevice, op: Op, app: Appliance, src: ByteSource) -> None:
+    """Do ``op`` to ``dev`` as the vfio-user server would (DeviceErrors pass through)."""
+    if isinstance(op, Read):
+        data = dev.region_read(op.region, op.offset, op.count)
+        if len(data) != op.count:
+            raise Finding(f"region {op.region} read of {op.count} bytes at {op.offset:#x} "
+                          f"returned {len(data)}")
+    elif isinstance(op, Write):
+        dev.region_write(op.region, op.offset, op.data)
+    elif isinstance(op, DmaMapOp):
+        fd = app.fd(op.fd_kind)
+        try:
+            dev.dma.map(op.iova, op.size, readable=bool(op.flags & 1),
+                        writable=bool(op.flags & 2), fd=fd, fd_offset=op.fd_offset)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    elif isinstance(op, DmaUnmapOp):
+        if op.flags & 2:
+            dev.dma.unmap_all()
+        else:
+            dev.dma.unmap(op.iova, op.size)
+    elif isinstance(op, SetIrqs):
+        fds = app.irq_fds(op.nfds)
+        try:
+            dev.set_irqs(op.flags, op.index, op.start, op.count, fds, op.data)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    elif isinstance(op, Other):
+        _other(dev, op, app, src)
+
+
+def _other(dev: VvuDevice, op: Other, app: Appliance, src: ByteSource) -> None:
+    if op.what == "scribble":
+        scribble(app.view, src)
+    elif op.what == "poke":
+        for fd in app.eventfds:
+            with contextlib.suppress(OSError):
+                os.read(fd, 8)  # the driver taking its interrupts
+    elif op.what == "reset":
+        dev.reset()
+    elif op.what == "region_info":
+        dev.region_info(op.index)
+    elif op.what == "irq_info":
+        dev.irq_info(op.index)

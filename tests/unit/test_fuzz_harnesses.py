@@ -19,11 +19,14 @@ from fuzz.engine import Budget, Runner, RunResult, open_fds
 from fuzz.harnesses import HARNESSES
 
 #: Cases per harness: a few seconds each on a loaded 2-core machine.
-CASES = {"codec": 5000, "rings": 4000, "session": 1500, "vfio-user": 800, "registers": 1500}
+CASES = {"codec": 5000, "rings": 4000, "session": 1500, "vfio-user": 800, "registers": 1500,
+         "tunnel": 1500}
 #: Depth a run must reach (see each harness's run_one): codec, a reply decoded for a
 #: high request code; rings, a dozen device operations; session, the whole
-#: bring-up and more; vfio-user and registers, a dozen operations in one case.
-MIN_DEPTH = {"codec": 100, "rings": 24, "session": 48, "vfio-user": 12, "registers": 12}
+#: bring-up and more; vfio-user and registers, a dozen operations in one case;
+#: tunnel, the consumer's whole bring-up sent.
+MIN_DEPTH = {"codec": 100, "rings": 24, "session": 48, "vfio-user": 12, "registers": 12,
+             "tunnel": 11}
 
 
 def _open_fds() -> set[int]:
