@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = Runner(HARNESSES[name](), seed=args.seed, case_timeout=args.case_timeout,
                         findings_dir=args.findings)
         results.append(runner.run(budget))
-        if not args.json:
-            print(table(results[-1:]).splitlines()[1], file=sys.stderr, flush=True)
+        # progress on stderr, one row per finished harness (the table or JSON follows)
+        print(table(results[-1:]).splitlines()[1], file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     else:
