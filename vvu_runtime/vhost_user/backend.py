@@ -452,11 +452,15 @@ class BackendSession:
         self._unwatch(vring)
         if vring.kick is not None:
             fd = vring.kick.fileno()
-            self.loop.add_reader(fd, self._on_kick, vring)
-            self._watched[vring.index] = fd
-        else:
-            self._pollers[vring.index] = self.loop.call_later(
-                self.poll_interval, self._on_poll, vring)
+            try:
+                self.loop.add_reader(fd, self._on_kick, vring)
+                self._watched[vring.index] = fd
+                return
+            except OSError as exc:  # e.g. a regular file: epoll refuses it
+                log.warning("%s: queue %d: cannot wait on the kick fd (%s); polling the "
+                            "ring instead", self.name, vring.index, exc)
+        self._pollers[vring.index] = self.loop.call_later(
+            self.poll_interval, self._on_poll, vring)
 
     def _unwatch(self, vring: Vring) -> None:
         fd = self._watched.pop(vring.index, None)
