@@ -10,7 +10,10 @@
 * :class:`Outbox`: bytes (and fds) waiting for a non-blocking stream socket, so
   an event loop never blocks on a peer that does not read;
 * :func:`eventfd_take`, :func:`eventfd_signal`: read and write an eventfd a
-  peer shares without ever blocking, whatever the peer does to its flags.
+  peer shares without ever blocking, whatever the peer does to its flags;
+  :func:`eventfd_info`: which eventfd an fd is (two fds of one eventfd cannot
+  be told apart by fstat: every eventfd shares one anon inode) and whether it
+  counts in semaphore mode.
 
 An fd received from a peer shares its open file description with that peer,
 which can clear O_NONBLOCK at any time: ``os.set_blocking`` once is no
@@ -38,6 +41,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from vvu_runtime.errors import VvuError
 
@@ -114,6 +118,35 @@ def eventfd_signal(fd: int) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class EventfdInfo:
+    """What the kernel shows of an eventfd in /proc/self/fdinfo."""
+
+    #: The eventfd's id ("eventfd-id"; older kernels lack it), the same for every fd of one
+    #: eventfd and unique among live ones; None on kernels that do not show it.
+    ident: int | None
+    #: Made with EFD_SEMAPHORE ("eventfd-semaphore", added in 2023): each read takes 1
+    #: and it stays readable; None on kernels that do not show it.
+    semaphore: bool | None
+
+
+def eventfd_info(fd: int) -> EventfdInfo:
+    """:class:`EventfdInfo` of eventfd ``fd`` (FdError if fdinfo cannot be read)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except OSError as exc:
+        raise FdError(f"fd {fd}: cannot read its fdinfo: {exc.strerror or exc}") from exc
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    ident = fields.get("eventfd-id")
+    sem = fields.get("eventfd-semaphore")
+    return EventfdInfo(int(ident) if ident and ident.isdigit() else None,
+                       None if sem is None else sem != "0")
+
+
 def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
     """The fds of every SCM_RIGHTS message in ``ancdata`` (recvmsg)."""
     fds: list[int] = []
@@ -181,27 +214,24 @@ class UnixListener:
     there is replaced (anything else refused), and :meth:`close` removes the file
     only if it is still the one we bound (same inode), not a successor's.
 
+    :meth:`suspend` stops listening but leaves the file, so a connect() fails at
+    once with ECONNREFUSED (a client that retries, such as QEMU's
+    ``reconnect-ms``, retries instead of waiting in a backlog); :meth:`resume`
+    binds the path again.
+
     :meth:`watch` puts it on an event loop. A watched listener that cannot accept
     for lack of fds or memory (EMFILE, ENFILE, ...) stops watching for a while
     (doubling pauses up to :data:`ACCEPT_RETRY_MAX`) instead of spinning on a
     socket that stays readable, and logs that at most once per
     :data:`ACCEPT_LOG_INTERVAL`; waiting clients stay in the backlog meanwhile.
+    Unwatched, :meth:`accept` raises those errors as any other.
     """
 
     def __init__(self, path: str, backlog: int) -> None:
         self.path = path
-        remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            sock.listen(backlog)
-            st = os.stat(path)
-        except OSError as exc:
-            sock.close()
-            raise FdError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-        sock.setblocking(False)
-        self.sock: socket.socket | None = sock
-        self._inode = (st.st_dev, st.st_ino)
+        self.backlog = backlog
+        self.sock: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_ready: Callable[[], None] | None = None
         self._reading = False
@@ -211,9 +241,28 @@ class UnixListener:
         self.shortages = 0
         self._unlogged = 0
         self._logged_at: float | None = None
+        self._bind()
+
+    def _bind(self) -> None:
+        remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(self.path)
+            sock.listen(self.backlog)
+            st = os.stat(self.path)
+        except OSError as exc:
+            sock.close()
+            raise FdError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
+        sock.setblocking(False)
+        self.sock = sock
+        self._inode = (st.st_dev, st.st_ino)
+
+    @property
+    def listening(self) -> bool:
+        return self.sock is not None
 
     def fileno(self) -> int:
-        assert self.sock is not None, "closed"
+        assert self.sock is not None, "not listening"
         return self.sock.fileno()
 
     def watch(self, loop: asyncio.AbstractEventLoop, on_ready: Callable[[], None]) -> None:
@@ -247,7 +296,7 @@ class UnixListener:
         On a watched listener a lack of fds or memory also gives None: accepting
         pauses and resumes by itself.
         """
-        assert self.sock is not None, "closed"
+        assert self.sock is not None, "not listening"
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
@@ -276,23 +325,35 @@ class UnixListener:
         else:
             self._unlogged += 1
         self._stop_reading()
-        self._retry = self._loop.call_later(self._delay, self._resume)
+        self._retry = self._loop.call_later(self._delay, self._resume_reading)
         self._delay = min(self._delay * 2, ACCEPT_RETRY_MAX)
 
-    def _resume(self) -> None:
+    def _resume_reading(self) -> None:
         self._retry = None
         self._start_reading()
 
+    def suspend(self) -> None:
+        """Stop listening, keep the file: connects fail with ECONNREFUSED (idempotent);
+        connections waiting in the backlog are reset. Stops watching too."""
+        self.unwatch()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def resume(self) -> None:
+        """Listen again at the path after :meth:`suspend` (FdError if it was taken)."""
+        if self.sock is None and self._inode is not None:
+            self._bind()
+
     def close(self) -> None:
         """Stop listening and remove the socket file if it is still ours (idempotent)."""
-        if self.sock is None:
+        self.suspend()
+        inode, self._inode = self._inode, None
+        if inode is None:
             return
-        self.unwatch()
-        self.sock.close()
-        self.sock = None
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
+            if (st.st_dev, st.st_ino) == inode:
                 os.unlink(self.path)
 
 
@@ -392,10 +453,12 @@ class Outbox:
 
 
 __all__ = [
+    "EventfdInfo",
     "FdError",
     "Outbox",
     "UnixListener",
     "close_fds",
+    "eventfd_info",
     "eventfd_signal",
     "eventfd_take",
     "fds_from_ancdata",
