@@ -17,7 +17,7 @@ from tests.support.launch_lab import Lab, explain
 from tests.support.soak_lab import IVSHMEM, VVU_FUNCTION, SoakLab, topology_yaml
 from vvu_runtime.launch.toolchain import Toolchain
 
-pytestmark = [pytest.mark.integration, pytest.mark.acceptance]
+pytestmark = [pytest.mark.integration, pytest.mark.acceptance, pytest.mark.timeout(900)]
 
 EXPORT_MIB = 64  # 16384 records: the phases below use a fraction
 RECONNECTS = 3

@@ -46,7 +46,7 @@ defaults:
 appliances:
   st1:
     kind: storage
-    memory: 512M
+    memory: 1G  # at 512M vvu-blk failed: its rings crossed a 4 KiB page devd could not map
     exports:
       - {{name: log, size: {export_mib}M}}
 consumers:
