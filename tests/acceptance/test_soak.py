@@ -8,6 +8,8 @@ image on the host. soak/run.py is the long variant (100 reconnects, 20 backend k
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +27,10 @@ BACKEND_KILLS = 2
 
 
 @pytest.fixture(scope="module")
-def soak(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoakLab]:
-    state = tmp_path_factory.mktemp("state")
+def soak(toolchain: Toolchain) -> Iterator[SoakLab]:
+    # Not pytest's tmp_path: a concurrent pytest of the same user prunes old base
+    # directories, and with them this lab's state while the lab runs.
+    state = Path(tempfile.mkdtemp(prefix="vvu-soak-"))
     name = f"soak-{os.getpid() % 100000}"
     topology = state / "soak.yaml"
     topology.write_text(topology_yaml(name, EXPORT_MIB))
@@ -39,14 +43,17 @@ def soak(toolchain: Toolchain, tmp_path_factory: pytest.TempPathFactory) -> Iter
         soak.install_writer()
         yield soak
     finally:
-        lab.vvu("down", name, "--cleanup", timeout=300)
-        assert lab.leftovers() == []
+        down = lab.vvu("down", name, "--cleanup", timeout=300)
+        left = lab.leftovers()
+        shutil.rmtree(state, ignore_errors=True)
+        assert down.returncode == 0 and left == [], f"{explain(down)}\nleft: {left}"
 
 
 def test_consumer_reconnects_during_verified_writes_lose_nothing(soak: SoakLab) -> None:
     pids = soak.qemu_pids()
     r = soak.phase("reconnects (clean vvu-blk restarts)", soak.restart_backend, RECONNECTS,
                    count=3000)
+    print(r.to_json())  # the figures, shown with -rP
     assert r.lost == [], r
     assert r.acknowledged > RECONNECTS * 3
     assert r.verified_in_consumer == r.verified_in_image == r.acknowledged, r
@@ -56,6 +63,7 @@ def test_consumer_reconnects_during_verified_writes_lose_nothing(soak: SoakLab) 
 def test_backend_killed_during_writes_loses_nothing_and_restarts_no_vm(soak: SoakLab) -> None:
     pids = soak.qemu_pids()
     r = soak.phase("kill -9 of vvu-blk", soak.kill_backend, BACKEND_KILLS, count=3000)
+    print(r.to_json())  # the figures, shown with -rP
     assert r.lost == [], r
     assert r.acknowledged > BACKEND_KILLS * 3
     assert r.verified_in_consumer == r.verified_in_image == r.acknowledged, r
@@ -65,6 +73,7 @@ def test_backend_killed_during_writes_loses_nothing_and_restarts_no_vm(soak: Soa
 def test_killed_vvu_devd_is_healed_and_no_acknowledged_write_is_lost(soak: SoakLab) -> None:
     consumers = {n: p for n, p in soak.qemu_pids().items() if n != "st1"}
     r = soak.phase("kill -9 of vvu-devd", soak.kill_devd, 1, count=3000)
+    print(r.to_json())  # the figures, shown with -rP
     assert r.lost == [], r
     assert r.verified_in_consumer == r.verified_in_image == r.acknowledged > 3, r
     status = soak.wait_healthy()
