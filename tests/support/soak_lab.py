@@ -286,9 +286,15 @@ class SoakLab:
                 f"time.sleep(3600)' {marker.hex()} >/dev/null 2>&1 & echo $!").strip()
         try:
             # The host's view: each marker is in its own consumer's RAM file, and only there.
-            in_ram_files = {node: [other for other, m in markers.items()
-                                   if _file_contains(self.lab.plan()["ram_files"], node, m)]
-                            for node in markers}
+            # Wait for both first (python starts slowly under TCG): the scan below must
+            # look for markers that exist.
+            ram_files = self.lab.plan()["ram_files"]
+
+            def where() -> dict[str, list[str]] | None:
+                seen = {node: [other for other, m in markers.items()
+                               if _file_contains(ram_files, node, m)] for node in markers}
+                return seen if all(node in seen[node] for node in markers) else None
+            in_ram_files = wait_until("the markers in the consumers' RAM files", where, 120, 1)
             st1 = self.host("st1")
             st1.check_output("systemctl stop vvu-blk")  # vfio-pci lets go of the BARs
             try:
