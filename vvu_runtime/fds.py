@@ -10,7 +10,10 @@
 * :class:`Outbox`: bytes (and fds) waiting for a non-blocking stream socket, so
   an event loop never blocks on a peer that does not read;
 * :func:`eventfd_take`, :func:`eventfd_signal`: read and write an eventfd a
-  peer shares without ever blocking, whatever the peer does to its flags.
+  peer shares without ever blocking, whatever the peer does to its flags;
+  :func:`eventfd_info`: which eventfd an fd is (two fds of one eventfd cannot
+  be told apart by fstat: every eventfd shares one anon inode) and whether it
+  counts in semaphore mode.
 
 An fd received from a peer shares its open file description with that peer,
 which can clear O_NONBLOCK at any time: ``os.set_blocking`` once is no
@@ -36,6 +39,7 @@ import socket
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from vvu_runtime.errors import VvuError
 
@@ -111,6 +115,35 @@ def eventfd_signal(fd: int) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class EventfdInfo:
+    """What the kernel shows of an eventfd in /proc/self/fdinfo."""
+
+    #: The eventfd's id ("eventfd-id"; older kernels lack it), the same for every fd of one
+    #: eventfd and unique among live ones; None on kernels that do not show it.
+    ident: int | None
+    #: Made with EFD_SEMAPHORE ("eventfd-semaphore", added in 2023): each read takes 1
+    #: and it stays readable; None on kernels that do not show it.
+    semaphore: bool | None
+
+
+def eventfd_info(fd: int) -> EventfdInfo:
+    """:class:`EventfdInfo` of eventfd ``fd`` (FdError if fdinfo cannot be read)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except OSError as exc:
+        raise FdError(f"fd {fd}: cannot read its fdinfo: {exc.strerror or exc}") from exc
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    ident = fields.get("eventfd-id")
+    sem = fields.get("eventfd-semaphore")
+    return EventfdInfo(int(ident) if ident and ident.isdigit() else None,
+                       None if sem is None else sem != "0")
+
+
 def fds_from_ancdata(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
     """The fds of every SCM_RIGHTS message in ``ancdata`` (recvmsg)."""
     fds: list[int] = []
@@ -167,45 +200,73 @@ def remove_stale_socket(path: str) -> None:
 class UnixListener:
     """A non-blocking listening UNIX stream socket at ``path``, owned: a stale socket
     there is replaced (anything else refused), and :meth:`close` removes the file
-    only if it is still the one we bound (same inode), not a successor's."""
+    only if it is still the one we bound (same inode), not a successor's.
+
+    :meth:`suspend` stops listening but leaves the file, so a connect() fails at
+    once with ECONNREFUSED (a client that retries, such as QEMU's
+    ``reconnect-ms``, retries instead of waiting in a backlog); :meth:`resume`
+    binds the path again.
+    """
 
     def __init__(self, path: str, backlog: int) -> None:
         self.path = path
-        remove_stale_socket(path)
+        self.backlog = backlog
+        self.sock: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._bind()
+
+    def _bind(self) -> None:
+        remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(path)
-            sock.listen(backlog)
-            st = os.stat(path)
+            sock.bind(self.path)
+            sock.listen(self.backlog)
+            st = os.stat(self.path)
         except OSError as exc:
             sock.close()
-            raise FdError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+            raise FdError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
         sock.setblocking(False)
-        self.sock: socket.socket | None = sock
+        self.sock = sock
         self._inode = (st.st_dev, st.st_ino)
 
+    @property
+    def listening(self) -> bool:
+        return self.sock is not None
+
     def fileno(self) -> int:
-        assert self.sock is not None, "closed"
+        assert self.sock is not None, "not listening"
         return self.sock.fileno()
 
     def accept(self) -> socket.socket | None:
         """The next connection, or None when none is waiting (OSError on failure)."""
-        assert self.sock is not None, "closed"
+        assert self.sock is not None, "not listening"
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return None
         return conn
 
+    def suspend(self) -> None:
+        """Stop listening, keep the file: connects fail with ECONNREFUSED (idempotent);
+        connections waiting in the backlog are reset."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def resume(self) -> None:
+        """Listen again at the path after :meth:`suspend` (FdError if it was taken)."""
+        if self.sock is None and self._inode is not None:
+            self._bind()
+
     def close(self) -> None:
         """Stop listening and remove the socket file if it is still ours (idempotent)."""
-        if self.sock is None:
+        self.suspend()
+        inode, self._inode = self._inode, None
+        if inode is None:
             return
-        self.sock.close()
-        self.sock = None
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:
+            if (st.st_dev, st.st_ino) == inode:
                 os.unlink(self.path)
 
 
@@ -295,10 +356,12 @@ class Outbox:
 
 
 __all__ = [
+    "EventfdInfo",
     "FdError",
     "Outbox",
     "UnixListener",
     "close_fds",
+    "eventfd_info",
     "eventfd_signal",
     "eventfd_take",
     "fds_from_ancdata",

@@ -262,9 +262,9 @@ def test_backend_killed_mid_stream_loses_no_acknowledged_write(
              "the consumer's first acknowledged writes", 300)
         # Crash the back-end inside the appliance mid-stream. vfio-pci resets the
         # function when its fd closes, so vvu-devd drops the consumer's connection at
-        # once; the consumer's QEMU reconnects into vvu-devd's listen backlog and
-        # waits there (its main loop blocked in the vhost-user handshake, so the
-        # console does not answer) until the new vvu-blk sets BACKEND_UP.
+        # once and stops listening until BACKEND_UP; the consumer's QEMU is refused
+        # and retries every reconnect-ms (its vCPUs keep running), then connects
+        # once the new vvu-blk sets BACKEND_UP.
         killed_at = len(acked(c.check("cat /tmp/acks")))
         assert killed_at < RECORDS
         blk.kill(signal.SIGKILL)

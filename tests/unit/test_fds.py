@@ -119,3 +119,44 @@ def test_eventfd_signal_skips_a_saturated_blocking_counter():
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def test_eventfd_info_tells_eventfds_apart_and_shows_semaphore_mode() -> None:
+    from vvu_runtime.fds import eventfd_info
+    a = os.eventfd(0, os.EFD_CLOEXEC)
+    b = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
+    dup = os.dup(a)
+    try:
+        ia, ib, idup = eventfd_info(a), eventfd_info(b), eventfd_info(dup)
+        if ia.ident is None:
+            pytest.skip("this kernel's fdinfo has no eventfd-id (an older kernel)")
+        assert ia.ident == idup.ident != ib.ident
+        if ib.semaphore is not None:  # newer kernels show it
+            assert (ia.semaphore, ib.semaphore) == (False, True)
+    finally:
+        for fd in (a, b, dup):
+            os.close(fd)
+    with pytest.raises(FdError, match="cannot read its fdinfo"):
+        eventfd_info(a)
+
+
+def test_unix_listener_suspend_refuses_connects_and_resume_listens_again(
+        tmp_path: Path) -> None:
+    from vvu_runtime.fds import UnixListener
+    path = str(tmp_path / "s.sock")
+    listener = UnixListener(path, 4)
+    try:
+        listener.suspend()
+        assert not listener.listening and os.path.exists(path)
+        with socket.socket(socket.AF_UNIX) as c, pytest.raises(ConnectionRefusedError):
+            c.connect(path)
+        listener.resume()
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(path)
+            accepted = listener.accept()
+            assert accepted is not None
+            accepted.close()
+        listener.suspend()
+    finally:
+        listener.close()
+    assert not os.path.exists(path)  # removed even when closed while suspended

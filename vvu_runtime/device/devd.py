@@ -119,8 +119,10 @@ class VvuFunction:
             "tx dropped": str(s.tx_dropped),
             "kicks": str(s.kicks),
             "unrouted": str(s.kicks_unrouted),
+            "kicks merged": str(s.kicks_coalesced),
             "doorbells": str(s.doorbells),
             "no fd": str(s.doorbells_unset),
+            "db merged": str(s.doorbells_coalesced),
             "errors": str(s.errors),
             "resets": str(s.link_resets),
         }

@@ -12,10 +12,24 @@ with the guest driver's endpoint::
     ARMED  --front-end connects-->  CONNECTED: FRONTEND_UP + config interrupt
     CONNECTED  --front-end hangs up / sends bad input-->  DOWN: status 0 + config irq
     any  --driver clears BACKEND_UP, resets, NEEDS_RESET-->  DOWN: no irq
-    DOWN  --driver sets BACKEND_UP again-->  ARMED (QEMU reconnects)
+    DOWN (not listening)  --driver sets BACKEND_UP again-->  ARMED (QEMU reconnects)
 
-The socket is bound at start, so a front-end that connects early waits in the
-listen backlog until the driver is ready. One front-end at a time.
+The socket is bound at start, so a front-end that connects before the first
+session (a consumer QEMU starting, its vCPUs not yet running) waits in the
+listen backlog until the driver is ready. After a session, DOWN stops listening
+(the file stays): a reconnecting front-end's connect() fails with ECONNREFUSED
+and QEMU's ``reconnect-ms`` retries, instead of its handshake blocking QEMU's
+main loop, and so the consumer's vCPUs, while the appliance's back-end is down.
+One front-end at a time.
+
+Isolation (a front-end shares the open files of every fd it passes and may
+change their flags at any time): kick eventfds are read with
+:func:`~vvu_runtime.fds.eventfd_take`, call/err/log eventfds written with
+:func:`~vvu_runtime.fds.eventfd_signal`, both sockets read and written with
+per-call non-blocking I/O, so no front-end can block the loop every device of
+the process shares. One eventfd holds one role in the whole process
+(:class:`HeldEventfds`), and a kick eventfd in semaphore mode is refused (a read
+takes 1 and leaves it readable: a spin).
 
 Front-end → rxq: one message is read from the socket only while an rxq buffer is
 available (back-pressure). Every message is checked against the vhost-user
@@ -50,6 +64,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
+import socket
 import stat
 from dataclasses import dataclass, field
 
@@ -58,7 +74,9 @@ from vvu_runtime.fds import (
     FdError,
     Outbox,
     UnixListener,
-    close_fds,
+    eventfd_info,
+    eventfd_signal,
+    eventfd_take,
     is_eventfd,
     unix_stream_socket,
 )
@@ -119,17 +137,61 @@ REFUSED_BACKEND: dict[BR, str] = {
 
 #: Messages read per readable event before yielding to other fds.
 BATCH = 32
-_ONE = (1).to_bytes(8, "little")
+#: Reads of exactly 1 in a row after which a kick eventfd that is still readable
+#: counts as EFD_SEMAPHORE, on kernels whose fdinfo does not say (the field dates from 2023). An
+#: ordinary eventfd is reset by a read: it would take a writer hitting the gap
+#: between our read and our poll this many times in a row.
+SEMAPHORE_STREAK = 16
 
 
 class ConsumerError(VhostUserError):
     """Bad input from the front-end: the connection is dropped."""
 
 
-def _signal(fd: int) -> None:
-    """Write 1 to an eventfd; a saturated counter means a wake-up is pending anyway."""
-    with contextlib.suppress(BlockingIOError):
-        os.write(fd, _ONE)
+class HeldEventfds:
+    """Every eventfd the tunnels of this process hold, by kernel id, with its role.
+
+    One eventfd serves one role: the same eventfd as the kick of two vrings, or
+    as a kick and a call, would let a front-end make one event look like another
+    (and, shared with a blocking reader, stall it); across devices it would join
+    two tenants' links. fstat cannot tell eventfds apart (one anon inode for all),
+    so the key is fdinfo's ``eventfd-id``; kernels that do not show it go
+    unchecked.
+    """
+
+    def __init__(self) -> None:
+        self._roles: dict[int, tuple[str, str]] = {}
+
+    def claim(self, ident: int, device: str, role: str) -> tuple[str, str] | None:
+        """Take ``ident`` for ``role`` of ``device``; the (device, role) holding it
+        already, or None when it was free (and is now ours)."""
+        holder = self._roles.get(ident)
+        if holder is None:
+            self._roles[ident] = (device, role)
+        return holder
+
+    def release(self, ident: int) -> None:
+        self._roles.pop(ident, None)
+
+
+#: The process's one table: vvu-devd serves every device on one loop.
+HELD_EVENTFDS = HeldEventfds()
+
+
+def _role(request: FR, index: int) -> str:
+    if request is FR.SET_VRING_KICK:
+        return f"kick of vring {index}"
+    if request is FR.SET_VRING_CALL:
+        return f"call of vring {index}"
+    if request is FR.SET_VRING_ERR:
+        return f"err of vring {index}"
+    return "log eventfd (SET_LOG_FD)"
+
+
+def _still_readable(fd: int) -> bool:
+    ready = select.poll()
+    ready.register(fd, select.POLLIN)
+    return bool(ready.poll(0))
 
 
 @dataclass
@@ -143,6 +205,11 @@ class Connection:
     calls: dict[int, int] = field(default_factory=dict)
     errs: dict[int, int] = field(default_factory=dict)
     log_fd: int | None = None
+    #: Kernel eventfd id of each eventfd fd above that has one (HELD_EVENTFDS).
+    idents: dict[int, int] = field(default_factory=dict)
+    #: Kick vrings whose eventfd's semaphore mode the kernel does not show, with
+    #: how many reads of exactly 1 left it readable in a row.
+    kick_streaks: dict[int, int] = field(default_factory=dict)
     backend: UnixChannel | None = None
     backend_outbox: Outbox | None = None
     protocol_features: int = 0
@@ -164,6 +231,9 @@ class VhostUserTunnel:
         self._loop = loop
         self._listener: UnixListener | None = None
         self._accepting = False
+        #: A front-end was accepted once: from then on, while BACKEND_UP is clear,
+        #: the socket does not listen (a reconnecting front-end is refused at once).
+        self._had_session = False
         self.link = LinkMachine(device.name)
         self.conn: Connection | None = None
         self.connections = 0
@@ -185,7 +255,11 @@ class VhostUserTunnel:
             return "closed"
         if self.conn is not None:
             return f"connected (#{self.conn.number})"
-        return "accepting" if self.link.state is LinkState.ARMED else "waiting for BACKEND_UP"
+        if self.link.state is LinkState.ARMED:
+            return "accepting"
+        if not self._listener.listening:
+            return "refusing until BACKEND_UP"
+        return "waiting for BACKEND_UP"
 
     # --- listening ----------------------------------------------------------------------
 
@@ -217,7 +291,27 @@ class VhostUserTunnel:
             self.device.link = None
 
     def _update_accepting(self) -> None:
-        self._set_accepting(self._listener is not None and self.link.state is LinkState.ARMED)
+        listener = self._listener
+        if listener is None:
+            return
+        if self._had_session and self.link.state is LinkState.DOWN:
+            # Not the backlog: a front-end's handshake would block there (QEMU's main
+            # loop, and so the consumer's vCPUs) for as long as the appliance's
+            # back-end is down. Refused, QEMU's reconnect-ms retries later instead.
+            self._set_accepting(False)
+            if listener.listening:
+                listener.suspend()
+                log.info("%s: vhost-user socket %s not listening until BACKEND_UP (front-ends "
+                         "are refused and retry)", self.name, self.path)
+            return
+        if not listener.listening:
+            try:
+                listener.resume()
+            except FdError as exc:
+                log.error("%s: cannot listen again: %s", self.name, exc)
+                return
+            log.info("%s: vhost-user socket %s listening again", self.name, self.path)
+        self._set_accepting(self.link.state is LinkState.ARMED)
 
     def _set_accepting(self, on: bool) -> None:
         if on == self._accepting or self._listener is None:
@@ -241,6 +335,7 @@ class VhostUserTunnel:
             sock.close()
             return
         self.connections += 1
+        self._had_session = True
         channel = UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
                               limit_for=m.request_limits(m.Direction.FRONTEND, False),
                               name=f"{self.name} front-end #{self.connections}")
@@ -296,7 +391,9 @@ class VhostUserTunnel:
         if fd is None:
             return False
         try:
-            _signal(fd)
+            if not eventfd_signal(fd):
+                # Saturated: the front-end has a wake-up pending already.
+                self.device.stats.doorbells_coalesced += 1
         except OSError as exc:
             log.warning("%s: signalling the %s eventfd of queue %d failed: %s", self.name,
                         kind.value, queue, exc)
@@ -518,27 +615,32 @@ class VhostUserTunnel:
     def _take_vring_fd(self, conn: Connection, request: FR, value: m.VringFile,
                        frame: Frame) -> None:
         self._check_index(request, value.index)
+        index = value.index
         fd = frame.fds.pop(0) if frame.fds else None
+        what = f"{request.name}: vring {index}"
         if fd is not None and not is_eventfd(fd):
             os.close(fd)
-            raise ConsumerError(f"{request.name}: vring {value.index}: the fd is not an eventfd")
-        if fd is not None:
-            os.set_blocking(fd, False)
+            raise ConsumerError(f"{what}: the fd is not an eventfd")
         if request is FR.SET_VRING_KICK:
-            old = conn.kicks.pop(value.index, None)
+            old = conn.kicks.pop(index, None)
             if old is not None:
                 self.loop.remove_reader(old)
-                os.close(old)
+                self._close_eventfd(conn, old)
+            conn.kick_streaks.pop(index, None)
             if fd is not None:
-                conn.kicks[value.index] = fd
-                self.loop.add_reader(fd, self._on_kick, conn, value.index, fd)
+                semaphore = self._claim_eventfd(conn, fd, what, _role(request, index))
+                conn.kicks[index] = fd
+                if semaphore is None:
+                    conn.kick_streaks[index] = 0
+                self.loop.add_reader(fd, self._on_kick, conn, index, fd)
             return
         table = conn.calls if request is FR.SET_VRING_CALL else conn.errs
-        old = table.pop(value.index, None)
+        old = table.pop(index, None)
         if old is not None:
-            os.close(old)
+            self._close_eventfd(conn, old)
         if fd is not None:
-            table[value.index] = fd
+            self._claim_eventfd(conn, fd, what, _role(request, index))
+            table[index] = fd
 
     def _take_log_fd(self, conn: Connection, frame: Frame) -> None:
         fd = frame.fds.pop(0) if frame.fds else None
@@ -546,10 +648,43 @@ class VhostUserTunnel:
             os.close(fd)
             raise ConsumerError("SET_LOG_FD: the fd is not an eventfd")
         if conn.log_fd is not None:
-            os.close(conn.log_fd)
-        conn.log_fd = fd
+            self._close_eventfd(conn, conn.log_fd)
+            conn.log_fd = None
         if fd is not None:
-            os.set_blocking(fd, False)
+            self._claim_eventfd(conn, fd, "SET_LOG_FD", _role(FR.SET_LOG_FD, 0))
+            conn.log_fd = fd
+
+    def _claim_eventfd(self, conn: Connection, fd: int, what: str, role: str) -> bool | None:
+        """Check eventfd ``fd`` (owned: closed if refused) for ``role``; whether it is
+        in semaphore mode (None: the kernel does not say). ConsumerError if it is
+        a semaphore-mode kick or already serves another role."""
+        try:
+            info = eventfd_info(fd)
+        except FdError as exc:
+            os.close(fd)
+            raise ConsumerError(f"{what}: {exc}") from exc
+        if info.semaphore and role.startswith("kick"):
+            os.close(fd)
+            raise ConsumerError(f"{what}: the kick eventfd was made with EFD_SEMAPHORE (each "
+                                "read takes 1 and it stays readable: a kick storm); give an "
+                                "ordinary eventfd")
+        if info.ident is not None:
+            holder = HELD_EVENTFDS.claim(info.ident, self.name, role)
+            if holder is not None:
+                os.close(fd)
+                device, other = holder
+                where = "of this link" if device == self.name else f"of device {device}"
+                raise ConsumerError(f"{what}: the eventfd given as the {role} is already the "
+                                    f"{other} {where}; each role needs its own eventfd")
+            conn.idents[fd] = info.ident
+        return info.semaphore
+
+    def _close_eventfd(self, conn: Connection, fd: int) -> None:
+        ident = conn.idents.pop(fd, None)
+        if ident is not None:
+            HELD_EVENTFDS.release(ident)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def _take_backend_socket(self, conn: Connection, frame: Frame) -> None:
         try:
@@ -582,13 +717,28 @@ class VhostUserTunnel:
         conn.backend_outbox = None
 
     def _on_kick(self, conn: Connection, index: int, fd: int) -> None:
+        # One read per readable event takes every kick written since the last one
+        # (never blocking, whatever the front-end did to the file's flags), so each
+        # vring costs at most one notification per loop turn however hard it is
+        # kicked, and the loop's turns go round every ready fd of every link.
         try:
-            os.read(fd, 8)
-        except BlockingIOError:
-            return
-        except OSError as exc:  # pragma: no cover - our own eventfd
+            count = eventfd_take(fd)
+        except OSError as exc:  # pragma: no cover - an eventfd checked when taken
             log.warning("%s: reading the kick eventfd of queue %d: %s", self.name, index, exc)
             return
+        if count == 0:
+            return
+        if count > 1:
+            self.device.stats.kicks_coalesced += 1
+        streak = conn.kick_streaks.get(index)
+        if streak is not None:
+            streak = streak + 1 if count == 1 and _still_readable(fd) else 0
+            conn.kick_streaks[index] = streak
+            if streak >= SEMAPHORE_STREAK:
+                self._consumer_error(f"the kick eventfd of vring {index} stays readable after "
+                                     f"{streak} reads of 1 in a row: an EFD_SEMAPHORE eventfd "
+                                     "(a kick storm); give an ordinary eventfd", None)
+                return
         try:
             self.device.notify_kick(index)
         except Exception:  # never let a loop callback die
@@ -604,7 +754,7 @@ class VhostUserTunnel:
             # Best effort: a failure ack, so the front-end logs why before it sees EOF.
             ack = m.encode_bytes(frame.request, m.U64(1), reply=True)
             with contextlib.suppress(OSError):
-                conn.channel.sock.send(ack)
+                conn.channel.sock.send(ack, socket.MSG_DONTWAIT)
         if conn is not None:
             self.device.stats.link_resets += 1
         self._frontend_gone(why)
@@ -626,7 +776,8 @@ class VhostUserTunnel:
         self._close_backend(conn)
         for fd in conn.kicks.values():
             self.loop.remove_reader(fd)
-        close_fds(conn.fds())
+        for fd in conn.fds():
+            self._close_eventfd(conn, fd)
         conn.kicks.clear()
         conn.calls.clear()
         conn.errs.clear()

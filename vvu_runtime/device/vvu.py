@@ -104,10 +104,14 @@ class VvuStats:
     kicks: int = 0
     #: Kicks whose notification has no MSI-X vector programmed.
     kicks_unrouted: int = 0
+    #: Kick events that carried more than one kick (delivered as one notification).
+    kicks_coalesced: int = 0
     #: Doorbells that signalled an eventfd.
     doorbells: int = 0
     #: Doorbells whose eventfd the front-end has not given (yet).
     doorbells_unset: int = 0
+    #: Doorbells whose eventfd was saturated (a wake-up was pending: not written).
+    doorbells_coalesced: int = 0
     #: Bad input from either side (each is logged).
     errors: int = 0
     #: Front-end connections dropped because of an error.

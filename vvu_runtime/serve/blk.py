@@ -3,6 +3,7 @@
     vvu-blk --socket /run/vvu/disk0.sock --image disk0.raw [--read-only]
             [--queues N] [--direct] [--serial ID] [--connect]
     vvu-blk --vvu 0000:00:05.0 --image disk0.raw [...]   (inside an appliance VM)
+    vvu-blk --export /run/vvu/a.sock=a.raw --export /run/vvu/b.sock=b.raw [...]
     vvu-blk --print-capabilities
 
 (``--socket-path``, ``--blk-file`` and ``--read-only-mode`` are accepted too, the
@@ -15,6 +16,11 @@ front-end listening there instead (``-chardev socket,...,server=on``). With
 (``--vvu-access``: vfio-pci behind a vIOMMU, or the sysfs poll-mode path). Runs
 until SIGTERM/SIGINT, then removes the socket file. Exit codes: 0 clean stop,
 1 runtime failure, 2 usage error (bad option, unusable image).
+
+``--export SOCKET=IMAGE`` (repeated) serves several disks from one process, one
+listening socket each, with the other options applying to every one; the
+exports share the process but not each other's faults (docs/architecture.md,
+"Reliability").
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="vhost-user UNIX socket to listen on (or connect to with --connect)")
     parser.add_argument("--image", "--blk-file", metavar="FILE",
                         help="raw image file or block device")
+    parser.add_argument("--export", action="append", default=[], metavar="SOCKET=IMAGE",
+                        type=_export,
+                        help="serve IMAGE on the socket SOCKET (repeatable: one process, "
+                             "several disks; instead of --socket and --image)")
     parser.add_argument("--read-only", "--read-only-mode", action="store_true",
                         help="offer a read-only disk (VIRTIO_BLK_F_RO); writes fail with IOERR")
     parser.add_argument("--queues", type=int, default=DEFAULT_QUEUES, metavar="N",
@@ -81,12 +91,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.print_capabilities:
         return args
-    if args.socket is not None and args.vvu is not None:
+    if args.export:
+        if args.socket is not None or args.image is not None or args.vvu is not None:
+            parser.error("--export replaces --socket, --image and --vvu")
+        if args.connect:
+            parser.error("--connect goes with --socket, not --export")
+        sockets = [sock for sock, _ in args.export]
+        if len(set(sockets)) != len(sockets):
+            parser.error("two --export options name the same socket")
+    elif args.socket is not None and args.vvu is not None:
         parser.error("give --socket or --vvu, not both")
     if args.vvu is not None and args.connect:
         parser.error("--connect goes with --socket, not --vvu")
     for name in ("socket", "image"):
-        if getattr(args, name) is None and not (name == "socket" and args.vvu is not None):
+        if getattr(args, name) is None and not args.export and not (
+                name == "socket" and args.vvu is not None):
             parser.error(f"--{name} is required")
     if not 1 <= args.queues <= MAX_QUEUES:
         parser.error(f"--queues must be between 1 and {MAX_QUEUES}")
@@ -95,6 +114,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if len(args.serial.encode()) > ID_BYTES:
         parser.error(f"--serial is at most {ID_BYTES} bytes")
     return args
+
+
+def _export(text: str) -> tuple[str, str]:
+    sock, sep, image = text.partition("=")
+    if not sep or not sock or not image:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SOCKET=IMAGE")
+    return sock, image
 
 
 #: ``--print-capabilities`` answer, per vhost-user.rst "Backend program conventions"
@@ -114,30 +140,38 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported here so that --help works even while the session layer is incomplete.
     from vvu_runtime.serve.runner import Endpoint, run
 
+    exports: list[tuple[str, str]] = args.export or [(args.socket, args.image)]
+    images: list[RawImage] = []
     try:
-        image = RawImage(args.image, read_only=args.read_only, direct=args.direct)
-    except ImageError as exc:
-        die(str(exc), EXIT_USAGE)
-    where = args.vvu if args.vvu is not None else os.path.basename(args.socket)
-    name = f"disk {os.path.basename(args.image)} @ {where}"
-    device = BlkDevice(image, queues=args.queues, serial=args.serial, name=name)
-    device.poll_us = args.poll_us
+        endpoints: list[Endpoint] = []
+        devices: list[BlkDevice] = []
+        for sock, path in exports:
+            try:
+                image = RawImage(path, read_only=args.read_only, direct=args.direct)
+            except ImageError as exc:
+                die(str(exc), EXIT_USAGE)
+            images.append(image)
+            where = args.vvu if args.vvu is not None else os.path.basename(sock)
+            device = BlkDevice(image, queues=args.queues, serial=args.serial,
+                               name=f"disk {os.path.basename(path)} @ {where}")
+            device.poll_us = args.poll_us
+            devices.append(device)
+            endpoints.append(
+                Endpoint(device, vvu=args.vvu, vvu_access=PciAccess(args.vvu_access))
+                if args.vvu is not None else Endpoint(device, sock, client=args.connect))
 
-    def announce() -> None:
-        mode = "read-only" if args.read_only else "read-write"
-        cache = ", O_DIRECT" if args.direct else ""
-        log.info(
-            "%s: %s, %d sectors of 512 bytes, blk_size %d, %d queue(s), %s%s",
-            device.name, args.image, device.capacity, device.blk_size, args.queues, mode, cache)
+        def announce() -> None:
+            mode = "read-only" if args.read_only else "read-write"
+            cache = ", O_DIRECT" if args.direct else ""
+            for dev in devices:
+                log.info("%s: %s, %d sectors of 512 bytes, blk_size %d, %d queue(s), %s%s",
+                         dev.name, dev.image.path, dev.capacity, dev.blk_size, args.queues,
+                         mode, cache)
 
-    try:
-        endpoint = (Endpoint(device, vvu=args.vvu, vvu_access=PciAccess(args.vvu_access))
-                    if args.vvu is not None else Endpoint(device, args.socket,
-                                                          client=args.connect))
-        return run([endpoint], program=PROGRAM, log_level=args.log_level, ready=announce)
+        return run(endpoints, program=PROGRAM, log_level=args.log_level, ready=announce)
     finally:
-        image.close()
-
+        for image in images:
+            image.close()
 
 if __name__ == "__main__":
     sys.exit(main())

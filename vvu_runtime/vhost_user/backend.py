@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -49,6 +50,7 @@ from vvu_runtime.vhost_user.errors import (
 from vvu_runtime.vhost_user.inflight import InflightArea
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
+from vvu_runtime.vhost_user.peer_fds import Role, check_eventfd, protect_from_shrinking
 from vvu_runtime.vhost_user.transport import (
     Channel,
     Frame,
@@ -78,6 +80,11 @@ MAX_MEM_SLOTS = 509
 POLL_INTERVAL = 0.001
 #: How long a back-end request waits for the front-end's ack.
 BACKEND_REPLY_TIMEOUT = 1.0
+#: Back-end requests whose ack may be outstanding at once (then the front-end is stuck).
+MAX_UNANSWERED = 16
+#: How long a kick source that stays signalled after a drain is left alone (a
+#: semaphore eventfd with a huge count would otherwise wake the loop for ever).
+KICK_BACKOFF = 0.002
 
 VIRTIO_STATUS_NEEDS_RESET = 0x40
 
@@ -113,20 +120,56 @@ def _device_overrides_config(device: VhostUserDevice) -> bool:
 
 
 class BackendChannel:
-    """The back-end → front-end channel of SET_BACKEND_REQ_FD."""
+    """The back-end → front-end channel of SET_BACKEND_REQ_FD.
 
-    def __init__(self, channel: Channel, name: str) -> None:
+    On its own socket (the socket transport) nothing here ever waits: requests
+    go out through the channel's loop-driven sender, and acks are read when the
+    socket becomes readable. An ack that does not come within
+    :data:`BACKEND_REPLY_TIMEOUT`, or a malformed one, closes this channel
+    (only it: the session goes on). A channel that shares the session's
+    descriptor (the VVU transport, whose replies are sorted out of the same
+    rx queue, not a peer's fd) waits for the ack, bounded by that timeout.
+    """
+
+    def __init__(self, channel: Channel, name: str, loop: asyncio.AbstractEventLoop, *,
+                 own_fd: bool) -> None:
         self.channel = channel
         self.name = name
+        self.loop = loop
+        self.own_fd = own_fd
+        self._awaiting: deque[tuple[m.BackendRequest, asyncio.TimerHandle]] = deque()
+        self._reading = False
+        if own_fd:
+            channel.use_loop(loop)
+
+    @property
+    def closed(self) -> bool:
+        return self.channel.closed
 
     def request(self, request: m.BackendRequest, payload: m.Payload | None = None, *,
-                need_reply: bool = False, timeout: float = BACKEND_REPLY_TIMEOUT) -> int:
-        """Send a request; with ``need_reply`` wait for the u64 ack (0 = success)."""
+                need_reply: bool = False) -> int:
+        """Send a request. With ``need_reply`` on an own socket the ack is checked
+        later (0 is returned now); on a shared one it is waited for and returned."""
+        if self.channel.closed:
+            raise TransportError(f"{self.name}: backend channel is closed")
+        if need_reply and self.own_fd and len(self._awaiting) >= MAX_UNANSWERED:
+            raise TransportError(f"{self.name}: the front-end has not answered "
+                                 f"{len(self._awaiting)} back-end requests")
         code, flags, data = m.encode(request, payload, need_reply=need_reply)
         self.channel.send_frame(code, flags, data)
         if not need_reply:
             return 0
-        frame = self.channel.recv_frame(timeout)
+        if not self.own_fd:
+            return self._decode_ack(request, self.channel.recv_frame(BACKEND_REPLY_TIMEOUT))
+        timer = self.loop.call_later(BACKEND_REPLY_TIMEOUT, self._timed_out, request)
+        self._awaiting.append((request, timer))
+        if not self._reading:
+            self.loop.add_reader(self.channel.fileno(), self._on_readable)
+            self._reading = True
+        return 0
+
+    @staticmethod
+    def _decode_ack(request: m.BackendRequest, frame: Frame) -> int:
         try:
             msg = m.decode_message(m.Direction.BACKEND, frame.request, frame.flags,
                                    frame.payload, frame.fds, reply=True)
@@ -138,7 +181,38 @@ class BackendChannel:
             raise ProtocolError(f"{request.name}: front-end answered {msg.name}")
         return msg.get(m.U64).value
 
+    def _on_readable(self) -> None:
+        while not self.channel.closed:
+            try:
+                frame = self.channel.recv_frame_nowait()
+                if frame is None:
+                    return
+                if not self._awaiting:
+                    frame.close_fds()
+                    raise ProtocolError(f"message {frame.request} that answers nothing")
+                request, timer = self._awaiting.popleft()
+                timer.cancel()
+                status = self._decode_ack(request, frame)
+            except VhostUserError as exc:
+                log.error("%s: backend channel closed: %s", self.name, exc)
+                self.close()
+                return
+            if status:
+                log.warning("%s: front-end answered %s with failure %d", self.name,
+                            request.name, status)
+
+    def _timed_out(self, request: m.BackendRequest) -> None:
+        log.error("%s: front-end did not answer %s within %.1f s; backend channel closed",
+                  self.name, request.name, BACKEND_REPLY_TIMEOUT)
+        self.close()
+
     def close(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.channel.fileno())
+            self._reading = False
+        for _, timer in self._awaiting:
+            timer.cancel()
+        self._awaiting.clear()
         self.channel.close()
 
 
@@ -177,6 +251,8 @@ class BackendSession:
         self.vrings = [Vring(i, device.name, on_fail=self._ring_failed, queue_factory=factory)
                        for i in range(device.num_queues())]
         self._pollers: dict[int, asyncio.TimerHandle] = {}
+        #: Queues whose kick storm was logged (once per session).
+        self._stormy: set[int] = set()
         self._watched: dict[int, int] = {}
         self._reading = False
         self._check_fds = channel.carries_fds and self.transport.passes_fds
@@ -376,11 +452,15 @@ class BackendSession:
         self._unwatch(vring)
         if vring.kick is not None:
             fd = vring.kick.fileno()
-            self.loop.add_reader(fd, self._on_kick, vring)
-            self._watched[vring.index] = fd
-        else:
-            self._pollers[vring.index] = self.loop.call_later(
-                self.poll_interval, self._on_poll, vring)
+            try:
+                self.loop.add_reader(fd, self._on_kick, vring)
+                self._watched[vring.index] = fd
+                return
+            except OSError as exc:  # e.g. a regular file: epoll refuses it
+                log.warning("%s: queue %d: cannot wait on the kick fd (%s); polling the "
+                            "ring instead", self.name, vring.index, exc)
+        self._pollers[vring.index] = self.loop.call_later(
+            self.poll_interval, self._on_poll, vring)
 
     def _unwatch(self, vring: Vring) -> None:
         fd = self._watched.pop(vring.index, None)
@@ -391,9 +471,30 @@ class BackendSession:
             timer.cancel()
 
     def _on_kick(self, vring: Vring) -> None:
-        if vring.kick is not None:
-            vring.kick.drain()
+        kick = vring.kick
+        if kick is not None and kick.drain():
+            self._back_off(vring)
         self._process(vring)
+
+    def _back_off(self, vring: Vring) -> None:
+        """The kick source stayed signalled after a drain: stop listening for
+        :data:`KICK_BACKOFF`, so one ring costs at most a wake-up per back-off
+        instead of the whole loop."""
+        if vring.index not in self._stormy:
+            self._stormy.add(vring.index)
+            log.warning("%s: queue %d: the kick stays signalled after each read (a "
+                        "semaphore eventfd?); serving it at most every %g ms", self.name,
+                        vring.index, KICK_BACKOFF * 1e3)
+        self._unwatch(vring)
+        self._pollers[vring.index] = self.loop.call_later(KICK_BACKOFF, self._kicks_again,
+                                                          vring)
+
+    def _kicks_again(self, vring: Vring) -> None:
+        self._pollers.pop(vring.index, None)
+        if not vring.started or vring.failed or self.closed:
+            return
+        self._watch(vring)
+        self._process(vring)  # what the driver queued while we did not listen
 
     def _on_poll(self, vring: Vring) -> None:
         self._pollers.pop(vring.index, None)
@@ -535,6 +636,8 @@ class BackendSession:
                 fd, pending[i] = pending[i], None
                 try:
                     region.validate()
+                    if fd is not None:
+                        self._protect(fd, f"memory region {i}")
                 except BaseException:
                     if fd is not None:
                         os.close(fd)
@@ -607,6 +710,12 @@ class BackendSession:
     def _set_log_base(self, msg: m.Message) -> m.Payload:
         area = msg.get(m.LogArea)
         fd = msg.take_fd()
+        if fd is not None:
+            try:
+                self._protect(fd, "SET_LOG_BASE")
+            except RequestError:
+                os.close(fd)
+                raise
         try:
             new = self.transport.map_log(area.mmap_size, area.mmap_offset, fd)
         except VirtioError as exc:
@@ -619,7 +728,7 @@ class BackendSession:
         return m.U64(0)
 
     def _set_log_fd(self, msg: m.Message) -> None:
-        fd = msg.take_fd()
+        fd = self._checked_fd(msg, Role.LOG, 0)
         if self.log_notifier is not None:
             self.log_notifier.close()
         self.log_notifier = self.transport.notifier(NotifierKind.LOG, 0, fd)
@@ -678,10 +787,45 @@ class BackendSession:
         log.info("%s: queue %d stopped at base %#x", self.name, vring.index, base)
         return m.VringState(state.index, base)
 
+    def _checked_fd(self, msg: m.Message, role: Role, index: int) -> int | None:
+        """The message's eventfd, refused (and closed) if it is no plain eventfd or
+        one this session already uses in a role that conflicts with ``role``."""
+        fd = msg.take_fd()
+        if fd is None or not self._check_fds:
+            return fd
+        try:
+            check_eventfd(role, index, fd, f"{msg.name} queue {index}" if role is not Role.LOG
+                          else msg.name, self._held_eventfds())
+        except RequestError:
+            os.close(fd)
+            raise
+        return fd
+
+    def _held_eventfds(self) -> list[tuple[Role, int, int]]:
+        held: list[tuple[Role, int, int]] = []
+        for v in self.vrings:
+            for role, res in ((Role.KICK, v.kick), (Role.CALL, v.call), (Role.ERR, v.err)):
+                fd = getattr(res, "fd", -1)
+                if fd >= 0:
+                    held.append((role, v.index, fd))
+        fd = getattr(self.log_notifier, "fd", -1)
+        if fd >= 0:
+            held.append((Role.LOG, 0, fd))
+        return held
+
+    def _protect(self, fd: int, what: str) -> None:
+        """Seal a memory fd against shrinking where possible (see peer_fds); on
+        failure the caller closes ``fd``."""
+        if not self._check_fds:
+            return
+        warning = protect_from_shrinking(fd, what)
+        if warning is not None:
+            log.warning("%s: %s", self.name, warning)
+
     def _set_vring_kick(self, msg: m.Message) -> None:
         vf = msg.get(m.VringFile)
         vring = self._vring(vf.index)
-        fd = msg.take_fd()
+        fd = self._checked_fd(msg, Role.KICK, vf.index)
         self._unwatch(vring)
         if vring.kick is not None:
             vring.kick.close()
@@ -696,7 +840,7 @@ class BackendSession:
     def _set_vring_call(self, msg: m.Message) -> None:
         vf = msg.get(m.VringFile)
         vring = self._vring(vf.index)
-        fd = msg.take_fd()
+        fd = self._checked_fd(msg, Role.CALL, vf.index)
         if vring.call is not None:
             vring.call.close()
         vring.call = self.transport.notifier(NotifierKind.CALL, vf.index, fd)
@@ -709,7 +853,7 @@ class BackendSession:
     def _set_vring_err(self, msg: m.Message) -> None:
         vf = msg.get(m.VringFile)
         vring = self._vring(vf.index)
-        fd = msg.take_fd()
+        fd = self._checked_fd(msg, Role.ERR, vf.index)
         if vring.err is not None:
             vring.err.close()
         vring.err = self.transport.notifier(NotifierKind.ERR, vf.index, fd)
@@ -757,7 +901,8 @@ class BackendSession:
             raise RequestError(str(exc)) from exc
         if self.backend is not None:
             self.backend.close()
-        self.backend = BackendChannel(channel, self.name)
+        self.backend = BackendChannel(channel, self.name, self.loop,
+                                      own_fd=channel.fileno() != self.channel.fileno())
         return None
 
     def _iotlb_msg(self, msg: m.Message) -> m.Payload:
@@ -799,6 +944,7 @@ class BackendSession:
             raise RequestError("SET_INFLIGHT_FD without a memory fd")
         packed = bool(self.features & VIRTIO_F_RING_PACKED)
         try:
+            self._protect(fd, "SET_INFLIGHT_FD")
             area = InflightArea(fd, req.mmap_size, req.mmap_offset, req.num_queues,
                                 req.queue_size, packed)
         except VirtioError as exc:
@@ -831,7 +977,8 @@ class BackendSession:
 
         Returns False when there is no backend channel or it failed.
         """
-        if self.backend is None or not self.has_protocol(PF.BACKEND_REQ):
+        if self.backend is None or self.backend.closed or not self.has_protocol(
+                PF.BACKEND_REQ):
             return False
         try:
             self.backend.request(m.BackendRequest.CONFIG_CHANGE_MSG, m.EMPTY,

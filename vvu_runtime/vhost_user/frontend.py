@@ -13,6 +13,7 @@ BASE, ADDR, KICK, CALL), driven from the driver side with
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import socket
@@ -301,14 +302,20 @@ class VhostUserFrontend:
 
 
 class GuestRam:
-    """A memfd the front-end shares as guest memory: one memory-table region."""
+    """A memfd the front-end shares as guest memory: one memory-table region.
+
+    Sealed against shrinking and growing unless ``sealed`` is False (to check
+    that a back-end refuses such memory)."""
 
     UVA_BASE = 0x7F00_0000_0000
 
     def __init__(self, size: int, gpa: int = 0, uva: int | None = None,
-                 name: str = "vvu-guest-ram") -> None:
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+                 name: str = "vvu-guest-ram", *, sealed: bool = True) -> None:
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        if sealed:
+            # As QEMU's memory-backend-memfd does: back-ends refuse RAM that can shrink.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.region = MemoryRegion(gpa, size, self.UVA_BASE + gpa if uva is None else uva, 0)
         self.memory = GuestMemory()
         self.memory.add(map_fd(self.region, self.fd))

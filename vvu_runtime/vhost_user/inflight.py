@@ -14,6 +14,7 @@ import contextlib
 import mmap
 import os
 
+from vvu_runtime.vhost_user.peer_fds import seal_unshrinkable
 from vvu_runtime.virtio.errors import RingError
 from vvu_runtime.virtio.inflight import (
     PackedInflight,
@@ -57,9 +58,10 @@ class InflightArea:
                  packed: bool = False) -> tuple[InflightArea, int]:
         """A new zeroed area in a memfd: (area, fd). The caller owns the fd."""
         size = inflight_region_size(num_queues, queue_size, packed)
-        fd = os.memfd_create("vvu-inflight", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vvu-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
+            seal_unshrinkable(fd)  # the front-end gets this fd: it must not shrink it
             area = cls(fd, size, 0, num_queues, queue_size, packed)
         except BaseException:
             os.close(fd)

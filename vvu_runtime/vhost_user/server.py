@@ -4,7 +4,10 @@
 ``-chardev socket,path=...,reconnect-ms=...``) and serves one
 :class:`BackendSession` at a time: a second concurrent connection is refused
 with a log line (and closed) while the first goes on. It accepts reconnections
-forever; ``close()`` ends the session and removes the socket file.
+forever; ``close()`` ends the session and removes the socket file. When accept()
+fails for lack of fds or memory the listener rests for :data:`ACCEPT_RETRY`
+instead of spinning on a connection it cannot take; such log lines, and those
+of refused connections, are rate-limited (:class:`LogThrottle`).
 
 :class:`VhostUserClient` connects to a front-end that listens
 (``-chardev socket,path=...,server=on``), retrying every ``retry_interval``
@@ -21,6 +24,7 @@ import errno
 import logging
 import os
 import socket
+import time
 
 from vvu_runtime.fds import FdError, UnixListener
 from vvu_runtime.vhost_user import messages as m
@@ -30,6 +34,41 @@ from vvu_runtime.vhost_user.errors import TransportError
 from vvu_runtime.vhost_user.transport import UnixChannel
 
 log = logging.getLogger(__name__)
+
+#: accept() errors that mean "no fd or memory for the connection now".
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long the listener rests after such an error before it tries again.
+ACCEPT_RETRY = 0.5
+#: Repeated log lines of one kind are written at most once per this many seconds.
+LOG_INTERVAL = 10.0
+
+
+class LogThrottle:
+    """Log a recurring line at most once per :data:`LOG_INTERVAL`, saying how many
+    were left out: a peer that makes us fail in a loop must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval: float = LOG_INTERVAL) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._next = 0.0
+        self._skipped = 0
+
+    def _log(self, level: int, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            fmt += f" ({self._skipped} more like this in the last {self.interval:g} s)"
+            self._skipped = 0
+        self._next = now + self.interval
+        self.logger.log(level, fmt, *args)
+
+    def error(self, fmt: str, *args: object) -> None:
+        self._log(logging.ERROR, fmt, *args)
+
+    def warning(self, fmt: str, *args: object) -> None:
+        self._log(logging.WARNING, fmt, *args)
 
 
 def backend_channel(sock: socket.socket, name: str) -> UnixChannel:
@@ -50,6 +89,9 @@ class VhostUserServer:
         self.session: BackendSession | None = None
         self.connections = 0
         self._listener: UnixListener | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._accept_log = LogThrottle(log)
+        self._refuse_log = LogThrottle(log)
 
     def start(self) -> None:
         """Bind and listen; raises TransportError/OSError with the path in the message."""
@@ -67,13 +109,20 @@ class VhostUserServer:
         try:
             conn = self._listener.accept()
         except OSError as exc:
-            log.error("%s: accept on %s failed: %s", self.device.name, self.path, exc)
+            if exc.errno in _OUT_OF_RESOURCES:
+                # The connection stays in the backlog and the socket readable:
+                # listening on would spin. Look again a little later.
+                self._pause_accepting()
+                self._accept_log.error("%s: cannot accept on %s (%s); retrying every %g s",
+                                       self.device.name, self.path, exc, ACCEPT_RETRY)
+            else:
+                log.debug("%s: accept on %s failed: %s", self.device.name, self.path, exc)
             return
         if conn is None:
             return
         if self.session is not None and not self.session.closed:
-            log.warning("%s: refusing a second connection on %s (one front-end at a time)",
-                        self.device.name, self.path)
+            self._refuse_log.warning("%s: refusing a second connection on %s (one front-end "
+                                     "at a time)", self.device.name, self.path)
             conn.close()
             return
         self.connections += 1
@@ -82,6 +131,18 @@ class VhostUserServer:
                                       loop=self.loop, on_close=self._session_closed,
                                       name=f"connection {self.connections}")
         self.session.start()
+
+    def _pause_accepting(self) -> None:
+        assert self._listener is not None and self.loop is not None
+        if self._retry is not None:
+            return
+        self.loop.remove_reader(self._listener.fileno())
+        self._retry = self.loop.call_later(ACCEPT_RETRY, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._retry = None
+        if self._listener is not None and self.loop is not None:
+            self.loop.add_reader(self._listener.fileno(), self._on_accept)
 
     def _session_closed(self, session: BackendSession) -> None:
         if self.session is session:
@@ -92,6 +153,9 @@ class VhostUserServer:
         if self.session is not None:
             self.session.close()
             self.session = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._listener is not None:
             if self.loop is not None:
                 self.loop.remove_reader(self._listener.fileno())

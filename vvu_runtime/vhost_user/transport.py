@@ -35,7 +35,6 @@ import errno
 import os
 import select
 import socket
-import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -44,6 +43,8 @@ from vvu_runtime.fds import (
     FdError,
     Outbox,
     close_fds,
+    eventfd_signal,
+    eventfd_take,
     fds_from_ancdata,
     rights,
     unix_stream_socket,
@@ -88,31 +89,31 @@ class KickSource(ABC):
         """A descriptor that becomes readable on a kick."""
 
     @abstractmethod
-    def drain(self) -> None:
-        """Consume the pending kicks (after the descriptor became readable)."""
+    def drain(self) -> bool | None:
+        """Consume the pending kicks (after the descriptor became readable).
+
+        True means the source was signalled again at once (a kick storm, e.g. a
+        semaphore eventfd with a huge count): the session then waits a little
+        before it listens again instead of spinning."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the resource behind the kick source."""
 
 
 class EventFdNotifier(Notifier):
-    """An eventfd the front-end gave us (SET_VRING_CALL/ERR, SET_LOG_FD). Owns the fd."""
+    """An eventfd the front-end gave us (SET_VRING_CALL/ERR, SET_LOG_FD). Owns the fd.
+
+    The front-end shares the file and may have made it blocking or filled its
+    counter: :func:`eventfd_signal` never blocks either way."""
 
     __slots__ = ("fd",)
-
-    _ONE = struct.pack("=Q", 1)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
     def signal(self) -> None:
-        try:
-            os.write(self.fd, self._ONE)
-        except BlockingIOError:
-            pass  # the counter is saturated: the front-end has a wake-up pending anyway
-        except OSError as exc:
-            if exc.errno != errno.EBADF:
-                raise
+        with contextlib.suppress(OSError):  # a broken call fd is the front-end's loss
+            eventfd_signal(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -121,20 +122,24 @@ class EventFdNotifier(Notifier):
 
 
 class EventFdKick(KickSource):
-    """An eventfd the front-end kicks (SET_VRING_KICK). Owns the fd."""
+    """An eventfd the front-end kicks (SET_VRING_KICK). Owns the fd.
+
+    Read with :func:`eventfd_take`, non-blocking per call: the front-end shares
+    the file and can clear O_NONBLOCK whenever it likes."""
 
     __slots__ = ("fd",)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        os.set_blocking(fd, False)
 
     def fileno(self) -> int:
         return self.fd
 
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self.fd, 8)
+    def drain(self) -> bool:
+        # A semaphore eventfd gives exactly 1 per read and stays readable; a plain
+        # one gives its whole count and is empty after, unless a kick raced in
+        # between two reads. Three reads of 1 in a row: a storm, not a race.
+        return all(eventfd_take(self.fd) == 1 for _ in range(3))  # stops at the first not 1
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -222,6 +227,8 @@ SEND_TIMEOUT = 5.0
 #: Bytes an event-loop sender lets wait for a peer before calling it stuck.
 MAX_BACKLOG = 4 << 20
 #: Most fds one message may carry (QEMU sends at most 8; a few spare to detect excess).
+#: Also the most a partial message may collect over several reads, and the most
+#: a channel queues for a peer that does not read: one peer cannot hoard fds.
 MAX_FDS = 16
 
 
@@ -314,6 +321,9 @@ class UnixChannel(Channel):
             self._drop_partial()
             raise TransportError(f"{self.name}: receive failed: {exc}") from exc
         self._fds.extend(fds_from_ancdata(anc))
+        if len(self._fds) > MAX_FDS:
+            self._drop_partial()
+            raise FramingError(f"{self.name}: more than {MAX_FDS} fds sent for one message")
         if msg_flags & socket.MSG_CTRUNC:
             self._drop_partial()
             raise FramingError(f"{self.name}: more than {MAX_FDS} fds on one message "
@@ -398,6 +408,11 @@ class UnixChannel(Channel):
             if self._outbox.pending > MAX_BACKLOG:
                 raise TransportError(f"{self.name}: peer does not read ({self._outbox.pending} "
                                      "bytes waiting)")
+            if fds and not self._outbox.empty:
+                # Queued fds are our duplicates: a peer that asks for fd-carrying
+                # replies and never reads them would fill our fd table.
+                raise TransportError(f"{self.name}: peer does not read; not queueing "
+                                     f"{len(fds)} more fds for it")
             self._outbox.send(data, fds)
             if self._send_error is not None:
                 self._raise_send_error(self._send_error)

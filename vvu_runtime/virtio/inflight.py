@@ -204,6 +204,10 @@ class SplitInflight:
         if not isinstance(queue, SplitQueue):
             raise RingError(f"a {type(queue).__name__} is not a split ring: a split inflight "
                             "region cannot track it")
+        if queue.size > self.queue_size:  # heads index the records
+            raise RingError(f"queue {queue.index}: the inflight region tracks "
+                            f"{self.queue_size} entries, the ring has {queue.size}",
+                            queue=queue.index)
         self._queue = queue
         return queue
 
@@ -362,6 +366,10 @@ class PackedInflight:
         if not isinstance(queue, PackedQueue):
             raise RingError(f"a {type(queue).__name__} is not a packed ring: a packed inflight "
                             "region cannot track it")
+        if queue.size != self.queue_size:  # the records hold ring positions
+            raise RingError(f"queue {queue.index}: the packed inflight region tracks a ring "
+                            f"of {self.queue_size} entries, this one has {queue.size}",
+                            queue=queue.index)
         self._queue = queue
         return queue
 

@@ -13,7 +13,8 @@ a back-end session only while CONNECTED)::
 
 A.7's CHR_OPENED state (a front-end connected before the driver is up) does not
 exist here: the device model leaves such a front-end in the listen backlog
-until ARMED. Anything not in :data:`TRANSITIONS` is refused by
+until ARMED before the link's first session, and refuses it (stops listening)
+after one. Anything not in :data:`TRANSITIONS` is refused by
 :meth:`LinkMachine.fire` with :class:`LinkStateError`, so a bug shows as a
 precise error instead of a device in an impossible state.
 """

@@ -32,6 +32,7 @@ notify per group, and a busy ring is polled briefly before we go back to sleep.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -53,7 +54,7 @@ from vvu_runtime.virtio.blk import (
     RequestType,
     Status,
 )
-from vvu_runtime.virtio.errors import DescriptorError
+from vvu_runtime.virtio.errors import DescriptorError, VirtioError
 from vvu_runtime.virtio.features import RING_FEATURES
 
 if TYPE_CHECKING:
@@ -120,6 +121,10 @@ class BlkDevice(VhostUserDevice):
     #: Polling stops for this call after this many requests (other queues and the
     #: session's messages get their turn); draining what is available still goes on.
     max_polled = 4096
+    #: Requests served per call while an event loop runs; then the ring is served
+    #: again after everything else ready (other exports, session messages): a
+    #: driver that refills as fast as we serve cannot keep the loop to itself.
+    turn_budget = 256
 
     def __init__(
         self,
@@ -148,6 +153,7 @@ class BlkDevice(VhostUserDevice):
         #: only a driver (CONFIG_WCE) changes it, for the life of the process.
         self.writeback = True
         self._log_budget = 20
+        self._resume_pending: set[int] = set()
         self._fd = image.fd
         #: Plain buffered I/O: the serve() fast paths may call preadv/pwritev themselves.
         self._fast = not image.direct
@@ -255,6 +261,7 @@ class BlkDevice(VhostUserDevice):
         limit = self.notify_every
         busy = 0  # served since the ring was last found empty
         polled = 0  # requests served in this call after polls
+        left = self.turn_budget  # requests before we give the loop back
         while True:
             chains = pop_many(limit)
             if not chains:
@@ -281,6 +288,34 @@ class BlkDevice(VhostUserDevice):
                 return
             push_many(done)
             vring.notify()
+            left -= len(chains)
+            if left <= 0:
+                if self._come_back(vring):
+                    return
+                left = self.turn_budget
+
+    def _come_back(self, vring: Vring) -> bool:
+        """Serve ``vring`` again once the event loop ran what else is ready; False
+        without a running loop (a test driving the device: go on serving)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if vring.index not in self._resume_pending:
+            self._resume_pending.add(vring.index)
+            loop.call_soon(self._resume, vring)
+        return True
+
+    def _resume(self, vring: Vring) -> None:
+        self._resume_pending.discard(vring.index)
+        if not vring.started or vring.failed:
+            return  # stopped, failed or reset since: the session restarts it
+        try:
+            self.process(vring)
+        except VirtioError as exc:
+            vring.fail(exc)
+        except Exception:
+            log.exception("%s: error serving queue %d", self.name, vring.index)
 
     def _poll_for_more(self, vring: Vring) -> bool:
         """Spin up to ``poll_us`` for the driver's next request; True if one came."""

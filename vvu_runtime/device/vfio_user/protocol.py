@@ -275,8 +275,11 @@ class Version:
             text = raw[:-1]
             try:
                 doc = json.loads(text) if text else {}
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise MessageError(f"VERSION: capability JSON does not parse: {exc}") from exc
+            except (ValueError, RecursionError) as exc:
+                # ValueError covers bad UTF-8, bad JSON and integers past Python's
+                # digit limit; RecursionError deeply nested arrays or objects.
+                raise MessageError(f"VERSION: capability JSON does not parse: "
+                                   f"{type(exc).__name__}: {str(exc)[:200]}") from exc
             if not isinstance(doc, dict):
                 raise MessageError("VERSION: capability JSON is not an object")
             got = doc.get("capabilities", {})
