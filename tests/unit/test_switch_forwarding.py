@@ -353,7 +353,12 @@ def test_ageing_makes_unicast_flood_again(switch: Switch, clock: Clock) -> None:
     clock.now += 301
     a.send(ether(mac(2), mac(1), 0x0800, bytes(50)))
     assert len(c.frames()) == 2  # aged out: flooded
-    assert switch.age() >= 0
+    # The lookup aged b's address out; a's was learned again at the new time.
+    assert mac(2) not in switch.fdb and mac(1) in switch.fdb
+    assert switch.age() == 0  # the timer finds nothing else stale yet
+    clock.now += 301
+    assert switch.age() == 1 and len(switch.fdb) == 0
+    assert switch.fdb.counters.aged == 2
 
 
 # ------------------------------------------------------------------ offloads
