@@ -165,12 +165,6 @@ class SoakLab:
             return state == "active"
         wait_until("vvu-blk active in st1", active, timeout, 1)
 
-    def forget_starts(self) -> None:
-        """Clear vvu-blk's start-rate counter (StartLimitBurst=4 in 120 s counts every
-        start, an operator's restarts too): each disruption here is one event to
-        recover from, not a crash loop for systemd to stop."""
-        self.host("st1").check_output("systemctl reset-failed vvu-blk")
-
     def wait_healthy(self, timeout: float = 600) -> dict[str, Any]:
         """Until `vvu-launch status` shows every node ready and every link up both ways."""
         def healthy() -> dict[str, Any] | None:
@@ -222,13 +216,11 @@ class SoakLab:
 
     def restart_backend(self, _: int) -> None:
         """A clean restart of vvu-blk in st1: devd closes c1's session, c1 reconnects."""
-        self.forget_starts()
         self.host("st1").check_output("systemctl restart vvu-blk")
         self.wait_backend_serving()
 
     def kill_backend(self, _: int) -> None:
         """kill -9 of vvu-blk; systemd in st1 starts it again."""
-        self.forget_starts()
         st1 = self.host("st1")
         pid = st1.check_output("systemctl show -P MainPID vvu-blk").strip()
         st1.check_output(f"kill -9 {pid}")
