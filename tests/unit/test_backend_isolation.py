@@ -30,6 +30,7 @@ import pytest
 from tests.support.blk_driver import BlkDriver
 from tests.support.loop_thread import LoopThread
 from tests.support.net_frames import BROADCAST, DriverPort, ether, mac, net_hdr
+from tests.support.proc_cpu import cpu_share
 from tests.support.vhost_user_harness import EchoDevice, session_pair
 from vvu_runtime.fds import EventfdInfo, rights
 from vvu_runtime.vhost_user import backend as backend_mod
@@ -67,7 +68,6 @@ from vvu_runtime.virtio.blk import RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
 
 ROOT = Path(__file__).resolve().parents[2]
-HZ = os.sysconf("SC_CLK_TCK")
 #: Most of a core the process may use while it is under attack.
 CPU_LIMIT = 0.5
 EVIL_MAC = mac(9)
@@ -75,18 +75,6 @@ FULL = (1 << 64) - 2  # the largest count an eventfd holds
 
 
 # ------------------------------------------------------------------ the process
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
-
-
-def cpu_share(pid: int, window: float = 1.5) -> float:
-    """Share of one core ``pid`` used over ``window`` seconds."""
-    c0, t0 = cpu_seconds(pid), time.monotonic()
-    time.sleep(window)
-    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
 def open_fds(pid: int) -> list[int]:
@@ -119,7 +107,7 @@ class Backend:
         """The other ports work, the process lives and (``cpu``) does not spin."""
         assert self.alive(), self.text()
         if cpu:
-            share = cpu_share(self.pid)
+            share = cpu_share(self.pid, 1.5)
             assert share < CPU_LIMIT, f"{self.kind} used {share:.0%} of a core\n{self.text()}"
         self.victim_works()
         assert self.alive(), self.text()
@@ -474,7 +462,7 @@ def test_accept_out_of_fds_does_not_spin(backend: Backend) -> None:
         waiting = threading.Thread(target=connect)
         waiting.start()
         time.sleep(0.2)  # let it reach the backlog
-        share = cpu_share(pid)
+        share = cpu_share(pid, 1.5)
         assert share < CPU_LIMIT, f"accept() out of fds: {share:.0%} of a core"
         backend.victim_works()
         lines = [ln for ln in backend.text().splitlines() if "accept on " in ln]

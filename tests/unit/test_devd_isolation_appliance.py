@@ -24,6 +24,7 @@ import pytest
 
 from tests.support.devd import DevdProcess
 from tests.support.guest_ram import sealed_memfd
+from tests.support.proc_cpu import cpu_share
 from tests.support.vfio_user_client import VfioUserClient
 from vvu_runtime.device.dma import MAX_DMA_FILES
 from vvu_runtime.device.errors import RemoteError
@@ -85,20 +86,6 @@ def devd(tmp_path: Path) -> Iterator[TwoDevices]:
         yield d
     finally:
         d.stop()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_share(pid: int, seconds: float = 1.0) -> float:
-    """Share of one core ``pid`` used over the next ``seconds``."""
-    used, start = cpu_seconds(pid), time.monotonic()
-    time.sleep(seconds)
-    return (cpu_seconds(pid) - used) / (time.monotonic() - start)
 
 
 def assert_serves(client: VfioUserClient) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.devd import DevdProcess
+from tests.support.proc_cpu import cpu_share
 from tests.support.vhost_user_harness import EchoDevice
 from tests.support.vvu_chain import Appliance, DeviceModel
 from tests.support.vvu_driver_double import (
@@ -150,15 +150,7 @@ class Rig:
 
     def cpu_share(self, seconds: float = 1.0) -> float:
         """devd's CPU time over ``seconds`` of wall time, as a share of one core."""
-        def ticks() -> int:
-            with open(f"/proc/{self.devd.proc.pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            return int(fields[11]) + int(fields[12])  # utime, stime
-
-        start, t0 = ticks(), time.monotonic()
-        time.sleep(seconds)
-        used = (ticks() - start) / os.sysconf("SC_CLK_TCK")
-        return used / (time.monotonic() - t0)
+        return cpu_share(self.devd.proc.pid, seconds)
 
     def assert_isolated(self) -> None:
         """While the attack stands: low CPU, and ``ok0`` serves."""
