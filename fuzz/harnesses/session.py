@@ -20,7 +20,6 @@ as internal, an error in an event-loop callback, or an fd left open after
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import mmap
@@ -28,7 +27,6 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 from fuzz.engine import Finding, Harness, run_loop_once
@@ -44,9 +42,11 @@ from fuzz.guest_ram import (
     scribble,
     write_ring,
 )
+from fuzz.peer import drain
 from fuzz.source import ByteSource
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
+from vvu_runtime.fds import rights
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.backend import BackendSession, SessionState
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
@@ -264,7 +264,7 @@ class SessionHarness(Harness):
         finally:
             session.close()
             run_loop_once(self.loop)
-            self._drain(b)
+            drain(b, _ANC)
             case.close()
         if self.loop_errors:
             raise Finding("event-loop callback failed: " + "; ".join(self.loop_errors))
@@ -279,7 +279,7 @@ class SessionHarness(Harness):
             wire = m.format_message(code, flags, payload)
             if src.chance(5):
                 wire = wire[:src.below(len(wire) + 1)]
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            anc = rights(fds)
             try:
                 peer.sendmsg([wire], anc)
             except BlockingIOError:
@@ -290,7 +290,7 @@ class SessionHarness(Harness):
             session._on_readable()
         else:
             session.handle_frame(Frame(code, flags, payload, fds))
-        self._drain(peer)
+        drain(peer, _ANC)
 
     def _between(self, src: ByteSource, session: BackendSession, case: _Case) -> None:
         """Kicks, driver scribbles and a turn of the event loop."""
@@ -301,23 +301,6 @@ class SessionHarness(Harness):
             else:
                 scribble(self.view, src)
         run_loop_once(self.loop)
-
-    @staticmethod
-    def _drain(peer: socket.socket) -> None:
-        close: Callable[[int], None] = os.close
-        while True:
-            try:
-                data, anc, _, _ = peer.recvmsg(1 << 16, _ANC)
-            except (BlockingIOError, ConnectionError):
-                return
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-                    for fd in fds:
-                        close(fd)
-            if not data:
-                return
 
     def seeds(self) -> list[bytes]:
         return [b"", bytes(256), bytes([0xFF]) * 256]

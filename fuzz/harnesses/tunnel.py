@@ -15,7 +15,6 @@ the connection closed.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import os
@@ -29,10 +28,12 @@ from fuzz.engine import Finding, Harness, run_loop_once
 from fuzz.guest_ram import repost_rx, write_rx_ring, write_tx_ring
 from fuzz.harnesses.codec import _payload
 from fuzz.harnesses.registers import CONSUMER_RAM, Appliance, apply_op
+from fuzz.peer import drain
 from fuzz.source import ByteSource
 from vvu_runtime.device.errors import DeviceError
 from vvu_runtime.device.tunnel import VhostUserTunnel
 from vvu_runtime.device.vvu import VvuDevice
+from vvu_runtime.fds import rights
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.messages import FrontendRequest as FR
 from vvu_runtime.virtio.memory import MemoryRegion
@@ -164,7 +165,7 @@ class TunnelHarness(Harness):
                 while src.chance(40):
                     self._appliance_acts(src, app, keep)
                 run_loop_once(self.loop)
-                self._drain(consumer)
+                drain(consumer, _ANC, (OSError,))
                 steps += 1
         finally:
             consumer.close()
@@ -183,7 +184,7 @@ class TunnelHarness(Harness):
     def _consumer_sends(self, src: ByteSource, consumer: socket.socket, request: int,
                         keep: list[int]) -> None:
         wire, fds = self._message(src, request, keep)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        anc = rights(fds)
         try:
             consumer.sendmsg([wire], anc)
         except OSError:
@@ -210,19 +211,3 @@ class TunnelHarness(Harness):
             op = self.driver.random_op(src)
         with contextlib.suppress(DeviceError):
             apply_op(self.device, op, app, src)
-
-    @staticmethod
-    def _drain(peer: socket.socket) -> None:
-        while True:
-            try:
-                data, anc, _, _ = peer.recvmsg(1 << 16, _ANC, socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, ConnectionError, OSError):
-                return
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-                    for fd in fds:
-                        os.close(fd)
-            if not data:
-                return

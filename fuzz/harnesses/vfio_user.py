@@ -19,7 +19,6 @@ leaked fd.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import shutil
@@ -32,6 +31,7 @@ from fuzz.appliance_ops import DmaMapOp, DmaUnmapOp, Driver, Op, Other, Read, Se
 from fuzz.engine import Finding, Harness, run_loop_once
 from fuzz.guest_ram import write_ring, write_tx_ring
 from fuzz.harnesses.registers import CONSUMER_RAM, Appliance, plan
+from fuzz.peer import drain
 from fuzz.source import ByteSource
 from vvu_runtime.device.vfio_user.protocol import (
     Command,
@@ -49,6 +49,7 @@ from vvu_runtime.device.vfio_user.protocol import (
 )
 from vvu_runtime.device.vfio_user.server import ServerState, VfioUserServer
 from vvu_runtime.device.vvu import VvuDevice
+from vvu_runtime.fds import rights
 
 _ANC = socket.CMSG_SPACE(32 * 4)
 _U64 = struct.Struct("<Q")
@@ -183,8 +184,7 @@ class VfioUserHarness(Harness):
                 if src.chance(2):
                     fds = fds + app.irq_fds(src.pick((1, 17, 40)))
                 try:
-                    anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                           if fds else [])
+                    anc = rights(fds)
                     ours.sendmsg([wire], anc)
                     sent += 1
                 except OSError:
@@ -193,7 +193,7 @@ class VfioUserHarness(Harness):
                     for fd in fds:
                         os.close(fd)
                 run_loop_once(self.loop)
-                self._drain(ours)
+                drain(ours, _ANC)
                 if self.server.state is not ServerState.CONNECTED:
                     break
         finally:
@@ -211,19 +211,3 @@ class VfioUserHarness(Harness):
         if self.loop_errors:
             raise Finding("event-loop callback failed: " + "; ".join(self.loop_errors))
         return min(sent, 60)
-
-    @staticmethod
-    def _drain(peer: socket.socket) -> None:
-        while True:
-            try:
-                data, anc, _, _ = peer.recvmsg(1 << 16, _ANC, socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, ConnectionError):
-                return
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(raw[:len(raw) - len(raw) % fds.itemsize])
-                    for fd in fds:
-                        os.close(fd)
-            if not data:
-                return
