@@ -188,11 +188,16 @@ class SoakLab:
         start = time.monotonic()
         writer = Writer(self, self.next_block, count, pause)
         self.next_block += count
-        writer.wait_acked(progress, timeout)
-        for i in range(times):
-            disrupt(i)
-            before = writer.acked()
-            writer.wait_acked(before + progress, timeout)
+        try:
+            writer.wait_acked(progress, timeout)
+            for i in range(times):
+                disrupt(i)
+                before = writer.acked()
+                writer.wait_acked(before + progress, timeout)
+        except AssertionError as e:
+            # A stalled writer is the one failure that says nothing by itself: say
+            # where c1's I/O stopped (guest, devd, backend) with everything at hand.
+            raise AssertionError(f"{e}\n{self.diagnosis(writer)}") from None
         log = writer.finish()
         return self.verify(name, writer, log, times, time.monotonic() - start)
 
@@ -211,6 +216,34 @@ class SoakLab:
                            verified_in_image=on_host.verified, lost=lost,
                            errors_seen=sum(1 for ln in log if ln.startswith("ERR ")),
                            seconds=round(seconds, 1))
+
+    def diagnosis(self, writer: Writer) -> str:
+        """What each layer says about a stalled writer (best effort: never raises)."""
+        def safe(what: str, get: Callable[[], str]) -> str:
+            try:
+                return f"--- {what}:\n{get().rstrip()}"
+            except Exception as e:  # a diagnosis must not hide the failure
+                return f"--- {what}: unavailable ({type(e).__name__}: {e})"
+
+        def devd_status() -> str:
+            state = self.lab.status()
+            return json.dumps({"nodes": state["nodes"], "links": state["links"]}, indent=1)
+        parts = [
+            safe("vvu-launch status", devd_status),
+            safe("c1 writer log (tail)", lambda: "\n".join(writer.lines()[-5:])),
+            safe("c1 kernel log (tail, repeated I/O errors left out)", lambda: self.c1().run(
+                "dmesg | grep -v 'I/O error, dev' | tail -25").stdout),
+            safe("c1 inflight of vdb", lambda: self.c1().run(
+                "cat /sys/block/vdb/inflight; cat /sys/block/vdb/stat").stdout),
+            safe("st1 vvu-blk journal (tail)", lambda: self.host("st1").run(
+                "journalctl -u vvu-blk --no-pager | tail -30").stdout),
+            safe("st1 kernel log (tail)", lambda: self.host("st1").run(
+                "dmesg | tail -15").stdout),
+            safe("st1 vvu-devd log (tail)", lambda: (
+                self.lab.lab_dir / "logs" / "st1.devd.log").read_text(errors="replace")[-3000:]),
+            safe("supervisor log (tail)", lambda: self.lab.supervisor_log(4000)),
+        ]
+        return "\n".join(parts)
 
     # -- disruptions --------------------------------------------------------------------
 

@@ -128,7 +128,8 @@ class Vring:
     """
 
     __slots__ = (
-        "_memory", "_on_fail", "_queue", "_resubmit", "_tracking", "addresses", "base",
+        "_done_early", "_memory", "_on_fail", "_queue", "_resubmit", "_tracking", "addresses",
+        "base",
         "call", "device_name", "enabled", "err", "failed", "features", "index", "inflight",
         "kick", "kick_nofd", "missed_call", "name", "queue_factory", "size", "started",
     )
@@ -158,6 +159,9 @@ class Vring:
         self._memory: GuestMemory | None = None
         self._tracking = False
         self._resubmit: list[DescriptorChain] = []
+        #: Heads a previous back-end completed past our base: popped once more from
+        #: the avail ring, they are skipped instead of run (SplitQueue.completed_past_base).
+        self._done_early: dict[int, int] = {}
 
     def __repr__(self) -> str:
         state = "started" if self.started else "stopped"
@@ -171,6 +175,17 @@ class Vring:
         if self._resubmit:
             return self._resubmit.pop(0)
         chain = self._queue.pop()
+        while chain is not None and self._done_early:
+            left = self._done_early.pop(chain.head, 0)
+            if not left:
+                break
+            if left > 1:
+                self._done_early[chain.head] = left - 1
+            log.info("%s: chain %d was completed by the previous back-end: not run again",
+                     self.name, chain.head)
+            if not self._done_early:
+                self._tracking = self.inflight is not None
+            chain = self._queue.pop()
         if chain is not None and self.inflight is not None:
             self.inflight.fetched(chain)
         return chain
@@ -275,7 +290,22 @@ class Vring:
             if self._resubmit:
                 log.info("%s: resubmitting %d inflight requests", self.name,
                          len(self._resubmit))
-        self._tracking = self.inflight is not None
+        self._done_early = {}
+        if not self._resubmit:
+            for head in queue.completed_past_base():
+                self._done_early[head] = self._done_early.get(head, 0) + 1
+            if self._done_early:
+                log.warning("%s: the used ring is %d entries past base %d: chains the "
+                            "previous back-end completed after the front-end saved the "
+                            "base; they will not run twice", self.name,
+                            sum(self._done_early.values()), self.base)
+                # Their call went to a connection that is gone: interrupt the driver
+                # once (a spurious interrupt is harmless, a lost one hangs it).
+                if self.call is not None:
+                    self.call.signal()
+                else:
+                    self.missed_call = True
+        self._tracking = self.inflight is not None or bool(self._done_early)
 
     def set_log(self, log_all: bool) -> None:
         """Follow LOG_ALL or the ring's log flag changing while the ring runs."""
@@ -302,6 +332,7 @@ class Vring:
         self._queue = _STOPPED
         self._memory = None
         self._resubmit = []
+        self._done_early = {}
         self._tracking = False
         self.started = False
         return self.base

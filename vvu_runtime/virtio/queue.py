@@ -134,6 +134,14 @@ class Virtqueue(ABC):
     def get_base(self) -> int:
         """The vhost-user vring base (SET/GET_VRING_BASE ``num``) describing our position."""
 
+    def completed_past_base(self) -> list[int]:
+        """Heads the ring shows as used although they lie past our base (see SplitQueue).
+
+        Rings without such a notion (packed: the base carries its wrap counters and
+        QEMU restores it from the used ring itself) have none.
+        """
+        return []
+
     @abstractmethod
     def has_available(self) -> bool:
         """Whether pop() would return a chain (without consuming it)."""

@@ -534,3 +534,23 @@ class SplitQueue(Virtqueue):
 
     def get_base(self) -> int:
         return self._last_avail
+
+    def completed_past_base(self) -> list[int]:
+        """Heads in the used ring between our base and the used idx.
+
+        Normally there are none: a front-end that loses its back-end without
+        GET_VRING_BASE (QEMU on a disconnect) sets the base of the next session to
+        the used idx it read at that moment. But a back-end in an appliance VM can
+        outlive the connection for a moment and complete a request it had popped
+        after that read: the used idx then runs ahead of the base by those chains.
+        Running them again would hand the driver the same head twice, which Linux
+        takes as a broken ring (I/O errors from then on). ``[]`` unless the used idx
+        is 1..size entries ahead of the base (anything else is left to the usual
+        checks).
+        """
+        ahead = (self.used_idx - self._last_avail) & 0xFFFF
+        if not 0 < ahead <= self.size:
+            return []
+        mask = self._mask
+        return [self._used64[(self._last_avail + i) & mask] & 0xFFFFFFFF
+                for i in range(ahead)]
