@@ -299,13 +299,17 @@ class Vring:
                             "previous back-end completed after the front-end saved the "
                             "base; they will not run twice", self.name,
                             sum(self._done_early.values()), self.base)
-                # Their call went to a connection that is gone: interrupt the driver
-                # once (a spurious interrupt is harmless, a lost one hangs it).
-                if self.call is not None:
-                    self.call.signal()
-                else:
-                    self.missed_call = True
         self._tracking = self.inflight is not None or bool(self._done_early)
+        # A previous back-end may have completed requests whose call went to a
+        # connection that is gone (vvu-devd killed between the used-ring update and
+        # the doorbell). Interrupt the driver once when the ring says it may be
+        # waiting: a spurious interrupt costs a look at the used ring, a lost one
+        # hangs the request for good.
+        if self._done_early or queue.completions_may_be_unseen():
+            if self.call is not None:
+                self.call.signal()
+            else:
+                self.missed_call = True
 
     def set_log(self, log_all: bool) -> None:
         """Follow LOG_ALL or the ring's log flag changing while the ring runs."""

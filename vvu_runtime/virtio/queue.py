@@ -142,6 +142,12 @@ class Virtqueue(ABC):
         """
         return []
 
+    def completions_may_be_unseen(self) -> bool:
+        """Whether the used ring may hold completions the driver was never told of
+        (their call went to a back-end connection that is gone). Rings that cannot
+        tell say False (packed: not covered)."""
+        return False
+
     @abstractmethod
     def has_available(self) -> bool:
         """Whether pop() would return a chain (without consuming it)."""

@@ -554,3 +554,11 @@ class SplitQueue(Virtqueue):
         mask = self._mask
         return [self._used64[(self._last_avail + i) & mask] & 0xFFFFFFFF
                 for i in range(ahead)]
+
+    def completions_may_be_unseen(self) -> bool:
+        # With EVENT_IDX the driver says where it stopped reading (used_event): a
+        # used idx past it means completions it has not been interrupted for.
+        # Without, only an empty ring is known to owe nothing.
+        if self._event_idx:
+            return bool(self._avail16[self._used_event_at] != self.used_idx)
+        return self.used_idx != 0
