@@ -19,11 +19,13 @@ The ring views assume a little-endian host (virtio 1.x rings are little-endian).
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vvu_runtime.virtio import accel
 from vvu_runtime.virtio.errors import DescriptorError, GuestMemoryError, RingError, VirtioError
 from vvu_runtime.virtio.features import (
     MAX_QUEUE_SIZE,
@@ -44,9 +46,11 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in sight
 __all__ = [
     "DESC_SIZE",
     "MAX_INDIRECT",
+    "PureSplitQueue",
     "SplitQueue",
     "SplitRingLayout",
     "check_queue_size",
+    "compiled_split_queue",
     "split_ring_layout",
 ]
 
@@ -141,6 +145,26 @@ class SplitQueue(Virtqueue):
     A queue is bound to the memory table it was built with: after SET_MEM_TABLE
     or REM_MEM_REG, build a new one from ``get_base()``.
     """
+
+    def __new__(
+        cls,
+        index: int,
+        size: int,
+        addrs: RingAddresses,
+        memory: GuestMemory,
+        features: int,
+        base: int = 0,
+    ) -> SplitQueue:
+        # ``SplitQueue(...)`` gives the compiled ring when it was built (and not
+        # switched off), so that every place that builds a ring gets it without
+        # knowing; subclasses (PureSplitQueue, the compiled one) are what they say.
+        # Only a real GuestMemory qualifies: the compiled path reads its cache.
+        if cls is SplitQueue and isinstance(memory, GuestMemory):
+            compiled = compiled_split_queue()
+            if compiled is not None:
+                from vvu_runtime.virtio.split_compiled import new_compiled_queue
+                return new_compiled_queue()
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -562,3 +586,21 @@ class SplitQueue(Virtqueue):
         if self._event_idx:
             return bool(self._avail16[self._used_event_at] != self.used_idx)
         return self.used_idx != 0
+
+
+class PureSplitQueue(SplitQueue):
+    """Always the pure-Python ring, whatever was built: the reference the compiled
+    one is tested against (tests/unit/test_split_compiled.py)."""
+
+
+@functools.cache
+def compiled_split_queue() -> type[SplitQueue] | None:
+    """The compiled SplitQueue (``split_compiled``), or None when its extension was
+    not built or ``VVU_PURE_PYTHON`` is set. Decided once per process."""
+    if accel.pure_python_forced():
+        return None
+    try:
+        from vvu_runtime.virtio.split_compiled import CompiledSplitQueue
+    except ImportError:
+        return None
+    return CompiledSplitQueue
