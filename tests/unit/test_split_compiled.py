@@ -69,7 +69,7 @@ def compiler_present() -> bool:
 
 def compiled_class() -> type[SplitQueue]:
     try:
-        from vvu_runtime.virtio.split_compiled import CompiledSplitQueue
+        from vvu_runtime.virtio.split import CompiledSplitQueue
     except ImportError as exc:
         if compiler_present():
             pytest.fail(f"a C compiler is here but the compiled ring is not built ({exc}): "

@@ -1,4 +1,4 @@
-# Type stub of the C extension _split_c.c (see split_compiled.py).
+# Type stub of the C extension _split_c.c (see split.CompiledSplitQueue).
 from collections.abc import Callable, Iterable
 from typing import Any
 

@@ -11,7 +11,7 @@ Which one runs is decided once per process:
   to try when a compiled path is suspected.
 * otherwise the compiled module is used when it can be imported.
 
-Accelerated today: ``split.SplitQueue`` (``_split_c.c`` via ``split_compiled``).
+Accelerated today: ``split.SplitQueue`` (``_split_c.c``, ``split.CompiledSplitQueue``).
 """
 
 from __future__ import annotations
