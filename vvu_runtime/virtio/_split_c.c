@@ -749,6 +749,7 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "_split_c",
     "Compiled hot path of split.SplitQueue; split.py is the reference.", -1, module_methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__split_c(void)

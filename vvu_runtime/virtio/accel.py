@@ -11,7 +11,8 @@ Which one runs is decided once per process:
   to try when a compiled path is suspected.
 * otherwise the compiled module is used when it can be imported.
 
-Accelerated today: ``split.SplitQueue`` (``_split_c.c``, ``split.CompiledSplitQueue``).
+Accelerated today: ``split.SplitQueue`` (``_split_c.c``, ``split.CompiledSplitQueue``)
+and the IN/OUT fast path of ``backends.blk.device.BlkDevice.serve`` (``_serve_c.c``).
 """
 
 from __future__ import annotations
