@@ -45,7 +45,7 @@ static PyObject *py_chain_at;         /* SplitQueue.chain_at: the reference walk
 static PyObject *py_push;             /* SplitQueue.push */
 static PyObject *py_push_many;        /* SplitQueue.push_many */
 static PyObject *virtio_error;        /* errors.VirtioError */
-static PyObject *str_refresh, *str_hit_gpa, *str_hit_size, *str_hit_view;
+static PyObject *str_refresh, *str_gpa, *str_gpa_end, *str_view;
 
 typedef struct {
     uint64_t addr;
@@ -53,6 +53,13 @@ typedef struct {
     uint16_t flags;
     uint16_t next;
 } desc_t;
+
+/* One region of the memory table, copied from a MappedRegion. */
+typedef struct {
+    PyObject *obj;   /* the MappedRegion (strong: identity is how we spot changes) */
+    PyObject *view;  /* its memoryview; buffers are slices of it, as in Python */
+    uint64_t gpa, size;
+} region_t;
 
 typedef struct {
     PyObject_HEAD
@@ -64,12 +71,11 @@ typedef struct {
     uint32_t size, mask, max_indirect;
     int indirect_ok;
     Py_buffer desc_buf, avail_buf, used_buf;
-    PyObject *mem_dict;   /* the GuestMemory's __dict__, where its last-hit cache lives */
-    PyObject *translate;  /* memory.translate, for everything the cache does not cover */
-    /* the cache as last read (valid only during one call: Python code may change it) */
-    uint64_t hit_gpa;
-    int64_t hit_size;     /* -1: nothing */
-    PyObject *hit_view;   /* strong: a finaliser run by the GC could replace the entry */
+    PyObject *region_list; /* GuestMemory._regions (NULL: not a list, use translate) */
+    PyObject *translate;   /* memory.translate, when the table cannot be copied */
+    region_t *regions;     /* our copy of the table */
+    Py_ssize_t nregions, hit;
+    int regions_ok;
 } SplitCore;
 
 /* Copy a descriptor out of shared memory once. The barrier stops the compiler
@@ -88,50 +94,112 @@ static inline uint16_t avail_at(SplitCore *s, uint32_t i)
     return ((volatile uint16_t *)s->avail_buf.buf)[i];
 }
 
-/* Read GuestMemory's last-hit region (_hit_gpa, _hit_size, _hit_view). Anything
- * unexpected just disables the cache: translate() then answers every lookup. */
-static void load_hit(SplitCore *s)
+static void drop_regions(SplitCore *s)
 {
-    s->hit_size = -1;
-    Py_CLEAR(s->hit_view);
-    PyObject *gpa = PyDict_GetItemWithError(s->mem_dict, str_hit_gpa);
-    PyObject *size = PyDict_GetItemWithError(s->mem_dict, str_hit_size);
-    PyObject *view = PyDict_GetItemWithError(s->mem_dict, str_hit_view);
-    if (!gpa || !size || !view || !PyLong_CheckExact(gpa) || !PyLong_CheckExact(size)
-            || !PyMemoryView_Check(view)) {
+    for (Py_ssize_t k = 0; k < s->nregions; k++) {
+        Py_DECREF(s->regions[k].obj);
+        Py_DECREF(s->regions[k].view);
+    }
+    PyMem_Free(s->regions);
+    s->regions = NULL;
+    s->nregions = 0;
+    s->regions_ok = 0;
+    s->hit = 0;
+}
+
+/* A region's gpa, size and view, as GuestMemory.translate reads them; -1 if odd. */
+static int read_region(PyObject *m, region_t *r)
+{
+    PyObject *gpa = PyObject_GetAttr(m, str_gpa);
+    PyObject *end = gpa ? PyObject_GetAttr(m, str_gpa_end) : NULL;
+    PyObject *view = end ? PyObject_GetAttr(m, str_view) : NULL;
+    int ok = view && PyLong_CheckExact(gpa) && PyLong_CheckExact(end)
+             && PyMemoryView_Check(view);
+    if (ok) {
+        uint64_t g = PyLong_AsUnsignedLongLong(gpa);
+        uint64_t e = PyLong_AsUnsignedLongLong(end); /* a region ending at 2^64 fails here */
+        ok = !PyErr_Occurred() && e > g
+             && PyMemoryView_GET_BUFFER(view)->len >= 0
+             && (uint64_t)PyMemoryView_GET_BUFFER(view)->len == e - g;
+        r->gpa = g;
+        r->size = e - g;
+    }
+    PyErr_Clear();
+    Py_XDECREF(gpa);
+    Py_XDECREF(end);
+    if (!ok) {
+        Py_XDECREF(view);
+        return -1;
+    }
+    Py_INCREF(m);
+    r->obj = m;
+    r->view = view;
+    return 0;
+}
+
+/* Keep our copy of the memory table in step with GuestMemory._regions, the list it
+ * edits in place (add/remove/clear). Checking is a pointer comparison per region;
+ * we hold references to the region objects we copied, so a pointer cannot be
+ * reused by a new region while we compare. A table we cannot read (odd types) is
+ * left to GuestMemory.translate itself. Called at the start of every operation. */
+static void sync_regions(SplitCore *s)
+{
+    if (!s->region_list)
+        return;
+    Py_ssize_t n = PyList_GET_SIZE(s->region_list);
+    if (s->regions_ok && n == s->nregions) {
+        Py_ssize_t k = 0;
+        while (k < n && PyList_GET_ITEM(s->region_list, k) == s->regions[k].obj)
+            k++;
+        if (k == n)
+            return;
+    }
+    drop_regions(s);
+    region_t *r = PyMem_Calloc(n ? (size_t)n : 1, sizeof(region_t));
+    if (!r) {
         PyErr_Clear();
         return;
     }
-    uint64_t g = PyLong_AsUnsignedLongLong(gpa);
-    long long n = PyLong_AsLongLong(size);
-    if (PyErr_Occurred()) {
-        PyErr_Clear();
-        return;
+    s->regions = r;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (read_region(PyList_GET_ITEM(s->region_list, k), &r[k]) < 0) {
+            drop_regions(s);
+            return;
+        }
+        s->nregions = k + 1;
     }
-    s->hit_gpa = g;
-    s->hit_size = n;
-    Py_INCREF(view);
-    s->hit_view = view;
+    s->regions_ok = 1;
 }
 
 /* GuestMemory.translate(gpa, length) for a descriptor: the same slice of the
- * same region view. Returns NULL *without* an exception when the address is
- * refused (the caller defers to Python, which raises properly), NULL with an
- * exception only for failures the Python path would not see (no memory). */
+ * same region view (the region that holds gpa, and the buffer must end inside
+ * it). Returns NULL *without* an exception when the address is refused (the
+ * caller defers to Python, which raises properly), NULL with an exception only
+ * for failures the Python path would not see (no memory). */
 static PyObject *translate(SplitCore *s, uint64_t gpa, uint32_t len, int *refused)
 {
-    if (s->hit_size >= 0 && gpa >= s->hit_gpa && (int64_t)len <= s->hit_size
-            && gpa - s->hit_gpa <= (uint64_t)(s->hit_size - len)) {
-        Py_ssize_t off = (Py_ssize_t)(gpa - s->hit_gpa);
-        PyObject *v = PySequence_GetSlice(s->hit_view, off, off + (Py_ssize_t)len);
-        if (!v) {
-            PyErr_Clear(); /* e.g. a released view: let Python say so */
-            *refused = 1;
+    if (s->regions_ok) {
+        Py_ssize_t n = s->nregions, k = s->hit;
+        for (Py_ssize_t tried = 0; tried < n; tried++, k = (k + 1 == n) ? 0 : k + 1) {
+            region_t *r = &s->regions[k];
+            if (gpa < r->gpa || gpa - r->gpa >= r->size)
+                continue;
+            uint64_t off = gpa - r->gpa;
+            if (len > r->size - off)
+                break; /* starts here, ends outside: refused, as in Python */
+            s->hit = k;
+            PyObject *v = PySequence_GetSlice(r->view, (Py_ssize_t)off,
+                                              (Py_ssize_t)(off + len));
+            if (!v) {
+                PyErr_Clear(); /* e.g. a released view: let Python say so */
+                *refused = 1;
+            }
+            return v;
         }
-        return v;
+        *refused = 1;
+        return NULL;
     }
-    /* Outside the cached region: the Python lookup walks the table and moves
-     * the cache, which we then re-read. */
+    /* A memory table we could not copy: ask GuestMemory itself. */
     PyObject *a = PyLong_FromUnsignedLongLong(gpa);
     if (!a)
         return NULL;
@@ -149,7 +217,6 @@ static PyObject *translate(SplitCore *s, uint64_t gpa, uint32_t len, int *refuse
         *refused = 1;
         return NULL;
     }
-    load_hit(s);
     if (!PyMemoryView_Check(v)) { /* a memory object we do not know: not ours to judge */
         Py_DECREF(v);
         *refused = 1;
@@ -335,8 +402,6 @@ static PyObject *chain_or_reference(SplitCore *s, uint32_t head)
     PyObject *args[2] = {(PyObject *)s, h};
     chain = PyObject_Vectorcall(py_chain_at, args, 2, NULL);
     Py_DECREF(h);
-    if (chain)
-        load_hit(s); /* the Python walk may have moved the cache */
     return chain;
 }
 
@@ -377,7 +442,7 @@ static PyObject *core_pop(SplitCore *s, PyObject *Py_UNUSED(arg))
     }
     uint16_t head = avail_at(s, 2 + ((uint32_t)last & s->mask));
     s->last_avail = (last + 1) & 0xFFFF;
-    load_hit(s);
+    sync_regions(s);
     return chain_or_reference(s, head);
 }
 
@@ -399,7 +464,7 @@ static PyObject *core_pop_many(SplitCore *s, PyObject *arg)
     PyObject *chains = PyList_New(0);
     if (!chains || n <= 0)
         return chains;
-    load_hit(s);
+    sync_regions(s);
     for (Py_ssize_t k = 0; k < n; k++) {
         int i = last + (int)k;
         uint16_t head = avail_at(s, 2 + ((uint32_t)i & s->mask));
@@ -437,7 +502,7 @@ static PyObject *core_chain_at(SplitCore *s, PyObject *arg)
     if (PyLong_CheckExact(arg)) {
         long head = PyLong_AsLong(arg);
         if (head >= 0 && head < (long)s->size) {
-            load_hit(s);
+            sync_regions(s);
             return chain_or_reference(s, (uint32_t)head);
         }
         PyErr_Clear();
@@ -548,9 +613,9 @@ static void release_bound(SplitCore *s)
         PyBuffer_Release(&s->used_buf);
         s->bound = 0;
     }
-    Py_CLEAR(s->mem_dict);
+    Py_CLEAR(s->region_list);
     Py_CLEAR(s->translate);
-    Py_CLEAR(s->hit_view);
+    drop_regions(s);
 }
 
 /* _bind(desc, avail, used, size, indirect_ok, max_indirect, memory): the views
@@ -587,19 +652,21 @@ static PyObject *core_bind(SplitCore *s, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "ring views are shorter than the ring");
         return NULL;
     }
-    s->mem_dict = PyObject_GetAttrString(memory, "__dict__");
     s->translate = PyObject_GetAttrString(memory, "translate");
-    if (!s->mem_dict || !s->translate || !PyDict_Check(s->mem_dict)) {
+    if (!s->translate) {
         release_bound(s);
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "memory has no instance dict");
         return NULL;
+    }
+    s->region_list = PyObject_GetAttrString(memory, "_regions");
+    if (!s->region_list || !PyList_CheckExact(s->region_list)) {
+        PyErr_Clear();
+        Py_CLEAR(s->region_list); /* every lookup goes to memory.translate */
     }
     s->size = size;
     s->mask = size - 1;
     s->indirect_ok = indirect_ok;
     s->max_indirect = max_indirect;
-    s->hit_size = -1;
+    drop_regions(s);
     Py_RETURN_NONE;
 }
 
@@ -632,18 +699,21 @@ static void core_dealloc(SplitCore *s)
 
 static int core_traverse(SplitCore *s, visitproc visit, void *arg)
 {
-    Py_VISIT(s->mem_dict);
+    Py_VISIT(s->region_list);
     Py_VISIT(s->translate);
-    Py_VISIT(s->hit_view);
+    for (Py_ssize_t k = 0; k < s->nregions; k++) {
+        Py_VISIT(s->regions[k].obj);
+        Py_VISIT(s->regions[k].view);
+    }
     Py_VISIT(Py_TYPE(s));
     return 0;
 }
 
 static int core_clear(SplitCore *s)
 {
-    Py_CLEAR(s->mem_dict);
+    Py_CLEAR(s->region_list);
     Py_CLEAR(s->translate);
-    Py_CLEAR(s->hit_view);
+    drop_regions(s);
     return 0;
 }
 
@@ -755,10 +825,10 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__split_c(void)
 {
     str_refresh = PyUnicode_InternFromString("_refresh_avail");
-    str_hit_gpa = PyUnicode_InternFromString("_hit_gpa");
-    str_hit_size = PyUnicode_InternFromString("_hit_size");
-    str_hit_view = PyUnicode_InternFromString("_hit_view");
-    if (!str_refresh || !str_hit_gpa || !str_hit_size || !str_hit_view)
+    str_gpa = PyUnicode_InternFromString("gpa");
+    str_gpa_end = PyUnicode_InternFromString("gpa_end");
+    str_view = PyUnicode_InternFromString("view");
+    if (!str_refresh || !str_gpa || !str_gpa_end || !str_view)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);
     if (!m)
