@@ -39,7 +39,8 @@ def compiled_serve() -> device_mod.ServeFast:
     if fast is None:
         cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
         if shutil.which(cc) and Path(sysconfig.get_paths()["include"], "Python.h").exists():
-            pytest.fail("a C compiler is here but the blk fast path is not built: run ./setup",
+            pytest.fail("a C compiler is here but the blk fast path is not built: run ./setup "
+                        "(a worktree: python -m vvu_runtime.virtio.accel build)",
                         pytrace=False)
         why = "host capability missing: C compiler or Python headers (blk fast path not built)"
         if os.environ.get("CI"):

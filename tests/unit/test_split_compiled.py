@@ -73,7 +73,8 @@ def compiled_class() -> type[SplitQueue]:
     except ImportError as exc:
         if compiler_present():
             pytest.fail(f"a C compiler is here but the compiled ring is not built ({exc}): "
-                        "run ./setup", pytrace=False)
+                        "run ./setup (a worktree: python -m vvu_runtime.virtio.accel build)",
+                        pytrace=False)
         why = "host capability missing: C compiler or Python headers (compiled ring not built)"
         if os.environ.get("CI"):
             pytest.fail(f"{why} (CI must not skip)", pytrace=False)

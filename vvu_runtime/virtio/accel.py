@@ -18,8 +18,13 @@ and the IN/OUT fast path of ``backends.blk.device.BlkDevice.serve`` (``_serve_c.
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
-__all__ = ["ENV_PURE_PYTHON", "pure_python_forced", "status"]
+__all__ = ["ENV_PURE_PYTHON", "build", "pure_python_forced", "status"]
 
 ENV_PURE_PYTHON = "VVU_PURE_PYTHON"
 
@@ -42,3 +47,39 @@ def status() -> dict[str, str]:
     else:
         split = "pure (not built)"
     return {"split ring": split}
+
+
+def build(src: Path, out: Path | None = None) -> list[Path]:
+    """Compile every accelerator (``vvu_runtime/**/_*.c`` of checkout ``src``) for the
+    running Python, in place or under ``out`` (same relative paths); returns the
+    modules. The same flags as the editable install, without setuptools: for a
+    worktree run from its source (``PYTHONPATH``) and for the appliance image
+    build (``appliances/base/mkosi.build.chroot``). Stdlib only."""
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    include = sysconfig.get_paths()["include"]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    built = []
+    for c in sorted((src / "vvu_runtime").rglob("_*.c")):
+        target = (out or src) / f"{c.relative_to(src).with_suffix('')}{suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([*cc, "-shared", "-fPIC", "-O2", f"-I{include}", str(c), "-o",
+                        str(target)], check=True)
+        built.append(target)
+    return built
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vvu_runtime.virtio.accel build [SRC [OUT]]``: see :func:`build`."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "build" or len(args) > 3:
+        print("usage: python -m vvu_runtime.virtio.accel build [SRC [OUT]]", file=sys.stderr)
+        return 2
+    src = Path(args[1]) if len(args) > 1 else Path(__file__).resolve().parents[2]
+    out = Path(args[2]) if len(args) > 2 else None
+    for module in build(src, out):
+        print(f"built {module}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
