@@ -5,7 +5,7 @@
  * (pop, pop_many, chain_at, push, push_many, has_available) and only for
  * inputs it can serve *exactly* as split.py would. Whenever it meets
  * anything else - a bounds check that fails, a loop, an ordering violation,
- * an address outside the memory's last-hit region, an odd argument - it
+ * an address outside guest memory, a memory table it cannot read, an odd argument - it
  * hands the whole operation to the pure-Python method, which then raises
  * (or answers) as it always did. So every exception, its class and its
  * message come from split.py itself, and this file can only be wrong by

@@ -167,7 +167,7 @@ class SplitQueue(Virtqueue):
         # ``SplitQueue(...)`` gives the compiled ring when it was built (and not
         # switched off), so that every place that builds a ring gets it without
         # knowing; subclasses (PureSplitQueue, the compiled one) are what they say.
-        # Only a real GuestMemory qualifies: the compiled path reads its cache.
+        # Only a real GuestMemory qualifies: the compiled path reads its region table.
         if cls is SplitQueue and isinstance(memory, GuestMemory):
             compiled = compiled_split_queue()
             if compiled is not None:
