@@ -6,8 +6,10 @@ both: ``qemu-img bench`` through QEMU's blkio driver (libblkio's
 ``virtio-blk-vhost-user``), pinned to another CPU. 4 KiB reads at queue depth
 1 and 32. Prints IOPS and the ratio vvu-blk / qsd, then a cProfile of vvu-blk
 under the QD32 load (top entries by own time) to show where the time goes.
+With ``--pure`` vvu-blk is measured a second time with its compiled data path
+switched off (``VVU_PURE_PYTHON=1``, vvu_runtime/virtio/accel.py), in the same run.
 
-    .venv/bin/python benchmarks/blk_bench.py [--count N] [--depths 1,32] [--no-profile]
+    .venv/bin/python benchmarks/blk_bench.py [--count N] [--depths 1,32] [--pure] [--no-profile]
 
 Needs the tool chain (``./setup``): qemu-img with the blkio driver and
 qemu-storage-daemon come from its tools tree.
@@ -110,14 +112,15 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], what: str,
 
 
 @contextlib.contextmanager
-def target(argv: Sequence[str], sock: Path, what: str, cpu: int,
-           log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def target(argv: Sequence[str], sock: Path, what: str, cpu: int, log: Path,
+           env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     """Run a vhost-user-blk target pinned to ``cpu`` until the block ends (SIGTERM)."""
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     with log.open("wb") as logf:
         proc = subprocess.Popen(["taskset", "-c", str(cpu), *argv], stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
     try:
         try:
             wait_for_socket(sock, proc, what)
@@ -185,31 +188,36 @@ def vvu_argv(image: Path, sock: Path, profile: Path | None = None,
     return [sys.executable, *cli]
 
 
-def print_table(results: list[Result], depths: Sequence[int], peers: Sequence[str]) -> None:
+#: vvu-blk variants: name -> environment overrides (the accelerator switch).
+VVU_DEFAULT: dict[str, dict[str, str]] = {"vvu-blk": {}}
+VVU_PURE: dict[str, dict[str, str]] = {"vvu-blk pure": {"VVU_PURE_PYTHON": "1"}}
+
+
+def print_table(results: list[Result], depths: Sequence[int], peers: Sequence[str],
+                ours: Sequence[str] = ("vvu-blk",)) -> None:
     by = {(r.target, r.depth): r for r in results}
-    cols = [*peers, "vvu-blk"]
+    cols = [*peers, *ours]
+    pairs = [(o, p) for o in ours for p in peers]
     print()
     print("4 KiB reads, qemu-img bench via blkio; IOPS (target CPU us per request)")
     print(f"{'':<8}" + "".join(f"{c:>22}" for c in cols)
-          + "".join(f"{'vvu-blk / ' + p:>30}" for p in peers))
+          + "".join(f"{o + ' / ' + p:>34}" for o, p in pairs))
     for d in depths:
         line = f"{'QD' + str(d):<8}"
         for c in cols:
             r = by.get((c, d))
             line += f"{f'{r.iops:,.0f} ({r.cpu_us:.1f})':>22}" if r else f"{'-':>22}"
-        v = by.get(("vvu-blk", d))
-        for p in peers:
-            q = by.get((p, d))
-            line += f"{v.iops / q.iops:>30.2f}" if v and q else f"{'-':>30}"
+        for o, p in pairs:
+            v, q = by.get((o, d)), by.get((p, d))
+            line += f"{v.iops / q.iops:>34.2f}" if v and q else f"{'-':>34}"
         print(line)
     # IOPS on a shared machine swing with everyone else's load; CPU per request
     # does not: it says what one saturated core would give.
     for d in depths:
-        v = by.get(("vvu-blk", d))
-        for p in peers:
-            q = by.get((p, d))
+        for o, p in pairs:
+            v, q = by.get((o, d)), by.get((p, d))
             if v and q and v.cpu_us:
-                print(f"QD{d}: CPU efficiency vs {p} (its CPU per request / ours): "
+                print(f"QD{d}: CPU efficiency of {o} vs {p} (its CPU per request / ours): "
                       f"{q.cpu_us / v.cpu_us:.2f}")
 
 
@@ -243,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="qemu-storage-daemon aio modes to measure (comma separated)")
     parser.add_argument("--vvu-args", default="", help="extra vvu-blk options, e.g. "
                         "'--poll-us 0'")
+    parser.add_argument("--pure", action="store_true", help="also measure vvu-blk with "
+                        "VVU_PURE_PYTHON=1 (compiled data path off)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     depths = [int(d) for d in args.depths.split(",")]
@@ -274,11 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             except RuntimeError as exc:
                 print(f"  {peer}: cannot measure: {str(exc).splitlines()[0]}")
         extra = args.vvu_args.split()
-        with target(vvu_argv(image, sock, extra=extra), sock, "vvu-blk", be_cpu,
-                    work / "vvu.log") as proc:
-            results += measure(tc, "vvu-blk", sock, depths, args.count, fe_cpu, args.repeat,
-                               proc.pid)
-        print_table(results, depths, peers)
+        variants = {**VVU_DEFAULT, **(VVU_PURE if args.pure else {})}
+        for name, env in variants.items():
+            with target(vvu_argv(image, sock, extra=extra), sock, name, be_cpu,
+                        work / f"vvu-{len(env)}.log", env) as proc:
+                results += measure(tc, name, sock, depths, args.count, fe_cpu, args.repeat,
+                                   proc.pid)
+        print_table(results, depths, peers, list(variants))
         if not args.no_profile:
             prof = work / "vvu-blk.prof"
             with target(vvu_argv(image, sock, prof, extra), sock, "vvu-blk (cProfile)", be_cpu,

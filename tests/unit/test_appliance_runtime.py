@@ -217,6 +217,9 @@ def test_wheel_ships_the_guest_side_with_version_and_digest(tmp_path: Path) -> N
         assert not [n for n in names if n.startswith(("vvu_runtime/launch/",
                                                       "vvu_runtime/device/"))]
         assert "vvu_runtime/device/devd.py" not in names
+        # The C sources go, the host's builds of them do not (built for another Python).
+        assert "vvu_runtime/virtio/_split_c.c" in names
+        assert not [n for n in names if n.endswith(".so")]
         source = json.loads(z.read(f"{info}/vvu-source.json"))
         assert source["digest"] == wheel.source_digest(REPO / "vvu_runtime")
         entry_points = z.read(f"{info}/entry_points.txt").decode()
@@ -252,6 +255,7 @@ def test_digest_follows_guest_sources_only(tmp_path: Path) -> None:
     (pkg / "launch/machine.py").write_text("# changed\n")
     (pkg / "driver/__pycache__").mkdir()
     (pkg / "driver/__pycache__/x.pyc").write_bytes(b"junk")
+    (pkg / "driver/_ext.cpython-313-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
     assert wheel.source_digest(pkg) == first
     (pkg / "driver/__init__.py").write_text("X = 2\n")
     assert wheel.source_digest(pkg) != first

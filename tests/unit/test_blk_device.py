@@ -250,8 +250,15 @@ def test_io_error_is_ioerr(device: BlkDevice, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(device.image, "readv", broken)
     monkeypatch.setattr(device_mod, "_preadv", broken)  # the fast path's own syscall
-    chain = request(RequestType.IN, 0, into=views(512))
-    vring = run(device, chain)
+    # The compiled fast path (when built) makes its own preadv on device._fd: a
+    # write-only fd makes that one fail too (EBADF), so it must hand over as well.
+    wronly = os.open(os.devnull, os.O_WRONLY)
+    monkeypatch.setattr(device, "_fd", wronly)
+    try:
+        chain = request(RequestType.IN, 0, into=views(512))
+        vring = run(device, chain)
+    finally:
+        os.close(wronly)
     assert status(chain) == Status.IOERR and len(vring.pushed) == 1
 
 

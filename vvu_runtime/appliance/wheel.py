@@ -56,10 +56,15 @@ def _host_only(rel: str) -> bool:
 
 
 def shipped_files(package_dir: Path) -> Iterator[tuple[str, Path]]:
-    """``(path relative to the package, file)`` of every file the appliance gets, sorted."""
+    """``(path relative to the package, file)`` of every file the appliance gets, sorted.
+
+    Compiled extensions (``.so``) are not sources: the host's were built for the
+    host's Python, and an image builds its own from the ``.c`` files. Leaving them
+    out also keeps the digest of a checkout and of an installed tree comparable.
+    """
     for p in sorted(package_dir.rglob("*")):
         rel = p.relative_to(package_dir).as_posix()
-        if (not p.is_file() or "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo")
+        if (not p.is_file() or "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo", ".so")
                 or _host_only(rel)):
             continue
         yield rel, p

@@ -19,11 +19,14 @@ The ring views assume a little-endian host (virtio 1.x rings are little-endian).
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
+from vvu_runtime.virtio import accel
 from vvu_runtime.virtio.errors import DescriptorError, GuestMemoryError, RingError, VirtioError
 from vvu_runtime.virtio.features import (
     MAX_QUEUE_SIZE,
@@ -37,6 +40,14 @@ from vvu_runtime.virtio.features import (
 from vvu_runtime.virtio.memory import GuestMemory, memory_barrier
 from vvu_runtime.virtio.queue import DescriptorChain, RingAddresses, Virtqueue
 
+try:  # the compiled data path (virtio/accel.py); absent when built without a compiler
+    from vvu_runtime.virtio._split_c import SplitCore as _SplitCore
+    from vvu_runtime.virtio._split_c import configure as _configure_compiled
+except ImportError:
+    _BUILT = False
+else:
+    _BUILT = True
+
 if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in sight
     raise ImportError("vvu_runtime.virtio.split casts ring memory natively: "
                       "it needs a little-endian host")
@@ -44,9 +55,11 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in sight
 __all__ = [
     "DESC_SIZE",
     "MAX_INDIRECT",
+    "PureSplitQueue",
     "SplitQueue",
     "SplitRingLayout",
     "check_queue_size",
+    "compiled_split_queue",
     "split_ring_layout",
 ]
 
@@ -141,6 +154,27 @@ class SplitQueue(Virtqueue):
     A queue is bound to the memory table it was built with: after SET_MEM_TABLE
     or REM_MEM_REG, build a new one from ``get_base()``.
     """
+
+    def __new__(
+        cls,
+        index: int,
+        size: int,
+        addrs: RingAddresses,
+        memory: GuestMemory,
+        features: int,
+        base: int = 0,
+    ) -> SplitQueue:
+        # ``SplitQueue(...)`` gives the compiled ring when it was built (and not
+        # switched off), so that every place that builds a ring gets it without
+        # knowing; subclasses (PureSplitQueue, the compiled one) are what they say.
+        # Only a real GuestMemory qualifies: the compiled path reads its region table.
+        if cls is SplitQueue and isinstance(memory, GuestMemory):
+            compiled = compiled_split_queue()
+            if compiled is not None:
+                # object.__new__ refuses a class with a C base: the base's __new__ it is.
+                queue: SplitQueue = cast(Any, _SplitCore).__new__(compiled)
+                return queue
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -562,3 +596,49 @@ class SplitQueue(Virtqueue):
         if self._event_idx:
             return bool(self._avail16[self._used_event_at] != self.used_idx)
         return self.used_idx != 0
+
+
+class PureSplitQueue(SplitQueue):
+    """Always the pure-Python ring, whatever was built: the reference the compiled
+    one is tested against (tests/unit/test_split_compiled.py)."""
+
+
+if _BUILT:
+    # The reference methods handed to C are SplitQueue's own, not the subclass's:
+    # a C fallback must never land back in the C code.
+    _configure_compiled(DescriptorChain, SplitQueue.chain_at, SplitQueue.push,
+                        SplitQueue.push_many, VirtioError)
+
+    class CompiledSplitQueue(_SplitCore, SplitQueue):
+        """A split ring whose data path runs in C (``_split_c.c``); behaves exactly as
+        ``SplitQueue``.
+
+        pop, pop_many, chain_at, push, push_many and has_available come from the C
+        base, which serves the inputs it can serve exactly as the methods above do and
+        calls them for everything else (so every error is raised by this module's
+        code); the rest is SplitQueue's. The ring position (``_last_avail``,
+        ``_shadow_avail``, ``used_idx``) and ``log_all`` live in the C struct under
+        these names, so both halves share them.
+        """
+
+        def __init__(
+            self,
+            index: int,
+            size: int,
+            addrs: RingAddresses,
+            memory: GuestMemory,
+            features: int,
+            base: int = 0,
+        ) -> None:
+            SplitQueue.__init__(self, index, size, addrs, memory, features, base)
+            self._bind(self._desc, self._avail16, self._used16, size, self._indirect_ok,
+                       self._max_indirect, memory)
+
+
+@functools.cache
+def compiled_split_queue() -> type[SplitQueue] | None:
+    """The compiled SplitQueue, or None when its extension was not built or
+    ``VVU_PURE_PYTHON`` is set. Decided once per process."""
+    if not _BUILT or accel.pure_python_forced():
+        return None
+    return CompiledSplitQueue

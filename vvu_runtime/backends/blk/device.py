@@ -36,12 +36,13 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
-from vvu_runtime.virtio import blk
+from vvu_runtime.virtio import accel, blk
 from vvu_runtime.virtio.blk import (
     ID_BYTES,
     REQUEST_HEADER,
@@ -56,6 +57,16 @@ from vvu_runtime.virtio.blk import (
 )
 from vvu_runtime.virtio.errors import DescriptorError, VirtioError
 from vvu_runtime.virtio.features import RING_FEATURES
+
+#: serve_fast(readable, writable, fd, capacity_bytes, write_ok) -> bytes written or -1
+ServeFast = Callable[[list[memoryview], list[memoryview], int, int, bool], int]
+
+try:  # the compiled fast path of serve() (virtio/accel.py); absent without a compiler
+    from vvu_runtime.backends.blk._serve_c import serve_fast as _serve_c_fast
+except ImportError:
+    _compiled_serve_fast: ServeFast | None = None
+else:
+    _compiled_serve_fast = _serve_c_fast
 
 if TYPE_CHECKING:
     from vvu_runtime.vhost_user.vring import Vring
@@ -158,6 +169,8 @@ class BlkDevice(VhostUserDevice):
         #: Plain buffered I/O: the serve() fast paths may call preadv/pwritev themselves.
         self._fast = not image.direct
         self._fast_write = self._fast and not self.read_only
+        #: serve()'s fast path in C, when built and not switched off (None: Python's).
+        self._serve_fast = None if accel.pure_python_forced() else _compiled_serve_fast
 
     # --- VhostUserDevice -------------------------------------------------------------------
 
@@ -337,6 +350,13 @@ class BlkDevice(VhostUserDevice):
         status byte is its last byte, so it is all "written" as far as the
         driver can tell, and dirty logging then covers data and status alike.
         """
+        serve_fast = self._serve_fast
+        if serve_fast is not None and self._fast:
+            # The compiled copy of the fast path below; -1: not served, go on here.
+            done = serve_fast(chain.readable, chain.writable, self._fd, self._capacity_bytes,
+                              self._fast_write)
+            if done >= 0:
+                return done
         readable = chain.readable
         writable = chain.writable
         if not writable:
