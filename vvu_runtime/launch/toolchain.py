@@ -587,6 +587,11 @@ class Toolchain:
 
     def _command(self, argv: Sequence[str]) -> list[str]:
         self._require_tree()
+        if "--" in argv:
+            # mkosi reads "sandbox -- CMD ARGS…" with argparse, which (Python 3.11
+            # here) also drops the first "--" of ARGS: "dpdk-testpmd EAL -- APP"
+            # would reach testpmd as one option list. One shell word hides it.
+            argv = ["/bin/sh", "-c", f"exec {shlex.join(argv)}"]
         inner = ["/usr/bin/env", "-u", "PYTHONPATH", f"PATH={SANDBOX_PATH}", *argv]
         if self.mkosi().major < 26:
             # mkosi 25 runs from the repository (see mkosi_argv): back to the caller's cwd.
