@@ -459,15 +459,24 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
                 stop_process(proc)
     target = "vvu-switch" if peer is None else "testpmd"
     dt = t1 - t0
-    frames = int(f1 - f0)
-    if frames <= 0:
+    return window_result(target, case, dt, int(f1 - f0), int(b1 - b0), int(s1 - s0),
+                         (c1 - c0) / dt, (g1 - g0) / dt, drops, forwarded, warmup)
+
+
+def window_result(target: str, case: Case, dt: float, frames: int, nbytes: int, offered: int,
+                  cpu: float, gen_cpu: float, drops: dict[str, int], forwarded: int | None,
+                  warmup: float) -> Result:
+    """The figures of one measured window of ``dt`` seconds; :class:`PeerError` if
+    the receiver got nothing in it (a target that does not forward is a failure
+    to report, not a rate of zero that a ratio would divide by)."""
+    if frames <= 0 or dt <= 0:
         raise PeerError(f"{target} forwarded 0 frames to the receiver in {dt:.1f} s "
-                        f"({case.name}; the sender offered {s1 - s0}, after {warmup:g} s "
+                        f"({case.name}; the sender offered {offered}, after {warmup:g} s "
                         "of warm-up)")
     pps = frames / dt
-    rate = pps / 1e6 if case.unit == "Mpps" else (b1 - b0) * 8 / dt / 1e9
-    return Result(target, case, rate, pps, (s1 - s0) / dt, (c1 - c0) / dt, drops,
-                  (g1 - g0) / dt, frames, forwarded)
+    rate = pps / 1e6 if case.unit == "Mpps" else nbytes * 8 / dt / 1e9
+    return Result(target, case, rate, pps, offered / dt, cpu, drops, gen_cpu, frames,
+                  forwarded)
 
 
 # --------------------------------------------------------------------- DPDK peer
