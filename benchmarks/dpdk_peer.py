@@ -37,9 +37,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 __all__ = [
     "Launcher",
+    "Peer",
     "PeerError",
     "PortStats",
     "Testpmd",
@@ -58,6 +60,19 @@ FORWARDING_STARTED = b"Press enter to exit"
 #: need a few thousand.
 DEFAULT_MEMORY_MB = 256
 MBUFS = 16384
+
+
+class Peer(Protocol):
+    """A running peer as the benchmark drives it: its name, the vhost-user sockets
+    of the sender's and the receiver's port, and the process whose CPU counts."""
+
+    name: str
+    sockets: tuple[str, str]
+    pid: int | None
+
+    def count_forwarded(self) -> int | None:
+        """Frames forwarded to the receiver so far, if the peer can tell while it runs."""
+        ...
 
 
 class PeerError(RuntimeError):
@@ -199,6 +214,8 @@ class Testpmd:
     full). ``pid`` is the testpmd process itself, not the sandbox around it.
     """
 
+    name = "testpmd"
+
     def __init__(self, launcher: Launcher, workdir: Path, lcores: tuple[int, int],
                  *, memory_mb: int = DEFAULT_MEMORY_MB) -> None:
         self.sockets = (str(workdir / "testpmd0.sock"), str(workdir / "testpmd1.sock"))
@@ -213,6 +230,10 @@ class Testpmd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def count_forwarded(self) -> None:
+        # testpmd tells only when it exits (its exit report: stop()).
+        return None
 
     def log_tail(self, lines: int = 25) -> str:
         """The first and the last lines of testpmd's output: EAL says why it refuses

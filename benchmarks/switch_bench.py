@@ -61,7 +61,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.dpdk_peer import Launcher, PeerError, Testpmd, find_testpmd  # noqa: E402
+from benchmarks.dpdk_peer import Launcher, Peer, PeerError, Testpmd, find_testpmd  # noqa: E402
+from benchmarks.ovs_peer import OvsDpdk, find_ovs_dpdk  # noqa: E402
 from tests.support.net_frames import (  # noqa: E402
     mac,
     net_hdr,
@@ -403,7 +404,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None = None,
-             peer: Testpmd | None = None) -> Result:
+             peer: Peer | None = None) -> Result:
     """One measurement: against a fresh vvu-switch, or against a started ``peer``.
 
     Raises :class:`PeerError` if the receiving guest got nothing in the
@@ -428,7 +429,7 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
             else:
                 tx_path, rx_path = peer.sockets
                 if peer.pid is None:
-                    raise PeerError("testpmd is not running")
+                    raise PeerError(f"{peer.name} is not running")
                 pid = peer.pid
             gen = ctx.Process(target=traffic, args=(tx_path, rx_path, case, guest_cpu, ready,
                                                     stop, counters))
@@ -442,6 +443,10 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
             time.sleep(duration)
             t1, f1, b1, s1, c1, g1 = (time.monotonic(), counters[0], counters[1], counters[2],
                                       _proc_cpu(pid), _proc_cpu(gen.pid))
+            if peer is not None:
+                # While the front ends are still connected: OVS has no counters
+                # for a vhost-user port whose front end has gone.
+                forwarded = peer.count_forwarded()
         finally:
             # Whatever happened (an error, Ctrl-C, SIGTERM): nothing is left running.
             stop.value = 1
@@ -457,7 +462,7 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
                         drops = status["ports"]["rx"]["drops"]
                         forwarded = int(status["ports"]["rx"]["out_packets"])
                 stop_process(proc)
-    target = "vvu-switch" if peer is None else "testpmd"
+    target = "vvu-switch" if peer is None else peer.name
     dt = t1 - t0
     return window_result(target, case, dt, int(f1 - f0), int(b1 - b0), int(s1 - s0),
                          (c1 - c0) / dt, (g1 - g0) / dt, drops, forwarded, warmup)
@@ -509,6 +514,28 @@ def run_testpmd(launcher: Launcher, case: Case, duration: float, warmup: float) 
     # Port 0 is the sender's, port 1 the receiver's: what testpmd sent out of port 1.
     res.forwarded = stats[1].tx_packets
     return res
+
+
+def run_ovs(launcher: Launcher, case: Case, duration: float, warmup: float) -> Result:
+    """The same measurement against Open vSwitch with DPDK: a learning bridge
+    between two dpdkvhostuser ports, one PMD thread (benchmarks/ovs_peer.py)."""
+    switch_cpu, guest_cpu = cpus()
+    if switch_cpu is None or guest_cpu is None:
+        raise PeerError("OVS-DPDK needs two CPUs (its main threads and a PMD thread)")
+    # As for testpmd: the PMD thread on the switch's CPU, OVS's other threads
+    # (idle while forwarding) with the guests.
+    with tempfile.TemporaryDirectory(prefix="vvu-ovs-") as d, \
+            OvsDpdk(launcher, Path(d), (guest_cpu, switch_cpu)) as ovs:
+        ovs.start()
+        try:
+            res = run_case(case, duration, warmup, peer=ovs)
+        except PeerError as e:
+            raise PeerError(f"{e}\nOVS's output (tail):\n{ovs.log_tail()}") from e
+    return res
+
+
+#: The peers, in the order they run: name, how to find it, how to measure it.
+PEERS = (("testpmd", find_testpmd, run_testpmd), ("ovs-dpdk", find_ovs_dpdk, run_ovs))
 
 
 # --------------------------------------------------------------------- in-process micro
@@ -669,9 +696,12 @@ def main() -> int:
                    help="run only these cases (repeat)")
     p.add_argument("--no-profile", action="store_true")
     peer_opts = p.add_mutually_exclusive_group()
-    peer_opts.add_argument("--no-peer", action="store_true", help="skip DPDK testpmd")
+    peer_opts.add_argument("--no-peer", action="store_true",
+                           help="skip the peers (testpmd, OVS-DPDK)")
     peer_opts.add_argument("--require-peer", action="store_true",
-                      help="fail (exit 1) if dpdk-testpmd is not found")
+                           help="fail (exit 1) if a peer that should run is not found")
+    p.add_argument("--peer", choices=[name for name, _, _ in PEERS], action="append",
+                   help="run only these peers (repeat; default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--busy-poll", type=float, default=0.0, metavar="USEC",
                    help="run vvu-switch with --busy-poll USEC")
@@ -709,29 +739,32 @@ def main() -> int:
             continue
         results.append(res)
         print_table([res])
-    peer: Result | None = None
-    if "64" in chosen and not args.no_peer:
-        launcher, where = find_testpmd()
+    peers: list[Result] = []
+    for name, find, run in PEERS:
+        if "64" not in chosen or args.no_peer or (args.peer and name not in args.peer):
+            continue
+        launcher, where = find()
         if launcher is None:
-            msg = f"peer: dpdk-testpmd not found ({where}); no comparison run"
+            msg = f"peer: {name} not found ({where}); no comparison run"
             print(f"\n{msg}")
             if args.require_peer:
                 failures.append(msg)
-        else:
-            print(f"\npeer: dpdk-testpmd from {where}")
-            try:
-                peer = run_testpmd(launcher, all_cases["64"], args.duration, args.warmup)
-            except PeerError as e:
-                failures.append(str(e))
-                print(f"\nerror: {e}")
-            else:
-                results.append(peer)
+            continue
+        print(f"\npeer: {name} from {where}")
+        try:
+            peers.append(run(launcher, all_cases["64"], args.duration, args.warmup))
+        except PeerError as e:
+            failures.append(str(e))
+            print(f"\nerror: {e}")
+    results += peers
     print_table(results)
     ours = next((r for r in results if r.target == "vvu-switch" and r.case.unit == "Mpps"),
                 None)
-    if peer is not None and ours is not None:
-        # Both rates are > 0 here: run_case refuses a window with no frames.
-        print(f"\nvvu-switch / testpmd at 64 B: {ours.rate / peer.rate:.3f} in Mpps, "
+    # Every rate is > 0 here: run_case refuses a window with no frames.
+    for peer in peers:
+        if ours is None:
+            break
+        print(f"\nvvu-switch / {peer.target} at 64 B: {ours.rate / peer.rate:.3f} in Mpps, "
               f"{ours.per_cpu / peer.per_cpu:.3f} in Mpps per forwarding CPU-second "
               f"({ours.per_cpu:.3f} vs {peer.per_cpu:.3f})")
     print(f"after the runs: {load_average()}")
