@@ -371,6 +371,9 @@ def cpus() -> tuple[int | None, int | None]:
     return avail[0], avail[1]
 
 
+#: Seconds a target has to deliver its first frame before the warm-up starts.
+FIRST_FRAME_TIMEOUT = 20.0
+
 #: ``--busy-poll`` for the switch (microseconds), set from the command line.
 BUSY_POLL_USEC = 0.0
 
@@ -436,6 +439,12 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
             gen.start()
             if not ready.wait(20):
                 raise SystemExit("the traffic generator did not come up")
+            # Warm-up starts once frames arrive: a peer may take seconds to start a
+            # device after its front end connects (OVS reconfigures the port in its
+            # main loop, slowly on a loaded machine). One that never does fails below.
+            deadline = time.monotonic() + FIRST_FRAME_TIMEOUT
+            while not counters[0] and time.monotonic() < deadline and gen.is_alive():
+                time.sleep(0.05)
             time.sleep(warmup)
             assert gen.pid is not None
             t0, f0, b0, s0, c0, g0 = (time.monotonic(), counters[0], counters[1], counters[2],

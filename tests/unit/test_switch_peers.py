@@ -1,6 +1,7 @@
-"""The switch benchmark's DPDK peer without DPDK: testpmd's command line, its exit
+"""The switch benchmark's DPDK peers without DPDK: testpmd's command line, its exit
 report (a real one, captured from dpdk-testpmd 24.11 in the tools tree), its
-life cycle against a stand-in program, and the refusal of a window with no frames.
+life cycle against a stand-in program, OVS-DPDK's EAL options and flow counters
+(captured from Open vSwitch 3.5), and the refusal of a window with no frames.
 
 The real thing runs in tests/integration/test_switch_peers.py.
 """
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 
 # Modules, not names: pytest would collect ``testpmd_argv`` and ``Testpmd`` as tests.
-from benchmarks import dpdk_peer, switch_bench
+from benchmarks import dpdk_peer, ovs_peer, switch_bench
 from benchmarks.dpdk_peer import FORWARDING_STARTED, PeerError, parse_forward_stats
 
 GOLDEN = Path(__file__).parent / "golden/testpmd-24.11-exit-report.txt"
+OVS_FLOWS = Path(__file__).parent / "golden/ovs-3.5-dump-flows.txt"
 
 
 def test_command_line_separates_eal_and_testpmd_options() -> None:
@@ -106,6 +108,23 @@ def test_start_failure_carries_the_eal_error(tmp_path: Path) -> None:
     # The reason is at the top of the output, above the usage text: it must be kept.
     assert "not compatible with --in-memory" in str(err.value)
     assert "--usage-line-80" in str(err.value)
+
+
+def test_ovs_counts_the_flows_into_the_receivers_port() -> None:
+    text = OVS_FLOWS.read_text()
+    assert ovs_peer.flow_packets_to(text, "p1") == 5834431
+    assert ovs_peer.flow_packets_to(text, "p0") == 0  # the receiver's hello, flooded: 0
+    # A flow that also goes elsewhere (flooded) is not forwarding to p1 alone.
+    flood = text.replace("actions:p1", "actions:p1,p2")
+    assert ovs_peer.flow_packets_to(flood, "p1") == 0
+    assert ovs_peer.flow_packets_to("flow-dump from pmd on cpu core: 0\n", "p1") == 0
+
+
+def test_ovs_eal_options_keep_it_off_hugepages() -> None:
+    args = ovs_peer.eal_args().split()
+    # --legacy-mem keeps OVS from adding --in-memory, which EAL refuses with --no-huge.
+    assert {"--no-huge", "--legacy-mem", "--iova-mode=va", "--no-shconf"} <= set(args)
+    assert "--in-memory" not in args and "--socket-mem" not in args
 
 
 def test_a_window_without_frames_is_an_error_not_a_rate() -> None:
