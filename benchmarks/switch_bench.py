@@ -21,17 +21,19 @@ Cases:
 Then a cProfile of the switch under the 64 B load (a separate, shorter run:
 profiling slows it down) shows where the time goes.
 
-The peer: DPDK's ``dpdk-testpmd`` (from the tools tree, else PATH) forwarding in
-io mode between two ``net_vhost`` ports, driven by the same two front ends, in
-the same run (benchmarks/dpdk_peer.py). The 64 B case runs against it, and the
-ratios vvu-switch/testpmd are printed, raw and per CPU-second of the forwarder.
-Each target's own count of frames it forwarded (vvu-switch's status file,
-testpmd's exit report) is printed next to what the receiving guest counted. A
+The peers, driven by the same two front ends in the same run: DPDK's
+``dpdk-testpmd`` (from the tools tree, else PATH) forwarding in io mode between
+two ``net_vhost`` ports (benchmarks/dpdk_peer.py), and Open vSwitch with DPDK, a
+learning bridge between two ``dpdkvhostuser`` ports (benchmarks/ovs_peer.py).
+The 64 B case runs against each, and the ratios vvu-switch/peer are printed, raw
+and per CPU-second of the forwarder. Each target's own count of frames it
+forwarded (vvu-switch's status file, testpmd's exit report, OVS's datapath
+flows) is printed next to what the receiving guest counted. A
 target that forwards nothing in the measured window is an error (exit 1) with
 the target's own output, not a rate of zero. ``--json`` writes the results.
 
     .venv/bin/python benchmarks/switch_bench.py [--duration 5] [--no-profile] [--only 64]
-        [--no-peer | --require-peer] [--json results.json]
+        [--no-peer | --require-peer] [--peer testpmd|ovs-dpdk] [--json results.json]
 """
 
 from __future__ import annotations
