@@ -45,8 +45,10 @@ __all__ = [
     "PeerError",
     "PortStats",
     "Testpmd",
+    "descendants",
     "find_testpmd",
     "parse_forward_stats",
+    "process_comm",
     "testpmd_argv",
 ]
 
@@ -181,7 +183,7 @@ def find_testpmd() -> tuple[Launcher | None, str]:
     return None, "; ".join(looked)
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     found: list[int] = []
     with contextlib.suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -191,15 +193,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _descendants(pid: int) -> Iterator[int]:
+def descendants(pid: int) -> Iterator[int]:
+    """``pid`` and every process below it: a program run through ``mkosi sandbox``
+    is a few levels below the process we started."""
     todo = [pid]
     while todo:
         p = todo.pop()
         yield p
-        todo += _children(p)
+        todo += child_pids(p)
 
 
-def _comm(pid: int) -> str:
+def process_comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()
@@ -260,8 +264,8 @@ class Testpmd:
                 raise PeerError(f"testpmd exited ({self.proc.returncode}) before its sockets "
                                 f"appeared; command: {' '.join(self.argv)}\n{self.log_tail()}")
             if self.pid is None:
-                self.pid = next((p for p in _descendants(self.proc.pid)
-                                 if _comm(p) == TESTPMD_COMM), None)
+                self.pid = next((p for p in descendants(self.proc.pid)
+                                 if process_comm(p) == TESTPMD_COMM), None)
             if (self.pid is not None and all(os.path.exists(s) for s in self.sockets)
                     and FORWARDING_STARTED in self.log_path.read_bytes()):
                 return

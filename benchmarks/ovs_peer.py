@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.dpdk_peer import Launcher, PeerError, _comm, _descendants
+from benchmarks.dpdk_peer import Launcher, PeerError, descendants, process_comm
 
 __all__ = ["VSWITCHD", "OvsDpdk", "find_ovs_dpdk", "flow_packets_to"]
 
@@ -172,7 +172,7 @@ class OvsDpdk:
                    *ports)
         self._wait_for("the dpdkvhostuser sockets", [Path(s) for s in self.sockets],
                        timeout, vswitchd)
-        self.pid = next((p for p in _descendants(vswitchd.pid) if _comm(p) == VSWITCHD_COMM),
+        self.pid = next((p for p in descendants(vswitchd.pid) if process_comm(p) == VSWITCHD_COMM),
                         None)
         if self.pid is None:
             raise PeerError(f"no {VSWITCHD_COMM} process under {vswitchd.pid}")
