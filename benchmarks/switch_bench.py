@@ -19,11 +19,21 @@ Cases:
   segments and checksums in software (the slow path): Gbit/s.
 
 Then a cProfile of the switch under the 64 B load (a separate, shorter run:
-profiling slows it down) shows where the time goes. If DPDK's ``dpdk-testpmd``
-is found (tool chain or PATH) the 64 B case runs against testpmd in io-fwd mode
-with two ``net_vhost`` ports as well, and the ratio is printed.
+profiling slows it down) shows where the time goes.
+
+The peers, driven by the same two front ends in the same run: DPDK's
+``dpdk-testpmd`` (from the tools tree, else PATH) forwarding in io mode between
+two ``net_vhost`` ports (benchmarks/dpdk_peer.py), and Open vSwitch with DPDK, a
+learning bridge between two ``dpdkvhostuser`` ports (benchmarks/ovs_peer.py).
+The 64 B case runs against each, and the ratios vvu-switch/peer are printed, raw
+and per CPU-second of the forwarder. Each target's own count of frames it
+forwarded (vvu-switch's status file, testpmd's exit report, OVS's datapath
+flows) is printed next to what the receiving guest counted. A
+target that forwards nothing in the measured window is an error (exit 1) with
+the target's own output, not a rate of zero. ``--json`` writes the results.
 
     .venv/bin/python benchmarks/switch_bench.py [--duration 5] [--no-profile] [--only 64]
+        [--no-peer | --require-peer] [--peer testpmd|ovs-dpdk] [--json results.json]
 """
 
 from __future__ import annotations
@@ -37,7 +47,6 @@ import multiprocessing.sharedctypes
 import os
 import pstats
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -54,6 +63,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.dpdk_peer import Launcher, Peer, PeerError, Testpmd, find_testpmd  # noqa: E402
+from benchmarks.ovs_peer import OvsDpdk, find_ovs_dpdk  # noqa: E402
 from tests.support.net_frames import (  # noqa: E402
     mac,
     net_hdr,
@@ -175,6 +186,18 @@ def _connect(path: str, exclude: int) -> Any:
     return fe
 
 
+def _driver_ok(fe: Any) -> None:
+    """Tell the back end the driver is done, as QEMU does once the rings are set up:
+    with the STATUS protocol feature, DPDK's vhost library does not start a
+    device (testpmd forwards nothing) before it sees DRIVER_OK."""
+    from vvu_runtime.vhost_user.messages import ProtocolFeature
+    from vvu_runtime.virtio.pci_layout import DeviceStatus
+
+    if fe.protocol_features >> ProtocolFeature.STATUS & 1:
+        fe.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
+                      | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK)
+
+
 def _pin(cpu: int | None) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
@@ -192,6 +215,7 @@ class Receiver:
         self.fe.set_mem_table([(ram.region, ram.fd)])
         rxq = setup_queue(self.fe, ram, 0, QUEUE_SIZE)
         txq = setup_queue(self.fe, ram, 1, 16)
+        _driver_ok(self.fe)
         self.ring = BulkRing(rxq, ram, QUEUE_SIZE)
         self.bufs = [(ram.alloc(case.rx_buffer, 64), case.rx_buffer) for _ in range(QUEUE_SIZE)]
         self.ring.publish_all(self.bufs, VIRTQ_DESC_F_WRITE)
@@ -253,6 +277,7 @@ class Sender:
         self.fe.set_mem_table([(ram.region, ram.fd)])
         setup_queue(self.fe, ram, 0, 16)  # an RX ring, unused (nothing is sent to us)
         txq = setup_queue(self.fe, ram, 1, size)
+        _driver_ok(self.fe)
         self.ring = BulkRing(txq, ram, size)
         bufs = []
         for _ in range(size):
@@ -318,6 +343,21 @@ class Result:
     cpu: float  # switch CPU seconds per wall second
     drops: dict[str, int]
     gen_cpu: float = 0.0  # the traffic generator's CPU seconds per wall second
+    frames: int = 0  # frames the receiving guest got in the measured window
+    #: Frames the target says it forwarded to the receiver over its whole life
+    #: (warm-up included): vvu-switch's status file, testpmd's exit report.
+    forwarded: int | None = None
+
+    @property
+    def per_cpu(self) -> float:
+        """The rate per CPU-second of the forwarder (Mpps or Gbit/s per core)."""
+        return self.rate / self.cpu if self.cpu > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"target": self.target, "case": self.case.name, "unit": self.case.unit,
+                "rate": self.rate, "per_cpu": self.per_cpu, "pps": self.pps,
+                "offered_pps": self.sent_pps, "cpu": self.cpu, "gen_cpu": self.gen_cpu,
+                "frames": self.frames, "forwarded": self.forwarded, "drops": self.drops}
 
 
 def _proc_cpu(pid: int) -> float:
@@ -332,6 +372,9 @@ def cpus() -> tuple[int | None, int | None]:
         return None, None
     return avail[0], avail[1]
 
+
+#: Seconds a target has to deliver its first frame before the warm-up starts.
+FIRST_FRAME_TIMEOUT = 20.0
 
 #: ``--busy-poll`` for the switch (microseconds), set from the command line.
 BUSY_POLL_USEC = 0.0
@@ -366,9 +409,12 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None = None,
-             peer_sockets: tuple[str, str] | None = None, target_pid: int | None = None
-             ) -> Result:
-    """One measurement: against a fresh vvu-switch, or against ``peer_sockets``."""
+             peer: Peer | None = None) -> Result:
+    """One measurement: against a fresh vvu-switch, or against a started ``peer``.
+
+    Raises :class:`PeerError` if the receiving guest got nothing in the
+    measured window: a rate of zero would only move the failure to a division.
+    """
     switch_cpu, guest_cpu = cpus()
     ctx = mp.get_context("fork")
     counters = multiprocessing.sharedctypes.RawArray(ctypes.c_uint64, 3)
@@ -379,20 +425,28 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
         proc = None
         gen = None
         drops: dict[str, int] = {}
+        forwarded = None
         try:
-            if peer_sockets is None:
+            if peer is None:
                 proc = start_switch(tmp, profile, switch_cpu)
                 tx_path, rx_path = str(tmp / "tx.sock"), str(tmp / "rx.sock")
                 pid = proc.pid
             else:
-                tx_path, rx_path = peer_sockets
-                assert target_pid is not None
-                pid = target_pid
+                tx_path, rx_path = peer.sockets
+                if peer.pid is None:
+                    raise PeerError(f"{peer.name} is not running")
+                pid = peer.pid
             gen = ctx.Process(target=traffic, args=(tx_path, rx_path, case, guest_cpu, ready,
                                                     stop, counters))
             gen.start()
             if not ready.wait(20):
                 raise SystemExit("the traffic generator did not come up")
+            # Warm-up starts once frames arrive: a peer may take seconds to start a
+            # device after its front end connects (OVS reconfigures the port in its
+            # main loop, slowly on a loaded machine). One that never does fails below.
+            deadline = time.monotonic() + FIRST_FRAME_TIMEOUT
+            while not counters[0] and time.monotonic() < deadline and gen.is_alive():
+                time.sleep(0.05)
             time.sleep(warmup)
             assert gen.pid is not None
             t0, f0, b0, s0, c0, g0 = (time.monotonic(), counters[0], counters[1], counters[2],
@@ -400,6 +454,10 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
             time.sleep(duration)
             t1, f1, b1, s1, c1, g1 = (time.monotonic(), counters[0], counters[1], counters[2],
                                       _proc_cpu(pid), _proc_cpu(gen.pid))
+            if peer is not None:
+                # While the front ends are still connected: OVS has no counters
+                # for a vhost-user port whose front end has gone.
+                forwarded = peer.count_forwarded()
         finally:
             # Whatever happened (an error, Ctrl-C, SIGTERM): nothing is left running.
             stop.value = 1
@@ -413,56 +471,82 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
                     with contextlib.suppress(OSError, ValueError, KeyError):
                         status = json.loads((tmp / "status.json").read_text())
                         drops = status["ports"]["rx"]["drops"]
+                        forwarded = int(status["ports"]["rx"]["out_packets"])
                 stop_process(proc)
+    target = "vvu-switch" if peer is None else peer.name
     dt = t1 - t0
-    pps = (f1 - f0) / dt
-    rate = pps / 1e6 if case.unit == "Mpps" else (b1 - b0) * 8 / dt / 1e9
-    return Result("vvu-switch" if peer_sockets is None else "testpmd", case, rate, pps,
-                  (s1 - s0) / dt, (c1 - c0) / dt, drops, (g1 - g0) / dt)
+    return window_result(target, case, dt, int(f1 - f0), int(b1 - b0), int(s1 - s0),
+                         (c1 - c0) / dt, (g1 - g0) / dt, drops, forwarded, warmup)
+
+
+def window_result(target: str, case: Case, dt: float, frames: int, nbytes: int, offered: int,
+                  cpu: float, gen_cpu: float, drops: dict[str, int], forwarded: int | None,
+                  warmup: float) -> Result:
+    """The figures of one measured window of ``dt`` seconds; :class:`PeerError` if
+    the receiver got nothing in it (a target that does not forward is a failure
+    to report, not a rate of zero that a ratio would divide by)."""
+    if frames <= 0 or dt <= 0:
+        raise PeerError(f"{target} forwarded 0 frames to the receiver in {dt:.1f} s "
+                        f"({case.name}; the sender offered {offered}, after {warmup:g} s "
+                        "of warm-up)")
+    pps = frames / dt
+    rate = pps / 1e6 if case.unit == "Mpps" else nbytes * 8 / dt / 1e9
+    return Result(target, case, rate, pps, offered / dt, cpu, drops, gen_cpu, frames,
+                  forwarded)
 
 
 # --------------------------------------------------------------------- DPDK peer
 
-def find_testpmd() -> list[str] | None:
-    """How to run dpdk-testpmd: from PATH, or inside the tool chain's sandbox."""
-    path = shutil.which("dpdk-testpmd")
-    if path:
-        return [path]
-    with contextlib.suppress(Exception):
-        from vvu_runtime.launch.toolchain import Toolchain
+def run_testpmd(launcher: Launcher, case: Case, duration: float, warmup: float) -> Result:
+    """The same measurement against testpmd io-forwarding between two net_vhost ports
+    (``launcher`` runs dpdk-testpmd: :func:`find_testpmd`).
 
-        tc = Toolchain()
-        if tc.is_built() and (tc.tree / "usr/bin/dpdk-testpmd").exists():
-            return tc.command(["dpdk-testpmd"])
-    return None
-
-
-def run_testpmd(case: Case, duration: float, warmup: float) -> Result | None:
-    testpmd = find_testpmd()
-    if testpmd is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="vvu-testpmd-") as d:
-        tx, rx = f"{d}/tx.sock", f"{d}/rx.sock"
-        switch_cpu, guest_cpu = cpus()
-        # Main lcore (idle) on the guests' CPU, the one forwarding lcore on the switch's:
-        # testpmd busy-polls, so its CPU use is always 100%; compare the rates.
-        lcores = f"{guest_cpu},{switch_cpu}" if switch_cpu is not None else "0,1"
-        cmd = [*testpmd, "-l", lcores, "--no-pci", "--in-memory",
-               f"--vdev=net_vhost0,iface={tx},queues=1",
-               f"--vdev=net_vhost1,iface={rx},queues=1",
-               "--", "--forward-mode=io", "--nb-cores=1", "--auto-start",
-               "--no-lsc-interrupt"]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    A :class:`PeerError` carrying testpmd's output if it does not come up, does
+    not forward or does not report.
+    """
+    switch_cpu, guest_cpu = cpus()
+    if switch_cpu is None or guest_cpu is None:
+        raise PeerError("testpmd needs two CPUs (a main lcore and a forwarding lcore)")
+    # Main lcore (it only waits on stdin) on the guests' CPU, the one forwarding
+    # lcore on the switch's: testpmd busy-polls, so its CPU use is always ~100%
+    # and the figure to compare is the rate per CPU-second.
+    with tempfile.TemporaryDirectory(prefix="vvu-testpmd-") as d, \
+            Testpmd(launcher, Path(d), (guest_cpu, switch_cpu)) as pmd:
+        pmd.start()
         try:
-            deadline = time.monotonic() + 20
-            while not (os.path.exists(tx) and os.path.exists(rx)):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    return None
-                time.sleep(0.1)
-            return run_case(case, duration, warmup, peer_sockets=(tx, rx), target_pid=proc.pid)
-        finally:
-            stop_process(proc)
+            res = run_case(case, duration, warmup, peer=pmd)
+        except PeerError as e:
+            pmd.stop()
+            raise PeerError(f"{e}\ntestpmd's output (tail):\n{pmd.log_tail()}") from e
+        stats = pmd.stop()
+    if stats is None or 1 not in stats:
+        raise PeerError(f"testpmd did not print its forward statistics at exit\n"
+                        f"{pmd.log_tail()}")
+    # Port 0 is the sender's, port 1 the receiver's: what testpmd sent out of port 1.
+    res.forwarded = stats[1].tx_packets
+    return res
+
+
+def run_ovs(launcher: Launcher, case: Case, duration: float, warmup: float) -> Result:
+    """The same measurement against Open vSwitch with DPDK: a learning bridge
+    between two dpdkvhostuser ports, one PMD thread (benchmarks/ovs_peer.py)."""
+    switch_cpu, guest_cpu = cpus()
+    if switch_cpu is None or guest_cpu is None:
+        raise PeerError("OVS-DPDK needs two CPUs (its main threads and a PMD thread)")
+    # As for testpmd: the PMD thread on the switch's CPU, OVS's other threads
+    # (idle while forwarding) with the guests.
+    with tempfile.TemporaryDirectory(prefix="vvu-ovs-") as d, \
+            OvsDpdk(launcher, Path(d), (guest_cpu, switch_cpu)) as ovs:
+        ovs.start()
+        try:
+            res = run_case(case, duration, warmup, peer=ovs)
+        except PeerError as e:
+            raise PeerError(f"{e}\nOVS's output (tail):\n{ovs.log_tail()}") from e
+    return res
+
+
+#: The peers, in the order they run: name, how to find it, how to measure it.
+PEERS = (("testpmd", find_testpmd, run_testpmd), ("ovs-dpdk", find_ovs_dpdk, run_ovs))
 
 
 # --------------------------------------------------------------------- in-process micro
@@ -572,13 +656,17 @@ def micro(case: Case, seconds: float, profile: bool = False) -> float:
 def print_table(results: list[Result]) -> None:
     print()
     print(f"{'target':<11} {'case':<36} {'rate':>14} {'frames/s':>11} {'offered/s':>11} "
-          f"{'CPU':>5} {'rate per CPU-s':>16} {'gen CPU':>7}  drops")
+          f"{'CPU':>5} {'rate per CPU-s':>16} {'gen CPU':>7} {'received':>11} "
+          f"{'forwarded':>11}  drops")
     for r in results:
         drops = ", ".join(f"{k}={v}" for k, v in r.drops.items()) or "-"
-        per_cpu = r.rate / r.cpu if r.cpu > 0 else 0.0
+        fwd = "?" if r.forwarded is None else f"{r.forwarded:,}"
         print(f"{r.target:<11} {r.case.name:<36} {r.rate:>8.3f} {r.case.unit:<5} "
               f"{r.pps:>11,.0f} {r.sent_pps:>11,.0f} {r.cpu * 100:>4.0f}% "
-              f"{per_cpu:>9.3f} {r.case.unit:<6} {r.gen_cpu * 100:>6.0f}%  {drops}")
+              f"{r.per_cpu:>9.3f} {r.case.unit:<6} {r.gen_cpu * 100:>6.0f}% {r.frames:>11,} "
+              f"{fwd:>11}  {drops}")
+    print("(received: frames the receiving guest got in the measured window; forwarded: "
+          "what the target itself counts, warm-up included)")
 
 
 def print_profile(path: Path, top: int = 18,
@@ -601,6 +689,13 @@ def print_profile(path: Path, top: int = 18,
         print(f"{tt:>7.2f} {100 * tt / busy:>5.1f}% {nc:>10}  {func} ({where})")
 
 
+def load_average() -> str:
+    """The machine's load as ``uptime`` shows it: on a shared machine, read every
+    figure next to it."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
 def main() -> int:
     # SIGTERM (e.g. from timeout(1)) unwinds like Ctrl-C, so the switch and the
     # traffic generator are stopped by the finally clauses.
@@ -611,7 +706,14 @@ def main() -> int:
     p.add_argument("--only", choices=sorted(cases()), action="append",
                    help="run only these cases (repeat)")
     p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--no-peer", action="store_true", help="skip DPDK testpmd")
+    peer_opts = p.add_mutually_exclusive_group()
+    peer_opts.add_argument("--no-peer", action="store_true",
+                           help="skip the peers (testpmd, OVS-DPDK)")
+    peer_opts.add_argument("--require-peer", action="store_true",
+                           help="fail (exit 1) if a peer that should run is not found")
+    p.add_argument("--peer", choices=[name for name, _, _ in PEERS], action="append",
+                   help="run only these peers (repeat; default: all)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--busy-poll", type=float, default=0.0, metavar="USEC",
                    help="run vvu-switch with --busy-poll USEC")
     p.add_argument("--micro", action="store_true",
@@ -634,24 +736,58 @@ def main() -> int:
     switch_cpu, guest_cpu = cpus()
     print(f"CPUs: switch on {switch_cpu}, guests on {guest_cpu}; ring size {QUEUE_SIZE}; "
           f"{args.duration:g} s per case after {args.warmup:g} s warm-up; "
-          f"busy-poll {args.busy_poll:g} us")
-    results = []
+          f"busy-poll {args.busy_poll:g} us; {load_average()}")
+    results: list[Result] = []
+    # A target that forwards nothing is reported and the run goes on (the other
+    # rows are still worth having), but the exit status says it failed.
+    failures: list[str] = []
     for key in chosen:
-        res = run_case(all_cases[key], args.duration, args.warmup)
+        try:
+            res = run_case(all_cases[key], args.duration, args.warmup)
+        except PeerError as e:
+            failures.append(str(e))
+            print(f"\nerror: {e}")
+            continue
         results.append(res)
         print_table([res])
-    peer = None
-    if "64" in chosen and not args.no_peer:
-        peer = run_testpmd(all_cases["64"], args.duration, args.warmup)
-        if peer is None:
-            print("\npeer: dpdk-testpmd not found (neither in PATH nor in the tool chain's "
-                  "tools tree, which has no dpdk package); no comparison run")
-        else:
-            results.append(peer)
+    peers: list[Result] = []
+    for name, find, run in PEERS:
+        if "64" not in chosen or args.no_peer or (args.peer and name not in args.peer):
+            continue
+        launcher, where = find()
+        if launcher is None:
+            msg = f"peer: {name} not found ({where}); no comparison run"
+            print(f"\n{msg}")
+            if args.require_peer:
+                failures.append(msg)
+            continue
+        print(f"\npeer: {name} from {where}")
+        try:
+            peers.append(run(launcher, all_cases["64"], args.duration, args.warmup))
+        except PeerError as e:
+            failures.append(str(e))
+            print(f"\nerror: {e}")
+    results += peers
     print_table(results)
-    if peer is not None:
-        ours = next(r for r in results if r.target == "vvu-switch" and r.case.unit == "Mpps")
-        print(f"\nvvu-switch / testpmd at 64 B: {ours.rate / peer.rate:.3f}")
+    ours = next((r for r in results if r.target == "vvu-switch" and r.case.unit == "Mpps"),
+                None)
+    # Every rate is > 0 here: run_case refuses a window with no frames.
+    for peer in peers:
+        if ours is None:
+            break
+        print(f"\nvvu-switch / {peer.target} at 64 B: {ours.rate / peer.rate:.3f} in Mpps, "
+              f"{ours.per_cpu / peer.per_cpu:.3f} in Mpps per forwarding CPU-second "
+              f"({ours.per_cpu:.3f} vs {peer.per_cpu:.3f})")
+    print(f"after the runs: {load_average()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "results": [r.as_dict() for r in results], "failures": failures,
+            "load_average": os.getloadavg(), "cpus": [switch_cpu, guest_cpu],
+            "duration": args.duration}, indent=1) + "\n")
+    if failures:
+        print("\nFAILED:\n" + "\n".join(f"  {f.splitlines()[0]}" for f in failures),
+              file=sys.stderr)
+        return 1
     if not args.no_profile:
         with tempfile.TemporaryDirectory(prefix="vvu-switch-prof-") as d:
             prof = Path(d) / "switch.prof"

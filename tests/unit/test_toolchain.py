@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,22 @@ def test_mkosi_argv_per_mkosi_generation(tmp_path: Path) -> None:
     assert f"--output-directory={old}/tools" in argv25
     assert str(REPO) in argv25 and f"--directory={REPO}" not in argv25
     assert tc25.tree == old / "tools/tools"
+
+
+def test_command_keeps_a_double_dash_of_the_program(tmp_path: Path) -> None:
+    _fake_mkosi(tmp_path, "27.1-1")
+    (tmp_path / "tools/mkosi.tools/usr/bin").mkdir(parents=True)
+    (tmp_path / "tools/mkosi.tools/usr/bin/qemu-system-x86_64").touch()
+    tc = Toolchain(cache_dir=tmp_path, repo=REPO)
+    plain = tc._command(["echo", "a b"])
+    assert plain[-2:] == ["echo", "a b"]
+    # mkosi's argparse would eat the program's own "--": it must travel inside one word.
+    argv = tc._command(["dpdk-testpmd", "-l", "0,1", "--", "--forward-mode=io"])
+    verb = argv.index("sandbox")
+    assert argv[verb + 1] == "--" and "--" not in argv[verb + 2:]
+    assert argv[-3:-1] == ["/bin/sh", "-c"]
+    assert shlex.split(argv[-1]) == ["exec", "dpdk-testpmd", "-l", "0,1", "--",
+                                     "--forward-mode=io"]
 
 
 def test_accelerator_args_and_forced_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,8 @@ fetches mkosi (a pure-Python .deb, not on PyPI) with a private apt
 configuration, and has mkosi build a Debian trixie *tools tree* (configured by
 ``mkosi.conf`` and ``mkosi.tools.conf`` at the repository root) holding QEMU
 >= 10.1 from trixie-backports, qemu-img/qemu-io with the blkio driver,
-qemu-storage-daemon, firmware, the consumer guests' kernel and busybox.
+qemu-storage-daemon, firmware, the consumer guests' kernel and busybox, and
+DPDK's testpmd (the switch benchmark's peer).
 :meth:`Toolchain.command` runs a program inside that tree (``mkosi sandbox``),
 which shares the host's /tmp, /dev/shm, /dev/kvm and PID namespace, so such a
 program talks to host processes over UNIX sockets and shared-memory files.
@@ -587,6 +588,11 @@ class Toolchain:
 
     def _command(self, argv: Sequence[str]) -> list[str]:
         self._require_tree()
+        if "--" in argv:
+            # mkosi reads "sandbox -- CMD ARGS…" with argparse, which (Python 3.11
+            # here) also drops the first "--" of ARGS: "dpdk-testpmd EAL -- APP"
+            # would reach testpmd as one option list. One shell word hides it.
+            argv = ["/bin/sh", "-c", f"exec {shlex.join(argv)}"]
         inner = ["/usr/bin/env", "-u", "PYTHONPATH", f"PATH={SANDBOX_PATH}", *argv]
         if self.mkosi().major < 26:
             # mkosi 25 runs from the repository (see mkosi_argv): back to the caller's cwd.
@@ -721,7 +727,7 @@ echo "shm=$(cat "$2" 2>/dev/null)"
             problems.append("a UNIX socket in the host's /tmp is not visible inside the sandbox")
         if report.get("shm") != "shared":
             problems.append("a /dev/shm file of the host is not visible inside the sandbox")
-        for p in ("kernel", "modules", "busybox", "ovmf-code", "seabios"):
+        for p in ("kernel", "modules", "busybox", "ovmf-code", "seabios", "dpdk-testpmd"):
             try:
                 self.path(p)
             except ToolchainError as e:
@@ -796,6 +802,8 @@ PATH_NAMES: dict[str, str] = {
     "qemu-system-x86_64": "usr/bin/qemu-system-x86_64",
     "qemu-img": "usr/bin/qemu-img",
     "qemu-storage-daemon": "usr/bin/qemu-storage-daemon",
+    # The switch benchmark's peer (package dpdk-dev).
+    "dpdk-testpmd": "usr/bin/dpdk-testpmd",
 }
 
 STATUS_PACKAGES = (
@@ -808,6 +816,7 @@ STATUS_PACKAGES = (
     "seabios",
     "linux-image-cloud-amd64",
     "busybox-static",
+    "dpdk-dev",
     "socat",
     "iproute2",
     "python3",
