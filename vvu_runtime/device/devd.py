@@ -123,6 +123,8 @@ class VvuFunction:
             "doorbells": str(s.doorbells),
             "no fd": str(s.doorbells_unset),
             "db merged": str(s.doorbells_coalesced),
+            "rxq notifies": str(s.rxq_notifies),
+            "txq notifies": str(s.txq_notifies),
             "errors": str(s.errors),
             "resets": str(s.link_resets),
         }

@@ -112,6 +112,10 @@ class VvuStats:
     doorbells_unset: int = 0
     #: Doorbells whose eventfd was saturated (a wake-up was pending: not written).
     doorbells_coalesced: int = 0
+    #: Trapped notifies of rxq (the driver re-posted buffers) and of txq (messages).
+    #: With EVENT_IDX the driver writes them only when the device asked for one.
+    rxq_notifies: int = 0
+    txq_notifies: int = 0
     #: Bad input from either side (each is logged).
     errors: int = 0
     #: Front-end connections dropped because of an error.
@@ -196,8 +200,11 @@ def open_ram_file(path: str | os.PathLike[str]) -> tuple[int, RamFile]:
 class VvuDevice(VirtioPciDevice):
     """One VVU function: a consumer link's device as the appliance sees it."""
 
-    #: docs/vvu-abi.md "Feature bits": no device bits, no ring extras.
-    TRANSPORT_FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+    #: docs/vvu-abi.md "Feature bits": no device bits; EVENT_IDX so that the driver
+    #: notifies rxq/txq only when the device waits for it (each notify is a trapped
+    #: MMIO write, a vfio-user message and a turn of vvu-devd's loop).
+    TRANSPORT_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+                          | VirtioFeature.EVENT_IDX)
 
     def __init__(self, *, name: str, ram_file: str | os.PathLike[str],
                  max_queues: int = DEFAULT_MAX_QUEUES, virtio_id: int = VIRTIO_ID_VVU,
@@ -351,7 +358,13 @@ class VvuDevice(VirtioPciDevice):
         if ring is None or not self.driver_ready:
             return False
         try:
-            return ring.has_available()
+            if ring.has_available():
+                return True
+            # Out of buffers: the tunnel now waits for rx_space(). With EVENT_IDX the
+            # driver re-posts without notifying unless avail_event asks for it, so ask
+            # for a notify at the next buffer, then look again (one may have come
+            # between the first look and the request).
+            return ring.set_kick_suppression(False)
         except VirtioError as exc:
             self.appliance_error(f"rxq: {exc}")
             return False
@@ -413,9 +426,11 @@ class VvuDevice(VirtioPciDevice):
 
     def queue_notified(self, index: int) -> None:
         if index == RXQ:
+            self.stats.rxq_notifies += 1
             if self.link is not None:
                 self.link.rx_space()
         else:
+            self.stats.txq_notifies += 1
             self._drain_txq()
 
     def _drain_txq(self) -> None:

@@ -179,7 +179,9 @@ class VvuDriver:
                               "setup (see the device model's log)")
         for i, iova in enumerate(self._rx_bufs):
             self.rxq.ring.add((), ((iova, MESSAGE_BUFFER_SIZE),), i)
-        self.rxq.notify()
+        # kick(), not notify(): it notifies (the ring is fresh, avail_event 0) and
+        # starts EVENT_IDX's batch here, so the first re-post is not taken for news.
+        self.rxq.kick()
         self.started = True
         log.info("%s: VVU device ready: virtio ID %d, %d vhost queues, uuid %s, rxq %d, "
                  "txq %d, %s, shared memory BAR%d of %d MiB", self.name, virtio.virtio_id, n,
