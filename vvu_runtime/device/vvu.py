@@ -57,6 +57,8 @@ from vvu_runtime.virtio.vvu_abi import (
     CONFIG_STATUS,
     CONFIG_STATUS_SIZE,
     DEVICE_CONFIG,
+    DEVICE_CONFIG_SIZE,
+    DOORBELL_CONFIG,
     DOORBELL_MULTIPLIER,
     DOORBELL_OFFSET,
     ISR_DRIVER_AUX,
@@ -64,6 +66,7 @@ from vvu_runtime.virtio.vvu_abi import (
     KICK_CFG_SIZE,
     MAX_VHOST_QUEUES,
     MESSAGE_BUFFER_SIZE,
+    NO_DOORBELL_PEER,
     RXQ,
     SHM_BAR,
     SHMID_MEMORY,
@@ -208,7 +211,8 @@ class VvuDevice(VirtioPciDevice):
 
     def __init__(self, *, name: str, ram_file: str | os.PathLike[str],
                  max_queues: int = DEFAULT_MAX_QUEUES, virtio_id: int = VIRTIO_ID_VVU,
-                 uuid: bytes | None = None, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+                 uuid: bytes | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 doorbell: tuple[int, int] | None = None) -> None:
         if not 1 <= max_queues <= MAX_VHOST_QUEUES:
             raise DeviceModelError(f"{name}: max_vhost_queues {max_queues} is not in "
                                    f"1..{MAX_VHOST_QUEUES} (vhost-user vring indexes are 8-bit)")
@@ -224,6 +228,9 @@ class VvuDevice(VirtioPciDevice):
         self.ram = ram
         self.max_queues = max_queues
         self.uuid = ident
+        #: (peer ID, owner ID) of the doorbell companion (docs/vvu-abi.md "Doorbell
+        #: bypass"), or None: the driver uses the trapped doorbells only.
+        self.doorbell = doorbell
         #: Bytes of BAR2 QEMU maps (the file, page-rounded); the rest is trapped zeros.
         self.shm_size = bar2.areas[0].size
         n = max_queues
@@ -252,8 +259,9 @@ class VvuDevice(VirtioPciDevice):
         self.kick_vectors = [NO_VECTOR] * n
         try:
             super().__init__(name=name, virtio_device_id=virtio_id, num_queues=2,
-                             queue_max_size=queue_size, device_cfg_size=DEVICE_CONFIG.size,
+                             queue_max_size=queue_size,
                              msix_vectors=3 + n, class_code=0xFF0000,
+                             device_cfg_size=DEVICE_CONFIG_SIZE,
                              extra_bars=[bar2, bar4], extra_structures=structures)
         except BaseException:
             bar2.close()
@@ -282,7 +290,9 @@ class VvuDevice(VirtioPciDevice):
     # --- device configuration ----------------------------------------------------------
 
     def read_device_config(self, offset: int, size: int) -> bytes:
-        image = DEVICE_CONFIG.pack(self.vvu_status, self.max_queues, self.uuid)
+        peer, owner = self.doorbell or (NO_DOORBELL_PEER, 0)
+        image = (DEVICE_CONFIG.pack(self.vvu_status, self.max_queues, self.uuid)
+                 + DOORBELL_CONFIG.pack(peer, owner))
         return image[offset:offset + size]
 
     def write_device_config(self, offset: int, data: bytes) -> None:
