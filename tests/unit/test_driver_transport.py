@@ -53,6 +53,9 @@ class FakeVvu:
     def rx_pending(self) -> bool:
         return bool(self.inbox)
 
+    def companion_call(self, queue: int) -> None:
+        return None  # no doorbell companion: calls ring the trapped doorbells
+
     def send(self, data: bytes, *, kick: bool = True) -> None:
         self.sent.append(bytes(data))
 

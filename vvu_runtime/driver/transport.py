@@ -39,6 +39,7 @@ import select
 import struct
 import time
 
+from vvu_runtime.driver.companion import CompanionCall
 from vvu_runtime.driver.errors import DriverError
 from vvu_runtime.driver.vvu import VvuDriver, drain_eventfd
 from vvu_runtime.vhost_user import messages as m
@@ -343,6 +344,25 @@ class DoorbellNotifier(Notifier):
                 log.error("%s: doorbell %d failed: %s", self.vvu.name, self.index, exc)
 
 
+class CompanionNotifier(Notifier):
+    """A call rung through the doorbell companion (driver/companion.py): one write
+    QEMU turns into the consumer's call eventfd, vvu-devd not involved."""
+
+    __slots__ = ("_failed", "call")
+
+    def __init__(self, call: CompanionCall) -> None:
+        self.call = call
+        self._failed = False
+
+    def signal(self) -> None:
+        try:
+            self.call.signal()
+        except DriverError as exc:
+            if not self._failed:
+                self._failed = True
+                log.error("doorbell companion: ringing %#x failed: %s", self.call.value, exc)
+
+
 class VvuTransport(Transport):
     """Memory, kicks and notifications of a VVU connection (see the module docstring)."""
 
@@ -385,6 +405,10 @@ class VvuTransport(Transport):
         _close_token(fd)
         if fd is None and kind != NotifierKind.LOG:
             return None  # NOFD: the front-end does not want this one signalled
+        if kind == NotifierKind.CALL:
+            bypass = self.vvu.companion_call(index)
+            if bypass is not None:
+                return CompanionNotifier(bypass)
         doorbell = self.vvu.doorbell_index(DoorbellKind(kind), index)
         if doorbell is None:
             log.warning("%s: no %s doorbell for queue %d (the device has %d vhost queues)",
@@ -394,6 +418,7 @@ class VvuTransport(Transport):
 
 
 __all__ = [
+    "CompanionNotifier",
     "DoorbellNotifier",
     "VectorKick",
     "VvuBackendChannel",

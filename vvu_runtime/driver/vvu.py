@@ -12,6 +12,9 @@
   interrupt (``config_eventfd``) when the front-end comes or goes;
 * **doorbells** (device aux notifications, cap 6): :meth:`~VvuDriver.doorbell` -
   index ``i`` = call of vhost-user queue ``i``, ``N+i`` = its err, ``2N`` = log;
+  when the device names a doorbell companion (``doorbell_peer``) and that
+  ivshmem-doorbell function is there, :meth:`~VvuDriver.companion_call` rings
+  calls through it instead, without vvu-devd (driver/companion.py);
 * **kicks** (driver aux notifications, cap 7): :meth:`~VvuDriver.kick_eventfd`
   programs notification ``i`` to its own MSI-X vector (``3 + i``) once and
   returns that vector's eventfd;
@@ -37,6 +40,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
+from vvu_runtime.driver.companion import CompanionCall, DoorbellCompanion, find_companion
 from vvu_runtime.driver.errors import DeviceFault, PciError
 from vvu_runtime.driver.pci import (
     COMMAND,
@@ -50,13 +54,17 @@ from vvu_runtime.driver.virtio_pci import DriverQueue, Structure, VirtioPciDrive
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.pci_layout import NO_VECTOR, DeviceStatus, VirtioPciCapType
 from vvu_runtime.virtio.vvu_abi import (
+    CONFIG_DOORBELL_OWNER,
+    CONFIG_DOORBELL_PEER,
     CONFIG_MAX_VHOST_QUEUES,
     CONFIG_STATUS,
     CONFIG_UUID,
     DEVICE_CONFIG,
+    DEVICE_CONFIG_SIZE,
     KICK_SELECT,
     KICK_VECTOR,
     MESSAGE_BUFFER_SIZE,
+    NO_DOORBELL_PEER,
     RXQ,
     SHMID_MEMORY,
     TXQ,
@@ -85,6 +93,10 @@ class VvuIdentity:
 
     max_vhost_queues: int
     uuid: uuidlib.UUID
+    #: The link's peer ID at the doorbell companion and the companion's own ID
+    #: (NO_DOORBELL_PEER: none, or a device older than the field).
+    doorbell_peer: int = NO_DOORBELL_PEER
+    doorbell_owner: int = 0
 
 
 class VvuDriver:
@@ -96,8 +108,11 @@ class VvuDriver:
     """
 
     def __init__(self, pci: PciFunction, *, virtio_id: int | None = None,
-                 rx_size: int = 128, tx_size: int = 64) -> None:
+                 rx_size: int = 128, tx_size: int = 64, companion: bool = True) -> None:
         self.pci = pci
+        #: Look for the doorbell companion when the device names one.
+        self.use_companion = companion
+        self.companion: DoorbellCompanion | None = None
         self.virtio = VirtioPciDriver(pci, virtio_id=virtio_id)
         for cfg_type in (VirtioPciCapType.DEVICE_AUX_NOTIFY_CFG,
                          VirtioPciCapType.DRIVER_AUX_NOTIFY_CFG):
@@ -149,6 +164,7 @@ class VvuDriver:
         virtio.negotiate(WANTED_FEATURES)
         self.identity = virtio.read_config(self._read_identity)
         n = self.identity.max_vhost_queues
+        self._find_companion()
         if self.interrupts and not self.eventfds:
             table = pci.msix_table_size()
             if table < VECTOR_KICK_BASE:
@@ -192,7 +208,26 @@ class VvuDriver:
     def _read_identity(self, cfg: Structure) -> VvuIdentity:
         n = cfg.read(CONFIG_MAX_VHOST_QUEUES, 4)
         raw = b"".join(cfg.read(CONFIG_UUID + 4 * i, 4).to_bytes(4, "little") for i in range(4))
-        return VvuIdentity(n, uuidlib.UUID(bytes=raw))
+        if cfg.length < DEVICE_CONFIG_SIZE:
+            return VvuIdentity(n, uuidlib.UUID(bytes=raw))
+        return VvuIdentity(n, uuidlib.UUID(bytes=raw), cfg.read(CONFIG_DOORBELL_PEER, 2),
+                           cfg.read(CONFIG_DOORBELL_OWNER, 2))
+
+    def _find_companion(self) -> None:
+        ident = self.identity
+        if self.companion is not None or not self.use_companion \
+                or ident.doorbell_peer == NO_DOORBELL_PEER:
+            return
+        self.companion = find_companion(ident.doorbell_owner)
+        if self.companion is None:
+            log.warning("%s: the device names doorbell peer %d of companion %#x, but no "
+                        "ivshmem-doorbell function reads that IVPosition: calls stay on the "
+                        "trapped doorbells", self.name, ident.doorbell_peer,
+                        ident.doorbell_owner)
+        else:
+            log.info("%s: calls of queues 0..%d through the doorbell companion %s (peer %d)",
+                     self.name, self.companion.call_vectors() - 1, self.companion.address,
+                     ident.doorbell_peer)
 
     def _layout(self) -> None:
         need = (ring_bytes(self.rx_size) + ring_bytes(self.tx_size)
@@ -218,6 +253,9 @@ class VvuDriver:
             self._dma = None
         self.pci.disable_msix()
         self.eventfds = []
+        if self.companion is not None:
+            self.companion.close()
+            self.companion = None
 
     # -- status ---------------------------------------------------------------------------
     def read_status(self) -> int:
@@ -274,6 +312,14 @@ class VvuDriver:
     def doorbell_index(self, kind: DoorbellKind, queue: int) -> int | None:
         """Doorbell of ``kind`` for ``queue`` (None: none exists)."""
         return doorbell_index(kind, queue, self.identity.max_vhost_queues)
+
+    def companion_call(self, queue: int) -> CompanionCall | None:
+        """The call of ``queue`` through the doorbell companion (None: use the trapped
+        doorbell: no companion, or a queue past its vectors)."""
+        companion = self.companion
+        if companion is None or not 0 <= queue < companion.call_vectors():
+            return None
+        return CompanionCall(companion, self.identity.doorbell_peer, queue)
 
     def doorbell(self, index: int) -> None:
         """Ring doorbell ``index`` (one trapped 16-bit write)."""
