@@ -506,7 +506,7 @@ def test_rxq_refills_do_not_notify_while_the_device_has_buffers(ev_rig: Rig) -> 
     link = ev_rig.links[0]
     a = link.appliance
     a.bring_up()
-    assert link.call(lambda: link.device.negotiated_features) & VirtioFeature.EVENT_IDX
+    assert link.appliance.thread.call(lambda: link.device.negotiated_features) & VirtioFeature.EVENT_IDX
     fe = link.up()
     for i in range(3 * QSIZE):
         fe.channel.send_frame(*m.encode(FR.SET_VRING_NUM, m.VringState(0, i)))
@@ -576,7 +576,7 @@ def test_without_event_idx_every_refill_notifies(tmp_path: Path) -> None:
     with rig_of(tmp_path, count=1) as r:
         link = r.links[0]
         link.appliance.bring_up()
-        assert not link.call(lambda: link.device.negotiated_features) & VirtioFeature.EVENT_IDX
+        assert not link.appliance.thread.call(lambda: link.device.negotiated_features) & VirtioFeature.EVENT_IDX
         fe = link.up()
         for i in range(5):
             fe.channel.send_frame(*m.encode(FR.SET_VRING_NUM, m.VringState(0, i)))
@@ -918,3 +918,127 @@ def test_no_fd_leak_over_many_connections(tmp_path: Path) -> None:
             wait_for(lambda limit=settled: len(open_fds()) <= limit,  # type: ignore[misc]
                      f"fds back to {settled} after connection {i} (a leak if they stay above)")
     assert_no_fds_beyond(before)
+
+
+# --------------------------------------------------------------------------- doorbell bypass
+
+
+class QemuIvshmem(threading.Thread):
+    """What the appliance QEMU's ivshmem-doorbell does with vvu-devd's server: read every
+    message, install (make non-blocking) each eventfd, keep the latest per peer."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.removals: dict[int, int] = {}
+        self.vectors: dict[int, list[int]] = {}
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        import array
+        while True:
+            fds = array.array("i")
+            try:
+                data, anc, _, _ = self.sock.recvmsg(8, socket.CMSG_SPACE(4 * fds.itemsize))
+            except OSError:
+                return
+            if len(data) < 8:
+                return
+            for _, _, blob in anc:
+                fds.frombytes(blob[:len(blob) - len(blob) % fds.itemsize])
+            value = struct.unpack("<q", data)[0]
+            with self.lock:
+                if fds:
+                    fd = fds[0]
+                    os.set_blocking(fd, False)
+                    self.vectors.setdefault(value, []).append(fd)
+                elif value > 0 and value != 0x7676:
+                    self.removals[value] = self.removals.get(value, 0) + 1
+                    for fd in self.vectors.pop(value, []):
+                        os.close(fd)
+                elif value == -1:
+                    pass
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.join(TIMEOUT)
+        self.sock.close()
+        with self.lock:
+            for fds in self.vectors.values():
+                for fd in fds:
+                    os.close(fd)
+            self.vectors.clear()
+
+
+def test_call_eventfd_storms_and_reuse_stay_on_their_link(rig: Rig, tmp_path: Path) -> None:
+    """A front-end replacing its call eventfd in a storm, closing each, then giving one
+    eventfd for two calls: its link is reset, the doorbell companion's other peer and
+    vvu-devd carry on."""
+    from vvu_runtime.device.ivshmem import IvshmemServer
+    from vvu_runtime.fds import eventfd_info
+
+    path = tmp_path / "doorbell.sock"
+
+    def build() -> IvshmemServer:
+        server = IvshmemServer(str(path), vectors=N + 1, loop=rig.thread.loop)
+        for link in rig.links:
+            link.tunnel.on_calls = server.add_peer(link.name).set_calls
+        server.start()
+        return server
+
+    server = rig.thread.call(build)
+    qemu = QemuIvshmem(path)
+    qemu.start()
+    stops: list[threading.Event] = []
+    threads: list[threading.Thread] = []
+    try:
+        fes = [link.up() for link in rig.links]
+        for link in rig.links:
+            stop, seen = threading.Event(), list[bytes]()
+            t = threading.Thread(target=_appliance_backend, args=(link.appliance, stop, seen))
+            t.start()
+            stops.append(stop)
+            threads.append(t)
+        peer_a, peer_b = server.peers[1], server.peers[2]
+        call_b = eventfd()
+        fes[1].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(0, False)),
+                                  fds=[call_b])
+        wait_for(lambda: rig.thread.call(lambda: peer_b.applied) >= 1, "peer 2 installed")
+        assert fired(call_b) == 1  # signalled once, when QEMU had it
+        announced_b = rig.thread.call(lambda: peer_b.announcements)
+
+        for i in range(300):
+            e = eventfd()
+            fes[0].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(i % N, False)),
+                                      fds=[e])
+            os.close(e)
+        wait_for(lambda: rig.links[0].stats["rx_messages"] >= 300, "the storm through rxq")
+        same = eventfd()
+        fes[0].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(0, False)),
+                                  fds=[same])
+        fes[0].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(1, False)),
+                                  fds=[same])
+        wait_for(lambda: rig.links[0].stats["link_resets"] + rig.links[0].stats["errors"] >= 1,
+                 "the reused eventfd refused")
+        wait_for(lambda: not rig.thread.call(lambda: peer_a.calls), "peer 1 emptied")
+        os.close(same)
+        # The storm was coalesced, and peer 2 was never touched.
+        assert rig.thread.call(lambda: peer_a.announcements) < 150
+        assert rig.thread.call(lambda: peer_b.announcements) == announced_b
+        assert qemu.removals.get(2, 0) == announced_b - 1
+        with qemu.lock:
+            installed = qemu.vectors[2][0]
+        assert eventfd_info(installed).ident == eventfd_info(call_b).ident
+        os.eventfd_write(installed, 1)  # a doorbell through the companion still lands
+        assert fired(call_b) == 1
+        fes[1].channel.send_frame(*m.encode(FR.GET_FEATURES))  # and the link itself works
+        assert fes[1].channel.recv_frame(TIMEOUT).request == FR.GET_FEATURES
+        os.close(call_b)
+    finally:
+        for stop in stops:
+            stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        qemu.close()
+        rig.thread.call(server.close)
