@@ -506,7 +506,8 @@ def test_rxq_refills_do_not_notify_while_the_device_has_buffers(ev_rig: Rig) -> 
     link = ev_rig.links[0]
     a = link.appliance
     a.bring_up()
-    assert link.appliance.thread.call(lambda: link.device.negotiated_features) & VirtioFeature.EVENT_IDX
+    negotiated = link.appliance.thread.call(lambda: link.device.negotiated_features)
+    assert negotiated & VirtioFeature.EVENT_IDX
     fe = link.up()
     for i in range(3 * QSIZE):
         fe.channel.send_frame(*m.encode(FR.SET_VRING_NUM, m.VringState(0, i)))
@@ -576,7 +577,8 @@ def test_without_event_idx_every_refill_notifies(tmp_path: Path) -> None:
     with rig_of(tmp_path, count=1) as r:
         link = r.links[0]
         link.appliance.bring_up()
-        assert not link.appliance.thread.call(lambda: link.device.negotiated_features) & VirtioFeature.EVENT_IDX
+        negotiated = link.appliance.thread.call(lambda: link.device.negotiated_features)
+        assert not negotiated & VirtioFeature.EVENT_IDX
         fe = link.up()
         for i in range(5):
             fe.channel.send_frame(*m.encode(FR.SET_VRING_NUM, m.VringState(0, i)))
