@@ -148,6 +148,7 @@ def test_a_doorbell_write_signals_the_call_eventfd_without_vvu_devd(
     call0, call1 = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
     try:
         lt.call(peer.set_calls, {0: call0, 1: call1})
+        first = lt.call(peer.current_peer)
         # QEMU installs it (the fence turned non-blocking): each call signalled once.
         wait(lambda: lt.call(lambda: peer.applied) == 1, "QEMU to install the peer")
         assert drained(call0) == 1 and drained(call1) == 1
@@ -163,31 +164,59 @@ def test_a_doorbell_write_signals_the_call_eventfd_without_vvu_devd(
         assert busy.wait(TIMEOUT)
         try:
             for _ in range(3):
-                qt.cmd(f"writel {BAR0 + IVSHMEM_DOORBELL:#x} "
-                       f"{ivshmem_doorbell(peer.peer_id, 1):#x}")
+                ring(qt, first, 1)
             assert drained(call1) == 3 and drained(call0) == 0
         finally:
             release.set()
 
-        # The front-end replaces queue 0's call: the vector follows it.
+        # The front-end replaces queue 0's call: a new peer ID carries the new set; the
+        # old ID keeps the old set until the driver has read the new one.
         new0 = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             lt.call(peer.set_calls, {0: new0, 1: call1})
-            wait(lambda: lt.call(lambda: peer.applied) == 2, "the re-announcement")
+            second = lt.call(peer.current_peer)
+            assert second != first
+            wait(lambda: lt.call(lambda: peer.applied) == 2, "the new set")
             drained(new0), drained(call1), drained(call0)
-            qt.cmd(f"writel {BAR0 + IVSHMEM_DOORBELL:#x} {ivshmem_doorbell(peer.peer_id, 0):#x}")
+            ring(qt, second, 0)
             assert drained(new0) == 1 and drained(call0) == 0
+            ring(qt, first, 0)
+            assert drained(call0) == 1
+            lt.call(peer.driver_saw, second)  # the driver read it: the old ID goes
+            settle(qt)
+            ring(qt, first, 0)
+            ring(qt, first, 1)
+            assert drained(call0) == 0 and drained(call1) == 0
 
-            # The front-end is gone: the peer has no vectors, a doorbell goes nowhere.
+            # The front-end is gone: its peer too; a doorbell goes nowhere.
             lt.call(peer.set_calls, {})
-            wait(lambda: lt.call(lambda: peer.applied) == 3, "the removal")
+            settle(qt)
             for vector in (0, 1):
-                qt.cmd(f"writel {BAR0 + IVSHMEM_DOORBELL:#x} "
-                       f"{ivshmem_doorbell(peer.peer_id, vector):#x}")
+                ring(qt, second, vector)
             assert drained(new0) == 0 and drained(call1) == 0
+            # And back: a third ID (QEMU corrupts its heap if an ID comes back).
+            lt.call(peer.set_calls, {0: new0})
+            third = lt.call(peer.current_peer)
+            assert third not in (first, second)
+            wait(lambda: lt.call(lambda: peer.applied) == 3, "the third set")
+            drained(new0)
+            ring(qt, third, 0)
+            assert drained(new0) == 1
             assert lt.call(lambda: peer.apply_timeouts) == 0
+            assert int(qt.cmd(f"readl {BAR0 + IVSHMEM_IVPOSITION:#x}"), 16) == DOORBELL_OWNER_ID
         finally:
             os.close(new0)
     finally:
         os.close(call0)
         os.close(call1)
+
+
+def ring(qt: Qtest, peer: int, vector: int) -> None:
+    qt.cmd(f"writel {BAR0 + IVSHMEM_DOORBELL:#x} {ivshmem_doorbell(peer, vector):#x}")
+
+
+def settle(qt: Qtest) -> None:
+    """Let QEMU's main loop read the server's socket (it serves qtest too)."""
+    for _ in range(20):
+        qt.cmd("clock_step 1000")
+        time.sleep(0.01)

@@ -50,13 +50,12 @@ class DeviceModel:
     """The host side of one consumer link: a VVU device and its vhost-user socket."""
 
     def __init__(self, tmp: Path, name: str, *, max_queues: int = 8,
-                 interrupts: bool = True, doorbell: tuple[int, int] | None = None) -> None:
+                 interrupts: bool = True) -> None:
         self.ram_path = tmp / f"{name}.ram"
         with open(self.ram_path, "wb") as f:
             f.truncate(RAM_SIZE)
         self.sock_path = str(tmp / f"{name}.sock")
-        self.device = VvuDevice(name=name, ram_file=self.ram_path, max_queues=max_queues,
-                                doorbell=doorbell)
+        self.device = VvuDevice(name=name, ram_file=self.ram_path, max_queues=max_queues)
         server = VfioUserServer(self.device)
         self.thread = ServerThread(lambda: server)
         self.thread.__enter__()

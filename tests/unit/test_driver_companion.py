@@ -2,7 +2,8 @@
 
 The device names a companion (``doorbell_peer``/``doorbell_owner``); vvu-devd's
 ivshmem server keeps the link's peer (device/ivshmem.py) in step with the
-consumer's call eventfds. QEMU's ivshmem-doorbell is played by a stand-in that
+consumer's call eventfds. QEMU's ivshmem-doorbell is played by a stand-in
+(tests/support/ivshmem_client.py) that installs what the server announces and
 does what QEMU's ioeventfd does with a Doorbell write: it signals the peer's
 vector eventfd (tests/integration/test_doorbell_qemu.py shows real QEMU doing
 it). Completions then reach the consumer with no trapped doorbell at all.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ivshmem_client import IvshmemStandIn
 from tests.support.vvu_chain import SECTORS, Appliance, DeviceModel, FileRam, connect_blk, wait_for
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
@@ -25,21 +27,19 @@ from vvu_runtime.driver.companion import DoorbellCompanion
 from vvu_runtime.driver.transport import CompanionNotifier, DoorbellNotifier, VvuTransport
 from vvu_runtime.vhost_user.transport import NotifierKind
 from vvu_runtime.virtio.blk import RequestType, Status
-from vvu_runtime.virtio.vvu_abi import DOORBELL_OWNER_ID, VvuStatus
+from vvu_runtime.virtio.vvu_abi import DOORBELL_OWNER_ID, NO_DOORBELL_PEER, VvuStatus
 
 VECTORS = 3  # calls of queues 0 and 1, and the fence
 
 
-class QemuStandIn(DoorbellCompanion):
-    """What QEMU does with a Doorbell write: signal vector ``value & 0xffff`` of peer
-    ``value >> 16`` (here: the eventfds vvu-devd's peer holds)."""
+class StandInCompanion(DoorbellCompanion):
+    """The companion function as the driver sees it, writing to the stand-in QEMU."""
 
-    def __init__(self, peer: DoorbellPeer) -> None:  # no PCI function behind it
-        self.peer = peer
+    def __init__(self, qemu: IvshmemStandIn) -> None:  # no PCI function behind it
+        self.qemu = qemu
         self.address = "stand-in"
         self.vectors = VECTORS
         self.rung = 0
-        self.missed = 0
 
     @property
     def position(self) -> int:
@@ -47,11 +47,7 @@ class QemuStandIn(DoorbellCompanion):
 
     def ring(self, value: int) -> None:
         self.rung += 1
-        fd = self.peer.calls.get(value & 0xFFFF) if value >> 16 == self.peer.peer_id else None
-        if fd is None:
-            self.missed += 1
-        else:
-            os.eventfd_write(fd, 1)
+        self.qemu.ring(value)
 
     def close(self) -> None:
         pass
@@ -65,21 +61,26 @@ def image_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def companion_model(tmp_path: Path) -> Iterator[tuple[DeviceModel, DoorbellPeer]]:
-    model = DeviceModel(tmp_path, "disk0", doorbell=(1, DOORBELL_OWNER_ID))
+def companion_model(tmp_path: Path
+                    ) -> Iterator[tuple[DeviceModel, DoorbellPeer, IvshmemStandIn]]:
+    model = DeviceModel(tmp_path, "disk0")
+    path = tmp_path / "doorbell.sock"
 
     def build() -> tuple[IvshmemServer, DoorbellPeer]:
-        server = IvshmemServer(str(tmp_path / "doorbell.sock"), vectors=VECTORS,
-                               loop=model.thread.loop)
+        server = IvshmemServer(str(path), vectors=VECTORS, loop=model.thread.loop)
         peer = server.add_peer("disk0")
         model.tunnel.on_calls = peer.set_calls
+        model.device.doorbell = peer
+        server.start()
         return server, peer
 
     server, peer = model.thread.call(build)
-    assert peer.peer_id == 1
+    qemu = IvshmemStandIn(path)
+    qemu.start()
     try:
-        yield model, peer
+        yield model, peer, qemu
     finally:
+        qemu.close()
         model.thread.call(server.close)
         model.close()
 
@@ -103,10 +104,10 @@ def _io(model: DeviceModel, appliance: Appliance, image_path: Path) -> None:
 
 
 def test_calls_go_through_the_companion_not_through_vvu_devd(
-        companion_model: tuple[DeviceModel, DoorbellPeer], image_path: Path,
+        companion_model: tuple[DeviceModel, DoorbellPeer, IvshmemStandIn], image_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    model, peer = companion_model
-    stand_in = QemuStandIn(peer)
+    model, peer, qemu = companion_model
+    stand_in = StandInCompanion(qemu)
     asked: list[int] = []
 
     def find(owner: int) -> DoorbellCompanion | None:
@@ -121,15 +122,17 @@ def test_calls_go_through_the_companion_not_through_vvu_devd(
         appliance.close()
     assert asked == [DOORBELL_OWNER_ID]
     stats = model.device.stats
-    # Every completion (8 requests) was a companion write; none a trapped doorbell.
-    assert stand_in.rung >= 8 and stand_in.missed == 0
-    assert stats.doorbells == 0 and stats.doorbells_unset == 0
+    # Every completion (8 requests, each waited for on the call eventfd) was a
+    # companion write; none a trapped doorbell. The driver rang under the ID it
+    # read after SET_VRING_CALL, and QEMU never saw an ID again after its removal.
+    assert stand_in.rung >= 8 and stats.doorbells == 0 and stats.doorbells_unset == 0
+    assert qemu.reused == [] and peer.announcements >= 1
 
 
 def test_without_the_companion_function_calls_stay_trapped(
-        companion_model: tuple[DeviceModel, DoorbellPeer], image_path: Path,
+        companion_model: tuple[DeviceModel, DoorbellPeer, IvshmemStandIn], image_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    model, _ = companion_model
+    model, _, _ = companion_model
     monkeypatch.setattr(vvu_mod, "find_companion", lambda owner: None)
     appliance = Appliance()
     try:
@@ -140,14 +143,16 @@ def test_without_the_companion_function_calls_stay_trapped(
 
 
 def test_only_calls_within_the_vectors_use_the_companion(
-        companion_model: tuple[DeviceModel, DoorbellPeer], monkeypatch: pytest.MonkeyPatch
-        ) -> None:
-    model, peer = companion_model
-    monkeypatch.setattr(vvu_mod, "find_companion", lambda owner: QemuStandIn(peer))
+        companion_model: tuple[DeviceModel, DoorbellPeer, IvshmemStandIn],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, qemu = companion_model
+    monkeypatch.setattr(vvu_mod, "find_companion", lambda owner: StandInCompanion(qemu))
     drv = vvu_mod.VvuDriver(model.pci)
     try:
         drv.start()
-        assert (drv.identity.doorbell_peer, drv.identity.doorbell_owner) == (1, DOORBELL_OWNER_ID)
+        # No call set yet: no peer to ring, but the companion is known.
+        assert (drv.identity.doorbell_peer, drv.identity.doorbell_owner) == (
+            NO_DOORBELL_PEER, DOORBELL_OWNER_ID)
 
         class Chan:
             vvu = drv

@@ -95,11 +95,9 @@ class VvuFunction:
                  doorbell: DoorbellPeer | None = None) -> None:
         self.spec = spec
         self.doorbell = doorbell
-        companion = None if doorbell is None else (doorbell.peer_id,
-                                                   doorbell.server.owner_id)
         self.device = VvuDevice(name=spec.name, ram_file=spec.ram_file, max_queues=max_queues,
                                 virtio_id=virtio_id, queue_size=queue_size,
-                                doorbell=companion)
+                                doorbell=doorbell)
         self.tunnel = VhostUserTunnel(self.device, spec.vhost_socket, loop=loop)
         if doorbell is not None:
             self.tunnel.on_calls = doorbell.set_calls

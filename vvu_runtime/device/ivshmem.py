@@ -21,23 +21,35 @@ The protocol, every message one little-endian int64, an fd attached or not:
   (QEMU counts them: the N-th is vector N-1);
 * the peer's ID without an fd: the peer is gone (QEMU closes all its vectors).
 
-One vector cannot be replaced in place, so a changed call set is re-announced:
-removal, then every vector again. Vectors without a call eventfd (a queue the
-front-end gave none, or NOFD) get ``sink``, an eventfd of ours nobody reads, so
-that the numbering has no holes. The last vector of every announcement is a
-fresh *fence* eventfd: QEMU sets O_NONBLOCK on each eventfd it installs
-(``process_msg_connect``), and it handles the socket in order, so the fence's
-flag going up means the whole announcement is live. Until then a doorbell may
-land on the old eventfd or on none; so when the fence goes up (or after
-``APPLY_TIMEOUT`` if it never does), every call eventfd of the peer is
-signalled once: a spurious interrupt costs the consumer a look at its used
-ring, a lost one hangs it.
+A peer's vectors cannot be replaced in place, and **a peer ID must never be
+used again** once removed: QEMU (``close_peer_eventfds``) frees the removed
+peer's vector array and never allocates it again, so a later vector for that
+ID writes freed memory (seen here: QEMU 11 aborts with "malloc(): unaligned
+tcache chunk detected"). So a changed call set is announced under a **new peer
+ID** (the VVU config's ``doorbell_peer`` shows it at once), and the old ID is
+removed only when the driver has read the new one (the device tells us,
+:meth:`DoorbellPeer.driver_saw`): until then a call rung under the old ID still
+lands on the old set. IDs are 1..65535 per QEMU connection, shared fairly
+between the links; a link that used its share (a front-end replacing its call
+eventfds for minutes on end) falls back to the trapped doorbells
+(``doorbell_peer`` = 0xffff) until the appliance's QEMU connects again.
+
+Vectors without a call eventfd (a queue the front-end gave none, or NOFD) get
+``sink``, an eventfd of ours nobody reads, so that the numbering has no holes.
+The last vector of every announcement is a fresh *fence* eventfd: QEMU sets
+O_NONBLOCK on each eventfd it installs (``process_msg_connect``) and handles
+the socket in order, so the fence's flag going up means the whole announcement
+is live. Until then a doorbell under the new ID goes nowhere; so when the fence
+goes up (or after ``APPLY_TIMEOUT`` if it never does), every call eventfd of
+the peer is signalled once: a spurious interrupt costs the consumer a look at
+its used ring, a lost one hangs it.
 
 Hostile front-ends cannot make this costly: announcements of one peer are
-coalesced (at most one per ``MIN_INTERVAL``, always with the latest set), the
-peer's fds are our own duplicates (the front-end's closing or reusing them
-changes nothing here), and a client that stops reading its socket is dropped
-once ``MAX_BACKLOG`` messages wait for it.
+coalesced (at most one per ``MIN_INTERVAL``, always with the latest set, under
+one new ID), at most ``MAX_RETIRED`` old IDs wait per link (older ones are
+removed at once), the peer's fds are our own duplicates (the front-end's
+closing or reusing them changes nothing here), and a client that stops reading
+its socket is dropped once ``MAX_BACKLOG`` messages wait for it.
 """
 
 from __future__ import annotations
@@ -60,7 +72,7 @@ from vvu_runtime.fds import (
     eventfd_info,
     eventfd_signal,
 )
-from vvu_runtime.virtio.vvu_abi import DOORBELL_OWNER_ID, IVSHMEM_MAX_PEER
+from vvu_runtime.virtio.vvu_abi import DOORBELL_OWNER_ID, IVSHMEM_MAX_PEER, NO_DOORBELL_PEER
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +92,8 @@ APPLY_POLL_FIRST = 0.0005
 APPLY_POLL_MAX = 0.05
 #: Messages a client may leave unread before it is dropped.
 MAX_BACKLOG = 65536
+#: Old peer IDs one link keeps announced while its driver has not read the new one.
+MAX_RETIRED = 4
 
 
 def message(value: int) -> bytes:
@@ -101,17 +115,24 @@ def _shared_memory() -> int:
 class DoorbellPeer:
     """One VVU link as an ivshmem peer: vector ``i`` = call eventfd of queue ``i``."""
 
-    def __init__(self, server: IvshmemServer, peer_id: int, name: str, vectors: int) -> None:
+    def __init__(self, server: IvshmemServer, name: str, vectors: int) -> None:
         self.server = server
-        self.peer_id = peer_id
         self.name = name
         #: Vectors the appliance's ivshmem-doorbell device has (``vectors=``): calls
         #: of queues 0 .. vectors-2, and the fence.
         self.vectors = vectors
         #: Our duplicates of the front-end's call eventfds, by queue.
         self.calls: dict[int, int] = {}
-        #: Whether the current set was announced to the connected client.
+        #: The ID the current set is (or is about to be) announced under; None: no
+        #: client, no calls, or this link's IDs are used up.
+        self.peer_id: int | None = None
+        #: Whether ``peer_id`` was announced (then the next change needs a new ID).
         self.announced = False
+        #: Announced IDs of earlier sets, removed once the driver read ``peer_id``.
+        self.retired: list[int] = []
+        #: IDs this link took from the current client (its share is bounded).
+        self.ids_used = 0
+        self.exhausted = False
         self._pending: asyncio.TimerHandle | asyncio.Handle | None = None
         self._last = -MIN_INTERVAL
         self._fence: int | None = None
@@ -120,6 +141,25 @@ class DoorbellPeer:
         self.announcements = 0
         self.applied = 0
         self.apply_timeouts = 0
+
+    # --- what the VVU device shows and sees -------------------------------------------
+
+    @property
+    def owner_id(self) -> int:
+        return self.server.owner_id
+
+    def current_peer(self) -> int:
+        """``doorbell_peer`` of the VVU config: the ID to ring now."""
+        return NO_DOORBELL_PEER if self.peer_id is None else self.peer_id
+
+    def driver_saw(self, peer: int) -> None:
+        """The driver read ``doorbell_peer``: once it has the current ID, it rings no
+        retired one any more, so those can go."""
+        if peer == self.current_peer() and self.retired:
+            self.server.remove(self, self.retired)
+            self.retired = []
+
+    # --- the front-end's side ---------------------------------------------------------
 
     def set_calls(self, calls: Mapping[int, int]) -> None:
         """The front-end's call eventfds now (queue → fd, borrowed: we dup them)."""
@@ -138,7 +178,7 @@ class DoorbellPeer:
             return
         old, self.calls = self.calls, new
         close_fds(list(old.values()))
-        self.server.schedule(self)
+        self.server.changed(self)
 
     def _fence_eventfd(self) -> int:
         """A fresh blocking eventfd: QEMU making it non-blocking is our receipt."""
@@ -147,11 +187,10 @@ class DoorbellPeer:
         self._fence = os.eventfd(0, os.EFD_CLOEXEC)
         return self._fence
 
-    def messages(self, *, remove_first: bool) -> list[tuple[bytes, list[int]]]:
-        """The announcement of the current set (and a new fence)."""
+    def messages(self) -> list[tuple[bytes, list[int]]]:
+        """The announcement of the current set under ``peer_id`` (and a new fence)."""
+        assert self.peer_id is not None
         out: list[tuple[bytes, list[int]]] = []
-        if remove_first:
-            out.append((message(self.peer_id), []))
         top = max(self.calls, default=-1)
         for q in range(top + 1):
             out.append((message(self.peer_id), [self.calls.get(q, self.server.sink)]))
@@ -181,7 +220,7 @@ class DoorbellPeer:
             return
         if loop.time() >= deadline:
             self.apply_timeouts += 1
-            log.warning("%s: the appliance's QEMU did not install doorbell peer %d within "
+            log.warning("%s: the appliance's QEMU did not install doorbell peer %s within "
                         "%.1f s; signalling its calls anyway", self.name, self.peer_id,
                         APPLY_TIMEOUT)
             self.signal_calls()
@@ -195,11 +234,20 @@ class DoorbellPeer:
             with contextlib.suppress(OSError):
                 eventfd_signal(fd)
 
-    def close(self) -> None:
+    def forget_client(self) -> None:
+        """The client is gone (or new): its IDs mean nothing any more."""
+        self.peer_id = None
+        self.announced = False
+        self.retired = []
+        self.ids_used = 0
+        self.exhausted = False
         for handle in (self._pending, self._poll):
             if handle is not None:
                 handle.cancel()
         self._pending = self._poll = None
+
+    def close(self) -> None:
+        self.forget_client()
         close_fds(list(self.calls.values()))
         self.calls = {}
         if self._fence is not None:
@@ -229,12 +277,14 @@ class IvshmemServer:
         self.vectors = vectors
         self.owner_id = owner_id
         self._loop = loop
-        self.peers: dict[int, DoorbellPeer] = {}
+        self.peers: list[DoorbellPeer] = []
         self.sink = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.shm = _shared_memory()
         self._listener: UnixListener | None = None
         self.client: socket.socket | None = None
         self._outbox: Outbox | None = None
+        #: Next peer ID for the current client (IDs are single-use per client).
+        self._next_id = 1
         #: Clients served (connections accepted) and refused (one at a time).
         self.clients = 0
         self.refused = 0
@@ -246,15 +296,26 @@ class IvshmemServer:
         return self._loop
 
     def add_peer(self, name: str) -> DoorbellPeer:
-        """A peer for one VVU link; IDs count from 1 (the owner's is ``owner_id``)."""
-        peer_id = len(self.peers) + 1
-        if peer_id == self.owner_id:
-            peer_id += 1
-        if peer_id > IVSHMEM_MAX_PEER:
-            raise DeviceModelError(f"{name}: no ivshmem peer ID left")
-        peer = DoorbellPeer(self, peer_id, name, self.vectors)
-        self.peers[peer_id] = peer
+        """The peer of one VVU link (its IDs come and go with its call sets)."""
+        peer = DoorbellPeer(self, name, self.vectors)
+        self.peers.append(peer)
         return peer
+
+    @property
+    def share(self) -> int:
+        """Peer IDs each link may take from one client."""
+        return (IVSHMEM_MAX_PEER - 1) // max(1, len(self.peers))
+
+    def _allocate(self, peer: DoorbellPeer) -> int | None:
+        if peer.ids_used >= self.share:
+            return None
+        if self._next_id == self.owner_id:
+            self._next_id += 1
+        if self._next_id > IVSHMEM_MAX_PEER:
+            return None
+        peer.ids_used += 1
+        self._next_id += 1
+        return self._next_id - 1
 
     # --- listening -----------------------------------------------------------------
 
@@ -274,10 +335,10 @@ class IvshmemServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        for peer in self.peers.values():
+        for peer in self.peers:
             peer.close()
         for fd in (self.sink, self.shm):
-            with contextlib.suppress(OSError):
+            if fd >= 0:
                 os.close(fd)
         self.sink = self.shm = -1
 
@@ -303,17 +364,18 @@ class IvshmemServer:
         sock.setblocking(False)
         self.client = sock
         self.clients += 1
+        self._next_id = 1
         self._outbox = Outbox(sock, self.loop, on_error=self._send_failed)
         self.loop.add_reader(sock.fileno(), self._on_client_readable)
         # QEMU reads these at realize, blocking: they go out at once, in this order.
         self._send(message(PROTOCOL_VERSION))
         self._send(message(self.owner_id))
         self._send(message(SHM_MESSAGE), [self.shm])
-        for peer in self.peers.values():
-            peer.announced = False
-            self._announce(peer)
-        log.info("doorbell companion: client #%d connected; %d peers announced",
-                 self.clients, len(self.peers))
+        for peer in self.peers:
+            peer.forget_client()
+            if peer.calls:
+                self.changed(peer)
+        log.info("doorbell companion: client #%d connected", self.clients)
 
     def _send(self, data: bytes, fds: list[int] | None = None) -> bool:
         """Queue one message for the client; False if there is no client (any more)."""
@@ -354,32 +416,68 @@ class IvshmemServer:
             self._outbox.close()
             self._outbox = None
         sock.close()
-        for peer in self.peers.values():
-            peer.announced = False
+        for peer in self.peers:
+            peer.forget_client()
         log.info("doorbell companion: client disconnected (%s)", why)
 
     # --- announcements ---------------------------------------------------------------
 
-    def schedule(self, peer: DoorbellPeer) -> None:
-        """Announce ``peer``'s current set soon (coalesced, rate-limited)."""
+    def changed(self, peer: DoorbellPeer) -> None:
+        """``peer``'s call set changed: a new ID now (shown to the driver at once), the
+        announcement soon (coalesced, rate-limited)."""
+        if self._outbox is None:
+            return  # announced in full when a client connects
+        if not peer.calls:
+            # The front-end is gone (or gave no call): nothing to ring any more.
+            self.remove(peer, [*peer.retired, *([peer.peer_id] if peer.announced and
+                                                peer.peer_id is not None else [])])
+            peer.retired, peer.peer_id, peer.announced = [], None, False
+            return
+        if peer.peer_id is not None and not peer.announced:
+            pass  # the pending announcement will carry the latest set under its ID
+        elif peer.exhausted:
+            return
+        else:
+            new = self._allocate(peer)
+            if new is None:
+                peer.exhausted = True
+                log.warning("%s: no doorbell peer ID left for this link (%d used); its "
+                            "calls use the trapped doorbells until the appliance's QEMU "
+                            "connects again", peer.name, peer.ids_used)
+                self.remove(peer, [*peer.retired, *([peer.peer_id] if peer.announced and
+                                                    peer.peer_id is not None else [])])
+                peer.retired, peer.peer_id, peer.announced = [], None, False
+                return
+            if peer.peer_id is not None and peer.announced:
+                peer.retired.append(peer.peer_id)
+                if len(peer.retired) > MAX_RETIRED:
+                    # A driver that does not read doorbell_peer: do not keep them all.
+                    self.remove(peer, peer.retired[:-MAX_RETIRED])
+                    del peer.retired[:-MAX_RETIRED]
+            peer.peer_id, peer.announced = new, False
+        self._schedule(peer)
+
+    def remove(self, peer: DoorbellPeer, ids: list[int]) -> None:
+        """Tell the client that peers ``ids`` are gone (IDs never used again)."""
+        for pid in ids:
+            if not self._send(message(pid)):
+                return
+
+    def _schedule(self, peer: DoorbellPeer) -> None:
         if peer._pending is not None:
             return  # the pending one sends the latest set
         wait = peer._last + MIN_INTERVAL - self.loop.time()
         if wait > 0:
-            peer._pending = self.loop.call_later(wait, self._announce_pending, peer)
+            peer._pending = self.loop.call_later(wait, self._announce, peer)
         else:
-            peer._pending = self.loop.call_soon(self._announce_pending, peer)
-
-    def _announce_pending(self, peer: DoorbellPeer) -> None:
-        peer._pending = None
-        if self.peers.get(peer.peer_id) is peer:
-            self._announce(peer)
+            peer._pending = self.loop.call_soon(self._announce, peer)
 
     def _announce(self, peer: DoorbellPeer) -> None:
-        if self._outbox is None:
-            return  # announced in full when a client connects
+        peer._pending = None
+        if self._outbox is None or peer.peer_id is None or peer.announced:
+            return
         peer._last = self.loop.time()
-        for data, fds in peer.messages(remove_first=peer.announced):
+        for data, fds in peer.messages():
             if not self._send(data, fds):
                 return
         peer.announced = True

@@ -54,6 +54,7 @@ from vvu_runtime.virtio.queue import DescriptorChain
 from vvu_runtime.virtio.vvu_abi import (
     AUX_BAR,
     AUX_BAR_SIZE,
+    CONFIG_DOORBELL_PEER,
     CONFIG_STATUS,
     CONFIG_STATUS_SIZE,
     DEVICE_CONFIG,
@@ -150,6 +151,20 @@ class VvuLink(Protocol):
         """Fire the call/err/log eventfd; False if the front-end gave none."""
 
 
+class DoorbellSource(Protocol):
+    """The link's peer at the doorbell companion (``device/ivshmem.DoorbellPeer``)."""
+
+    @property
+    def owner_id(self) -> int:
+        """The companion's own ID (its IVPosition)."""
+
+    def current_peer(self) -> int:
+        """The peer ID to ring now (NO_DOORBELL_PEER: none, use the trapped doorbells)."""
+
+    def driver_saw(self, peer: int) -> None:
+        """The driver read ``doorbell_peer`` (and got ``peer``)."""
+
+
 def default_uuid(name: str) -> bytes:
     """A stable, never all-zero identity for device ``name`` (name-based UUID v5)."""
     return uuid_mod.uuid5(uuid_mod.NAMESPACE_URL, f"vvu:{name}").bytes
@@ -212,7 +227,7 @@ class VvuDevice(VirtioPciDevice):
     def __init__(self, *, name: str, ram_file: str | os.PathLike[str],
                  max_queues: int = DEFAULT_MAX_QUEUES, virtio_id: int = VIRTIO_ID_VVU,
                  uuid: bytes | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 doorbell: tuple[int, int] | None = None) -> None:
+                 doorbell: DoorbellSource | None = None) -> None:
         if not 1 <= max_queues <= MAX_VHOST_QUEUES:
             raise DeviceModelError(f"{name}: max_vhost_queues {max_queues} is not in "
                                    f"1..{MAX_VHOST_QUEUES} (vhost-user vring indexes are 8-bit)")
@@ -228,7 +243,7 @@ class VvuDevice(VirtioPciDevice):
         self.ram = ram
         self.max_queues = max_queues
         self.uuid = ident
-        #: (peer ID, owner ID) of the doorbell companion (docs/vvu-abi.md "Doorbell
+        #: This link's peer at the doorbell companion (docs/vvu-abi.md "Doorbell
         #: bypass"), or None: the driver uses the trapped doorbells only.
         self.doorbell = doorbell
         #: Bytes of BAR2 QEMU maps (the file, page-rounded); the rest is trapped zeros.
@@ -290,9 +305,14 @@ class VvuDevice(VirtioPciDevice):
     # --- device configuration ----------------------------------------------------------
 
     def read_device_config(self, offset: int, size: int) -> bytes:
-        peer, owner = self.doorbell or (NO_DOORBELL_PEER, 0)
+        source = self.doorbell
+        peer, owner = ((NO_DOORBELL_PEER, 0) if source is None
+                       else (source.current_peer(), source.owner_id))
         image = (DEVICE_CONFIG.pack(self.vvu_status, self.max_queues, self.uuid)
                  + DOORBELL_CONFIG.pack(peer, owner))
+        if source is not None and offset <= CONFIG_DOORBELL_PEER < offset + size:
+            # The driver rings under this ID from now on: older ones can go.
+            source.driver_saw(peer)
         return image[offset:offset + size]
 
     def write_device_config(self, offset: int, data: bytes) -> None:

@@ -27,7 +27,6 @@ from vvu_runtime.virtio.vvu_abi import (
     IVSHMEM_DOORBELL,
     IVSHMEM_IVPOSITION,
     IVSHMEM_VENDOR_ID,
-    ivshmem_doorbell,
 )
 
 log = logging.getLogger(__name__)
@@ -115,17 +114,4 @@ def _open(address: str) -> DoorbellCompanion | None:
         return None
 
 
-class CompanionCall:
-    """The call of one vhost-user queue, rung through the companion."""
-
-    __slots__ = ("companion", "value")
-
-    def __init__(self, companion: DoorbellCompanion, peer: int, queue: int) -> None:
-        self.companion = companion
-        self.value = ivshmem_doorbell(peer, queue)
-
-    def signal(self) -> None:
-        self.companion.ring(self.value)
-
-
-__all__ = ["CompanionCall", "DoorbellCompanion", "find_companion"]
+__all__ = ["DoorbellCompanion", "find_companion"]

@@ -39,7 +39,6 @@ import select
 import struct
 import time
 
-from vvu_runtime.driver.companion import CompanionCall
 from vvu_runtime.driver.errors import DriverError
 from vvu_runtime.driver.vvu import VvuDriver, drain_eventfd
 from vvu_runtime.vhost_user import messages as m
@@ -140,6 +139,10 @@ class VvuChannel(Channel):
                 continue
             if request == FR.SET_VRING_KICK:
                 payload = self._kick_or_poll(payload)
+            elif request == FR.SET_VRING_CALL:
+                # The device announced the new call set under a new companion peer
+                # ID before it forwarded this: ring under that one from now on.
+                self._refresh_doorbell_peer()
             fds = [_token()] if had_eventfd(request, payload) else []
             self._pending.append(Frame(request, flags, payload, fds))
 
@@ -158,6 +161,13 @@ class VvuChannel(Channel):
                       self.name, value & m.VRING_IDX_MASK, exc)
             fd = None
         return payload if fd is not None else struct.pack("=Q", value | _VRING_NOFD)
+
+    def _refresh_doorbell_peer(self) -> None:
+        try:
+            self.vvu.refresh_doorbell_peer()
+        except DriverError as exc:
+            log.error("%s: cannot read doorbell_peer (%s); calls keep the last one",
+                      self.name, exc)
 
     def _drop_stray_replies(self) -> None:
         while self._replies:
@@ -348,19 +358,21 @@ class CompanionNotifier(Notifier):
     """A call rung through the doorbell companion (driver/companion.py): one write
     QEMU turns into the consumer's call eventfd, vvu-devd not involved."""
 
-    __slots__ = ("_failed", "call")
+    __slots__ = ("_failed", "doorbell", "queue", "vvu")
 
-    def __init__(self, call: CompanionCall) -> None:
-        self.call = call
+    def __init__(self, vvu: VvuDriver, queue: int, doorbell: int) -> None:
+        self.vvu = vvu
+        self.queue = queue
+        self.doorbell = doorbell
         self._failed = False
 
     def signal(self) -> None:
         try:
-            self.call.signal()
+            self.vvu.ring_call(self.queue, self.doorbell)
         except DriverError as exc:
             if not self._failed:
                 self._failed = True
-                log.error("doorbell companion: ringing %#x failed: %s", self.call.value, exc)
+                log.error("%s: call of queue %d failed: %s", self.vvu.name, self.queue, exc)
 
 
 class VvuTransport(Transport):
@@ -405,11 +417,9 @@ class VvuTransport(Transport):
         _close_token(fd)
         if fd is None and kind != NotifierKind.LOG:
             return None  # NOFD: the front-end does not want this one signalled
-        if kind == NotifierKind.CALL:
-            bypass = self.vvu.companion_call(index)
-            if bypass is not None:
-                return CompanionNotifier(bypass)
         doorbell = self.vvu.doorbell_index(DoorbellKind(kind), index)
+        if kind == NotifierKind.CALL and doorbell is not None and self.vvu.bypasses(index):
+            return CompanionNotifier(self.vvu, index, doorbell)
         if doorbell is None:
             log.warning("%s: no %s doorbell for queue %d (the device has %d vhost queues)",
                         self.vvu.name, kind, index, self.vvu.identity.max_vhost_queues)

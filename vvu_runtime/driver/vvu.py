@@ -13,8 +13,9 @@
 * **doorbells** (device aux notifications, cap 6): :meth:`~VvuDriver.doorbell` -
   index ``i`` = call of vhost-user queue ``i``, ``N+i`` = its err, ``2N`` = log;
   when the device names a doorbell companion (``doorbell_peer``) and that
-  ivshmem-doorbell function is there, :meth:`~VvuDriver.companion_call` rings
-  calls through it instead, without vvu-devd (driver/companion.py);
+  ivshmem-doorbell function is there, :meth:`~VvuDriver.ring_call` rings calls
+  through it instead, without vvu-devd (driver/companion.py), under the peer ID
+  the device shows now (:meth:`~VvuDriver.refresh_doorbell_peer`);
 * **kicks** (driver aux notifications, cap 7): :meth:`~VvuDriver.kick_eventfd`
   programs notification ``i`` to its own MSI-X vector (``3 + i``) once and
   returns that vector's eventfd;
@@ -40,7 +41,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
-from vvu_runtime.driver.companion import CompanionCall, DoorbellCompanion, find_companion
+from vvu_runtime.driver.companion import DoorbellCompanion, find_companion
 from vvu_runtime.driver.errors import DeviceFault, PciError
 from vvu_runtime.driver.pci import (
     COMMAND,
@@ -71,6 +72,7 @@ from vvu_runtime.virtio.vvu_abi import (
     DoorbellKind,
     VvuStatus,
     doorbell_index,
+    ivshmem_doorbell,
 )
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,9 @@ class VvuIdentity:
 
     max_vhost_queues: int
     uuid: uuidlib.UUID
-    #: The link's peer ID at the doorbell companion and the companion's own ID
-    #: (NO_DOORBELL_PEER: none, or a device older than the field).
+    #: The link's peer ID at the doorbell companion when read (NO_DOORBELL_PEER:
+    #: none now) and the companion's own ID (0: no companion, or a device older
+    #: than the fields).
     doorbell_peer: int = NO_DOORBELL_PEER
     doorbell_owner: int = 0
 
@@ -113,6 +116,9 @@ class VvuDriver:
         #: Look for the doorbell companion when the device names one.
         self.use_companion = companion
         self.companion: DoorbellCompanion | None = None
+        #: The peer ID to ring the companion under (the device changes it with every
+        #: new call set: refresh_doorbell_peer()).
+        self.doorbell_peer = NO_DOORBELL_PEER
         self.virtio = VirtioPciDriver(pci, virtio_id=virtio_id)
         for cfg_type in (VirtioPciCapType.DEVICE_AUX_NOTIFY_CFG,
                          VirtioPciCapType.DRIVER_AUX_NOTIFY_CFG):
@@ -215,19 +221,26 @@ class VvuDriver:
 
     def _find_companion(self) -> None:
         ident = self.identity
-        if self.companion is not None or not self.use_companion \
-                or ident.doorbell_peer == NO_DOORBELL_PEER:
+        self.doorbell_peer = ident.doorbell_peer
+        if self.companion is not None or not self.use_companion or not ident.doorbell_owner:
             return
         self.companion = find_companion(ident.doorbell_owner)
         if self.companion is None:
-            log.warning("%s: the device names doorbell peer %d of companion %#x, but no "
+            log.warning("%s: the device names doorbell companion %#x, but no "
                         "ivshmem-doorbell function reads that IVPosition: calls stay on the "
-                        "trapped doorbells", self.name, ident.doorbell_peer,
-                        ident.doorbell_owner)
+                        "trapped doorbells", self.name, ident.doorbell_owner)
         else:
-            log.info("%s: calls of queues 0..%d through the doorbell companion %s (peer %d)",
-                     self.name, self.companion.call_vectors() - 1, self.companion.address,
-                     ident.doorbell_peer)
+            log.info("%s: calls of queues 0..%d through the doorbell companion %s",
+                     self.name, self.companion.call_vectors() - 1, self.companion.address)
+
+    def refresh_doorbell_peer(self) -> None:
+        """Read ``doorbell_peer`` again (after SET_VRING_CALL: the device announced the
+        new call set under a new ID; reading it also lets the device drop old ones)."""
+        if self.companion is None:
+            return
+        cfg = self.virtio.device_cfg
+        assert cfg is not None
+        self.doorbell_peer = cfg.read(CONFIG_DOORBELL_PEER, 2)
 
     def _layout(self) -> None:
         need = (ring_bytes(self.rx_size) + ring_bytes(self.tx_size)
@@ -313,13 +326,21 @@ class VvuDriver:
         """Doorbell of ``kind`` for ``queue`` (None: none exists)."""
         return doorbell_index(kind, queue, self.identity.max_vhost_queues)
 
-    def companion_call(self, queue: int) -> CompanionCall | None:
-        """The call of ``queue`` through the doorbell companion (None: use the trapped
-        doorbell: no companion, or a queue past its vectors)."""
+    def bypasses(self, queue: int) -> bool:
+        """Whether calls of ``queue`` can go through the doorbell companion (else
+        only the trapped doorbell: no companion, or a queue past its vectors)."""
         companion = self.companion
-        if companion is None or not 0 <= queue < companion.call_vectors():
-            return None
-        return CompanionCall(companion, self.identity.doorbell_peer, queue)
+        return companion is not None and 0 <= queue < companion.call_vectors()
+
+    def ring_call(self, queue: int, doorbell: int) -> None:
+        """The call of ``queue``: through the companion under the current peer ID, or
+        the trapped ``doorbell`` when the device shows none (its IDs ran out)."""
+        companion = self.companion
+        peer = self.doorbell_peer
+        if companion is None or peer == NO_DOORBELL_PEER:
+            self.doorbell(doorbell)
+            return
+        companion.ring(ivshmem_doorbell(peer, queue))
 
     def doorbell(self, index: int) -> None:
         """Ring doorbell ``index`` (one trapped 16-bit write)."""
