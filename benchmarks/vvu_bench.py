@@ -22,6 +22,12 @@ one vvu-devd: ping RTT and the throughput of a busybox nc transfer, with kicks
 and doorbells per packet.
 
     .venv/bin/python benchmarks/vvu_bench.py [--only storage,switch] [--mib4k 8] [--mib64k 32]
+        [--doorbell-bypass]
+
+``--doorbell-bypass`` runs the appliance side with the doorbell companion
+(vvu-devd ``--doorbell-socket`` and an ``ivshmem-doorbell`` in the appliance):
+consumer calls then bypass vvu-devd, so its ``doorb/IO`` (trapped doorbells)
+falls to ~0 while the consumer's ``irqs/IO`` stays.
 
 Needs the tool chain (``./setup``) and builds the appliance images if needed.
 Under TCG the appliance's Python runs on an emulated CPU: expect large ratios;
@@ -55,10 +61,17 @@ from vvu_runtime.launch.process import (  # noqa: E402
     DeviceModelProcess,
     VvuLink,
 )
-from vvu_runtime.launch.render import BlkDevice, NetDevice, render_devices  # noqa: E402
+from vvu_runtime.launch.render import (  # noqa: E402
+    BlkDevice,
+    DoorbellCompanion,
+    NetDevice,
+    render_devices,
+)
 from vvu_runtime.launch.toolchain import Toolchain, ToolchainError  # noqa: E402
 
 CONSUMER_MIB = 256
+#: vvu-devd's default --max-queues; the companion has one vector more (devd's fence).
+DEVD_MAX_QUEUES = 64
 DISK_MIB = 128
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -108,10 +121,11 @@ def guest_irqs(c: GuestConsole) -> int:
 
 
 @contextlib.contextmanager
-def appliance_vm(tc: Toolchain, name: str, sockets: Sequence[Path]
-                 ) -> Iterator[ApplianceMachine]:
+def appliance_vm(tc: Toolchain, name: str, sockets: Sequence[Path],
+                 doorbell: Path | None = None) -> Iterator[ApplianceMachine]:
     image = build_appliance(tc, name)
-    vm = ApplianceMachine(tc, image)
+    vm = ApplianceMachine(tc, image, doorbell=None if doorbell is None else
+                          DoorbellCompanion(doorbell, DEVD_MAX_QUEUES + 1))
     for s in sockets:
         vm.add_vfio_user_device(s)
     start = time.monotonic()
@@ -273,10 +287,14 @@ def storage_host(tc: Toolchain, assets: ConsumerAssets, work: Path,
 
 
 def storage_appliance(tc: Toolchain, assets: ConsumerAssets, work: Path,
-                      phases: Sequence[Phase]) -> list[Sample]:
+                      phases: Sequence[Phase], *, bypass: bool = False) -> list[Sample]:
     link = VvuLink.in_dir(work, "disk", ram_prefix="vvu-bench-")
-    devd = DeviceModelProcess([link], work / "devd-blk.log", ram_mib=CONSUMER_MIB)
-    with devd, appliance_vm(tc, "storage", [link.vfio_socket]) as avm:
+    doorbell = work / "doorbell.sock" if bypass else None
+    devd = DeviceModelProcess(
+        [link], work / "devd-blk.log", ram_mib=CONSUMER_MIB,
+        args=["--max-queues", str(DEVD_MAX_QUEUES)]
+        + (["--doorbell-socket", str(doorbell)] if doorbell else []))
+    with devd, appliance_vm(tc, "storage", [link.vfio_socket], doorbell) as avm:
         fn = vvu_functions(avm)[0]
         avm.console.check(f"truncate -s {DISK_MIB}M /root/disk.raw")
         tick = int(avm.console.check("getconf CLK_TCK || echo 100").split()[0])
@@ -294,6 +312,13 @@ def storage_appliance(tc: Toolchain, assets: ConsumerAssets, work: Path,
                 return [run_phase("appliance", c, p, probe) for p in phases]
         finally:
             blk.stop()
+
+
+def _notifies(counters: dict[str, int]) -> int:
+    """rxq + txq notifies of the VVU device (-1: a vvu-devd without those counters)."""
+    if "rxq notifies" not in counters:
+        return -1
+    return counters["rxq notifies"] + counters["txq notifies"]
 
 
 def print_storage(samples: list[Sample], phases: Sequence[Phase]) -> None:
@@ -316,7 +341,7 @@ def print_storage(samples: list[Sample], phases: Sequence[Phase]) -> None:
     print()
     print("Per I/O (requests the guest completed; appliance: vvu-devd counters)")
     head = (f"{'workload':<16}{'mode':<10}{'reqs':>6}{'irqs/IO':>9}{'kicks/IO':>10}"
-            f"{'doorb/IO':>10}{'msgs/IO':>9}")
+            f"{'doorb/IO':>10}{'msgs/IO':>9}{'ntf/IO':>8}")
     print(head)
     print("-" * len(head))
     for p in phases:
@@ -329,8 +354,10 @@ def print_storage(samples: list[Sample], phases: Sequence[Phase]) -> None:
                 row += (f"{s.counters['kicks'] / s.ios:>10.2f}"
                         f"{s.counters['doorbells'] / s.ios:>10.2f}"
                         f"{s.counters['messages'] / s.ios:>9.2f}")
+                ntf = _notifies(s.counters)
+                row += f"{ntf / s.ios:>8.2f}" if ntf >= 0 else f"{'n/a':>8}"
             else:
-                row += f"{'n/a':>10}{'n/a':>10}{'n/a':>9}"
+                row += f"{'n/a':>10}{'n/a':>10}{'n/a':>9}{'n/a':>8}"
             print(row)
 
     print()
@@ -520,6 +547,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--net-kib", type=int, default=16384, help="KiB sent through the switch")
     parser.add_argument("--pings", type=int, default=20, help="pings per RTT figure")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--doorbell-bypass", action="store_true",
+                        help="appliance calls through the doorbell companion (ivshmem-doorbell "
+                             "served by vvu-devd), not the trapped VVU doorbells")
+    parser.add_argument("--skip-host", action="store_true",
+                        help="storage: measure the appliance path only (no host-mode run)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
 
@@ -541,8 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if "storage" in only:
-            samples = storage_host(tc, assets, work, phases)
-            samples += storage_appliance(tc, assets, work, phases)
+            samples = [] if args.skip_host else storage_host(tc, assets, work, phases)
+            samples += storage_appliance(tc, assets, work, phases, bypass=args.doorbell_bypass)
             print_storage(samples, phases)
         if "switch" in only:
             results = [switch_host(tc, assets, work, args.net_kib, args.pings),

@@ -22,6 +22,7 @@ from vvu_runtime.device.vfio_user.protocol import IrqSetFlags, PciIrq, PciRegion
 from vvu_runtime.device.virtio_pci import Common, DeviceStatus, VirtioPciCapType
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.virtio.driver_ring import SplitDriverRing
+from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.memory import GuestMemory, MemoryRegion, map_fd
 
 MiB = 1 << 20
@@ -82,6 +83,9 @@ class VvuDriverDouble:
     rx: SplitDriverRing[int] | None = None
     tx: SplitDriverRing[int] | None = None
     next_free: int = 0x10000
+    #: Negotiate EVENT_IDX when offered and drive rxq/txq with it (the real driver
+    #: does); off, the double notifies after every change, as before it existed.
+    event_idx: bool = False
 
     # -- registers
     def walk_caps(self) -> None:
@@ -144,9 +148,10 @@ class VvuDriverDouble:
         lo = self.common(Common.DEVICE_FEATURE, 4)
         self.common(Common.DEVICE_FEATURE_SELECT, 4, 1)
         offered = lo | self.common(Common.DEVICE_FEATURE, 4) << 32
+        accepted = offered if self.event_idx else offered & ~VirtioFeature.EVENT_IDX
         for word in (0, 1):
             self.common(Common.DRIVER_FEATURE_SELECT, 4, word)
-            self.common(Common.DRIVER_FEATURE, 4, (offered >> (32 * word)) & 0xFFFFFFFF)
+            self.common(Common.DRIVER_FEATURE, 4, (accepted >> (32 * word)) & 0xFFFFFFFF)
         self.common(Common.DEVICE_STATUS, 1, 0b1011)
         assert self.virtio_status & DeviceStatus.FEATURES_OK
         return offered
@@ -170,7 +175,8 @@ class VvuDriverDouble:
         self.common(Common.QUEUE_SELECT, 2, index)
         self.common(Common.QUEUE_SIZE, 2, QSIZE)
         base = self.alloc(16 * QSIZE + 6 + 2 * QSIZE + 4096 + 6 + 8 * QSIZE)
-        ring: SplitDriverRing[int] = SplitDriverRing.contiguous(self.memory, QSIZE, base)
+        ring: SplitDriverRing[int] = SplitDriverRing.contiguous(self.memory, QSIZE, base,
+                                                                event_idx=self.event_idx)
         for field_, addr in ((Common.QUEUE_DESC, ring.desc_addr),
                              (Common.QUEUE_DRIVER, ring.avail_addr),
                              (Common.QUEUE_DEVICE, ring.used_addr)):
@@ -181,7 +187,7 @@ class VvuDriverDouble:
         return ring
 
     def bring_up(self, *, msix: bool = True, rx_buffer: int = RX_BUF,
-                 rx_at: int | None = None) -> None:
+                 rx_at: int | None = None, rx_count: int = QSIZE) -> None:
         """Reset, negotiate, queues, vectors, DRIVER_OK, rx buffers (not BACKEND_UP)."""
         self.negotiate()
         if msix:
@@ -194,7 +200,7 @@ class VvuDriverDouble:
         for i in range(self.max_queues):
             assert self.kick_vector(i, 3 + i) == 3 + i
         self.common(Common.DEVICE_STATUS, 1, self.virtio_status | DeviceStatus.DRIVER_OK)
-        self.post_rx(QSIZE, rx_buffer, rx_at)
+        self.post_rx(rx_count, rx_buffer, rx_at)
 
     def post_rx(self, count: int, size: int = RX_BUF, at: int | None = None) -> None:
         """``count`` rxq buffers from the appliance RAM (or from IOVA ``at`` on)."""
@@ -202,10 +208,23 @@ class VvuDriverDouble:
         for i in range(count):
             addr = self.alloc(size, 16) if at is None else at + i * size
             self.rx.add([], [(addr, size)], addr)
-        self.notify(0)
+        self.notify_if_asked(0)
 
     def notify(self, queue: int) -> None:
         self.write(VirtioPciCapType.NOTIFY_CFG, 4 * queue, 2, queue)
+
+    def notify_if_asked(self, queue: int, *, posted: bool = False) -> bool:
+        """After adding buffers: notify only if the device asked (EVENT_IDX), as the
+        real driver does; without EVENT_IDX, always (the double never reads flags).
+        ``posted``: do not wait for the device (QEMU posts BAR writes)."""
+        ring = self.rx if queue == 0 else self.tx
+        assert ring is not None
+        if self.event_idx and not ring.kick_needed():
+            return False
+        cap = self.caps[VirtioPciCapType.NOTIFY_CFG]
+        self.client.region_write(cap.bar, cap.offset + 4 * queue,
+                                 queue.to_bytes(2, "little"), posted=posted)
+        return True
 
     # -- messages
     def recv(self, timeout: float = TIMEOUT) -> bytes:
@@ -223,7 +242,7 @@ class VvuDriverDouble:
         for addr, written in rx.get_used():
             out.append(bytes(self.memory.translate(addr, written)))
             rx.add([], [(addr, RX_BUF)], addr)
-        self.notify(0)
+        self.notify_if_asked(0)
         return out
 
     def rx_empty(self, settle: float = 0.05) -> bool:
@@ -231,13 +250,18 @@ class VvuDriverDouble:
         time.sleep(settle)
         return not self.rx.has_used()
 
-    def send(self, data: bytes, wait: bool = True) -> None:
-        """Put one message in txq and notify."""
+    def add_tx(self, data: bytes) -> None:
+        """Put one message in txq, without a notify."""
         assert self.tx is not None
         addr = self.alloc(max(len(data), 1), 16)
         self.memory.translate(addr, len(data))[:] = data
         self.tx.add([(addr, len(data))], [], addr)
-        self.notify(1)
+
+    def send(self, data: bytes, wait: bool = True) -> None:
+        """Put one message in txq and notify."""
+        assert self.tx is not None
+        self.add_tx(data)
+        self.notify_if_asked(1)
         if wait:
             tx = self.tx
             wait_for(lambda: tx.has_used() or not self.live(), "txq completion")

@@ -20,7 +20,7 @@ from vvu_runtime.launch.appliance import (
     ApplianceMissing,
     find_appliance,
 )
-from vvu_runtime.launch.render import RenderError
+from vvu_runtime.launch.render import DoorbellCompanion, RenderError
 from vvu_runtime.launch.toolchain import Toolchain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,6 +205,21 @@ def test_qemu_arguments(fake: Toolchain, tmp_path: Path) -> None:
     # Stable across relaunches (another port), devices not duplicated.
     again = vm._compose_args(2223)
     assert len(again) == len(args) and "hostfwd=tcp:127.0.0.1:2223-:22" in " ".join(again)
+
+
+def test_doorbell_companion_is_opt_in_and_after_the_viommu(fake: Toolchain,
+                                                          tmp_path: Path) -> None:
+    assert not any("ivshmem-doorbell" in a
+                   for a in _machine(fake, tmp_path, Accelerator.TCG)._compose_args(2222))
+    sock = tmp_path / "db,1.sock"
+    vm = _machine(fake, tmp_path, Accelerator.TCG, doorbell=DoorbellCompanion(sock, 65))
+    args = vm._compose_args(2222)
+    device = args.index("ivshmem-doorbell,id=vvu-doorbell,chardev=vvu-doorbell,vectors=65")
+    assert args[device - 3:device - 1] == ["-chardev",
+                                       f"socket,id=vvu-doorbell,path={tmp_path}/db,,1.sock"]
+    assert args.index("intel-iommu,caching-mode=on") < device
+    # The no-migrate device stays: the companion is optional.
+    assert "ivshmem-plain,memdev=vvu-no-migrate,master=off" in args
 
 
 def test_poll_mode_appliance_has_no_viommu(fake: Toolchain, tmp_path: Path) -> None:

@@ -53,6 +53,12 @@ class FakeVvu:
     def rx_pending(self) -> bool:
         return bool(self.inbox)
 
+    def bypasses(self, queue: int) -> bool:
+        return False  # no doorbell companion: calls ring the trapped doorbells
+
+    def refresh_doorbell_peer(self) -> None:
+        pass
+
     def send(self, data: bytes, *, kick: bool = True) -> None:
         self.sent.append(bytes(data))
 

@@ -90,6 +90,14 @@ def test_block_write_read_and_frontend_reconnect(tmp_path: Path, image_path: Pat
                                                             b"vvu-disk".ljust(20, b"\0"))
             doorbells = appliance.lt.call(lambda: ep.vvu.doorbells_rung if ep.vvu else 0)
             assert doorbells >= 4  # a call per completion: each request waits for its own
+            # EVENT_IDX on rxq: the driver re-posts rxq buffers without a notify (the
+            # device never ran out: one notify, the first post). txq: a front-end that
+            # waits for each reply finds the device idle and re-armed every time, so
+            # one notify per reply, never more (tests/unit/test_vvu_device.py has the
+            # batch case).
+            stats = model.thread.call(lambda: model.device.stats.as_dict())
+            assert stats["rx_messages"] > 10 and stats["rxq_notifies"] == 1, stats
+            assert stats["txq_notifies"] <= stats["tx_replies"], stats
 
             # The consumer goes away: FRONTEND_UP drops, the session ends, BACKEND_UP again.
             drv.dq.close()

@@ -169,6 +169,16 @@ consumers:
 """
 
 
+def test_doorbell_bypass_is_opt_in_per_appliance() -> None:
+    plain = _plan(POLL).node("sw")
+    assert not any("ivshmem-doorbell" in a for a in plain.argv)
+    assert "--doorbell-socket" not in plain.devd_argv
+    node = _plan(POLL.replace("access: poll", "access: poll, doorbell_bypass: true")).node("sw")
+    sock = node.devd_argv[node.devd_argv.index("--doorbell-socket") + 1]
+    assert f"socket,id=vvu-doorbell,path={sock}" in node.argv
+    assert "ivshmem-doorbell,id=vvu-doorbell,chardev=vvu-doorbell,vectors=65" in node.argv
+
+
 def test_poll_mode_appliance_has_no_viommu() -> None:
     argv = _plan(POLL).node("sw").argv
     assert "intel-iommu,caching-mode=on" not in argv

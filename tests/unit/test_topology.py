@@ -477,9 +477,9 @@ def test_defaults_cannot_set_what_is_per_node() -> None:
     text = LAB + "defaults:\n  vswitch: {subnet: 10.9.0.0/16}\n  appliance: {options: {}}\n"
     assert problems(text) == [
         f"{at(text, 'subnet: 10.9')}: defaults.vswitch.subnet: unknown field "
-        "(fields here: access, cpus, image, memory, options)",
+        "(fields here: access, cpus, doorbell_bypass, image, memory, options)",
         f"{at(text, 'options: {}')}: defaults.appliance.options: unknown field "
-        "(fields here: access, cpus, image, memory)",
+        "(fields here: access, cpus, doorbell_bypass, image, memory)",
     ]
 
 

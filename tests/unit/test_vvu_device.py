@@ -236,8 +236,9 @@ def test_function_identity_config_and_bars(rig: Rig) -> None:
     assert (status, max_queues) == (0, N) and any(uuid)
     assert uuid != struct.unpack("<II16s", rig.links[1].appliance.client.region_read(
         0, 0x2000, 24))[2]
-    # Features: VERSION_1 and ACCESS_PLATFORM only.
-    assert a.negotiate() == VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+    # Features: VERSION_1, ACCESS_PLATFORM and EVENT_IDX (rxq/txq notify suppression).
+    assert a.negotiate() == (VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+                             | VirtioFeature.EVENT_IDX)
     # MSI-X: config + rxq + txq + one per kick.
     assert c.get_irq_info(PciIrq.MSIX).count == 3 + N
     # BAR2 is the consumer's RAM file, mmappable as a whole.
@@ -483,6 +484,114 @@ def test_messages_wait_for_rx_buffers(rig: Rig) -> None:
     assert got == list(range(QSIZE))
     a.post_rx(3)
     wait_for(lambda: link.stats["rx_messages"] == QSIZE + 3, "the rest")
+
+
+# --------------------------------------------------------------------------- EVENT_IDX
+# Each rxq/txq notify is a trapped MMIO write: a vCPU exit, a vfio-user message and
+# a turn of vvu-devd's loop. With EVENT_IDX the driver writes one only when the
+# device waits for it; these tests count them (the device's rxq/txq_notifies).
+
+
+@pytest.fixture
+def ev_rig(tmp_path: Path) -> Iterator[Rig]:
+    """One link whose driver double negotiates EVENT_IDX and honours it."""
+    before = open_fds()
+    with rig_of(tmp_path, count=1) as r:
+        r.links[0].appliance.event_idx = True
+        yield r
+    assert_no_fds_beyond(before)
+
+
+def test_rxq_refills_do_not_notify_while_the_device_has_buffers(ev_rig: Rig) -> None:
+    link = ev_rig.links[0]
+    a = link.appliance
+    a.bring_up()
+    negotiated = link.appliance.thread.call(lambda: link.device.negotiated_features)
+    assert negotiated & VirtioFeature.EVENT_IDX
+    fe = link.up()
+    for i in range(3 * QSIZE):
+        fe.channel.send_frame(*m.encode(FR.SET_VRING_NUM, m.VringState(0, i)))
+        assert m.VringState.unpack(a.recv()[12:]).num == i  # buffer re-posted each time
+    # One notify: the first post. The device never ran out, so never asked again
+    # (without EVENT_IDX: one per message, 49).
+    assert link.stats["rxq_notifies"] == 1
+    assert link.stats["rx_messages"] == 3 * QSIZE and link.stats["errors"] == 0
+
+
+def test_rxq_asks_for_a_notify_when_it_runs_dry(ev_rig: Rig) -> None:
+    """Out of buffers, the device waits for rx_space(): it must have asked for the
+    notify of the next re-post, or the front-end's messages stall for good."""
+    link = ev_rig.links[0]
+    a = link.appliance
+    a.bring_up(rx_count=2)
+    fe = link.up()
+    for i in range(7):
+        fe.channel.send_frame(*m.encode(FR.SET_VRING_NUM, m.VringState(0, i)))
+    got: list[int] = []
+    while len(got) < 7:
+        got += [m.VringState.unpack(d[12:]).num for d in a.recv_all()]
+    assert got == list(range(7))
+    dry = link.stats["rxq_notifies"] - 1
+    assert 1 <= dry <= 6  # one per time it ran dry, none for a refill it did not wait for
+
+
+def test_a_txq_batch_costs_one_notify_while_the_device_is_behind(ev_rig: Rig) -> None:
+    """QEMU posts BAR writes: the vCPU goes on while vvu-devd handles the notify. Messages
+    added meanwhile need none: the device drains everything when it gets to it."""
+    link = ev_rig.links[0]
+    a = link.appliance
+    a.bring_up()
+    fe = link.up()
+    for _ in range(5):
+        fe.channel.send_frame(*m.encode(FR.GET_FEATURES))
+    assert len(_more(a, 5)) == 5
+    before = link.stats["txq_notifies"]
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # vvu-devd busy with something else
+        busy.set()
+        release.wait(TIMEOUT)
+
+    link.appliance.thread.loop.call_soon_threadsafe(hold)
+    assert busy.wait(TIMEOUT)
+    rung = []
+    for i in range(5):
+        a.add_tx(m.encode_bytes(FR.GET_FEATURES, m.U64(i), reply=True))
+        rung.append(a.notify_if_asked(1, posted=True))
+    release.set()
+    assert rung == [True, False, False, False, False]
+    for i in range(5):
+        frame = fe.channel.recv_frame(TIMEOUT)
+        assert (frame.request, frame.payload) == (FR.GET_FEATURES, m.U64(i).pack())
+    assert link.stats["txq_notifies"] - before == 1
+    # The next message is not lost whichever way it goes: notified if the device
+    # asked (it drained and re-armed), else picked up when its output drains.
+    a.add_tx(m.encode_bytes(FR.GET_FEATURES, m.U64(9), reply=True))
+    a.notify_if_asked(1)
+    assert fe.channel.recv_frame(TIMEOUT).payload == m.U64(9).pack()
+
+
+def test_without_event_idx_every_refill_notifies(tmp_path: Path) -> None:
+    """The counter the tests above rely on: a driver that does not negotiate EVENT_IDX
+    (the double's default) notifies each re-post, and the device serves it."""
+    with rig_of(tmp_path, count=1) as r:
+        link = r.links[0]
+        link.appliance.bring_up()
+        negotiated = link.appliance.thread.call(lambda: link.device.negotiated_features)
+        assert not negotiated & VirtioFeature.EVENT_IDX
+        fe = link.up()
+        for i in range(5):
+            fe.channel.send_frame(*m.encode(FR.SET_VRING_NUM, m.VringState(0, i)))
+            link.appliance.recv()
+        assert link.stats["rxq_notifies"] == 6
+
+
+def _more(a: Appliance, count: int) -> list[bytes]:
+    """rxq messages until ``count`` more arrived (they may come in several batches)."""
+    out: list[bytes] = []
+    while len(out) < count:
+        out += a.recv_all()
+    return out
 
 
 # --------------------------------------------------------------------------- state machine
@@ -811,3 +920,82 @@ def test_no_fd_leak_over_many_connections(tmp_path: Path) -> None:
             wait_for(lambda limit=settled: len(open_fds()) <= limit,  # type: ignore[misc]
                      f"fds back to {settled} after connection {i} (a leak if they stay above)")
     assert_no_fds_beyond(before)
+
+
+# --------------------------------------------------------------------------- doorbell bypass
+
+
+def test_call_eventfd_storms_and_reuse_stay_on_their_link(rig: Rig, tmp_path: Path) -> None:
+    """A front-end replacing its call eventfd in a storm, closing each, then giving one
+    eventfd for two calls: its link is reset, the doorbell companion's other peer and
+    vvu-devd carry on."""
+    from tests.support.ivshmem_client import IvshmemStandIn
+    from vvu_runtime.device.ivshmem import IvshmemServer
+    from vvu_runtime.fds import eventfd_info
+    from vvu_runtime.virtio.vvu_abi import NO_DOORBELL_PEER, ivshmem_doorbell
+
+    path = tmp_path / "doorbell.sock"
+
+    def build() -> IvshmemServer:
+        server = IvshmemServer(str(path), vectors=N + 1, loop=rig.thread.loop)
+        for link in rig.links:
+            peer = server.add_peer(link.name)
+            link.tunnel.on_calls = peer.set_calls
+            link.device.doorbell = peer
+        server.start()
+        return server
+
+    server = rig.thread.call(build)
+    qemu = IvshmemStandIn(path)
+    qemu.start()
+    stops: list[threading.Event] = []
+    threads: list[threading.Thread] = []
+    try:
+        fes = [link.up() for link in rig.links]
+        for link in rig.links:
+            stop, seen = threading.Event(), list[bytes]()
+            t = threading.Thread(target=_appliance_backend, args=(link.appliance, stop, seen))
+            t.start()
+            stops.append(stop)
+            threads.append(t)
+        peer_a, peer_b = server.peers
+        call_b = eventfd()
+        fes[1].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(0, False)),
+                                  fds=[call_b])
+        wait_for(lambda: rig.thread.call(lambda: peer_b.applied) >= 1, "link 2's set live")
+        assert fired(call_b) == 1  # signalled once, when QEMU had it
+        id_b = rig.thread.call(peer_b.current_peer)
+
+        for i in range(300):
+            e = eventfd()
+            fes[0].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(i % N, False)),
+                                      fds=[e])
+            os.close(e)
+        wait_for(lambda: rig.links[0].stats["rx_messages"] >= 300, "the storm through rxq")
+        same = eventfd()
+        fes[0].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(0, False)),
+                                  fds=[same])
+        fes[0].channel.send_frame(*m.encode(FR.SET_VRING_CALL, m.VringFile(1, False)),
+                                  fds=[same])
+        wait_for(lambda: rig.links[0].stats["errors"] >= 1, "the reused eventfd refused")
+        wait_for(lambda: rig.thread.call(peer_a.current_peer) == NO_DOORBELL_PEER,
+                 "link 1's peer gone with its front-end")
+        os.close(same)
+        # Coalesced, never an ID twice, and link 2 never touched.
+        assert rig.thread.call(lambda: peer_a.announcements) < 150
+        assert qemu.reused == [] and id_b not in qemu.removed
+        assert rig.thread.call(lambda: (peer_b.announcements, peer_b.current_peer())) == (1, id_b)
+        installed = qemu.installed(id_b)[0]
+        assert eventfd_info(installed).ident == eventfd_info(call_b).ident
+        assert qemu.ring(ivshmem_doorbell(id_b, 0))  # its doorbell still lands
+        assert fired(call_b) == 1
+        fes[1].channel.send_frame(*m.encode(FR.GET_FEATURES))  # and the link itself works
+        assert fes[1].channel.recv_frame(TIMEOUT).request == FR.GET_FEATURES
+        os.close(call_b)
+    finally:
+        for stop in stops:
+            stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        qemu.close()
+        rig.thread.call(server.close)

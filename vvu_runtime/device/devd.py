@@ -4,6 +4,7 @@ Usage::
 
     vvu-devd --device NAME:VHOST_SOCKET:VFIO_SOCKET:RAM_FILE [--device ...]
              [--max-queues 64] [--virtio-id 63] [--log-level INFO] [--log-dir DIR]
+             [--doorbell-socket PATH]
 
 Each ``--device`` is one consumer link (DESIGN decision 2: one VVU device per
 consumer): the consumer QEMU connects to ``VHOST_SOCKET`` (``-chardev
@@ -18,6 +19,12 @@ logged with its name; the process never exits because of it (a dead device
 model is a dead device in the appliance for the rest of its life, DESIGN
 decision 3). Every log line starts with the device name; ``--log-dir`` also
 writes each device's lines to ``DIR/NAME.log``.
+
+``--doorbell-socket PATH`` also makes ``vvu-devd`` the ivshmem server of the
+appliance (``device/ivshmem.py``): the appliance's QEMU gets an
+``ivshmem-doorbell`` device on that socket, every device is one of its peers,
+and the driver rings the consumer's calls through it instead of the trapped VVU
+doorbells (docs/vvu-abi.md "Doorbell bypass"). Off by default.
 
 Signals: SIGTERM/SIGINT close every socket (the socket files are removed) and
 exit 0; SIGUSR1 prints the counters table to stderr, as does the exit.
@@ -41,6 +48,7 @@ from pathlib import Path
 
 from vvu_runtime.console import EXIT_FAILURE, EXIT_OK, run_main, setup_logging
 from vvu_runtime.device.errors import DeviceError
+from vvu_runtime.device.ivshmem import DoorbellPeer, IvshmemServer
 from vvu_runtime.device.tunnel import VhostUserTunnel
 from vvu_runtime.device.vfio_user.server import VfioUserServer
 from vvu_runtime.device.vvu import DEFAULT_MAX_QUEUES, DEFAULT_QUEUE_SIZE, VvuDevice
@@ -83,11 +91,16 @@ class VvuFunction:
 
     def __init__(self, spec: DeviceSpec, *, max_queues: int = DEFAULT_MAX_QUEUES,
                  virtio_id: int = VIRTIO_ID_VVU, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 doorbell: DoorbellPeer | None = None) -> None:
         self.spec = spec
+        self.doorbell = doorbell
         self.device = VvuDevice(name=spec.name, ram_file=spec.ram_file, max_queues=max_queues,
-                                virtio_id=virtio_id, queue_size=queue_size)
+                                virtio_id=virtio_id, queue_size=queue_size,
+                                doorbell=doorbell)
         self.tunnel = VhostUserTunnel(self.device, spec.vhost_socket, loop=loop)
+        if doorbell is not None:
+            self.tunnel.on_calls = doorbell.set_calls
         self.server = VfioUserServer(self.device, spec.vfio_socket, loop=loop)
 
     @property
@@ -123,9 +136,16 @@ class VvuFunction:
             "doorbells": str(s.doorbells),
             "no fd": str(s.doorbells_unset),
             "db merged": str(s.doorbells_coalesced),
+            "rxq notifies": str(s.rxq_notifies),
+            "txq notifies": str(s.txq_notifies),
             "errors": str(s.errors),
             "resets": str(s.link_resets),
-        }
+        } | ({} if self.doorbell is None else {
+            # Announcements of this link's peer to the appliance's QEMU, and how
+            # many it was seen to install (the rest were signalled on a timeout).
+            "bypass announced": str(self.doorbell.announcements),
+            "bypass applied": str(self.doorbell.applied),
+        })
 
 
 def counters_table(functions: Sequence[VvuFunction]) -> str:
@@ -178,13 +198,16 @@ def configure_logging(level: str, log_dir: Path | None,
 
 
 async def serve(functions: Sequence[VvuFunction], stop: asyncio.Event, *,
-                ready: Callable[[], None] | None = None) -> None:
+                ready: Callable[[], None] | None = None,
+                companion: IvshmemServer | None = None) -> None:
     """Start every function in the running loop, wait for ``stop``, close them all.
 
     A device that cannot start closes the ones already started and raises.
     """
     started: list[VvuFunction] = []
     try:
+        if companion is not None:
+            companion.start()  # before the appliance's QEMU starts: it connects at realize
         for f in functions:
             f.start()
             started.append(f)
@@ -197,6 +220,8 @@ async def serve(functions: Sequence[VvuFunction], stop: asyncio.Event, *,
                 f.close()
             except Exception:
                 log.exception("%s: error while closing", f.name)
+        if companion is not None:
+            companion.close()
 
 
 def _print_table(functions: Sequence[VvuFunction], when: str) -> None:
@@ -242,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"maximum rxq/txq size (default {DEFAULT_QUEUE_SIZE})")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--log-dir", type=Path, help="also write each device's log to DIR/NAME.log")
+    p.add_argument("--doorbell-socket", metavar="PATH",
+                   help="also serve the appliance's ivshmem-doorbell device on this socket: "
+                        "call doorbells then bypass vvu-devd (docs/vvu-abi.md, "
+                        "'Doorbell bypass'; the appliance QEMU needs -device "
+                        "ivshmem-doorbell,chardev=...,vectors=MAX_QUEUES+1)")
     p.add_argument("--status-file", type=Path,
                    help="keep the counters table of every device in this JSON file "
                         "(rewritten atomically when it changes; launchers read link state there)")
@@ -275,14 +305,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(specs: Sequence[DeviceSpec], args: argparse.Namespace) -> int:
     functions: list[VvuFunction] = []
+    companion = (IvshmemServer(args.doorbell_socket, vectors=args.max_queues + 1)
+                 if args.doorbell_socket else None)
     try:
         for spec in specs:
+            peer = companion.add_peer(spec.name) if companion is not None else None
             functions.append(VvuFunction(spec, max_queues=args.max_queues,
-                                         virtio_id=args.virtio_id, queue_size=args.queue_size))
+                                         virtio_id=args.virtio_id, queue_size=args.queue_size,
+                                         doorbell=peer))
     except DeviceError as exc:
         log.error("%s", exc)
         for f in functions:
             f.device.close()
+        if companion is not None:
+            companion.close()
         return EXIT_FAILURE
 
     async def run() -> int:
@@ -303,7 +339,7 @@ def _run(specs: Sequence[DeviceSpec], args: argparse.Namespace) -> int:
                      "" if len(functions) == 1 else "s", os.getpid())
 
         try:
-            await serve(functions, stop, ready=ready)
+            await serve(functions, stop, ready=ready, companion=companion)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)

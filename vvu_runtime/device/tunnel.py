@@ -67,6 +67,7 @@ import os
 import select
 import socket
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from vvu_runtime.device.vvu import VvuDevice
@@ -237,6 +238,9 @@ class VhostUserTunnel:
         self.link = LinkMachine(device.name)
         self.conn: Connection | None = None
         self.connections = 0
+        #: Told the front-end's call eventfds (queue → fd, borrowed) whenever they
+        #: change: the doorbell companion's peer (device/ivshmem.py) follows them.
+        self.on_calls: Callable[[Mapping[int, int]], None] | None = None
 
     @property
     def name(self) -> str:
@@ -641,6 +645,8 @@ class VhostUserTunnel:
         if fd is not None:
             self._claim_eventfd(conn, fd, what, _role(request, index))
             table[index] = fd
+        if request is FR.SET_VRING_CALL and self.on_calls is not None:
+            self.on_calls(conn.calls)
 
     def _take_log_fd(self, conn: Connection, frame: Frame) -> None:
         fd = frame.fds.pop(0) if frame.fds else None
@@ -782,6 +788,8 @@ class VhostUserTunnel:
         conn.calls.clear()
         conn.errs.clear()
         conn.log_fd = None
+        if self.on_calls is not None:
+            self.on_calls({})
         conn.channel.close()
         log.info("%s: front-end #%d disconnected (%s)", self.name, conn.number, why)
         self.device.frontend_disconnected(notify=notify)

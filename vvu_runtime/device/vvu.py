@@ -54,9 +54,12 @@ from vvu_runtime.virtio.queue import DescriptorChain
 from vvu_runtime.virtio.vvu_abi import (
     AUX_BAR,
     AUX_BAR_SIZE,
+    CONFIG_DOORBELL_PEER,
     CONFIG_STATUS,
     CONFIG_STATUS_SIZE,
     DEVICE_CONFIG,
+    DEVICE_CONFIG_SIZE,
+    DOORBELL_CONFIG,
     DOORBELL_MULTIPLIER,
     DOORBELL_OFFSET,
     ISR_DRIVER_AUX,
@@ -64,6 +67,7 @@ from vvu_runtime.virtio.vvu_abi import (
     KICK_CFG_SIZE,
     MAX_VHOST_QUEUES,
     MESSAGE_BUFFER_SIZE,
+    NO_DOORBELL_PEER,
     RXQ,
     SHM_BAR,
     SHMID_MEMORY,
@@ -112,6 +116,10 @@ class VvuStats:
     doorbells_unset: int = 0
     #: Doorbells whose eventfd was saturated (a wake-up was pending: not written).
     doorbells_coalesced: int = 0
+    #: Trapped notifies of rxq (the driver re-posted buffers) and of txq (messages).
+    #: With EVENT_IDX the driver writes them only when the device asked for one.
+    rxq_notifies: int = 0
+    txq_notifies: int = 0
     #: Bad input from either side (each is logged).
     errors: int = 0
     #: Front-end connections dropped because of an error.
@@ -141,6 +149,20 @@ class VvuLink(Protocol):
 
     def doorbell(self, kind: DoorbellKind, queue: int) -> bool:
         """Fire the call/err/log eventfd; False if the front-end gave none."""
+
+
+class DoorbellSource(Protocol):
+    """The link's peer at the doorbell companion (``device/ivshmem.DoorbellPeer``)."""
+
+    @property
+    def owner_id(self) -> int:
+        """The companion's own ID (its IVPosition)."""
+
+    def current_peer(self) -> int:
+        """The peer ID to ring now (NO_DOORBELL_PEER: none, use the trapped doorbells)."""
+
+    def driver_saw(self, peer: int) -> None:
+        """The driver read ``doorbell_peer`` (and got ``peer``)."""
 
 
 def default_uuid(name: str) -> bytes:
@@ -196,12 +218,16 @@ def open_ram_file(path: str | os.PathLike[str]) -> tuple[int, RamFile]:
 class VvuDevice(VirtioPciDevice):
     """One VVU function: a consumer link's device as the appliance sees it."""
 
-    #: docs/vvu-abi.md "Feature bits": no device bits, no ring extras.
-    TRANSPORT_FEATURES = VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+    #: docs/vvu-abi.md "Feature bits": no device bits; EVENT_IDX so that the driver
+    #: notifies rxq/txq only when the device waits for it (each notify is a trapped
+    #: MMIO write, a vfio-user message and a turn of vvu-devd's loop).
+    TRANSPORT_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
+                          | VirtioFeature.EVENT_IDX)
 
     def __init__(self, *, name: str, ram_file: str | os.PathLike[str],
                  max_queues: int = DEFAULT_MAX_QUEUES, virtio_id: int = VIRTIO_ID_VVU,
-                 uuid: bytes | None = None, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+                 uuid: bytes | None = None, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 doorbell: DoorbellSource | None = None) -> None:
         if not 1 <= max_queues <= MAX_VHOST_QUEUES:
             raise DeviceModelError(f"{name}: max_vhost_queues {max_queues} is not in "
                                    f"1..{MAX_VHOST_QUEUES} (vhost-user vring indexes are 8-bit)")
@@ -217,6 +243,9 @@ class VvuDevice(VirtioPciDevice):
         self.ram = ram
         self.max_queues = max_queues
         self.uuid = ident
+        #: This link's peer at the doorbell companion (docs/vvu-abi.md "Doorbell
+        #: bypass"), or None: the driver uses the trapped doorbells only.
+        self.doorbell = doorbell
         #: Bytes of BAR2 QEMU maps (the file, page-rounded); the rest is trapped zeros.
         self.shm_size = bar2.areas[0].size
         n = max_queues
@@ -245,8 +274,9 @@ class VvuDevice(VirtioPciDevice):
         self.kick_vectors = [NO_VECTOR] * n
         try:
             super().__init__(name=name, virtio_device_id=virtio_id, num_queues=2,
-                             queue_max_size=queue_size, device_cfg_size=DEVICE_CONFIG.size,
+                             queue_max_size=queue_size,
                              msix_vectors=3 + n, class_code=0xFF0000,
+                             device_cfg_size=DEVICE_CONFIG_SIZE,
                              extra_bars=[bar2, bar4], extra_structures=structures)
         except BaseException:
             bar2.close()
@@ -275,7 +305,14 @@ class VvuDevice(VirtioPciDevice):
     # --- device configuration ----------------------------------------------------------
 
     def read_device_config(self, offset: int, size: int) -> bytes:
-        image = DEVICE_CONFIG.pack(self.vvu_status, self.max_queues, self.uuid)
+        source = self.doorbell
+        peer, owner = ((NO_DOORBELL_PEER, 0) if source is None
+                       else (source.current_peer(), source.owner_id))
+        image = (DEVICE_CONFIG.pack(self.vvu_status, self.max_queues, self.uuid)
+                 + DOORBELL_CONFIG.pack(peer, owner))
+        if source is not None and offset <= CONFIG_DOORBELL_PEER < offset + size:
+            # The driver rings under this ID from now on: older ones can go.
+            source.driver_saw(peer)
         return image[offset:offset + size]
 
     def write_device_config(self, offset: int, data: bytes) -> None:
@@ -351,7 +388,13 @@ class VvuDevice(VirtioPciDevice):
         if ring is None or not self.driver_ready:
             return False
         try:
-            return ring.has_available()
+            if ring.has_available():
+                return True
+            # Out of buffers: the tunnel now waits for rx_space(). With EVENT_IDX the
+            # driver re-posts without notifying unless avail_event asks for it, so ask
+            # for a notify at the next buffer, then look again (one may have come
+            # between the first look and the request).
+            return ring.set_kick_suppression(False)
         except VirtioError as exc:
             self.appliance_error(f"rxq: {exc}")
             return False
@@ -413,9 +456,11 @@ class VvuDevice(VirtioPciDevice):
 
     def queue_notified(self, index: int) -> None:
         if index == RXQ:
+            self.stats.rxq_notifies += 1
             if self.link is not None:
                 self.link.rx_space()
         else:
+            self.stats.txq_notifies += 1
             self._drain_txq()
 
     def _drain_txq(self) -> None:

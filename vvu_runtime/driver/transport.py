@@ -139,6 +139,10 @@ class VvuChannel(Channel):
                 continue
             if request == FR.SET_VRING_KICK:
                 payload = self._kick_or_poll(payload)
+            elif request == FR.SET_VRING_CALL:
+                # The device announced the new call set under a new companion peer
+                # ID before it forwarded this: ring under that one from now on.
+                self._refresh_doorbell_peer()
             fds = [_token()] if had_eventfd(request, payload) else []
             self._pending.append(Frame(request, flags, payload, fds))
 
@@ -157,6 +161,13 @@ class VvuChannel(Channel):
                       self.name, value & m.VRING_IDX_MASK, exc)
             fd = None
         return payload if fd is not None else struct.pack("=Q", value | _VRING_NOFD)
+
+    def _refresh_doorbell_peer(self) -> None:
+        try:
+            self.vvu.refresh_doorbell_peer()
+        except DriverError as exc:
+            log.error("%s: cannot read doorbell_peer (%s); calls keep the last one",
+                      self.name, exc)
 
     def _drop_stray_replies(self) -> None:
         while self._replies:
@@ -343,6 +354,27 @@ class DoorbellNotifier(Notifier):
                 log.error("%s: doorbell %d failed: %s", self.vvu.name, self.index, exc)
 
 
+class CompanionNotifier(Notifier):
+    """A call rung through the doorbell companion (driver/companion.py): one write
+    QEMU turns into the consumer's call eventfd, vvu-devd not involved."""
+
+    __slots__ = ("_failed", "doorbell", "queue", "vvu")
+
+    def __init__(self, vvu: VvuDriver, queue: int, doorbell: int) -> None:
+        self.vvu = vvu
+        self.queue = queue
+        self.doorbell = doorbell
+        self._failed = False
+
+    def signal(self) -> None:
+        try:
+            self.vvu.ring_call(self.queue, self.doorbell)
+        except DriverError as exc:
+            if not self._failed:
+                self._failed = True
+                log.error("%s: call of queue %d failed: %s", self.vvu.name, self.queue, exc)
+
+
 class VvuTransport(Transport):
     """Memory, kicks and notifications of a VVU connection (see the module docstring)."""
 
@@ -386,6 +418,8 @@ class VvuTransport(Transport):
         if fd is None and kind != NotifierKind.LOG:
             return None  # NOFD: the front-end does not want this one signalled
         doorbell = self.vvu.doorbell_index(DoorbellKind(kind), index)
+        if kind == NotifierKind.CALL and doorbell is not None and self.vvu.bypasses(index):
+            return CompanionNotifier(self.vvu, index, doorbell)
         if doorbell is None:
             log.warning("%s: no %s doorbell for queue %d (the device has %d vhost queues)",
                         self.vvu.name, kind, index, self.vvu.identity.max_vhost_queues)
@@ -394,6 +428,7 @@ class VvuTransport(Transport):
 
 
 __all__ = [
+    "CompanionNotifier",
     "DoorbellNotifier",
     "VectorKick",
     "VvuBackendChannel",

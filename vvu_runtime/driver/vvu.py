@@ -12,6 +12,10 @@
   interrupt (``config_eventfd``) when the front-end comes or goes;
 * **doorbells** (device aux notifications, cap 6): :meth:`~VvuDriver.doorbell` -
   index ``i`` = call of vhost-user queue ``i``, ``N+i`` = its err, ``2N`` = log;
+  when the device names a doorbell companion (``doorbell_peer``) and that
+  ivshmem-doorbell function is there, :meth:`~VvuDriver.ring_call` rings calls
+  through it instead, without vvu-devd (driver/companion.py), under the peer ID
+  the device shows now (:meth:`~VvuDriver.refresh_doorbell_peer`);
 * **kicks** (driver aux notifications, cap 7): :meth:`~VvuDriver.kick_eventfd`
   programs notification ``i`` to its own MSI-X vector (``3 + i``) once and
   returns that vector's eventfd;
@@ -37,6 +41,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
+from vvu_runtime.driver.companion import DoorbellCompanion, find_companion
 from vvu_runtime.driver.errors import DeviceFault, PciError
 from vvu_runtime.driver.pci import (
     COMMAND,
@@ -50,19 +55,24 @@ from vvu_runtime.driver.virtio_pci import DriverQueue, Structure, VirtioPciDrive
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.pci_layout import NO_VECTOR, DeviceStatus, VirtioPciCapType
 from vvu_runtime.virtio.vvu_abi import (
+    CONFIG_DOORBELL_OWNER,
+    CONFIG_DOORBELL_PEER,
     CONFIG_MAX_VHOST_QUEUES,
     CONFIG_STATUS,
     CONFIG_UUID,
     DEVICE_CONFIG,
+    DEVICE_CONFIG_SIZE,
     KICK_SELECT,
     KICK_VECTOR,
     MESSAGE_BUFFER_SIZE,
+    NO_DOORBELL_PEER,
     RXQ,
     SHMID_MEMORY,
     TXQ,
     DoorbellKind,
     VvuStatus,
     doorbell_index,
+    ivshmem_doorbell,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +95,11 @@ class VvuIdentity:
 
     max_vhost_queues: int
     uuid: uuidlib.UUID
+    #: The link's peer ID at the doorbell companion when read (NO_DOORBELL_PEER:
+    #: none now) and the companion's own ID (0: no companion, or a device older
+    #: than the fields).
+    doorbell_peer: int = NO_DOORBELL_PEER
+    doorbell_owner: int = 0
 
 
 class VvuDriver:
@@ -96,8 +111,14 @@ class VvuDriver:
     """
 
     def __init__(self, pci: PciFunction, *, virtio_id: int | None = None,
-                 rx_size: int = 128, tx_size: int = 64) -> None:
+                 rx_size: int = 128, tx_size: int = 64, companion: bool = True) -> None:
         self.pci = pci
+        #: Look for the doorbell companion when the device names one.
+        self.use_companion = companion
+        self.companion: DoorbellCompanion | None = None
+        #: The peer ID to ring the companion under (the device changes it with every
+        #: new call set: refresh_doorbell_peer()).
+        self.doorbell_peer = NO_DOORBELL_PEER
         self.virtio = VirtioPciDriver(pci, virtio_id=virtio_id)
         for cfg_type in (VirtioPciCapType.DEVICE_AUX_NOTIFY_CFG,
                          VirtioPciCapType.DRIVER_AUX_NOTIFY_CFG):
@@ -149,6 +170,7 @@ class VvuDriver:
         virtio.negotiate(WANTED_FEATURES)
         self.identity = virtio.read_config(self._read_identity)
         n = self.identity.max_vhost_queues
+        self._find_companion()
         if self.interrupts and not self.eventfds:
             table = pci.msix_table_size()
             if table < VECTOR_KICK_BASE:
@@ -179,7 +201,9 @@ class VvuDriver:
                               "setup (see the device model's log)")
         for i, iova in enumerate(self._rx_bufs):
             self.rxq.ring.add((), ((iova, MESSAGE_BUFFER_SIZE),), i)
-        self.rxq.notify()
+        # kick(), not notify(): it notifies (the ring is fresh, avail_event 0) and
+        # starts EVENT_IDX's batch here, so the first re-post is not taken for news.
+        self.rxq.kick()
         self.started = True
         log.info("%s: VVU device ready: virtio ID %d, %d vhost queues, uuid %s, rxq %d, "
                  "txq %d, %s, shared memory BAR%d of %d MiB", self.name, virtio.virtio_id, n,
@@ -190,7 +214,33 @@ class VvuDriver:
     def _read_identity(self, cfg: Structure) -> VvuIdentity:
         n = cfg.read(CONFIG_MAX_VHOST_QUEUES, 4)
         raw = b"".join(cfg.read(CONFIG_UUID + 4 * i, 4).to_bytes(4, "little") for i in range(4))
-        return VvuIdentity(n, uuidlib.UUID(bytes=raw))
+        if cfg.length < DEVICE_CONFIG_SIZE:
+            return VvuIdentity(n, uuidlib.UUID(bytes=raw))
+        return VvuIdentity(n, uuidlib.UUID(bytes=raw), cfg.read(CONFIG_DOORBELL_PEER, 2),
+                           cfg.read(CONFIG_DOORBELL_OWNER, 2))
+
+    def _find_companion(self) -> None:
+        ident = self.identity
+        self.doorbell_peer = ident.doorbell_peer
+        if self.companion is not None or not self.use_companion or not ident.doorbell_owner:
+            return
+        self.companion = find_companion(ident.doorbell_owner)
+        if self.companion is None:
+            log.warning("%s: the device names doorbell companion %#x, but no "
+                        "ivshmem-doorbell function reads that IVPosition: calls stay on the "
+                        "trapped doorbells", self.name, ident.doorbell_owner)
+        else:
+            log.info("%s: calls of queues 0..%d through the doorbell companion %s",
+                     self.name, self.companion.call_vectors() - 1, self.companion.address)
+
+    def refresh_doorbell_peer(self) -> None:
+        """Read ``doorbell_peer`` again (after SET_VRING_CALL: the device announced the
+        new call set under a new ID; reading it also lets the device drop old ones)."""
+        if self.companion is None:
+            return
+        cfg = self.virtio.device_cfg
+        assert cfg is not None
+        self.doorbell_peer = cfg.read(CONFIG_DOORBELL_PEER, 2)
 
     def _layout(self) -> None:
         need = (ring_bytes(self.rx_size) + ring_bytes(self.tx_size)
@@ -216,6 +266,9 @@ class VvuDriver:
             self._dma = None
         self.pci.disable_msix()
         self.eventfds = []
+        if self.companion is not None:
+            self.companion.close()
+            self.companion = None
 
     # -- status ---------------------------------------------------------------------------
     def read_status(self) -> int:
@@ -272,6 +325,22 @@ class VvuDriver:
     def doorbell_index(self, kind: DoorbellKind, queue: int) -> int | None:
         """Doorbell of ``kind`` for ``queue`` (None: none exists)."""
         return doorbell_index(kind, queue, self.identity.max_vhost_queues)
+
+    def bypasses(self, queue: int) -> bool:
+        """Whether calls of ``queue`` can go through the doorbell companion (else
+        only the trapped doorbell: no companion, or a queue past its vectors)."""
+        companion = self.companion
+        return companion is not None and 0 <= queue < companion.call_vectors()
+
+    def ring_call(self, queue: int, doorbell: int) -> None:
+        """The call of ``queue``: through the companion under the current peer ID, or
+        the trapped ``doorbell`` when the device shows none (its IDs ran out)."""
+        companion = self.companion
+        peer = self.doorbell_peer
+        if companion is None or peer == NO_DOORBELL_PEER:
+            self.doorbell(doorbell)
+            return
+        companion.ring(ivshmem_doorbell(peer, queue))
 
     def doorbell(self, index: int) -> None:
         """Ring doorbell ``index`` (one trapped 16-bit write)."""

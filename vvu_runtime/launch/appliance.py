@@ -76,6 +76,7 @@ from vvu_runtime.launch.machine import MachineError, MachineLaunchError, Machine
 from vvu_runtime.launch.ports import free_port, ssh_banner
 from vvu_runtime.launch.render import (
     Credential,
+    DoorbellCompanion,
     NoMigrate,
     Rng,
     RootDisk,
@@ -584,6 +585,7 @@ class ApplianceMachine(QemuMachine):
         viommu: bool = True,
         launch_timeout: float = 60.0,
         boot_timeout: float = 300.0,
+        doorbell: DoorbellCompanion | None = None,
     ) -> None:
         if accel is None:
             accel = choose_accelerator(toolchain).accel
@@ -603,6 +605,7 @@ class ApplianceMachine(QemuMachine):
         base_args = render_devices(
             *([Viommu()] if viommu else []),
             RootDisk(image.disk, snapshot=not persistent), Rng(), NoMigrate(),
+            *([doorbell] if doorbell is not None else []),
             *(Credential(name, value) for name, value in creds.items()))
         # QemuMachine adds "console=ttyS0 panic=-1" itself.
         cmdline = " ".join(w for w in image.cmdline.split() if w != "console=ttyS0")

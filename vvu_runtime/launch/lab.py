@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vvu_runtime.device.vvu import DEFAULT_MAX_QUEUES
 from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator
 from vvu_runtime.launch.ports import free_port
@@ -49,6 +50,7 @@ from vvu_runtime.launch.render import (
     BlkDevice,
     Credential,
     DataDisk,
+    DoorbellCompanion,
     NetDevice,
     RenderError,
     RootDisk,
@@ -202,6 +204,9 @@ class LabPaths:
 
     def devd_status(self, appliance: str) -> Path:
         return self.run / f"{appliance}.devd.json"
+
+    def doorbell_socket(self, appliance: str) -> Path:
+        return self.run / f"{appliance}.doorbell.sock"
 
     @property
     def supervisor_pidfile(self) -> Path:
@@ -467,14 +472,22 @@ def plan_lab(
                      for i, (lk, _) in enumerate(own)]
         # An appliance's RAM is a sealed memfd: vvu-devd maps only memory that
         # cannot shrink under it (docs/vvu-abi.md "DMA").
+        bypass = a.doorbell_bypass and bool(own)
+        doorbell = paths.doorbell_socket(a.name)
+        if bypass:
+            _check_socket_path(doorbell)
         cfg = vm(a.name, a.memory_mib, a.cpus, image, memfd=True,
                  viommu=a.access is ApplianceAccess.VIOMMU, credentials=creds,
                  ssh=SshForward(port, mac=_mac(topology.name, a.name, "mgmt")),
-                 vvu_functions=functions, data_disks=disks)
+                 vvu_functions=functions, data_disks=disks,
+                 doorbell=DoorbellCompanion(doorbell, DEFAULT_MAX_QUEUES + 1)
+                 if bypass else None)
         devd: list[str] = []
         if own:
             devd = [*devd_program(), "--status-file", str(paths.devd_status(a.name)),
                     "--log-dir", str(paths.logs / f"{a.name}.devd")]
+            if bypass:
+                devd += ["--doorbell-socket", str(doorbell)]
             for lk, _ in own:
                 devd += ["--device", lk.devd_spec]
         try:

@@ -201,6 +201,16 @@ class Rng:
 
 
 @dataclass(frozen=True)
+class DoorbellCompanion:
+    """The ivshmem-doorbell served by the appliance's vvu-devd (``--doorbell-socket``):
+    calls bypass vvu-devd (``qemu/doorbell-companion.j2``, docs/vvu-abi.md)."""
+
+    socket: Path
+    #: vvu-devd's ``--max-queues`` + 1 (one vector per queue's call, and its fence).
+    vectors: int
+
+
+@dataclass(frozen=True)
 class NoMigrate:
     """The device that makes QEMU refuse to migrate the VM (``qemu/no-migrate.j2``)."""
 
@@ -238,6 +248,7 @@ class VmConfig:
     nets: Sequence[NetDevice] = ()
     blks: Sequence[BlkDevice] = ()
     vvu_functions: Sequence[VvuFunctionDevice] = ()
+    doorbell: DoorbellCompanion | None = None
     data_disks: Sequence[DataDisk] = ()
     extra_args: Sequence[str] = field(default_factory=list)
     machine_type: str = "q35"
@@ -269,7 +280,7 @@ def render_vm(template: str, vm: VmConfig) -> list[str]:
 
 
 Device = (NetDevice | BlkDevice | VvuFunctionDevice | DataDisk | Credential | SshForward
-          | RootDisk | Viommu | Rng | NoMigrate)
+          | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion)
 
 
 def render_devices(*devices: Device) -> list[str]:
@@ -283,6 +294,8 @@ def render_devices(*devices: Device) -> list[str]:
                 argv += _render_lines("rng.j2", {})
             case NoMigrate():
                 argv += _render_lines("no-migrate.j2", {})
+            case DoorbellCompanion():
+                argv += _render_lines("doorbell-companion.j2", {"doorbell": dev})
             case NetDevice():
                 argv += _render_lines("net-vhost-user.j2", {"net": dev})
             case BlkDevice():

@@ -29,6 +29,26 @@ CONFIG_STATUS = 0
 CONFIG_STATUS_SIZE = 4
 CONFIG_MAX_VHOST_QUEUES = 4
 CONFIG_UUID = 8
+#: Doorbell bypass (docs/vvu-abi.md "Doorbell bypass"), after the base config:
+#: ``le16 doorbell_peer, le16 doorbell_owner``. A driver that reads only the
+#: first 24 bytes never sees them and keeps the trapped doorbells.
+DOORBELL_CONFIG = struct.Struct("<HH")
+CONFIG_DOORBELL_PEER = DEVICE_CONFIG.size
+CONFIG_DOORBELL_OWNER = DEVICE_CONFIG.size + 2
+DEVICE_CONFIG_SIZE = DEVICE_CONFIG.size + DOORBELL_CONFIG.size
+#: ``doorbell_peer`` when the device has no companion (use the trapped doorbells).
+NO_DOORBELL_PEER = 0xFFFF
+#: The companion: QEMU's ivshmem-doorbell (PCI 1af4:1110), BAR0 registers.
+IVSHMEM_VENDOR_ID = 0x1AF4
+IVSHMEM_DEVICE_ID = 0x1110
+IVSHMEM_IVPOSITION = 8
+IVSHMEM_DOORBELL = 12
+IVSHMEM_BAR0_SIZE = 256
+#: Highest peer ID the ivshmem protocol allows (QEMU's IVSHMEM_MAX_PEERS).
+IVSHMEM_MAX_PEER = 0xFFFF
+#: Own ID vvu-devd gives the appliance's ivshmem-doorbell (its IVPosition): not 0,
+#: so the companion is told apart from any other ivshmem function.
+DOORBELL_OWNER_ID = 0x7676
 
 
 class VvuStatus(enum.IntFlag):
@@ -98,3 +118,9 @@ def doorbell_target(index: int, max_vhost_queues: int) -> tuple[DoorbellKind, in
     if index == 2 * n:
         return DoorbellKind.LOG, 0
     return None
+
+
+def ivshmem_doorbell(peer: int, queue: int) -> int:
+    """The Doorbell register value that fires the call of vhost-user queue ``queue``
+    through the companion: peer ``peer``'s vector ``queue``."""
+    return (peer << 16) | queue

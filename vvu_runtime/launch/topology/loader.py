@@ -239,7 +239,8 @@ class _Resolver:
             return None
         return Appliance(name=name, kind=kind, image=v["image"], cpus=v["cpus"],
                          memory_mib=v["memory"], access=v["access"], subnet=subnet,
-                         exports=exports, options=dict(v["options"]), where=p.cur.key_where)
+                         exports=exports, options=dict(v["options"]), where=p.cur.key_where,
+                         doorbell_bypass=v["doorbell_bypass"])
 
     def _default_subnet(self, name: str, p: Parsed) -> Any:
         switches = [n for n, q in self.appliance_nodes.items()

@@ -231,6 +231,8 @@ class Appliance:
     #: Backend options of this kind, every key present (defaults filled in); read-only.
     options: Mapping[str, Any] = field(hash=False)
     where: Location
+    #: Calls through the doorbell companion (docs/vvu-abi.md "Doorbell bypass").
+    doorbell_bypass: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -254,6 +256,7 @@ class Appliance:
             "cpus": self.cpus,
             "memory_mib": self.memory_mib,
             "access": self.access.value,
+            "doorbell_bypass": self.doorbell_bypass,
             "subnet": None if self.subnet is None else str(self.subnet),
             "exports": [e.to_json() for e in self.exports],
             "options": dict(self.options),

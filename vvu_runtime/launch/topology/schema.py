@@ -144,6 +144,9 @@ APPLIANCE = ObjectSpec(
         Field("access", ChoiceType.of(ApplianceAccess), "how the appliance drives its VVU "
               "functions: viommu (vfio-pci behind a virtual IOMMU, interrupts) or poll "
               "(poll-mode driver, no vIOMMU)", default="viommu", inherit=True),
+        Field("doorbell_bypass", BoolType(), "ring the consumers' calls through an "
+              "ivshmem-doorbell served by vvu-devd instead of trapped VVU doorbells "
+              "(docs/vvu-abi.md, 'Doorbell bypass')", default=False, inherit=True),
         Field("subnet", Nullable(NetworkType()), "the switch segment's IPv4 subnet; consumer "
               "addresses are taken from it", default=None,
               default_doc=DEFAULT_SUBNET.format(index="N") + " (N: index among vswitches)",
