@@ -122,6 +122,10 @@ def test_round_trip_with_wrap_around(memory: GuestMemory, size: int, seed: int,
     expected: dict[int, tuple[bytes, int]] = {}
     returned: list[int] = []
     held: list[DescriptorChain] = []
+    # Buffer slots of requests in flight (at most ``size`` < 64): a held chain can
+    # outlive many later tokens, so slots are recycled on completion, not by token.
+    free_slots = list(range(64))
+    slot_of: dict[int, int] = {}
     token = 0
     for _ in range(rounds):
         # Driver: a few requests.
@@ -130,18 +134,22 @@ def test_round_trip_with_wrap_around(memory: GuestMemory, size: int, seed: int,
             need = 1 if use_indirect else nr + nw
             if need > driver.num_free or need > size:
                 break
-            readable = [(BUFS + 0x1000 * (token % 64) + 64 * k, rng.randint(1, 40))
+            slot = slot_of[token] = free_slots.pop(0)
+            # The first buffer starts with the token: chains are told apart by it.
+            readable = [(BUFS + 0x1000 * slot + 64 * k, rng.randint(4 if k == 0 else 1, 40))
                         for k in range(nr)]
-            writable = [(BUFS + 0x80000 + 0x1000 * (token % 64) + 64 * k, rng.randint(1, 40))
+            writable = [(BUFS + 0x80000 + 0x1000 * slot + 64 * k, rng.randint(1, 40))
                         for k in range(nw)]
             payload = b""
-            for addr, n in readable:
+            for k, (addr, n) in enumerate(readable):
                 data = bytes(rng.randrange(256) for _ in range(n))
+                if k == 0:
+                    data = token.to_bytes(4, "little") + data[4:]
                 fill(memory, addr, data)
                 payload += data
             expected[token] = (payload, sum(n for _, n in writable))
             if use_indirect:
-                driver.add_indirect(readable, writable, token, TABLES + 0x100 * (token % 64))
+                driver.add_indirect(readable, writable, token, TABLES + 0x100 * slot)
             else:
                 driver.add(readable, writable, token)
             token += 1
@@ -152,14 +160,16 @@ def test_round_trip_with_wrap_around(memory: GuestMemory, size: int, seed: int,
         rng.shuffle(held)
         keep = rng.randint(0, len(held))
         for chain in held[keep:]:
-            payload, wlen = next(v for v in expected.values() if v[0] == chain.read())
-            assert chain.writable_len == wlen
+            data = chain.read()
+            payload, wlen = expected[int.from_bytes(data[:4], "little")]
+            assert data == payload and chain.writable_len == wlen
             queue.push(chain, chain.write(b"\x5a" * wlen))
         del held[keep:]
         queue.should_notify()
         for tok, written in driver.get_used():
             assert written == expected[tok][1]
             returned.append(tok)
+            free_slots.append(slot_of.pop(tok))
     for chain in held:
         queue.push(chain, 0)
     returned += [t for t, _ in driver.get_used()]
