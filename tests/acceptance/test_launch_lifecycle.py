@@ -290,9 +290,16 @@ def test_ctrl_c_while_the_appliance_boots_leaves_nothing(
     lab = _lab(tmp_path, consumer_assets, "intr")
     out = tmp_path / "up.out"
     try:
-        with out.open("w") as f:
-            proc = lab.popen("up", str(lab.topology), stdout=f, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        # Ctrl-C reaches a terminal's foreground job. A test run started in the
+        # background by a non-interactive shell has SIGINT ignored (POSIX), and `up`
+        # would inherit that: hand it the disposition a terminal job has.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with out.open("w") as f:
+                proc = lab.popen("up", str(lab.topology), stdout=f,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         try:
             def booting_or_exited() -> bool:
                 sw1 = lab.state().get("nodes", {}).get("sw1", {})
