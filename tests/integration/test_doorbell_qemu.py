@@ -12,7 +12,9 @@ new eventfd, and a peer without calls has no vectors left.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.launch_lab import processes_mentioning
 from tests.support.loop_thread import LoopThread
 from vvu_runtime.device.ivshmem import DoorbellPeer, IvshmemServer
 from vvu_runtime.launch.toolchain import Toolchain
@@ -114,25 +117,33 @@ def qemu_companion(toolchain: Toolchain, tmp_path: Path
         "-nodefaults", "-qtest", f"unix:{qtest_path}",
         "-chardev", f"socket,id=doorbell,path={path}",
         "-device", f"ivshmem-doorbell,chardev=doorbell,vectors={VECTORS},addr={SLOT:#x}"])
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group: killing only `mkosi sandbox` would leave QEMU running.
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     try:
         try:
             conn, _ = listener.accept()
         except TimeoutError:
-            proc.kill()
-            proc.wait()
+            kill()
             raise AssertionError("QEMU did not connect to qtest:\n"
                                  + (tmp_path / "qemu.log").read_text()) from None
         conn.settimeout(TIMEOUT)
         yield lt, server, peer, Qtest(conn)
         conn.close()
     finally:
-        proc.kill()
-        proc.wait()
+        kill()
         log.close()
         listener.close()
         lt.call(server.close)
         lt.stop()
+        left = processes_mentioning(str(tmp_path))
+        assert left == [], f"left running: {left}"
 
 
 def test_a_doorbell_write_signals_the_call_eventfd_without_vvu_devd(
