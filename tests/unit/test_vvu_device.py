@@ -150,13 +150,15 @@ class Rig:
     links: list[Link]
 
 
-def make_link(thread: LoopThread, tmp: Path, name: str, ram_size: int = CONSUMER_RAM) -> Link:
+def make_link(thread: LoopThread, tmp: Path, name: str, ram_size: int = CONSUMER_RAM,
+              refuse_while_down: bool = False) -> Link:
     ram = GuestRam(ram_size, name=f"{name}-consumer-ram")
     path = tmp / f"{name}.vhost.sock"
 
     def build() -> tuple[VvuDevice, VhostUserTunnel, VfioUserServer]:
         device = VvuDevice(name=name, ram_file=f"/proc/self/fd/{ram.fd}", max_queues=N)
-        tunnel = VhostUserTunnel(device, path, loop=thread.loop)
+        tunnel = VhostUserTunnel(device, path, loop=thread.loop,
+                                 refuse_while_down=refuse_while_down)
         tunnel.start()
         return device, tunnel, VfioUserServer(device, loop=thread.loop)
 
@@ -642,6 +644,26 @@ def test_connect_disconnect_reconnect(rig: Rig) -> None:
     link.round_trip(fourth)
     stats = link.stats
     assert stats["connections"] == 4 and stats["errors"] == 0 and stats["link_resets"] == 0
+
+
+def test_refuse_while_down_refuses_before_the_first_session_too(tmp_path: Path) -> None:
+    # A vvu-devd restarted under a running consumer (the launcher passes
+    # --refuse-while-down): the consumer's reconnect must be refused until the
+    # appliance is back, not parked in the backlog with its handshake blocking.
+    thread = LoopThread()
+    link = make_link(thread, tmp_path, "fresh", refuse_while_down=True)
+    try:
+        a = link.appliance
+        a.bring_up()
+        assert link.tunnel.state == "refusing until BACKEND_UP"
+        with pytest.raises(TransportError, match="Connection refused"):
+            link.connect()
+        assert link.vhost_path.exists() and a.vvu_status == 0
+        fe = link.up()  # BACKEND_UP: listening, accepted, FRONTEND_UP
+        link.round_trip(fe)
+    finally:
+        close_link(link)
+        thread.stop()
 
 
 def test_appliance_disconnect_drops_the_front_end_and_the_device_serves_again(

@@ -92,13 +92,14 @@ class VvuFunction:
     def __init__(self, spec: DeviceSpec, *, max_queues: int = DEFAULT_MAX_QUEUES,
                  virtio_id: int = VIRTIO_ID_VVU, queue_size: int = DEFAULT_QUEUE_SIZE,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 doorbell: DoorbellPeer | None = None) -> None:
+                 doorbell: DoorbellPeer | None = None, refuse_while_down: bool = False) -> None:
         self.spec = spec
         self.doorbell = doorbell
         self.device = VvuDevice(name=spec.name, ram_file=spec.ram_file, max_queues=max_queues,
                                 virtio_id=virtio_id, queue_size=queue_size,
                                 doorbell=doorbell)
-        self.tunnel = VhostUserTunnel(self.device, spec.vhost_socket, loop=loop)
+        self.tunnel = VhostUserTunnel(self.device, spec.vhost_socket, loop=loop,
+                                      refuse_while_down=refuse_while_down)
         if doorbell is not None:
             self.tunnel.on_calls = doorbell.set_calls
         self.server = VfioUserServer(self.device, spec.vfio_socket, loop=loop)
@@ -272,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "call doorbells then bypass vvu-devd (docs/vvu-abi.md, "
                         "'Doorbell bypass'; the appliance QEMU needs -device "
                         "ivshmem-doorbell,chardev=...,vectors=MAX_QUEUES+1)")
+    p.add_argument("--refuse-while-down", action="store_true",
+                   help="refuse a front-end (ECONNREFUSED, QEMU's reconnect-ms retries) "
+                        "whenever the appliance's back-end is not up, also before a link's "
+                        "first session, instead of holding it in the listen backlog, where "
+                        "its handshake freezes the consumer's vCPUs (for launchers that start "
+                        "consumers after the appliance is ready and restart vvu-devd under "
+                        "running consumers)")
     p.add_argument("--status-file", type=Path,
                    help="keep the counters table of every device in this JSON file "
                         "(rewritten atomically when it changes; launchers read link state there)")
@@ -312,7 +320,8 @@ def _run(specs: Sequence[DeviceSpec], args: argparse.Namespace) -> int:
             peer = companion.add_peer(spec.name) if companion is not None else None
             functions.append(VvuFunction(spec, max_queues=args.max_queues,
                                          virtio_id=args.virtio_id, queue_size=args.queue_size,
-                                         doorbell=peer))
+                                         doorbell=peer,
+                                         refuse_while_down=args.refuse_while_down))
     except DeviceError as exc:
         log.error("%s", exc)
         for f in functions:

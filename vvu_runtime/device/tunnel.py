@@ -20,7 +20,9 @@ listen backlog until the driver is ready. After a session, DOWN stops listening
 (the file stays): a reconnecting front-end's connect() fails with ECONNREFUSED
 and QEMU's ``reconnect-ms`` retries, instead of its handshake blocking QEMU's
 main loop, and so the consumer's vCPUs, while the appliance's back-end is down.
-One front-end at a time.
+With ``refuse_while_down`` that holds before the first session too: a vvu-devd
+restarted under running consumers cannot know they had sessions, and a launcher
+starts consumers only once the appliance is ready. One front-end at a time.
 
 Isolation (a front-end shares the open files of every fd it passes and may
 change their flags at any time): kick eventfds are read with
@@ -225,16 +227,17 @@ class VhostUserTunnel:
     """Listen on ``path`` for the consumer's front-end and tunnel it through ``device``."""
 
     def __init__(self, device: VvuDevice, path: str | os.PathLike[str], *,
-                 loop: asyncio.AbstractEventLoop | None = None, backlog: int = 4) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, backlog: int = 4,
+                 refuse_while_down: bool = False) -> None:
         self.device = device
         self.path = os.fspath(path)
         self.backlog = backlog
         self._loop = loop
         self._listener: UnixListener | None = None
         self._accepting = False
-        #: A front-end was accepted once: from then on, while BACKEND_UP is clear,
-        #: the socket does not listen (a reconnecting front-end is refused at once).
-        self._had_session = False
+        #: While BACKEND_UP is clear the socket does not listen (a connecting
+        #: front-end is refused at once): from the first session on, or always.
+        self._refuse_while_down = refuse_while_down
         self.link = LinkMachine(device.name)
         self.conn: Connection | None = None
         self.connections = 0
@@ -298,7 +301,7 @@ class VhostUserTunnel:
         listener = self._listener
         if listener is None:
             return
-        if self._had_session and self.link.state is LinkState.DOWN:
+        if self._refuse_while_down and self.link.state is LinkState.DOWN:
             # Not the backlog: a front-end's handshake would block there (QEMU's main
             # loop, and so the consumer's vCPUs) for as long as the appliance's
             # back-end is down. Refused, QEMU's reconnect-ms retries later instead.
@@ -339,7 +342,7 @@ class VhostUserTunnel:
             sock.close()
             return
         self.connections += 1
-        self._had_session = True
+        self._refuse_while_down = True
         channel = UnixChannel(sock, max_payload=m.MAX_PAYLOAD,
                               limit_for=m.request_limits(m.Direction.FRONTEND, False),
                               name=f"{self.name} front-end #{self.connections}")

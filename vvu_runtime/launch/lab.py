@@ -484,8 +484,10 @@ def plan_lab(
                  if bypass else None)
         devd: list[str] = []
         if own:
+            # Consumers start once the appliance is ready; a vvu-devd restarted
+            # under them must refuse them until the appliance is back, not freeze them.
             devd = [*devd_program(), "--status-file", str(paths.devd_status(a.name)),
-                    "--log-dir", str(paths.logs / f"{a.name}.devd")]
+                    "--log-dir", str(paths.logs / f"{a.name}.devd"), "--refuse-while-down"]
             if bypass:
                 devd += ["--doorbell-socket", str(doorbell)]
             for lk, _ in own:
