@@ -259,3 +259,40 @@ def test_a_lab_brought_up_again_keeps_its_free_ssh_ports(tmp_path: Path) -> None
         assert cli._previous_ports(paths) == {"c1": free_port}
     finally:
         taken.close()
+
+
+def test_status_says_degraded_when_a_ready_node_has_a_link_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The VMs run (the supervisor says "ready") but sw1's back-end is not up: both
+    # ends of its link are degraded, and the table says which link and why.
+    monkeypatch.setenv("VVU_STATE_DIR", str(tmp_path / "state"))
+    name = f"degr{os.getpid()}"
+    paths = _lab(tmp_path, name)
+    supervisor = _sleeper("vvu_runtime.launch.supervisor", str(paths.root))
+    vm = _sleeper(str(paths.run / "sw1.qmp"))
+    try:
+        nodes = {n: {"state": "ready", "pid": vm.pid} for n in ("sw1", "c1")}
+        write_json(paths.state, {"supervisor": {"pid": supervisor.pid}, "phase": "running",
+                                 "nodes": nodes, "links": {"c1-nic0": {
+                                     "device": "c1-nic0", "consumer": "refusing until "
+                                     "BACKEND_UP", "status": "0"}}})
+        st = cli.lab_status(paths)
+        assert {n["name"]: n["state"] for n in st["nodes"]} == {
+            "sw1": "degraded", "c1": "degraded"}
+        errors = {n["name"]: n["error"] for n in st["nodes"]}
+        assert errors == {"sw1": "link c1-nic0: the appliance's back-end is not up",
+                          "c1": "link c1-nic0: not connected to sw1"}
+        assert cli.main(["status", name]) == 0
+        text = capsys.readouterr().out
+        assert "degraded" in text and "c1: link c1-nic0: not connected to sw1" in text
+        # Both bits up: ready again.
+        write_json(paths.state, {"supervisor": {"pid": supervisor.pid}, "phase": "running",
+                                 "nodes": nodes, "links": {"c1-nic0": {
+                                     "device": "c1-nic0", "status": "BACKEND_UP|FRONTEND_UP"}}})
+        assert {n["name"]: n["state"] for n in cli.lab_status(paths)["nodes"]} == {
+            "sw1": "ready", "c1": "ready"}
+    finally:
+        for p in (supervisor, vm):
+            p.kill()
+            p.wait()

@@ -651,10 +651,31 @@ def lab_status(paths: LabPaths) -> dict[str, Any]:
             "kicks": int(row.get("kicks", 0)), "doorbells": int(row.get("doorbells", 0)),
             "errors": int(row.get("errors", 0)), "resets": int(row.get("resets", 0)),
         })
+    _mark_degraded(nodes, links)
     return {"name": paths.name, "lab_dir": str(paths.root), "phase": phase,
             "accel": plan["accel"], "accel_reason": plan["accel_reason"],
             "supervisor_pid": state.get("supervisor", {}).get("pid") if running else None,
             "error": state.get("error"), "nodes": nodes, "links": links}
+
+
+def _mark_degraded(nodes: list[dict[str, Any]], links: list[dict[str, Any]]) -> None:
+    """A booted node whose links do not serve is "degraded", not "ready": the
+    supervisor's state says the VM runs, the links say whether its devices work (an
+    appliance's back-end unit failed, a consumer not reconnected yet)."""
+    for node in nodes:
+        if node["state"] != "ready":
+            continue
+        if node["role"] == "appliance":
+            bad = [f"link {lk['name']}: the appliance's back-end is not up"
+                   for lk in links if lk["appliance"] == node["name"]
+                   and "BACKEND_UP" not in lk["status"]]
+        else:
+            bad = [f"link {lk['name']}: not connected to {lk['appliance']}"
+                   for lk in links if lk["consumer"] == node["name"]
+                   and "FRONTEND_UP" not in lk["status"]]
+        if bad:
+            node["state"] = "degraded"
+            node["error"] = "; ".join(bad)
 
 
 def status_text(paths: LabPaths) -> str:
@@ -684,7 +705,9 @@ def status_text(paths: LabPaths) -> str:
               lk["status"], lk["messages"], lk["kicks"], lk["doorbells"], lk["errors"]]
              for lk in st["links"]]))
     for n in st["nodes"]:
-        if n["error"] and n["state"] != "ready":
+        if n["state"] == "degraded":
+            out.append(f"\n{n['name']}: {n['error']}")
+        elif n["error"] and n["state"] != "ready":
             out.append(f"\n{n['name']}: {n['error']}")
             out.append(_tail_file(Path(n["log"]), 600))
     return "\n".join(out)
