@@ -272,11 +272,13 @@ def test_status_says_degraded_when_a_ready_node_has_a_link_down(
     supervisor = _sleeper("vvu_runtime.launch.supervisor", str(paths.root))
     vm = _sleeper(str(paths.run / "sw1.qmp"))
     try:
-        nodes = {n: {"state": "ready", "pid": vm.pid} for n in ("sw1", "c1")}
-        write_json(paths.state, {"supervisor": {"pid": supervisor.pid}, "phase": "running",
-                                 "nodes": nodes, "links": {"c1-nic0": {
-                                     "device": "c1-nic0", "consumer": "refusing until "
-                                     "BACKEND_UP", "status": "0"}}})
+        def running(link_status: str) -> None:
+            write_json(paths.state, {
+                "supervisor": {"pid": supervisor.pid}, "phase": "running",
+                "nodes": {n: {"state": "ready", "pid": vm.pid} for n in ("sw1", "c1")},
+                "links": {"c1-nic0": {"device": "c1-nic0", "status": link_status}}})
+
+        running("0")
         st = cli.lab_status(paths)
         assert {n["name"]: n["state"] for n in st["nodes"]} == {
             "sw1": "degraded", "c1": "degraded"}
@@ -287,9 +289,7 @@ def test_status_says_degraded_when_a_ready_node_has_a_link_down(
         text = capsys.readouterr().out
         assert "degraded" in text and "c1: link c1-nic0: not connected to sw1" in text
         # Both bits up: ready again.
-        write_json(paths.state, {"supervisor": {"pid": supervisor.pid}, "phase": "running",
-                                 "nodes": nodes, "links": {"c1-nic0": {
-                                     "device": "c1-nic0", "status": "BACKEND_UP|FRONTEND_UP"}}})
+        running("BACKEND_UP|FRONTEND_UP")
         assert {n["name"]: n["state"] for n in cli.lab_status(paths)["nodes"]} == {
             "sw1": "ready", "c1": "ready"}
     finally:
