@@ -127,7 +127,7 @@ def test_resolved_lab() -> None:
     assert (sw1.cpus, sw1.memory_mib, sw1.access, sw1.image) == (1, 1024, ApplianceAccess.VIOMMU,
                                                                  None)
     assert dict(sw1.options) == {"busy_poll_us": 0}
-    assert dict(st1.options) == {"direct": False, "queues": 1}
+    assert dict(st1.options) == {"direct": True, "queues": 1}
     assert st1.subnet is None
     assert [(e.name, e.size, e.readonly) for e in st1.exports] == [
         ("disk-a", 256 << 20, False), ("disk-b", 256 << 20, True)]
@@ -210,7 +210,7 @@ def test_inheritance_precedence() -> None:
         appliances:
           sw1: {kind: vswitch}
           sw2: {kind: vswitch, cpus: 4, access: viommu, options: {busy_poll_us: 0}}
-          st1: {kind: storage, options: {direct: true}}
+          st1: {kind: storage, options: {direct: false}}
         consumers:
           c1: {nics: [sw1]}
           c2: {nics: [sw2], cpus: 1, memory: 256M}
@@ -223,7 +223,7 @@ def test_inheritance_precedence() -> None:
     # backend options merge field by field
     assert dict(sw1.options) == {"busy_poll_us": 20}
     assert dict(sw2.options) == {"busy_poll_us": 0}
-    assert dict(st1.options) == {"direct": True, "queues": 4}
+    assert dict(st1.options) == {"direct": False, "queues": 4}
     c1, c2 = topo.consumers
     assert (c1.cpus, c1.memory_mib) == (2, 1024)
     assert (c2.cpus, c2.memory_mib) == (1, 256)

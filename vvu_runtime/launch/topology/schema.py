@@ -116,8 +116,11 @@ VSWITCH_OPTIONS = ObjectSpec(
 STORAGE_OPTIONS = ObjectSpec(
     "storage-options", "appliances.NAME.options (storage)", "Backend options of a storage "
     "appliance.", (
-        Field("direct", BoolType(), "open the export images O_DIRECT (vvu-blk --direct)",
-              default=False),
+        Field("direct", BoolType(), "open the export disks O_DIRECT (vvu-blk --direct): a "
+              "completed write is then on the host when the consumer sees it. false keeps "
+              "completed writes in the appliance's page cache until the consumer flushes, and "
+              "an appliance restart under a running consumer (vvu-devd died, the VM crashed) "
+              "loses them although the consumer's next flush succeeds", default=True),
         Field("queues", IntType(1, 16), "request queues offered to each consumer "
               "(vvu-blk --queues)", default=1),
     ))
