@@ -124,11 +124,14 @@ def find_records(path: str, run: bytes, first: int, acked: Iterable[int]) -> Ver
 
 
 def write(device: str, run: bytes, first: int, count: int, log: str, stop: str,
-          pause: float) -> int:
+          pause: float, hold: str | None = None) -> int:
     """Write records 0..count-1 until ``stop`` exists; log ACK after each fsync.
 
     A failed write or fsync is logged (``ERR seq errno``) and retried: such a record is
-    not acknowledged until a later fsync covering it returns.
+    not acknowledged until a later fsync covering it returns. With ``hold``, each
+    completed write is logged (``WRITTEN seq``) and its fsync waits until the file
+    ``hold`` exists: the window in which a device may still hold the data in a
+    volatile cache, stretched so that a test can disrupt the device inside it.
     """
     fd = os.open(device, os.O_RDWR | os.O_DIRECT)
     buf = mmap.mmap(-1, BLOCK)
@@ -139,6 +142,10 @@ def write(device: str, run: bytes, first: int, count: int, log: str, stop: str,
             buf[:] = record(run, seq)
             try:
                 os.pwritev(fd, [buf], (first + seq) * BLOCK)
+                if hold is not None:
+                    out.write(f"WRITTEN {seq}\n")
+                    while not os.path.exists(hold):
+                        time.sleep(0.1)
                 os.fsync(fd)
             except OSError as e:
                 out.write(f"ERR {seq} {e.errno}\n")
@@ -182,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--count", type=int, required=True, help="stop after this many")
             s.add_argument("--stop", required=True, help="stop when this file exists")
             s.add_argument("--pause", type=float, default=0.0, help="seconds between records")
+            s.add_argument("--hold", help="after each write, wait for this file before fsync")
     a = p.parse_args(argv)
     run = bytes.fromhex(a.run)
     if a.cmd == "write":
-        return write(a.device, run, a.first, a.count, a.log, a.stop, a.pause)
+        return write(a.device, run, a.first, a.count, a.log, a.stop, a.pause, a.hold)
     return verify(a.device, run, a.first, a.log)
 
 

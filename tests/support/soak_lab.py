@@ -76,7 +76,8 @@ class PhaseResult:
 class Writer:
     """The records writer running in c1 (started detached; stops at ``count`` or when told)."""
 
-    def __init__(self, soak: SoakLab, first: int, count: int, pause: float) -> None:
+    def __init__(self, soak: SoakLab, first: int, count: int, pause: float, *,
+                 hold: bool = False) -> None:
         self.soak = soak
         self.run = secrets.token_bytes(16)
         self.first = first
@@ -84,10 +85,12 @@ class Writer:
         tag = self.run.hex()[:8]
         self.log = f"/root/soak-{tag}.log"
         self.stop_file = f"/root/soak-{tag}.stop"
+        self.hold_file = f"/root/soak-{tag}.go" if hold else None
+        held = f"--hold {self.hold_file} " if hold else ""
         soak.c1().check_output(
             f"nohup python3 {GUEST_RECORDS} write {DISK} --run {self.run.hex()} "
             f"--first {first} --count {count} --log {self.log} --stop {self.stop_file} "
-            f"--pause {pause} >/dev/null 2>&1 &")
+            f"--pause {pause} {held}>/dev/null 2>&1 &")
 
     def lines(self) -> list[str]:
         out: str = self.soak.c1().check_output(f"cat {self.log} 2>/dev/null || true")
@@ -108,6 +111,11 @@ class Writer:
         """Its log once it wrote DONE (stopped by itself or when told), else None."""
         lines = self.lines()
         return lines if lines and lines[-1].startswith("DONE") else None
+
+    def release(self) -> None:
+        """Let a held writer's fsync go (see ``records.write``)."""
+        assert self.hold_file is not None
+        self.soak.c1().check_output(f"touch {self.hold_file}")
 
     def finish(self, timeout: float = 300) -> list[str]:
         """Tell it to stop, wait for its DONE line; its log."""
@@ -244,6 +252,24 @@ class SoakLab:
             safe("supervisor log (tail)", lambda: self.lab.supervisor_log(4000)),
         ]
         return "\n".join(parts)
+
+    def held_write(self) -> Writer:
+        """One record written to c1's disk and completed, its fsync held back (the
+        device may keep it in a volatile cache until then): disrupt, then
+        :meth:`flush_held`."""
+        writer = Writer(self, self.next_block, 1, 0.0, hold=True)
+        self.next_block += 1
+        wait_until("c1's held record to be written",
+                   lambda: any(ln.startswith("WRITTEN ") for ln in writer.lines()) or None,
+                   120, 0.5)
+        return writer
+
+    def flush_held(self, writer: Writer, name: str, disruptions: int) -> PhaseResult:
+        """Let the held record's fsync go after a disruption: it must reach the image."""
+        start = time.monotonic()
+        writer.release()
+        log = wait_until("c1's held record to be flushed", writer.done, 600, 0.5)
+        return self.verify(name, writer, log, disruptions, time.monotonic() - start)
 
     # -- disruptions --------------------------------------------------------------------
 

@@ -62,3 +62,30 @@ def test_records_differ_and_stop_file_ends_the_writer(tmp_path: Path) -> None:
     stop.touch()
     records.write(str(dev), b"E" * 16, 0, 8, str(tmp_path / "log"), str(stop), 0)
     assert (tmp_path / "log").read_text().splitlines()[-1] == "DONE 0"
+
+
+def test_a_held_writer_fsyncs_and_acknowledges_only_after_the_hold_file(
+        tmp_path: Path) -> None:
+    import threading
+    import time
+
+    dev = _device(tmp_path, 8)
+    if not _o_direct_works(dev):
+        pytest.skip(f"host capability missing: O_DIRECT on the file system of {tmp_path}")
+    run, log, go = b"F" * 16, tmp_path / "log", tmp_path / "go"
+    t = threading.Thread(target=records.write, args=(
+        str(dev), run, 2, 1, str(log), str(tmp_path / "stop"), 0, str(go)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (not log.exists() or "WRITTEN 0" not in log.read_text()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # held: no ACK however long it waits
+        assert log.read_text().splitlines()[1:] == ["WRITTEN 0"]
+        # The write itself completed before the hold (it is in the file already).
+        assert records.find_records(str(dev), run, 2, [0]).verified == 1
+    finally:
+        go.touch()
+        t.join(10)
+    assert log.read_text().splitlines()[1:] == ["WRITTEN 0", "ACK 0", "DONE 1"]
