@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from vvu_runtime.driver.errors import PciError
 from vvu_runtime.driver.pci import (
+    BarFile,
     BarWindow,
     DmaBuffer,
     FileRegisters,
@@ -298,6 +299,14 @@ class VfioPciFunction(PciFunction):
             raise PciError(f"{self.address}: BAR{index} is not mmappable through vfio")
         return map_window(self._device, info.offset, info.size, offset, length,
                           f"{self.address} BAR{index}")
+
+    def bar_file(self, index: int) -> BarFile:
+        """The vfio device fd, BAR at the region's offset (not 0: DPDK cannot use it)."""
+        info = self._region(index)
+        if not info.mmappable:
+            raise PciError(f"{self.address}: BAR{index} is not mmappable through vfio")
+        return BarFile(os.dup(self._device), info.offset, info.size,
+                       f"{self.address} BAR{index} (vfio)")
 
     def _irq_count(self, index: int) -> int:
         buf = bytearray(IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0))
