@@ -226,14 +226,14 @@ class ProxyLink(VvuLinkEndpoint):
     def may_arm(self) -> bool:
         return self._idle is not None
 
-    def _want_backend(self) -> None:
+    def _want_backend(self, delay: float = 0.0) -> None:
         """No connection: get one (connect mode) or wait for one (listen mode)."""
         if self.state is BackendState.CLOSED:
             return
         self.state = BackendState.WAITING
         if self.mode is BackendMode.CONNECT and self._connect_timer is None:
             assert self.loop is not None
-            self._connect_timer = self.loop.call_soon(self._connect)
+            self._connect_timer = self.loop.call_later(delay, self._connect)
 
     def _connect(self) -> None:
         self._connect_timer = None
@@ -280,7 +280,9 @@ class ProxyLink(VvuLinkEndpoint):
                     "reconnecting", self.name)
         self._drop_idle()
         self.drop()  # clear BACKEND_UP: no consumer may come without a back-end
-        self._want_backend()
+        # Not at once: a back-end that serves one front-end at a time may not have
+        # seen the previous connection end yet (that is how it refused this one).
+        self._want_backend(self.retry)
 
     def _drop_idle(self) -> None:
         sock, self._idle = self._idle, None

@@ -61,7 +61,6 @@ from vvu_runtime.proxy.errors import BackendFault, TunnelFault
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import (
     ConnectionClosed,
-    FramingError,
     ProtocolError,
     TransportError,
     VhostUserError,
@@ -113,6 +112,10 @@ _VRING_FILE = struct.Struct("=Q")
 _NOTIFIER_KIND = {FR.SET_VRING_CALL: NotifierKind.CALL, FR.SET_VRING_ERR: NotifierKind.ERR}
 
 
+class _BackendGone(Exception):
+    """The back-end's socket is closed (raised inside the relay only)."""
+
+
 class RelayState(enum.Enum):
     RELAYING = "relaying"
     CLOSED = "closed"
@@ -125,6 +128,11 @@ class EndCause(enum.Enum):
     BACKEND_GONE = "the back-end hung up"
     BACKEND_FAULT = "bad input from the back-end"
     TUNNEL_FAULT = "a message the proxy cannot translate"
+
+
+def _request_name(code: int) -> str:
+    request = m.Direction.FRONTEND.code(code)
+    return request.name if isinstance(request, enum.IntEnum) else f"request {code}"
 
 
 # --------------------------------------------------------------------------- inflight
@@ -343,28 +351,35 @@ class ProxySession:
 
     # -- consumer -> back-end ----------------------------------------------------------------
     def _on_frontend(self) -> None:
+        """rxq: front-end requests to the back-end, consumer replies to its channel."""
         while not self.closed:
             try:
                 frame = self.channel.recv_frame_nowait()
                 self._relay_consumer_replies()
-            except ConnectionClosed:
-                return
-            except (FramingError, TransportError) as exc:
-                self._end(EndCause.TUNNEL_FAULT, str(exc))
-                return
-            except BackendFault as exc:
-                self._end(EndCause.BACKEND_FAULT, str(exc))
-                return
-            if frame is None:
-                return
-            try:
+                if frame is None:
+                    return
                 self._from_frontend(frame)
-            except TunnelFault as exc:
+            except ConnectionClosed:
+                return  # the endpoint closed the channel: it ends the session too
+            except _BackendGone as exc:
+                self._end(EndCause.BACKEND_GONE, str(exc))
+            except (ProtocolError, TransportError, TunnelFault) as exc:
+                # A message the device model let through but we cannot take.
                 self._end(EndCause.TUNNEL_FAULT, str(exc))
             except BackendFault as exc:
                 self._end(EndCause.BACKEND_FAULT, str(exc))
-            except (ConnectionClosed, TransportError) as exc:
-                self._end(EndCause.BACKEND_GONE, str(exc))
+            except Exception:
+                log.exception("%s: internal error relaying to the back-end", self.name)
+                self._end(EndCause.TUNNEL_FAULT, "internal error")
+
+    def _to_backend(self, request: int, flags: int, payload: bytes, fds: list[int]) -> None:
+        try:
+            self.backend.send_frame(request, flags, payload, fds)
+        except ConnectionClosed as exc:
+            raise _BackendGone(str(exc)) from exc
+        except TransportError as exc:
+            # It does not read what we send (a backlog past the bound).
+            raise BackendFault(str(exc)) from exc
 
     def _from_frontend(self, frame: Frame) -> None:
         try:
@@ -390,7 +405,7 @@ class ProxySession:
             if m.FRONTEND_TABLE[request].reply is m.Reply.ALWAYS or (
                     msg.flags & _NEED_REPLY and self.has_protocol(PF.REPLY_ACK)):
                 self._awaiting.append(request)
-            self.backend.send_frame(request, msg.flags, out.payload, out.fds)
+            self._to_backend(request, msg.flags, out.payload, out.fds)
             self.to_backend += 1
         finally:
             close_fds(out.fds)
@@ -518,7 +533,7 @@ class ProxySession:
         packed = bool(self.features & VirtioFeature.RING_PACKED)
         area = self.inflight.get(queues, size, packed)
         payload = m.Inflight(area.size, 0, area.num_queues, area.queue_size).pack()
-        self.backend.send_frame(FR.SET_INFLIGHT_FD, m.VERSION, payload, [area.fd])
+        self._to_backend(FR.SET_INFLIGHT_FD, m.VERSION, payload, [area.fd])
         self._inflight_sent = True
 
     def _backend_channel(self) -> Outgoing:
@@ -538,37 +553,39 @@ class ProxySession:
 
     # -- back-end -> consumer ----------------------------------------------------------------
     def _on_backend(self) -> None:
+        """The back-end's main socket: replies, in request order."""
         while not self.closed:
             try:
                 frame = self.backend.recv_frame_nowait()
                 if frame is None:
                     return
                 self._reply_from_backend(frame)
-            except (ConnectionClosed, TransportError) as exc:
-                if isinstance(exc, FramingError):
-                    self._end(EndCause.BACKEND_FAULT, str(exc))
-                else:
-                    self._end(EndCause.BACKEND_GONE, str(exc))
-                return
-            except BackendFault as exc:
+            except (ConnectionClosed, _BackendGone) as exc:
+                self._end(EndCause.BACKEND_GONE, str(exc))
+            except (ProtocolError, TransportError, BackendFault) as exc:
                 self._end(EndCause.BACKEND_FAULT, str(exc))
-                return
+            except TunnelFault as exc:
+                self._end(EndCause.TUNNEL_FAULT, str(exc))
+            except Exception:
+                log.exception("%s: internal error relaying a back-end reply", self.name)
+                self._end(EndCause.BACKEND_FAULT, "internal error")
 
     def _reply_from_backend(self, frame: Frame) -> None:
         try:
             if frame.fds:
-                raise BackendFault(f"message {frame.request} carries {len(frame.fds)} fd(s); "
-                                   "none can cross the tunnel")
+                raise BackendFault(f"{_request_name(frame.request)} reply carries "
+                                   f"{len(frame.fds)} fd(s); none can cross the tunnel")
             if not frame.flags & _REPLY:
-                raise BackendFault(f"request {frame.request} on the main socket (back-end "
-                                   "requests go on the SET_BACKEND_REQ_FD channel)")
+                raise BackendFault(f"{_request_name(frame.request)} without the REPLY flag on "
+                                   "the main socket (back-end requests go on the "
+                                   "SET_BACKEND_REQ_FD channel)")
             if not self._awaiting:
-                raise BackendFault(f"a reply to {m.Direction.FRONTEND.code(frame.request)!s} "
-                                   "that nobody asked for")
+                raise BackendFault(f"a reply to {_request_name(frame.request)} that nobody "
+                                   "asked for")
             request = self._awaiting.popleft()
             if frame.request != request:
-                raise BackendFault(f"reply to request {frame.request} where {request.name} "
-                                   "was owed")
+                raise BackendFault(f"a reply to {_request_name(frame.request)} where "
+                                   f"{request.name} was owed")
             try:
                 _, value = m.decode(m.Direction.FRONTEND, frame.request, frame.flags,
                                     frame.payload, 0, reply=True)
@@ -589,6 +606,7 @@ class ProxySession:
         self.to_frontend += 1
 
     def _on_backend_request(self) -> None:
+        """The back-end's request channel (SET_BACKEND_REQ_FD): requests to txq."""
         channel = self._backend_req
         while channel is not None and not self.closed and channel is self._backend_req:
             try:
@@ -603,9 +621,13 @@ class ProxySession:
                 channel.close()
                 self._backend_req = None
                 return
-            except (TransportError, BackendFault) as exc:
+            except (ProtocolError, TransportError, BackendFault) as exc:
                 self._end(EndCause.BACKEND_FAULT, f"back-end request channel: {exc}")
-                return
+            except TunnelFault as exc:
+                self._end(EndCause.TUNNEL_FAULT, str(exc))
+            except Exception:
+                log.exception("%s: internal error relaying a back-end request", self.name)
+                self._end(EndCause.BACKEND_FAULT, "internal error")
 
     def _request_from_backend(self, frame: Frame) -> None:
         try:
