@@ -34,8 +34,8 @@ from tests.support.scripted_backend import (
 from tests.support.vhost_user_harness import open_fds
 from tests.support.vvu_chain import RAM_SIZE, DeviceModel, FileRam, wait_for
 from vvu_runtime.driver.pci import BarFile
-from vvu_runtime.fds import eventfd_info
-from vvu_runtime.proxy.link import BackendState, ProxyLink
+from vvu_runtime.fds import FdError, eventfd_info
+from vvu_runtime.proxy.link import BackendMode, BackendState, ProxyLink
 from vvu_runtime.proxy.relay import PROXY_PROTOCOL_FEATURES, EndCause, ProxySession
 from vvu_runtime.vhost_user import messages as m
 from vvu_runtime.vhost_user.errors import VhostUserError
@@ -549,3 +549,17 @@ def test_socketpair_end_given_to_backend_is_a_socket(link: Link) -> None:
     finally:
         sock.close()
     fe.close()
+
+
+def test_unusable_backend_socket_fails_start_and_releases_the_function(
+        tmp_path: Path, lt: LoopThread) -> None:
+    model = DeviceModel(tmp_path, "badpath")
+    path = tmp_path / "no-such-dir" / "backend.sock"
+    proxy = ProxyLink(str(path), pci=model.pci, loop=lt.loop, mode=BackendMode.LISTEN)
+    try:
+        with pytest.raises(FdError, match=f"cannot listen on {path}"):
+            lt.call(proxy.start)
+        assert lt.call(lambda: proxy.vvu) is None  # the driver let the function go
+        assert model.status() == 0
+    finally:
+        model.close()

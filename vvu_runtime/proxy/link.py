@@ -197,16 +197,22 @@ class ProxyLink(VvuLinkEndpoint):
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
-        super().start()  # not armed yet: may_arm() waits for the back-end
+        """Start the function (not armed yet: may_arm() waits for the back-end), then
+        the back-end side; on failure everything started is closed again."""
+        super().start()
         assert self.loop is not None
-        if self.command:
-            self.process = BackendProcess(self.command, self.loop, name=self.name)
-            self.process.start()
-        if self.mode is BackendMode.LISTEN:
-            self._listener = UnixListener(self.socket_path, 1)
-            self._listener.watch(self.loop, self._on_accept)
-        else:
-            self._want_backend()
+        try:
+            if self.mode is BackendMode.LISTEN:
+                self._listener = UnixListener(self.socket_path, 1)
+                self._listener.watch(self.loop, self._on_accept)
+            if self.command:
+                self.process = BackendProcess(self.command, self.loop, name=self.name)
+                self.process.start()
+            if self.mode is BackendMode.CONNECT:
+                self._want_backend()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self.state = BackendState.CLOSED
