@@ -26,11 +26,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.blk_driver import BlkDriver
+from tests.support.ivshmem_client import IvshmemStandIn
 from tests.support.loop_thread import LoopThread
 from tests.support.vhost_user_harness import open_fds
 from tests.support.vvu_chain import DeviceModel, FileRam, wait_for
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
+from vvu_runtime.device.ivshmem import IvshmemServer
+from vvu_runtime.driver import vvu as vvu_mod
+from vvu_runtime.driver.companion import DoorbellCompanion
 from vvu_runtime.launch.procs import pid_alive
 from vvu_runtime.proxy.link import BackendMode, ProxyLink
 from vvu_runtime.proxy.relay import EndCause
@@ -41,7 +45,7 @@ from vvu_runtime.vhost_user.vring import Vring
 from vvu_runtime.virtio.blk import BlkConfig, RequestType, Status
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.queue import RingAddresses
-from vvu_runtime.virtio.vvu_abi import VvuStatus
+from vvu_runtime.virtio.vvu_abi import DOORBELL_OWNER_ID, VvuStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTORS = 2048
@@ -305,3 +309,74 @@ def test_supervised_backend_killed_mid_io_is_restarted(
         time.sleep(0.05)
     assert not any(pid_alive(p) for p in pids), "a supervised back-end outlived the proxy"
     assert not Path(sock).exists()
+
+
+class StandInCompanion(DoorbellCompanion):
+    """The doorbell companion as the driver sees it, writing to a stand-in for the
+    appliance QEMU's ivshmem-doorbell (as tests/unit/test_driver_companion.py)."""
+
+    def __init__(self, qemu: IvshmemStandIn) -> None:  # no PCI function behind it
+        self.qemu = qemu
+        self.address = "stand-in"
+        self.vectors = 3
+        self.rung = 0
+
+    @property
+    def position(self) -> int:
+        return DOORBELL_OWNER_ID
+
+    def ring(self, value: int) -> None:
+        self.rung += 1
+        self.qemu.ring(value)
+
+    def close(self) -> None:
+        pass
+
+
+def test_backend_calls_take_the_doorbell_companion(
+        tmp_path: Path, image_path: Path, loops: tuple[LoopThread, LoopThread],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relayed calls go the fast way when the device names a companion: one
+    ivshmem-doorbell write each, no trapped doorbell through vvu-devd."""
+    app, back = loops
+    model = DeviceModel(tmp_path, "disk0")
+    path = tmp_path / "doorbell.sock"
+
+    def build() -> IvshmemServer:
+        server = IvshmemServer(str(path), vectors=3, loop=model.thread.loop)
+        peer = server.add_peer("disk0")
+        model.tunnel.on_calls = peer.set_calls
+        model.device.doorbell = peer
+        server.start()
+        return server
+
+    ivshmem = model.thread.call(build)
+    qemu = IvshmemStandIn(path)
+    qemu.start()
+    stand_in = StandInCompanion(qemu)
+    monkeypatch.setattr(vvu_mod, "find_companion", lambda owner: stand_in)
+    sock = str(tmp_path / "backend.sock")
+    with RawImage(str(image_path)) as image:
+        server = VhostUserServer(sock, BlkDevice(image), loop=back.loop)
+        back.call(server.start)
+        proxy = ProxyLink(sock, pci=model.pci, loop=app.loop)
+        try:
+            app.call(proxy.start)
+            ram = FileRam(model.ram_path)
+            fe = connect(model, ram)
+            drv = BlkDriver(setup_queue(fe, ram, 0, QSIZE), ram)
+            data = os.urandom(8192)
+            for sector in range(0, 64, 16):
+                assert drv.run(RequestType.OUT, sector, out=data) == (Status.OK, b"")
+                assert drv.run(RequestType.IN, sector, into=len(data)) == (Status.OK, data)
+            drv.dq.close()
+            fe.close()
+            ram.close()
+        finally:
+            app.call(proxy.close)
+            back.call(server.close)
+            qemu.close()
+            model.thread.call(ivshmem.close)
+            model.close()
+    assert stand_in.rung >= 8 and model.device.stats.doorbells == 0
+    assert qemu.reused == []
