@@ -597,6 +597,10 @@ class ProxySession:
         if request is FR.GET_PROTOCOL_FEATURES and isinstance(value, m.U64):
             self.backend_offer = value.value
             payload = m.U64(value.value & PROXY_PROTOCOL_FEATURES).pack()
+            log.info("%s: the back-end offers protocol features %#x; relayed %#x%s",
+                     self.name, value.value, value.value & PROXY_PROTOCOL_FEATURES,
+                     "; the proxy keeps its inflight area" if value.value
+                     & PF.INFLIGHT_SHMFD.mask else "; no inflight tracking (not offered)")
         elif request is FR.GET_QUEUE_NUM and isinstance(value, m.U64):
             self._queue_num = value.value or None
         try:
