@@ -39,6 +39,7 @@ from vvu_runtime.driver.errors import PciError
 from vvu_runtime.driver.pci import (
     CAP_ID_MSIX,
     MSIX_CONTROL_ENABLE,
+    BarFile,
     BarWindow,
     DmaBuffer,
     PciFunction,
@@ -144,6 +145,14 @@ class VfioUserPciFunction(PciFunction):
             raise PciError(f"{self.address}: BAR{index} is not mmappable")
         return map_window(region.fd, region.info.offset, region.info.size, offset, length,
                           f"{self.address} BAR{index}")
+
+    def bar_file(self, index: int) -> BarFile:
+        """The region fd QEMU would mmap (for the in-process chain: the RAM file)."""
+        region = self._region(index)
+        if not region.info.flags & RegionFlags.MMAP or region.fd is None:
+            raise PciError(f"{self.address}: BAR{index} is not mmappable")
+        return BarFile(os.dup(region.fd), region.info.offset, region.info.size,
+                       f"{self.address} BAR{index}")
 
     def enable_msix(self, count: int) -> list[int]:
         if not self._interrupts:

@@ -16,12 +16,19 @@ driver side, as DPDK-VVU does::
 
 Configuration changes arrive as the config MSI-X eventfd; without interrupts the
 status register is polled every ``status_poll`` seconds.
+
+:class:`VvuLinkEndpoint` is that machine with the session left open: what runs
+on a connection (:meth:`~VvuLinkEndpoint.new_session`) and whether the link may
+be armed now (:meth:`~VvuLinkEndpoint.may_arm`: vvu-proxy arms only while its
+back-end is connected, and calls :meth:`~VvuLinkEndpoint.arm` when it is).
+:class:`VvuEndpoint` runs a :class:`BackendSession` over our own device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 from vvu_runtime.driver.access import PciAccess, open_function
 from vvu_runtime.driver.errors import DeviceFault, DeviceGone, DriverError
@@ -45,17 +52,25 @@ STATUS_POLL = 0.05
 RETRY_DELAY = 1.0
 
 
-class VvuEndpoint:
-    """Serve ``device`` on the VVU function ``address`` (or the given ``pci``)."""
+class LinkSession(Protocol):
+    """What runs on one front-end connection of a link."""
 
-    def __init__(self, device: VhostUserDevice, address: str | None = None, *,
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class VvuLinkEndpoint:
+    """The link machine of the VVU function ``address`` (or the given ``pci``); what
+    runs on a connection is the subclass's :meth:`new_session`."""
+
+    def __init__(self, label: str, address: str | None = None, *,
                  pci: PciFunction | None = None, access: PciAccess = PciAccess.AUTO,
                  virtio_id: int | None = None, loop: asyncio.AbstractEventLoop | None = None,
                  status_poll: float = STATUS_POLL, rx_size: int = 128,
                  tx_size: int = 64) -> None:
         if (address is None) == (pci is None):
             raise ValueError("give either a PCI address or a PciFunction")
-        self.device = device
         self.address = address or (pci.address if pci is not None else "")
         self.access = access
         self.virtio_id = virtio_id
@@ -66,13 +81,26 @@ class VvuEndpoint:
         self.pci = pci
         self._owns_pci = pci is None
         self.vvu: VvuDriver | None = None
-        self.session: BackendSession | None = None
+        self.session: LinkSession | None = None
         self.connections = 0
         self._timer: asyncio.TimerHandle | None = None
         self._watched: int | None = None
         self._closed = False
-        self.name = f"{device.name} @ vvu {self.address}"
+        self.name = f"{label} @ vvu {self.address}"
         self.link = LinkMachine(self.name)
+
+    # -- what subclasses decide ---------------------------------------------------------
+    def new_session(self, channel: VvuChannel) -> LinkSession:
+        """The session of a new front-end connection (started by the caller); it must
+        call :meth:`session_closed` when it ends on its own."""
+        raise NotImplementedError
+
+    def may_arm(self) -> bool:
+        """Whether BACKEND_UP may be set now (False: :meth:`arm` is called later)."""
+        return True
+
+    def check_queues(self, max_vhost_queues: int) -> None:
+        """Called once the device is up with its ``max_vhost_queues``."""
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -88,11 +116,7 @@ class VvuEndpoint:
         except DriverError as exc:
             self._release()
             raise TransportError(f"VVU device {self.address}: {exc}") from exc
-        n = self.vvu.identity.max_vhost_queues
-        if self.device.num_queues() > n:
-            log.warning("%s: the device has %d queues, the VVU device tunnels %d; queues past "
-                        "that are polled and never signalled", self.name,
-                        self.device.num_queues(), n)
+        self.check_queues(self.vvu.identity.max_vhost_queues)
         self._watch()
         try:
             self._arm()
@@ -118,9 +142,37 @@ class VvuEndpoint:
             self._timer.cancel()
             self._timer = None
 
+    def arm(self) -> None:
+        """Arm a link that waited for :meth:`may_arm` (no-op if not DOWN or closed)."""
+        if self._closed or self.vvu is None or self.session is not None \
+                or self.link.state is not LinkState.DOWN:
+            return
+        try:
+            self._arm()
+        except DriverError as exc:
+            log.error("%s: cannot arm: %s; re-initialising in %.0f s", self.name, exc,
+                      RETRY_DELAY)
+            if self.loop is not None:
+                self.loop.call_later(RETRY_DELAY, self._restart)
+
+    def drop(self) -> None:
+        """End the session (if any) and clear BACKEND_UP: the device drops the
+        front-end, which reconnects once the link is armed again."""
+        if self._closed or self.vvu is None:
+            return
+        self._end_session()
+        try:
+            self.vvu.set_backend_up(False)
+            self._down()
+            self._arm()
+        except DriverError as exc:
+            log.error("%s: cannot re-arm: %s", self.name, exc)
+
     def _arm(self) -> None:
         """Forget what is left on rxq (a gone front-end's), then accept the next one."""
         assert self.vvu is not None
+        if not self.may_arm():
+            return  # arm() comes later
         dropped = self.vvu.drain()
         if dropped:
             log.info("%s: dropped %d message(s) of the previous front-end", self.name, dropped)
@@ -190,7 +242,7 @@ class VvuEndpoint:
                 self.loop.call_later(RETRY_DELAY, self._restart)
 
     def _restart(self) -> None:
-        if self._closed or self.vvu is None:
+        if self._closed or self.vvu is None or self.session is not None:
             return
         try:
             self.vvu.start()
@@ -206,10 +258,7 @@ class VvuEndpoint:
         self.connections += 1
         channel = VvuChannel(self.vvu, loop=self.loop,
                              name=f"{self.name} #{self.connections}")
-        self.session = BackendSession(channel, self.device, loop=self.loop,
-                                      transport=VvuTransport(channel),
-                                      on_close=self._session_closed,
-                                      name=f"vvu {self.address} connection {self.connections}")
+        self.session = self.new_session(channel)
         self.session.start()
 
     def _end_session(self) -> None:
@@ -217,7 +266,7 @@ class VvuEndpoint:
         if session is not None:
             session.close()
 
-    def _session_closed(self, session: BackendSession) -> None:
+    def session_closed(self, session: object) -> None:
         """The session ended (front-end gone, or a fatal error on our side)."""
         if self.session is not session:
             return  # ended by _end_session: the caller re-arms
@@ -257,4 +306,29 @@ class VvuEndpoint:
             self.pci = None
 
 
-__all__ = ["VvuEndpoint"]
+class VvuEndpoint(VvuLinkEndpoint):
+    """Serve ``device`` on the VVU function ``address`` (or the given ``pci``)."""
+
+    def __init__(self, device: VhostUserDevice, address: str | None = None, *,
+                 pci: PciFunction | None = None, access: PciAccess = PciAccess.AUTO,
+                 virtio_id: int | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                 status_poll: float = STATUS_POLL, rx_size: int = 128,
+                 tx_size: int = 64) -> None:
+        super().__init__(device.name, address, pci=pci, access=access, virtio_id=virtio_id,
+                         loop=loop, status_poll=status_poll, rx_size=rx_size,
+                         tx_size=tx_size)
+        self.device = device
+
+    def check_queues(self, max_vhost_queues: int) -> None:
+        if self.device.num_queues() > max_vhost_queues:
+            log.warning("%s: the device has %d queues, the VVU device tunnels %d; queues past "
+                        "that are polled and never signalled", self.name,
+                        self.device.num_queues(), max_vhost_queues)
+
+    def new_session(self, channel: VvuChannel) -> BackendSession:
+        return BackendSession(channel, self.device, loop=self.loop,
+                              transport=VvuTransport(channel), on_close=self.session_closed,
+                              name=f"vvu {self.address} connection {self.connections}")
+
+
+__all__ = ["LinkSession", "VvuEndpoint", "VvuLinkEndpoint"]

@@ -215,6 +215,25 @@ def map_window(fd: int, file_offset: int, bar_size: int, offset: int, length: in
     return BarWindow(offset, memoryview(mapping)[skip:skip + length], mapping)
 
 
+@dataclass(frozen=True, slots=True)
+class BarFile:
+    """A file that maps a BAR, to hand to another process (vvu-proxy's backends).
+
+    ``fd`` (owned by the caller) maps BAR offset ``x`` at file offset
+    ``offset + x``. ``offset == 0`` means the file starts with the BAR, which is
+    what DPDK needs (it maps each memory region from file offset 0);
+    libvhost-user and rust-vmm map at the region's offset and take either.
+    """
+
+    fd: int
+    offset: int
+    size: int
+    what: str
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class DmaBuffer:
     """Memory the device reaches by DMA: ``view`` here, ``iova`` on the bus.
 
@@ -322,6 +341,11 @@ class PciFunction(ABC):
     def map_bar(self, index: int, offset: int, length: int) -> BarWindow:
         """Map a window of BAR ``index`` into this process (PciError if it cannot be)."""
 
+    def bar_file(self, index: int) -> BarFile:
+        """A new fd that maps BAR ``index`` for another process (PciError if none)."""
+        raise PciError(f"{self.address}: BAR{index} cannot be handed to another process "
+                       f"through {type(self).__name__}")
+
     @abstractmethod
     def enable_msix(self, count: int) -> list[int]:
         """Enable MSI-X with ``count`` vectors; one eventfd per vector (owned here)."""
@@ -427,6 +451,7 @@ __all__ = [
     "ALL_ONES",
     "CAP_ID_MSIX",
     "CAP_ID_VENDOR",
+    "BarFile",
     "BarWindow",
     "Capability",
     "DmaArena",

@@ -29,6 +29,7 @@ import struct
 
 from vvu_runtime.driver.errors import PciError
 from vvu_runtime.driver.pci import (
+    BarFile,
     BarWindow,
     DmaBuffer,
     FileRegisters,
@@ -173,6 +174,11 @@ class SysfsPciFunction(PciFunction):
                               f"{self.address} resource{index}")
         finally:
             os.close(fd)
+
+    def bar_file(self, index: int) -> BarFile:
+        """The sysfs ``resourceN`` file: offset 0 is the BAR's start."""
+        return BarFile(self._open_resource(index), 0, self.bar_size(index),
+                       self._resource(index))
 
     def enable_msix(self, count: int) -> list[int]:
         raise PciError(f"{self.address}: no interrupts without vfio (sysfs poll mode)")

@@ -93,8 +93,12 @@ class VvuChannel(Channel):
     """The vhost-user message channel of one front-end connection over a VVU device."""
 
     def __init__(self, vvu: VvuDriver, *, loop: asyncio.AbstractEventLoop | None = None,
-                 name: str = "", poll_interval: float = POLL_INTERVAL) -> None:
+                 name: str = "", poll_interval: float = POLL_INTERVAL,
+                 keep_replies: bool = False) -> None:
         self.vvu = vvu
+        #: Keep REPLY messages for :meth:`recv_reply_nowait` instead of dropping those
+        #: nobody waits for (vvu-proxy relays them to its back-end asynchronously).
+        self.keep_replies = keep_replies
         self.name = name or vvu.name
         self.loop = loop
         self.poll_interval = poll_interval
@@ -180,8 +184,15 @@ class VvuChannel(Channel):
             raise ConnectionClosed(f"{self.name}: channel is closed")
         if not self._pending:
             self._fetch()
-            self._drop_stray_replies()
+            if not self.keep_replies:
+                self._drop_stray_replies()
         return self._pending.popleft() if self._pending else None
+
+    def recv_reply_nowait(self) -> Frame | None:
+        """The oldest REPLY message already fetched (``keep_replies``), or None."""
+        if self._closed:
+            raise ConnectionClosed(f"{self.name}: channel is closed")
+        return self._replies.popleft() if self._replies else None
 
     def _wait(self, deadline: float | None) -> None:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

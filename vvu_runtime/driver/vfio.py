@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from vvu_runtime.driver.errors import PciError
 from vvu_runtime.driver.pci import (
+    BarFile,
     BarWindow,
     DmaBuffer,
     FileRegisters,
@@ -202,6 +203,7 @@ class VfioPciFunction(PciFunction):
         self._eventfds: list[int] = []
         self._dma: list[_Dma] = []
         self._next_iova = iova_base
+        self._bar_fd_warned = False
         try:
             if bind:
                 bind_to_vfio(self.address)
@@ -298,6 +300,36 @@ class VfioPciFunction(PciFunction):
             raise PciError(f"{self.address}: BAR{index} is not mmappable through vfio")
         return map_window(self._device, info.offset, info.size, offset, length,
                           f"{self.address} BAR{index}")
+
+    def bar_file(self, index: int) -> BarFile:
+        """The sysfs ``resourceN`` file if the kernel lets it be mapped while vfio-pci
+        owns the BAR (offset 0: every back-end can use it, and it grants nothing but
+        the mapping); else the vfio device fd, the BAR at its region offset (not 0:
+        DPDK cannot use it; and whoever holds it can drive the whole function)."""
+        resource = os.path.join(sysfs_device_dir(self.address), f"resource{index}")
+        try:
+            fd = os.open(resource, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            log.debug("%s: %s cannot be opened: %s", self.address, resource, exc)
+        else:
+            try:
+                mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED,
+                          mmap.PROT_READ | mmap.PROT_WRITE).close()
+                return BarFile(fd, 0, os.fstat(fd).st_size, resource)
+            except (OSError, ValueError) as exc:
+                # CONFIG_IO_STRICT_DEVMEM refuses a BAR a driver has claimed.
+                log.debug("%s: %s cannot be mapped: %s", self.address, resource, exc)
+                os.close(fd)
+        info = self._region(index)
+        if not info.mmappable:
+            raise PciError(f"{self.address}: BAR{index} is not mmappable through vfio")
+        if not self._bar_fd_warned:
+            self._bar_fd_warned = True
+            log.warning("%s: handing the vfio device fd to a back-end for BAR%d (%s cannot "
+                        "be mapped): it can drive the whole function", self.address, index,
+                        resource)
+        return BarFile(os.dup(self._device), info.offset, info.size,
+                       f"{self.address} BAR{index} (vfio)")
 
     def _irq_count(self, index: int) -> int:
         buf = bytearray(IRQ_INFO.pack(IRQ_INFO.size, 0, index, 0))

@@ -46,6 +46,7 @@ from vvu_runtime.driver.errors import DeviceFault, PciError
 from vvu_runtime.driver.pci import (
     COMMAND,
     COMMAND_INTX_DISABLE,
+    BarFile,
     BarWindow,
     DmaArena,
     DmaBuffer,
@@ -354,6 +355,12 @@ class VvuDriver:
             raise DeviceFault(f"{self.name}: [{offset:#x}, +{length:#x}) is outside the "
                               f"{self.shm_size:#x}-byte shared memory")
         return self.pci.map_bar(self.shm_bar, self.shm_offset + offset, length)
+
+    def shared_memory_file(self) -> BarFile:
+        """A new fd of the shared memory for another process: shared-memory offset
+        ``x`` (= a region's ``mmap_offset``) is at file offset ``offset + x``."""
+        bar = self.pci.bar_file(self.shm_bar)
+        return BarFile(bar.fd, bar.offset + self.shm_offset, self.shm_size, bar.what)
 
     # -- messages ---------------------------------------------------------------------------------
     def rx_pending(self) -> bool:
