@@ -10,7 +10,10 @@ With ``direct=True`` the image is opened O_DIRECT. The kernel then wants the
 file offset, the length and every buffer address aligned to the file system's
 direct-I/O alignment; guest buffers usually are (Linux guests send page-sized
 segments), and when one is not, the request goes through an aligned bounce
-buffer (read-modify-write at the edges for writes) instead of failing.
+buffer (read-modify-write at the edges for writes) instead of failing. So does
+every request once the kernel refused to pin guest memory for direct I/O
+(EFAULT): in an appliance, guest memory is the VVU function's BAR2, a PFN
+mapping that get_user_pages cannot take.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from vvu_runtime.errors import VvuError
 
@@ -64,6 +67,31 @@ def _address(buf: Buffer) -> int | None:
         return None
 
 
+#: Bytes per bounce round: a chain's length (a guest may ignore SIZE_MAX/SEG_MAX and
+#: repeat one buffer) must not size the bounce buffer, and so the appliance's memory.
+BOUNCE_ROUND = 1 << 20
+
+
+def _rounds(buffers: Sequence[Buffer], offset: int) -> Iterator[tuple[int, list[memoryview]]]:
+    """``buffers`` as consecutive rounds of at most BOUNCE_ROUND bytes: (image offset
+    of the round, byte views)."""
+    views: list[memoryview] = []
+    length = 0
+    for b in buffers:
+        view = memoryview(b).cast("B")
+        while len(view):
+            take = min(len(view), BOUNCE_ROUND - length)
+            views.append(view[:take])
+            length += take
+            view = view[take:]
+            if length == BOUNCE_ROUND:
+                yield offset, views
+                offset += length
+                views, length = [], 0
+    if views:
+        yield offset, views
+
+
 class RawImage:
     """A raw image file (or block device) opened for the backend."""
 
@@ -95,6 +123,8 @@ class RawImage:
         self._bounce: mmap.mmap | None = None
         self._bounce_view: memoryview | None = None
         self._zeroes: mmap.mmap | None = None
+        #: Cleared once O_DIRECT could not pin guest buffers (EFAULT): bounce from then on.
+        self._pinnable = True
         #: Set once an fallocate mode turned out to be unsupported, so we stop trying.
         self._no_punch = False
         self._no_zero_range = False
@@ -129,20 +159,25 @@ class RawImage:
         Bytes past the end of the image (only possible if it shrank under us)
         read as zeroes rather than stale guest memory.
         """
-        if self.direct and not self._aligned(buffers, offset):
+        if self.direct and not (self._pinnable and self._aligned(buffers, offset)):
             self._bounce_read(buffers, offset)
             return
         fd = self.fd
         total = 0
         for b in buffers:
             total += len(b)
-        if len(buffers) <= IOV_MAX:
-            n = os.preadv(fd, buffers, offset)
-            if n == total:
-                return
-        else:
-            n = 0
-        self._finish_read(buffers, offset, n)
+        try:
+            if len(buffers) <= IOV_MAX:
+                n = os.preadv(fd, buffers, offset)
+                if n == total:
+                    return
+            else:
+                n = 0
+            self._finish_read(buffers, offset, n)
+        except OSError as exc:
+            if not self._unpinnable(exc):
+                raise
+            self._bounce_read(buffers, offset)  # the whole request again: reads repeat
 
     def _finish_read(self, buffers: Sequence[Buffer], offset: int, done: int) -> None:
         """Short read, or too many buffers for one call: go on buffer by buffer."""
@@ -167,10 +202,17 @@ class RawImage:
 
         ``dsync`` makes the write durable before returning (write-through mode).
         """
-        if self.direct and not self._aligned(buffers, offset):
+        if self.direct and not (self._pinnable and self._aligned(buffers, offset)):
             self._bounce_write(buffers, offset, dsync)
             return
-        flags = os.RWF_DSYNC if dsync else 0
+        try:
+            self._writev(buffers, offset, os.RWF_DSYNC if dsync else 0)
+        except OSError as exc:
+            if not self._unpinnable(exc):
+                raise
+            self._bounce_write(buffers, offset, dsync)  # the whole request: writes repeat
+
+    def _writev(self, buffers: Sequence[Buffer], offset: int, flags: int) -> None:
         total = 0
         for b in buffers:
             total += len(b)
@@ -268,6 +310,16 @@ class RawImage:
             view.release()
             page.close()
 
+    def _unpinnable(self, exc: OSError) -> bool:
+        """Whether ``exc`` is O_DIRECT refusing guest memory it cannot pin; if so, every
+        later request bounces (the memory does not change kind while we serve it)."""
+        if not (self.direct and exc.errno == errno.EFAULT and self._pinnable):
+            return False
+        self._pinnable = False
+        log.info("%s: guest memory cannot be pinned for O_DIRECT (a device BAR?): "
+                 "requests go through an aligned bounce buffer", self.path)
+        return True
+
     def _aligned(self, buffers: Sequence[Buffer], offset: int) -> bool:
         mask = self.alignment - 1
         if offset & mask:
@@ -310,39 +362,42 @@ class RawImage:
         return start, end - start
 
     def _bounce_read(self, buffers: Sequence[Buffer], offset: int) -> None:
-        length = sum(len(b) for b in buffers)
-        start, size = self._span(offset, length)
-        bounce = self._bounce_buffer(size)
-        self._direct_read_full(bounce, start)
-        pos = offset - start
-        for b in buffers:
-            n = len(b)
-            memoryview(b)[:] = bounce[pos:pos + n]
-            pos += n
+        for at, views in _rounds(buffers, offset):
+            length = sum(len(v) for v in views)
+            start, size = self._span(at, length)
+            bounce = self._bounce_buffer(size)
+            self._direct_read_full(bounce, start)
+            pos = at - start
+            for v in views:
+                n = len(v)
+                v[:] = bounce[pos:pos + n]
+                pos += n
 
     def _bounce_write(self, buffers: Sequence[Buffer], offset: int, dsync: bool) -> None:
-        length = sum(len(b) for b in buffers)
-        start, size = self._span(offset, length)
-        bounce = self._bounce_buffer(size)
-        a = self.alignment
-        # Read-modify-write of the partial blocks at both edges.
-        if offset != start:
-            self._direct_read_full(bounce[:a], start)
-        if offset + length != start + size:
-            # May be the same block as above; reading it twice is harmless.
-            self._direct_read_full(bounce[size - a:size], start + size - a)
-        pos = offset - start
-        for b in buffers:
-            n = len(b)
-            bounce[pos:pos + n] = memoryview(b).cast("B")
-            pos += n
         flags = os.RWF_DSYNC if dsync else 0
-        done = 0
-        while done < size:
-            n = os.pwritev(self.fd, [bounce[done:]], start + done, flags)
-            if n <= 0:
-                raise OSError(errno.ENOSPC, "short write")
-            done += n
+        a = self.alignment
+        for at, views in _rounds(buffers, offset):
+            length = sum(len(v) for v in views)
+            start, size = self._span(at, length)
+            bounce = self._bounce_buffer(size)
+            # Read-modify-write of the partial blocks at both edges (the previous
+            # round's tail is on the image already: O_DIRECT wrote it through).
+            if at != start:
+                self._direct_read_full(bounce[:a], start)
+            if at + length != start + size:
+                # May be the same block as above; reading it twice is harmless.
+                self._direct_read_full(bounce[size - a:size], start + size - a)
+            pos = at - start
+            for v in views:
+                n = len(v)
+                bounce[pos:pos + n] = v
+                pos += n
+            done = 0
+            while done < size:
+                n = os.pwritev(self.fd, [bounce[done:]], start + done, flags)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "short write")
+                done += n
 
     def _direct_read_full(self, buf: memoryview, offset: int) -> None:
         """Fill an aligned buffer; past the end of the image it reads zeroes."""
