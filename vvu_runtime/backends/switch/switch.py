@@ -36,7 +36,7 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -54,10 +54,16 @@ from vvu_runtime.virtio.net import ETH_HLEN, GSO_ECN, GsoType, HdrFlags, NetFeat
 if TYPE_CHECKING:
     from vvu_runtime.virtio.queue import DescriptorChain
 
+#: _forward_c.forward_burst: (tx ring, port, hdr_size, limit, max_len, fdb table,
+#: ageing, clock, send_csum) -> a BurstResult, or None / the time read: not done.
+ForwardBurst = Callable[..., "BurstResult | float | None"]
+
 try:  # the compiled burst of forward_chains (virtio/accel.py); absent without a compiler
-    from vvu_runtime.backends.switch._forward_c import forward_burst as _compiled_forward_burst
+    from vvu_runtime.backends.switch._forward_c import forward_burst as _c_forward_burst
 except ImportError:
-    _compiled_forward_burst = None
+    _compiled_forward_burst: ForwardBurst | None = None
+else:
+    _compiled_forward_burst = _c_forward_burst
 
 log = logging.getLogger(__name__)
 
@@ -518,7 +524,7 @@ class Switch:
                     # The whole burst in C, or nothing done (None, or the clock it read).
                     res = burst_c(core, port, hdr_size, BURST, max_len, fdb._table, ageing,
                                   self.clock, send_csum)
-                    if type(res) is tuple:
+                    if isinstance(res, tuple):
                         if not res[0]:
                             return False
                         pkts += res[1]
@@ -532,7 +538,7 @@ class Switch:
                             return False
                         self.flush_notifications()
                         continue
-                    c_now = res  # type: ignore[assignment]
+                    c_now = res
                 try:
                     chains = ring.pop_many(BURST)
                 except VirtioError as exc:
@@ -658,10 +664,11 @@ class Switch:
 
     def _burst_counted(self, counters: PortCounters, res: BurstResult) -> None:
         """The counts of a compiled burst, where the Python loop counts them."""
-        for reason, n in zip((Drop.RUNT, Drop.OVERSIZE, Drop.BAD_SOURCE, Drop.HAIRPIN),
-                             res[3:7], strict=True):
-            if n:
-                counters.drop(reason, n)
+        if res[3] or res[4] or res[5] or res[6]:
+            for reason, n in zip((Drop.RUNT, Drop.OVERSIZE, Drop.BAD_SOURCE, Drop.HAIRPIN),
+                                 res[3:7], strict=True):
+                if n:
+                    counters.drop(reason, n)
         for dst, queue, delivered, nbytes, full in res[7]:
             c = dst.counters
             c.out_packets += delivered
