@@ -258,6 +258,15 @@ class Vring:
         if self._on_fail is not None:
             self._on_fail(self, exc)
 
+    @property
+    def direct_queue(self) -> Virtqueue | None:
+        """The ring implementation while pop/push go straight to it (started, no
+        inflight tracking, nothing to resubmit or skip): a compiled fast path may
+        then drive it itself (backends/switch/_forward_c.c). None otherwise."""
+        if self._tracking or self._queue is _STOPPED:
+            return None
+        return self._queue
+
     # ---------------------------------------------------------------- session API
     @property
     def queue(self) -> Virtqueue | None:

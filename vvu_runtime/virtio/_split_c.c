@@ -29,14 +29,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "virtio 1.x rings are little-endian and this module reads them natively"
-#endif
-
-#define F_NEXT 1u
-#define F_WRITE 2u
-#define F_INDIRECT 4u
-#define DESC_SIZE 16u
+#include "_split_core.h"
 
 /* The pieces of the Python side we need, set once by configure(). */
 static PyTypeObject *chain_type;      /* queue.DescriptorChain (a slots dataclass) */
@@ -46,53 +39,6 @@ static PyObject *py_push;             /* SplitQueue.push */
 static PyObject *py_push_many;        /* SplitQueue.push_many */
 static PyObject *virtio_error;        /* errors.VirtioError */
 static PyObject *str_refresh, *str_gpa, *str_gpa_end, *str_view;
-
-typedef struct {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-} desc_t;
-
-/* One region of the memory table, copied from a MappedRegion. */
-typedef struct {
-    PyObject *obj;   /* the MappedRegion (strong: identity is how we spot changes) */
-    PyObject *view;  /* its memoryview; buffers are slices of it, as in Python */
-    uint64_t gpa, size;
-} region_t;
-
-typedef struct {
-    PyObject_HEAD
-    int last_avail;
-    int shadow_avail;
-    int used_idx;
-    int log_all;
-    int bound;
-    uint32_t size, mask, max_indirect;
-    int indirect_ok;
-    Py_buffer desc_buf, avail_buf, used_buf;
-    PyObject *region_list; /* GuestMemory._regions (NULL: not a list, use translate) */
-    PyObject *translate;   /* memory.translate, when the table cannot be copied */
-    region_t *regions;     /* our copy of the table */
-    Py_ssize_t nregions, hit;
-    int regions_ok;
-} SplitCore;
-
-/* Copy a descriptor out of shared memory once. The barrier stops the compiler
- * from re-reading fields from guest memory later instead of using the copy. */
-static inline void read_desc(const uint8_t *p, desc_t *d)
-{
-    memcpy(&d->addr, p, 8);
-    memcpy(&d->len, p + 8, 4);
-    memcpy(&d->flags, p + 12, 2);
-    memcpy(&d->next, p + 14, 2);
-    __asm__ __volatile__("" ::: "memory");
-}
-
-static inline uint16_t avail_at(SplitCore *s, uint32_t i)
-{
-    return ((volatile uint16_t *)s->avail_buf.buf)[i];
-}
 
 static void drop_regions(SplitCore *s)
 {
@@ -223,6 +169,33 @@ static PyObject *translate(SplitCore *s, uint64_t gpa, uint32_t len, int *refuse
         return NULL;
     }
     return v;
+}
+
+/* translate()'s bounds for a caller that wants the bytes, not a view (the switch's
+ * burst forwarder): the host address of [gpa, gpa + len) or NULL (refused, or a
+ * table we could not copy, or a read-only or released view: the caller defers to
+ * the Python path, which judges). Only valid until Python code runs again. */
+static uint8_t *guest_ptr(SplitCore *s, uint64_t gpa, uint32_t len)
+{
+    if (!s->regions_ok)
+        return NULL;
+    Py_ssize_t n = s->nregions, k = s->hit;
+    for (Py_ssize_t tried = 0; tried < n; tried++, k = (k + 1 == n) ? 0 : k + 1) {
+        region_t *r = &s->regions[k];
+        if (gpa < r->gpa || gpa - r->gpa >= r->size)
+            continue;
+        uint64_t off = gpa - r->gpa;
+        if (len > r->size - off)
+            return NULL;
+        Py_buffer *b = PyMemoryView_GET_BUFFER(r->view);
+        /* A released view keeps its (dangling) pointer: the flag says so. */
+        if ((((PyMemoryViewObject *)r->view)->flags & _Py_MEMORYVIEW_RELEASED)
+                || !b->buf || b->readonly || (uint64_t)b->len != r->size)
+            return NULL;
+        s->hit = k;
+        return (uint8_t *)b->buf + off;
+    }
+    return NULL;
 }
 
 /* A DescriptorChain without running its dataclass __init__ (a Python frame per
@@ -538,19 +511,6 @@ static int64_t used_elem(PyObject *chain, PyObject *written)
     return (int64_t)((uint64_t)h | (uint64_t)w << 32);
 }
 
-static inline void publish(SplitCore *s, uint32_t idx)
-{
-    /* Elements before the index (release): the driver reads idx first. */
-    __atomic_store_n(&((uint16_t *)s->used_buf.buf)[1], (uint16_t)idx, __ATOMIC_RELEASE);
-    s->used_idx = (int)idx;
-}
-
-static inline void put_elem(SplitCore *s, uint32_t idx, int64_t elem)
-{
-    uint64_t v = (uint64_t)elem;
-    memcpy((uint8_t *)s->used_buf.buf + 4 + 8 * (size_t)(idx & s->mask), &v, 8);
-}
-
 static PyObject *core_push(SplitCore *s, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_bound(s) < 0)
@@ -836,6 +796,18 @@ PyMODINIT_FUNC PyInit__split_c(void)
     PyObject *core = PyType_FromSpec(&core_spec);
     if (!core || PyModule_AddObject(m, "SplitCore", core) < 0) {
         Py_XDECREF(core);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* For other compiled modules that walk these rings (_split_core.h). The
+     * module keeps the type alive, and the module lives as long as the process. */
+    static SplitCoreAPI api;
+    api.core_type = (PyTypeObject *)core;
+    api.sync_regions = sync_regions;
+    api.guest_ptr = guest_ptr;
+    PyObject *capsule = PyCapsule_New(&api, SPLIT_CORE_CAPSULE, NULL);
+    if (!capsule || PyModule_AddObject(m, "_C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
         Py_DECREF(m);
         return NULL;
     }

@@ -11,8 +11,10 @@ Which one runs is decided once per process:
   to try when a compiled path is suspected.
 * otherwise the compiled module is used when it can be imported.
 
-Accelerated today: ``split.SplitQueue`` (``_split_c.c``, ``split.CompiledSplitQueue``)
-and the IN/OUT fast path of ``backends.blk.device.BlkDevice.serve`` (``_serve_c.c``).
+Accelerated today: ``split.SplitQueue`` (``_split_c.c``, ``split.CompiledSplitQueue``),
+the IN/OUT fast path of ``backends.blk.device.BlkDevice.serve`` (``_serve_c.c``) and
+the bursts of ``backends.switch.switch.Switch.forward_chains`` (``_forward_c.c``,
+which walks the compiled rings through ``_split_core.h`` and ``_split_c``'s capsule).
 """
 
 from __future__ import annotations

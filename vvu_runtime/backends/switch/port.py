@@ -420,6 +420,19 @@ class SwitchPort(ForwardingPort, VhostUserDevice):
         if not q.touched and self.switch is not None:
             self.switch.touch(q)
 
+    def fast_rx(self, hdr_size: int) -> tuple[object, bool, RxQueue] | None:
+        """The compiled burst may write into the single RX ring itself when
+        deliver_batch would (same header size, queue up) and nothing is queued on
+        the Python side (no reserve, nothing pending: the C code publishes at once)."""
+        qs = self.rx_queues
+        if len(qs) != 1 or self.batch_hdr_size != hdr_size:
+            return None
+        q = qs[0]
+        if q.broken or q.reserve or q.pending or not q.vring.enabled:
+            return None
+        ring = getattr(q.vring, "direct_queue", None)
+        return None if ring is None else (ring, self.accept_csum, q)
+
     def _update_batching(self) -> None:
         """Batch delivery needs a single RX queue (no per-frame queue choice)."""
         self.batch_hdr_size = self.hdr_size if len(self.rx_queues) == 1 else -1

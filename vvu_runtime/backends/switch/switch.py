@@ -36,7 +36,7 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,11 +47,23 @@ from vvu_runtime.backends.switch.fdb import (
     Fdb,
 )
 from vvu_runtime.backends.switch.offload import OffloadError, SoftFrame, software_offload
+from vvu_runtime.virtio import accel
 from vvu_runtime.virtio.errors import VirtioError
 from vvu_runtime.virtio.net import ETH_HLEN, GSO_ECN, GsoType, HdrFlags, NetFeature
 
 if TYPE_CHECKING:
     from vvu_runtime.virtio.queue import DescriptorChain
+
+#: _forward_c.forward_burst: (tx ring, port, hdr_size, limit, max_len, fdb table,
+#: ageing, clock, send_csum) -> a BurstResult, or None / the time read: not done.
+ForwardBurst = Callable[..., "BurstResult | float | None"]
+
+try:  # the compiled burst of forward_chains (virtio/accel.py); absent without a compiler
+    from vvu_runtime.backends.switch._forward_c import forward_burst as _c_forward_burst
+except ImportError:
+    _compiled_forward_burst: ForwardBurst | None = None
+else:
+    _compiled_forward_burst = _c_forward_burst
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +255,13 @@ class ForwardingPort:
         bytes first) and whose header flags this port accepts as they are."""
         raise NotImplementedError
 
+    def fast_rx(self, hdr_size: int) -> tuple[object, bool, Touchable] | None:
+        """For the compiled burst (``_forward_c.c``): ``(ring, accept_csum, queue)``
+        when :meth:`deliver_batch` of frames with ``hdr_size``-byte headers would
+        go straight into ``ring`` (the split ring of ``queue``, touched after the
+        burst); None: this port is served by the Python path."""
+        return None
+
     def accepts(self, frame: ForwardedFrame) -> bool:
         """Whether ``frame``'s offloads may be delivered to this port untouched."""
         if frame.flags & _NEEDS_CSUM and not self.accept_csum:
@@ -405,6 +424,8 @@ class Switch:
         self._frame = ForwardedFrame()
         #: RX queues written to in the current batch, notified once at its end.
         self._touched: list[Touchable] = []
+        #: forward_chains' bursts in C, when built and not switched off (None: Python).
+        self._forward_burst = None if accel.pure_python_forced() else _compiled_forward_burst
 
     # -------------------------------------------------------------------- ports
     def add_port(self, port: ForwardingPort) -> ForwardingPort:
@@ -490,11 +511,34 @@ class Switch:
         src_mac: bytes
         pkts = nbytes = gso_in = 0
         bursts = 0
+        # The compiled burst needs the ring itself (a split ring without tracking).
+        burst_c = self._forward_burst
+        core = getattr(ring, "direct_queue", None) if burst_c is not None else None
+        c_now: float | None = None
         try:
             while True:
                 if bursts == budget:  # never true for budget 0
                     return True
                 bursts += 1
+                if core is not None and burst_c is not None:
+                    # The whole burst in C, or nothing done (None, or the clock it read).
+                    res = burst_c(core, port, hdr_size, BURST, max_len, fdb._table, ageing,
+                                  self.clock, send_csum)
+                    if isinstance(res, tuple):
+                        if not res[0]:
+                            return False
+                        pkts += res[1]
+                        nbytes += res[2]
+                        self._burst_counted(counters, res)
+                        try:
+                            ring.notify()
+                        except VirtioError as exc:
+                            counters.drop(Drop.TX_RING_ERROR)
+                            ring.fail(exc)
+                            return False
+                        self.flush_notifications()
+                        continue
+                    c_now = res
                 try:
                     chains = ring.pop_many(BURST)
                 except VirtioError as exc:
@@ -503,7 +547,8 @@ class Switch:
                     return False
                 if not chains:
                     return False
-                now = self.clock()
+                now = self.clock() if c_now is None else c_now
+                c_now = None
                 last_src = None
                 for chain in chains:
                     views = chain.readable
@@ -616,6 +661,21 @@ class Switch:
                 ring.notify()
             except VirtioError as exc:
                 ring.fail(exc)
+
+    def _burst_counted(self, counters: PortCounters, res: BurstResult) -> None:
+        """The counts of a compiled burst, where the Python loop counts them."""
+        if res[3] or res[4] or res[5] or res[6]:
+            for reason, n in zip((Drop.RUNT, Drop.OVERSIZE, Drop.BAD_SOURCE, Drop.HAIRPIN),
+                                 res[3:7], strict=True):
+                if n:
+                    counters.drop(reason, n)
+        for dst, queue, delivered, nbytes, full in res[7]:
+            c = dst.counters
+            c.out_packets += delivered
+            c.out_bytes += nbytes
+            if full:
+                c.drop(Drop.RX_RING_FULL, full)
+            self.touch(queue)
 
     @staticmethod
     def _flush_batches(batches: dict[ForwardingPort, list[memoryview]],
@@ -811,6 +871,13 @@ class Switch:
 
 class Clock(Protocol):
     def __call__(self) -> float: ...
+
+
+#: What ``_forward_c.forward_burst`` returns for a burst it forwarded: chains,
+#: packets, bytes, runt, oversize, bad_source, hairpin, and per destination
+#: (port, queue, delivered, payload bytes, rx_ring_full).
+BurstResult = tuple[int, int, int, int, int, int, int,
+                    list[tuple[ForwardingPort, "Touchable", int, int, int]]]
 
 
 class Touchable(Protocol):

@@ -1,0 +1,554 @@
+/*
+ * Compiled burst of vvu-switch's forwarding loop (Switch.forward_chains).
+ *
+ * switch.py stays the reference: this module forwards one whole burst of a TX
+ * ring only when every frame in it is one the Python loop would handle without
+ * leaving its inlined fast path, and then with the same results: each frame a
+ * single readable descriptor, no offload bits beyond a NEEDS_CSUM the sender
+ * negotiated and the destination accepts, a source address already learned on
+ * this port, a learned, unexpired unicast destination on another port whose
+ * single RX ring can take plain batches (SwitchPort.fast_rx), and RX chains of
+ * one writable descriptor large enough for the frame. Runts, oversize frames,
+ * bad sources and hairpins are counted as Python counts them; frames without
+ * an RX chain count as rx_ring_full. For anything else (a chain of several
+ * descriptors, a bad descriptor, an index jump, multicast, an unknown or aged
+ * destination, an address to learn or move, an offload to do in software, an
+ * RX buffer that is too small, dirty logging...) it changes nothing and returns
+ * None: the caller runs the Python burst, which then does what it always did,
+ * failing rings and raising as before. So every error comes from the Python
+ * code, and tests/unit/test_switch_compiled.py runs both on the same inputs.
+ *
+ * Everything is decided before anything is written: the TX avail entries, every
+ * descriptor (read once, only the copy used), the FDB entries and the RX chains
+ * of every destination. Then, in the order of the Python loop: frame copies per
+ * destination (in order of first appearance, frames in ring order), the TX used
+ * elements and index, the RX used elements and index of each destination, the
+ * FDB `seen` stamps. An RX buffer that overlaps any ring it could disturb is
+ * refused (deferred): with that, the order of these writes cannot be observed
+ * by the rings read in this burst.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "../../virtio/_split_core.h"
+
+#define ETH_HLEN 14u
+#define MAX_BURST 256
+#define MAX_DSTS 16
+#define MAX_MACS 32
+#define NEEDS_CSUM 1u
+
+static SplitCoreAPI *api;
+static PyObject *str_refresh, *str_fast_rx, *str_port, *str_seen;
+
+typedef struct {
+    const uint8_t *buf; /* the TX buffer (header + frame) */
+    uint32_t len;
+    uint16_t head;
+    int dst;            /* index into dsts, or -1: dropped */
+    uint16_t rx_head;
+    uint8_t *rx_buf;    /* NULL: no RX chain (rx_ring_full) */
+} frame_t;
+
+typedef struct {
+    PyObject *port;     /* strong */
+    PyObject *core;     /* strong: the destination's RX SplitCore */
+    PyObject *queue;    /* strong: what the caller touches for it (an RxQueue) */
+    int accept_csum;
+    uint32_t frames, delivered;
+    uint64_t bytes;
+} dst_t;
+
+typedef struct {
+    uint8_t mac[6];
+    int dst;            /* index into dsts, or -1: this port (hairpin) */
+} mac_t;
+
+typedef struct {
+    frame_t frames[MAX_BURST];
+    dst_t dsts[MAX_DSTS];
+    int ndsts;
+    mac_t macs[MAX_MACS];
+    int nmacs;
+    PyObject *seen_entries[MAX_BURST]; /* strong: source entries to stamp */
+    int nseen;
+} burst_t;
+
+enum { OK = 0, DEFER = 1, ERROR = -1 };
+
+static void burst_clear(burst_t *b)
+{
+    for (int k = 0; k < b->ndsts; k++) {
+        Py_DECREF(b->dsts[k].port);
+        Py_DECREF(b->dsts[k].core);
+        Py_DECREF(b->dsts[k].queue);
+    }
+    for (int k = 0; k < b->nseen; k++)
+        Py_DECREF(b->seen_entries[k]);
+    b->ndsts = b->nseen = b->nmacs = 0;
+}
+
+static SplitCore *as_core(PyObject *o)
+{
+    if (!PyObject_TypeCheck(o, api->core_type))
+        return NULL;
+    SplitCore *s = (SplitCore *)o;
+    return (s->bound && !s->log_all) ? s : NULL;
+}
+
+/* self._refresh_avail(), as pop_many calls it; -1 (exception cleared) means
+ * defer: the Python path calls it again and raises the same error. */
+static Py_ssize_t refresh(SplitCore *s)
+{
+    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)s, str_refresh);
+    Py_ssize_t n = r ? PyLong_AsSsize_t(r) : -1;
+    Py_XDECREF(r);
+    if (n < 0)
+        PyErr_Clear();
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return n;
+}
+
+/* Entries ready for pop_many(limit), refreshing as it does; -1: defer. */
+static Py_ssize_t ready_for(SplitCore *s, Py_ssize_t limit)
+{
+    Py_ssize_t ready = (s->shadow_avail - s->last_avail) & 0xFFFF;
+    if (ready < limit)
+        ready = refresh(s);
+    return ready;
+}
+
+/* The value of an FDB entry's `seen` as Python's float arithmetic sees it. */
+static int as_double(PyObject *o, double *out)
+{
+    if (PyFloat_CheckExact(o)) {
+        *out = PyFloat_AS_DOUBLE(o);
+        return 0;
+    }
+    if (PyLong_CheckExact(o)) {
+        *out = PyLong_AsDouble(o); /* what float - int does */
+        if (*out == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        return 0;
+    }
+    return -1;
+}
+
+static int overlaps(const uint8_t *p, uint32_t n, const Py_buffer *b)
+{
+    const uint8_t *q = b->buf;
+    return p < q + b->len && q < p + n;
+}
+
+/* Where frames to `mac` go: index into dsts, -1 for this port (hairpin), or
+ * DEFER / ERROR via *rc. Cached per burst (the FDB does not change in one). */
+static int destination(burst_t *b, const uint8_t *mac, PyObject *table, PyObject *port,
+                       double now, double ageing, PyObject *hs, int *rc)
+{
+    for (int k = 0; k < b->nmacs; k++)
+        if (!memcmp(b->macs[k].mac, mac, 6))
+            return b->macs[k].dst;
+    *rc = DEFER;
+    if (b->nmacs == MAX_MACS)
+        return 0;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)mac, 6);
+    if (!key) {
+        *rc = ERROR;
+        return 0;
+    }
+    PyObject *entry = PyDict_GetItemWithError(table, key); /* borrowed */
+    Py_DECREF(key);
+    if (!entry) {
+        if (PyErr_Occurred())
+            *rc = ERROR;
+        return 0; /* unknown: flooded by the Python path */
+    }
+    Py_INCREF(entry);
+    PyObject *seen = PyObject_GetAttr(entry, str_seen);
+    PyObject *dport = seen ? PyObject_GetAttr(entry, str_port) : NULL;
+    Py_DECREF(entry);
+    double s;
+    int d = 0;
+    if (!dport) {
+        PyErr_Clear();
+        goto out;
+    }
+    if (as_double(seen, &s) < 0 || now - s > ageing)
+        goto out; /* aged (or a stamp we cannot judge): Python's lookup */
+    if (dport == port) {
+        d = -1;
+    } else {
+        for (d = 0; d < b->ndsts && b->dsts[d].port != dport; d++)
+            ;
+        if (d == b->ndsts) {
+            if (d == MAX_DSTS)
+                goto out;
+            PyObject *fr = PyObject_CallMethodOneArg(dport, str_fast_rx, hs);
+            if (!fr) {
+                *rc = ERROR;
+                goto out;
+            }
+            /* (core, accept_csum, queue) or None: a destination only Python serves. */
+            SplitCore *core = NULL;
+            int acc = 0;
+            if (PyTuple_CheckExact(fr) && PyTuple_GET_SIZE(fr) == 3) {
+                core = as_core(PyTuple_GET_ITEM(fr, 0));
+                acc = PyObject_IsTrue(PyTuple_GET_ITEM(fr, 1));
+            }
+            if (!core || acc < 0) {
+                PyErr_Clear();
+                Py_DECREF(fr);
+                goto out;
+            }
+            dst_t *t = &b->dsts[d];
+            Py_INCREF(dport);
+            Py_INCREF(core);
+            Py_INCREF(PyTuple_GET_ITEM(fr, 2));
+            t->port = dport;
+            t->core = (PyObject *)core;
+            t->queue = PyTuple_GET_ITEM(fr, 2);
+            t->accept_csum = acc;
+            t->frames = t->delivered = 0;
+            t->bytes = 0;
+            b->ndsts++;
+            Py_DECREF(fr);
+        }
+    }
+    memcpy(b->macs[b->nmacs].mac, mac, 6);
+    b->macs[b->nmacs].dst = d;
+    b->nmacs++;
+    *rc = OK;
+out:
+    Py_XDECREF(seen);
+    Py_XDECREF(dport);
+    return d;
+}
+
+/* The source check of the Python loop for a new source: 0 learned on `port`
+ * (its entry kept for the stamp), 1 defer (to learn, move or refuse), -1 error. */
+static int source(burst_t *b, const uint8_t *mac, PyObject *table, PyObject *port)
+{
+    PyObject *key = PyBytes_FromStringAndSize((const char *)mac, 6);
+    if (!key)
+        return -1;
+    PyObject *entry = PyDict_GetItemWithError(table, key);
+    Py_DECREF(key);
+    if (!entry)
+        return PyErr_Occurred() ? -1 : 1;
+    Py_INCREF(entry);
+    PyObject *eport = PyObject_GetAttr(entry, str_port);
+    if (!eport) {
+        PyErr_Clear();
+        Py_DECREF(entry);
+        return 1;
+    }
+    Py_DECREF(eport); /* identity only; the entry keeps it alive */
+    if (eport != port || b->nseen == MAX_BURST) {
+        Py_DECREF(entry);
+        return 1;
+    }
+    b->seen_entries[b->nseen++] = entry;
+    return 0;
+}
+
+/*
+ * forward_burst(tx, port, hdr_size, limit, max_len, fdb_table, ageing, clock, send_csum)
+ *
+ * One burst of Switch.forward_chains. Returns
+ * (chains, packets, bytes, runt, oversize, bad_source, hairpin,
+ *  [(dst_port, queue, delivered, payload_bytes, rx_ring_full), ...])
+ * (chains == 0: the ring is empty), or, having changed nothing, None or the
+ * time it read from clock(): run the Python burst (with that time). The clock
+ * is read once, where the Python loop reads it: after a pop that returned
+ * chains.
+ */
+static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "forward_burst() takes 9 arguments");
+        return NULL;
+    }
+    PyObject *port = args[1], *table = args[5], *clock = args[7];
+    Py_ssize_t hs = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t max_len = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    int send_csum = PyObject_IsTrue(args[8]);
+    if (send_csum < 0)
+        return NULL;
+    double now, ageing;
+    SplitCore *tx = as_core(args[0]);
+    if (!tx || !PyDict_CheckExact(table) || as_double(args[6], &ageing) < 0 || hs < 2
+            || hs > 64 || limit <= 0 || limit > MAX_BURST
+            || max_len < hs + (Py_ssize_t)ETH_HLEN || max_len > 0x7FFFFFFF)
+        Py_RETURN_NONE;
+    if (PyLong_CheckExact(args[6]) && (ageing > 9007199254740992.0 || ageing < -9007199254740992.0))
+        Py_RETURN_NONE; /* an int Python would compare exactly, not as a double */
+
+    Py_ssize_t ready = ready_for(tx, limit);
+    if (ready < 0)
+        Py_RETURN_NONE;
+    Py_ssize_t n = ready < limit ? ready : limit;
+    if (n == 0)
+        return Py_BuildValue("(iiiiiii[])", 0, 0, 0, 0, 0, 0, 0);
+
+    burst_t *b = PyMem_Malloc(sizeof(burst_t));
+    if (!b)
+        return PyErr_NoMemory();
+    b->ndsts = b->nseen = b->nmacs = 0;
+    PyObject *hs_obj = args[2];
+    PyObject *result = NULL, *now_obj = NULL;
+    int rc = DEFER;
+    uint32_t min_len = (uint32_t)hs + ETH_HLEN;
+    long long pkts = 0, nbytes = 0, runt = 0, oversize = 0, bad_source = 0, hairpin = 0;
+    uint8_t last_src[6];
+    int have_last = 0;
+
+    /* First the chains, as pop_many(limit) would return them: one readable buffer
+     * each, or the Python pop (which walks, fails or returns fewer). */
+    api->sync_regions(tx);
+    uint32_t last = (uint32_t)tx->last_avail;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        frame_t *f = &b->frames[k];
+        f->dst = -1;
+        f->rx_buf = NULL;
+        uint16_t head = avail_at(tx, 2 + ((last + (uint32_t)k) & tx->mask));
+        if (head >= tx->size)
+            goto done;
+        desc_t d;
+        read_desc((const uint8_t *)tx->desc_buf.buf + (size_t)head * DESC_SIZE, &d);
+        if (!d.len || (d.flags & (F_NEXT | F_INDIRECT | F_WRITE)))
+            goto done;
+        const uint8_t *p = api->guest_ptr(tx, d.addr, d.len);
+        if (!p)
+            goto done;
+        f->head = head;
+        f->buf = p;
+        f->len = d.len;
+    }
+    now_obj = PyObject_CallNoArgs(clock);
+    if (!now_obj) {
+        rc = ERROR; /* as the Python loop would raise it: after the pop, see the caller */
+        goto done;
+    }
+    if (!PyFloat_CheckExact(now_obj))
+        goto done;
+    now = PyFloat_AS_DOUBLE(now_obj);
+
+    for (Py_ssize_t k = 0; k < n; k++) {
+        frame_t *f = &b->frames[k];
+        const uint8_t *p = f->buf;
+        if (f->len < min_len) {
+            runt++;
+            continue;
+        }
+        if (f->len > (uint64_t)max_len) {
+            oversize++;
+            continue;
+        }
+        /* The header's two bytes and both MACs, copied once (the guest may change
+         * them under us; Python's unpack also reads them once). */
+        uint8_t h[2], dmac[6], smac[6];
+        memcpy(h, p, 2);
+        memcpy(dmac, p + hs, 6);
+        memcpy(smac, p + hs + 6, 6);
+        __asm__ __volatile__("" ::: "memory");
+        pkts++;
+        nbytes += f->len;
+        if (h[1])
+            goto done; /* GSO: counted and decided per destination by Python */
+        if (!have_last || memcmp(smac, last_src, 6)) {
+            static const uint8_t zero[6];
+            if ((smac[0] & 1) || !memcmp(smac, zero, 6)) {
+                bad_source++;
+                continue; /* last_src unchanged, as in Python */
+            }
+            int s = source(b, smac, table, port);
+            if (s < 0) {
+                rc = ERROR;
+                goto done;
+            }
+            if (s > 0)
+                goto done;
+            memcpy(last_src, smac, 6);
+            have_last = 1;
+        }
+        if (h[0] & ~NEEDS_CSUM || (h[0] && !send_csum) || (dmac[0] & 1))
+            goto done; /* offload bits to check or strip, or multicast: the slow path */
+        int drc = OK;
+        int di = destination(b, dmac, table, port, now, ageing, hs_obj, &drc);
+        if (drc != OK) {
+            rc = drc;
+            goto done;
+        }
+        if (di < 0) {
+            hairpin++;
+            continue;
+        }
+        if (h[0] && !b->dsts[di].accept_csum)
+            goto done; /* checksum to complete in software */
+        f->dst = di;
+        b->dsts[di].frames++;
+    }
+
+    /* The RX chains, per destination, as deliver_batch's pop_many(k) takes them. */
+    for (int di = 0; di < b->ndsts; di++) {
+        dst_t *t = &b->dsts[di];
+        SplitCore *rx = (SplitCore *)t->core;
+        Py_ssize_t avail = ready_for(rx, t->frames);
+        if (avail < 0 || !rx->bound || rx->log_all)
+            goto done;
+        api->sync_regions(rx);
+        uint32_t got = avail < t->frames ? (uint32_t)avail : t->frames;
+        uint32_t rlast = (uint32_t)rx->last_avail, j = 0;
+        for (Py_ssize_t k = 0; k < n && j < got; k++) {
+            frame_t *f = &b->frames[k];
+            if (f->dst != di)
+                continue;
+            uint16_t head = avail_at(rx, 2 + ((rlast + j) & rx->mask));
+            if (head >= rx->size)
+                goto done;
+            desc_t d;
+            read_desc((const uint8_t *)rx->desc_buf.buf + (size_t)head * DESC_SIZE, &d);
+            if (!(d.flags & F_WRITE) || (d.flags & (F_NEXT | F_INDIRECT)) || d.len < f->len)
+                goto done; /* a chain to walk, or the merge path */
+            uint8_t *w = api->guest_ptr(rx, d.addr, d.len);
+            if (!w)
+                goto done;
+            f->rx_head = head;
+            f->rx_buf = w;
+            j++;
+        }
+        t->delivered = got;
+    }
+    /* No RX buffer may overlap a ring of this burst: then no copy can change what
+     * was read, nor be changed by the used-ring writes, whatever their order. */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        frame_t *f = &b->frames[k];
+        if (!f->rx_buf)
+            continue;
+        for (int di = -1; di < b->ndsts; di++) {
+            SplitCore *r = di < 0 ? tx : (SplitCore *)b->dsts[di].core;
+            if (overlaps(f->rx_buf, f->len, &r->desc_buf)
+                    || overlaps(f->rx_buf, f->len, &r->avail_buf)
+                    || overlaps(f->rx_buf, f->len, &r->used_buf))
+                goto done;
+        }
+    }
+
+    /* Python ran in between (fast_rx, _refresh_avail): the pointers are only good
+     * if no memory table changed meanwhile. */
+    for (int di = -1; di < b->ndsts; di++)
+        if (!regions_current(di < 0 ? tx : (SplitCore *)b->dsts[di].core))
+            goto done;
+
+    /* Decided: now the writes, in the Python loop's order. */
+    for (int di = 0; di < b->ndsts; di++) {
+        dst_t *t = &b->dsts[di];
+        for (Py_ssize_t k = 0; k < n; k++) {
+            frame_t *f = &b->frames[k];
+            if (f->dst != di || !f->rx_buf)
+                continue;
+            memmove(f->rx_buf, f->buf, f->len); /* memoryview slice assignment */
+            if (hs == 12) {
+                f->rx_buf[10] = 1; /* num_buffers = 1 */
+                f->rx_buf[11] = 0;
+            }
+            t->bytes += f->len - (uint32_t)hs;
+        }
+    }
+    uint32_t used = (uint32_t)tx->used_idx;
+    for (Py_ssize_t k = 0; k < n; k++)
+        put_elem(tx, used + (uint32_t)k, (int64_t)b->frames[k].head);
+    tx->last_avail = (int)((last + (uint32_t)n) & 0xFFFF);
+    publish(tx, (used + (uint32_t)n) & 0xFFFF);
+    for (int di = 0; di < b->ndsts; di++) {
+        dst_t *t = &b->dsts[di];
+        if (!t->delivered)
+            continue;
+        SplitCore *rx = (SplitCore *)t->core;
+        uint32_t ru = (uint32_t)rx->used_idx, j = 0;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            frame_t *f = &b->frames[k];
+            if (f->dst == di && f->rx_buf)
+                put_elem(rx, ru + j++, (int64_t)((uint64_t)f->rx_head | (uint64_t)f->len << 32));
+        }
+        rx->last_avail = (int)(((uint32_t)rx->last_avail + j) & 0xFFFF);
+        publish(rx, (ru + j) & 0xFFFF);
+    }
+    for (int k = 0; k < b->nseen; k++)
+        if (PyObject_SetAttr(b->seen_entries[k], str_seen, now_obj) < 0) {
+            rc = ERROR; /* cannot happen with FdbEntry; never silently */
+            goto done;
+        }
+
+    PyObject *out = PyList_New(b->ndsts);
+    if (!out) {
+        rc = ERROR;
+        goto done;
+    }
+    for (int di = 0; di < b->ndsts; di++) {
+        dst_t *t = &b->dsts[di];
+        PyObject *item = Py_BuildValue("(OOIKI)", t->port, t->queue, t->delivered,
+                                       (unsigned long long)t->bytes, t->frames - t->delivered);
+        if (!item) {
+            Py_DECREF(out);
+            rc = ERROR;
+            goto done;
+        }
+        PyList_SET_ITEM(out, di, item);
+    }
+    result = Py_BuildValue("(nLLLLLLN)", n, pkts, nbytes, runt, oversize, bad_source, hairpin,
+                           out);
+    rc = result ? OK : ERROR;
+done:
+    burst_clear(b);
+    PyMem_Free(b);
+    if (rc == ERROR) {
+        Py_XDECREF(now_obj);
+        return NULL;
+    }
+    if (rc == DEFER) {
+        if (now_obj)
+            return now_obj; /* the Python burst uses this time, not a second read */
+        Py_RETURN_NONE;
+    }
+    Py_XDECREF(now_obj);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"forward_burst", (PyCFunction)(void (*)(void))forward_burst, METH_FASTCALL,
+     "One burst of Switch.forward_chains, compiled, or None: run the Python burst."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_forward_c",
+    "Compiled burst of vvu-switch's forwarding loop; switch.py is the reference.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__forward_c(void)
+{
+    /* PyCapsule_Import only walks attributes: the ring module must be imported. */
+    PyObject *split = PyImport_ImportModule("vvu_runtime.virtio._split_c");
+    if (!split)
+        return NULL;
+    Py_DECREF(split);
+    api = PyCapsule_Import(SPLIT_CORE_CAPSULE, 0);
+    if (!api)
+        return NULL;
+    str_refresh = PyUnicode_InternFromString("_refresh_avail");
+    str_fast_rx = PyUnicode_InternFromString("fast_rx");
+    str_port = PyUnicode_InternFromString("port");
+    str_seen = PyUnicode_InternFromString("seen");
+    if (!str_refresh || !str_fast_rx || !str_port || !str_seen)
+        return NULL;
+    return PyModule_Create(&module_def);
+}
