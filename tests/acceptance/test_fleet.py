@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,26 @@ class CrossHostLab:
         return str(self.topo.consumer(dst).nics[0].address.ip)
 
 
+def _wait_for_ssh(access: CrossHostLab, nodes: list[str], timeout: float = 300) -> None:
+    """TCG guests under load can be slow to answer right after `up`: wait for each."""
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while True:
+            r = access.run(node, "true", timeout=30)
+            if r.ok:
+                break
+            assert time.monotonic() < deadline, f"{node} does not answer SSH: {r.stderr[-500:]}"
+            time.sleep(5)
+
+
+def _keep_logs(tmp: Path, lab: str) -> None:
+    """Each host's lab logs, kept beside the test's files (teardown removes the lab's)."""
+    for h in HOSTS:
+        logs = tmp / h / "state" / "labs" / lab / "logs"
+        if logs.is_dir():
+            shutil.copytree(logs, tmp / "logs" / h, dirs_exist_ok=True)
+
+
 def _left_on_the_machine(lab: str, tmp: Path) -> list[str]:
     out = [str(p) for p in Path("/dev/shm").glob(f"vvu-lab-{lab}-*")]
     out += [str(p) for h in HOSTS for p in [Path(f"/run/vvuf-{lab}-{h}/{lab}")] if p.exists()]
@@ -179,6 +201,7 @@ def test_a_network_across_two_hosts(hosts: FleetHosts, tmp_path: Path) -> None:
     access = CrossHostLab(hosts, tmp_path, topology)
     try:
         assert _play("deploy.yml", inv, tmp_path)["h1"] > 0
+        _wait_for_ssh(access, ["c1", "c2"])
         ping = check_ping(access, {"from": "c1", "to": "c2", "count": 3})  # type: ignore[arg-type]
         assert "0% loss" in ping, ping
         assert "0% loss" in check_ping(access, {"from": "c2", "to": "c1",  # type: ignore[arg-type]
@@ -195,6 +218,7 @@ def test_a_network_across_two_hosts(hosts: FleetHosts, tmp_path: Path) -> None:
         states = {n["name"]: n["state"] for s in status["hosts"].values() for n in s["nodes"]}
         assert states == {"sw1": "ready", "c1": "ready", "sw2": "ready", "c2": "ready"}
     finally:
+        _keep_logs(tmp_path, lab)
         _play("teardown.yml", inv, tmp_path)
     assert hosts.leftovers() == []
     assert _left_on_the_machine(lab, tmp_path) == []

@@ -84,7 +84,6 @@ DEFAULT_SUBNET = "10.77.{index}.0/24"
 ADDRESS_OFFSET = 10
 #: The IANA VXLAN port: the default UDP port of a switch's tunnel endpoint on its host.
 VXLAN_PORT = 4789
-MAX_HOSTS = 256
 MAX_TUNNELS = 32
 
 VSWITCH = frozenset({ApplianceKind.VSWITCH})
