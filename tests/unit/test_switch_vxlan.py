@@ -330,6 +330,16 @@ def test_a_send_the_kernel_refuses_is_counted(rig: Rig) -> None:
     assert rig.p3.received() != []
 
 
+def test_endpoint_binds_an_address_the_machine_does_not_have_yet() -> None:
+    # In an appliance the backend starts before networkd has addressed the underlay NIC.
+    endpoint = TunnelEndpoint(Switch(), "192.0.2.77", 0)
+    endpoint.open()
+    try:
+        assert endpoint.address[0] == "192.0.2.77"
+    finally:
+        endpoint.close()
+
+
 def test_endpoint_refuses_a_bad_mtu() -> None:
     with pytest.raises(ValueError, match=re.escape("underlay MTU 100 is not 576..65535")):
         TunnelEndpoint(Switch(), mtu=100)

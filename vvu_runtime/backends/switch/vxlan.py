@@ -76,6 +76,8 @@ _BUFFER = 65536 + _HDR_SIZE
 #: Linux: IP_MTU_DISCOVER / IP_PMTUDISC_DO (set DF, never fragment locally).
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+#: Linux: IP_FREEBIND (bind to an address not configured yet); Python 3.11 lacks the name.
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
 def encode_header(vni: int) -> bytes:
@@ -230,9 +232,9 @@ class TunnelEndpoint:
                              | socket.SOCK_CLOEXEC)
         try:
             sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
-            # The underlay address may not be configured yet when the switch starts.
-            if hasattr(socket, "IP_FREEBIND"):
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_FREEBIND, 1)
+            # The underlay address may not be configured yet when the switch starts
+            # (networkd races the backend at boot): bind anyway, it arrives.
+            sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
             try:
                 sock.bind((self.bind, self.port))
             except OSError as exc:
