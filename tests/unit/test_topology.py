@@ -378,7 +378,7 @@ def test_all_problems_are_reported_at_once_in_file_order() -> None:
         'name of a vswitch appliance; did you mean "sw1"?',
         f"{at(text, 'cpus: 0', '0')}: consumers.c2.cpus: expected an integer 1..16, got 0",
         f"{at(text, 'extra')}: extra: unknown field (fields here: appliances, checks, consumers, "
-        "defaults, name, options)",
+        "defaults, hosts, name, options)",
     ]
 
 
@@ -446,14 +446,14 @@ def test_unknown_field_with_did_you_mean() -> None:
     text = LAB.replace("c2: {nics: [sw1]}", "c2: {nics: [sw1], memroy: 1G}")
     assert only_problem(text) == (
         f'{at(text, "memroy")}: consumers.c2.memroy: unknown field; did you mean "memory"? '
-        "(fields here: cpus, disks, image, memory, nics)")
+        "(fields here: cpus, disks, host, image, memory, nics)")
 
 
 def test_unknown_top_level_field() -> None:
     text = LAB + "consumer: {}\n"
     assert only_problem(text) == (
         f'{at(text, "consumer: {}")}: consumer: unknown field; did you mean "consumers"? '
-        "(fields here: appliances, checks, consumers, defaults, name, options)")
+        "(fields here: appliances, checks, consumers, defaults, hosts, name, options)")
 
 
 def test_unknown_backend_option() -> None:

@@ -265,6 +265,12 @@ def commands(config: ApplianceConfig, matched: dict[str, str], *,
         for link in config.links:
             argv += ["--vvu", f"{link.name}={matched[link.name]}"]
         argv += ["--queues", str(opts["queues"]), "--busy-poll", str(opts["busy_poll_us"])]
+        for t in config.tunnels:
+            argv += ["--tunnel", f"{t.name}={t.remote},port={t.port},vni={t.vni}"]
+        if config.underlay is not None and config.tunnels:
+            u = config.underlay
+            argv += ["--tunnel-bind", u.address, "--tunnel-port", str(u.port),
+                     "--underlay-mtu", str(u.mtu)]
         return [Backend(argv, {matched[n]: n for n in config.link_names})]
     backends = []
     for export in config.exports:

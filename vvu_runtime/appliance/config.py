@@ -7,6 +7,10 @@ Examples::
     {"kind": "vswitch", "links": [{"name": "c1-nic0"}, {"name": "c2-nic0"}],
      "options": {"busy_poll_us": 0}}
 
+    {"kind": "vswitch", "links": [{"name": "c1-nic0"}],
+     "tunnels": [{"name": "sw2", "remote": "192.0.2.2", "port": 4789, "vni": 100}],
+     "underlay": {"address": "10.0.3.15", "port": 4789, "mtu": 1500}}
+
     kind: storage
     exports:
       - name: c1-disk0
@@ -52,6 +56,8 @@ __all__ = [
     "FileExport",
     "Link",
     "Node",
+    "Tunnel",
+    "Underlay",
     "load_config",
     "parse_config",
     "parse_document",
@@ -383,6 +389,20 @@ def _check_path(v: Any) -> str | None:
     return "a relative path on the data disk's file system (no '..')"
 
 
+_IPV4_RE = re.compile(r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def _check_ipv4(v: Any) -> str | None:
+    return None if isinstance(v, str) and _IPV4_RE.fullmatch(v) else "an IPv4 address"
+
+
+def _check_host(v: Any) -> str | None:
+    if isinstance(v, str) and _HOST_RE.fullmatch(v):
+        return None
+    return "an IPv4 address or a host name"
+
+
 def _check_size(v: Any) -> str | None:
     return None if _size(v) is not None else "a size: bytes or N[K|M|G|T] (e.g. 256M)"
 
@@ -436,6 +456,20 @@ EXPORT = (
           one_of=("disk", "file")),
     Field("readonly", "bool", "offer a read-only disk", default=False),
 )
+TUNNEL = (
+    Field("name", "str", "the tunnel port's name (the peer switch)", True, check=_check_name),
+    Field("remote", "str", "the peer's address (its host's)", True, check=_check_host),
+    Field("port", "int", "the peer's UDP port", default=4789, check=_between(1, 65535)),
+    Field("vni", "int", "the VXLAN network identifier", True, check=_between(1, (1 << 24) - 1)),
+)
+UNDERLAY = (
+    Field("address", "str", "the tunnels' local address (the underlay NIC's)",
+          default="0.0.0.0", check=_check_ipv4),
+    Field("port", "int", "the tunnels' local UDP port", default=4789,
+          check=_between(1, 65535)),
+    Field("mtu", "int", "MTU of the network the tunnels cross", default=1500,
+          check=_between(576, 65535)),
+)
 VSWITCH_OPTIONS = (
     Field("busy_poll_us", "int", "vvu-switch --busy-poll (microseconds)", default=0,
           check=_at_least(0)),
@@ -456,6 +490,8 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("kind", "str", "vswitch", True),
         Field("links", "list", "the switch ports, one per VVU link", True, fields=LINK),
         Field("options", "map", "switch options", fields=VSWITCH_OPTIONS),
+        Field("tunnels", "list", "VXLAN tunnels to switches on other hosts", fields=TUNNEL),
+        Field("underlay", "map", "where the tunnels' UDP socket is", fields=UNDERLAY),
     ),
     "storage": (
         Field("kind", "str", "storage", True),
@@ -566,6 +602,21 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Tunnel:
+    name: str
+    remote: str
+    port: int
+    vni: int
+
+
+@dataclass(frozen=True)
+class Underlay:
+    address: str
+    port: int
+    mtu: int
+
+
+@dataclass(frozen=True)
 class FileExport:
     disk: str
     path: str
@@ -592,6 +643,9 @@ class ApplianceConfig:
     links: tuple[Link, ...] = ()
     exports: tuple[Export, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    #: A vswitch's tunnels and their socket (None: no tunnels).
+    tunnels: tuple[Tunnel, ...] = ()
+    underlay: Underlay | None = None
 
     @property
     def link_names(self) -> list[str]:
@@ -628,7 +682,7 @@ def parse_config(text: str, source: str) -> ApplianceConfig:
     kind: str = kind_node.value
     _validate_map(SCHEMA[kind], root, "", problems)
     seen: set[str] = set()
-    for key in ("links", "exports"):
+    for key in ("links", "exports", "tunnels"):
         entries = root.value.get(key, Node(None, 0)).value
         for i, item in enumerate(entries if isinstance(entries, list) else []):
             name = item.value.get("name") if isinstance(item.value, dict) else None
@@ -644,8 +698,12 @@ def parse_config(text: str, source: str) -> ApplianceConfig:
     opts_fields = SCHEMA[kind][2].fields
     options = _defaults(opts_fields, data.get("options") or {})
     if kind == "vswitch":
+        tunnels = tuple(Tunnel(**_defaults(TUNNEL, x)) for x in data.get("tunnels") or [])
+        underlay = None
+        if tunnels or "underlay" in data:
+            underlay = Underlay(**_defaults(UNDERLAY, data.get("underlay") or {}))
         return ApplianceConfig(kind, source, links=tuple(Link(x["name"]) for x in data["links"]),
-                               options=options)
+                               options=options, tunnels=tunnels, underlay=underlay)
     exports = []
     for x in data["exports"]:
         f = x.get("file")

@@ -3,7 +3,10 @@
     vvu-launch validate TOPOLOGY          check a topology file (all errors, file:line:col)
     vvu-launch render TOPOLOGY            print every command line; start nothing
     vvu-launch schema [--json]            the topology file's fields (or its JSON Schema)
-    vvu-launch up TOPOLOGY [--detach]     bring a lab up, run its checks, show its status
+    vvu-launch up TOPOLOGY [--detach] [--host H]
+                                          bring a lab (or host H's slice of it) up, run its
+                                          checks, show its status
+    vvu-launch inventory TOPOLOGY         the Ansible inventory of the topology's hosts
     vvu-launch down [LAB] [--cleanup]     stop a lab from its recorded state
     vvu-launch status [LAB] [--json]      nodes and links of a lab
     vvu-launch check [LAB]                run the topology's checks (exit 1 on a failure)
@@ -192,6 +195,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     links = sum(len(c.nics) + len(c.disks) for c in topo.consumers)
     print(f"{args.topology}: lab {topo.name}: {len(topo.appliances)} appliance(s), "
           f"{len(topo.consumers)} consumer(s), {links} link(s), {len(topo.checks)} check(s): ok")
+    tunnels = {frozenset((a.name, t.peer)) for a in topo.appliances for t in a.tunnels}
+    for h in topo.hosts:
+        names = ", ".join(n.name for n in topo.nodes_on(h.name)) or "nothing"
+        print(f"  host {h.name} ({h.address or 'inventory ' + str(h.inventory)}): {names}")
+    if tunnels:
+        print(f"  {len(tunnels)} tunnel(s): "
+              + ", ".join(" - ".join(sorted(t)) for t in sorted(tunnels, key=sorted)))
+    return 0
+
+
+def placed(topo: Topology, host: str | None) -> Topology:
+    """The part of ``topo`` this machine runs: all of it, or ``host``'s slice."""
+    if host is None:
+        if topo.hosts:
+            raise LaunchError(
+                f"lab {topo.name} places its nodes on hosts "
+                f"{', '.join(h.name for h in topo.hosts)}: give --host NAME (the host this "
+                "machine is), or deploy the whole fleet with ansible/deploy.yml")
+        return topo
+    if not topo.hosts:
+        raise LaunchError(f"--host {host}: the topology of lab {topo.name} has no hosts: "
+                          "(leave --host out)")
+    try:
+        return topo.slice(host)
+    except KeyError as e:
+        raise LaunchError(str(e.args[0])) from None
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    from vvu_runtime.launch.fleet import fleet_inventory
+
+    topo = load(args.topology)
+    if not topo.hosts:
+        raise LaunchError(f"{args.topology}: lab {topo.name} has no hosts: (everything runs "
+                          f"on one machine: `{PROG} up` there)")
+    text = fleet_inventory(topo)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        say(f"wrote {args.output}")
     return 0
 
 
@@ -269,7 +313,7 @@ def plan_for(topo: Topology, *, build: bool, paths: LabPaths | None = None,
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    topo = load(args.topology)
+    topo = placed(load(args.topology), args.host)
     plan = plan_for(topo, build=False)
     sys.stdout.write(plan.describe())
     return 0
@@ -490,7 +534,10 @@ def _run_lab_checks(paths: LabPaths) -> list[CheckResult]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    topo = load(args.topology)
+    topo = placed(load(args.topology), args.host)
+    if not topo.nodes:
+        say(f"host {args.host} runs no node of lab {topo.name}: nothing to start")
+        return 0
     if args.name:
         topo = dataclasses.replace(topo, name=args.name)
     paths = LabPaths.for_lab(topo.name, args.lab_dir or topo.options.lab_dir)
@@ -652,7 +699,8 @@ def lab_status(paths: LabPaths) -> dict[str, Any]:
             "errors": int(row.get("errors", 0)), "resets": int(row.get("resets", 0)),
         })
     _mark_degraded(nodes, links)
-    return {"name": paths.name, "lab_dir": str(paths.root), "phase": phase,
+    return {"name": paths.name, "host": plan.get("topology", {}).get("sliced_for"),
+            "lab_dir": str(paths.root), "phase": phase,
             "accel": plan["accel"], "accel_reason": plan["accel_reason"],
             "supervisor_pid": state.get("supervisor", {}).get("pid") if running else None,
             "error": state.get("error"), "nodes": nodes, "links": links}
@@ -839,6 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     topo_arg(s)
     s = sub.add_parser("render", help="print every command line (QEMU, vvu-devd, files)")
     topo_arg(s)
+    s.add_argument("--host", metavar="NAME", help="only the slice of host NAME (hosts:)")
     s = sub.add_parser("schema", help="document the topology file's fields")
     s.add_argument("--json", action="store_true", help="the JSON Schema (for editors)")
     s = sub.add_parser("up", help="bring a lab up, run its checks, show its status")
@@ -848,6 +897,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-check", action="store_true", help="do not run the topology's checks")
     s.add_argument("--name", help="lab name instead of the topology's (a second copy of a lab)")
     s.add_argument("--lab-dir", type=Path, help="lab directory instead of the default")
+    s.add_argument("--host", metavar="NAME",
+                   help="bring up only the nodes placed on host NAME (hosts:); the other "
+                   "hosts run their own slices")
+    s = sub.add_parser("inventory", help="the Ansible inventory of the topology's hosts "
+                       "(for ansible/*.yml)")
+    topo_arg(s)
+    s.add_argument("--output", "-o", type=Path, metavar="FILE", help="write it here")
     s = sub.add_parser("down", help="stop a lab (from its recorded state)")
     s.add_argument("lab", nargs="?", metavar="LAB")
     s.add_argument("--cleanup", action="store_true",
@@ -879,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "validate": cmd_validate, "render": cmd_render, "schema": cmd_schema, "up": cmd_up,
     "down": cmd_down, "status": cmd_status, "check": cmd_check, "logs": cmd_logs,
-    "ssh": cmd_ssh, "graph": cmd_graph, "list": cmd_list,
+    "ssh": cmd_ssh, "graph": cmd_graph, "list": cmd_list, "inventory": cmd_inventory,
 }
 
 

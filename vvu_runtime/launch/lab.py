@@ -55,11 +55,13 @@ from vvu_runtime.launch.render import (
     RenderError,
     RootDisk,
     SshForward,
+    UnderlayNic,
     VmConfig,
     VvuFunctionDevice,
     render_vm,
 )
 from vvu_runtime.launch.topology import (
+    Appliance,
     ApplianceAccess,
     ApplianceKind,
     Topology,
@@ -324,6 +326,7 @@ class LabPlan:
             "accel": self.accel.value,
             "accel_reason": self.accel_reason,
             "topology": self.topology.to_json(),
+            "host": self.topology.sliced_for,
             "nodes": [asdict(n) for n in self.nodes],
             "links": [asdict(link) for link in self.links],
             "ram_files": {str(k): v for k, v in self.ram_files.items()},
@@ -374,8 +377,46 @@ def devd_program() -> list[str]:
     return [sys.executable, "-m", "vvu_runtime.device.devd"]
 
 
-def _network_credential(mac: str, address: str) -> str:
-    return f"[Match]\nMACAddress={mac}\n\n[Network]\nAddress={address}\nLinkLocalAddressing=no\n"
+def _network_credential(mac: str, address: str, mtu: int | None = None) -> str:
+    text = f"[Match]\nMACAddress={mac}\n\n[Network]\nAddress={address}\nLinkLocalAddressing=no\n"
+    if mtu is not None:
+        # A NIC on a tunnelled network: nothing it sends may be too large for a tunnel.
+        text += f"\n[Link]\nMTUBytes={mtu}\n"
+    return text
+
+
+def underlay_mtu(topology: Topology, a: Appliance) -> int:
+    """The path MTU of a switch's tunnels: the smallest of its and its peers' hosts'."""
+    hosts = {a.host, *(t.peer_host for t in a.tunnels)}
+    return min(h.mtu for h in topology.hosts if h.name in hosts)
+
+
+def _underlay_credential(nic: UnderlayNic, mtu: int, peers: list[str]) -> str:
+    """systemd-networkd config of the underlay NIC: static, peers routed through it."""
+    prefix = ipaddress.IPv4Network(nic.net).prefixlen
+    text = (f"[Match]\nMACAddress={nic.mac}\n\n[Link]\nMTUBytes={mtu}\n\n[Network]\n"
+            f"Address={nic.guest_address}/{prefix}\nLinkLocalAddressing=no\n")
+    for peer in peers:
+        # (A peer given by name goes by the default route: still out through the host.)
+        with contextlib.suppress(ValueError):
+            text += f"\n[Route]\nDestination={ipaddress.IPv4Address(peer)}/32\n" \
+                    f"Gateway={nic.gateway}\n"
+    return text
+
+
+def tunnel_config(topology: Topology, a: Appliance,
+                  underlay: UnderlayNic) -> dict[str, Any]:
+    """The appliance config's ``tunnels`` and ``underlay`` (vvu_runtime/appliance/config.py)."""
+    tunnels = []
+    for t in a.tunnels:
+        address = topology.host(t.peer_host or "").address
+        if address is None:
+            raise LabError(f"appliance {a.name}: the host {t.peer_host} of its tunnel peer "
+                           f"{t.peer} has no address")
+        tunnels.append({"name": t.peer, "remote": address, "port": t.peer_port, "vni": t.vni})
+    return {"tunnels": tunnels,
+            "underlay": {"address": underlay.guest_address, "port": underlay.guest_port,
+                         "mtu": underlay_mtu(topology, a)}}
 
 
 def plan_lab(
@@ -465,7 +506,14 @@ def plan_lab(
                 for lk, d in own]
         else:
             config["links"] = [{"name": lk.name} for lk, _ in own]
-        creds = [cred_key, Credential("vvu.appliance", json.dumps(config))]
+        underlay = None
+        extra_creds: list[Credential] = []
+        if a.tunnels:
+            underlay = UnderlayNic(a.underlay_port, _mac(topology.name, a.name, "underlay"))
+            config.update(tunnel_config(topology, a, underlay))
+            extra_creds.append(Credential("network.network.50-vvu-underlay", _underlay_credential(
+                underlay, config["underlay"]["mtu"], [t["remote"] for t in config["tunnels"]])))
+        creds = [cred_key, Credential("vvu.appliance", json.dumps(config)), *extra_creds]
         if os.environ.get("VVU_DEBUG_CONSOLE"):
             creds.append(Credential("vvu.debug-console", "1"))
         functions = [VvuFunctionDevice(i, lk.vfio_socket, id=f"vvu{i}")
@@ -479,7 +527,7 @@ def plan_lab(
         cfg = vm(a.name, a.memory_mib, a.cpus, image, memfd=True,
                  viommu=a.access is ApplianceAccess.VIOMMU, credentials=creds,
                  ssh=SshForward(port, mac=_mac(topology.name, a.name, "mgmt")),
-                 vvu_functions=functions, data_disks=disks,
+                 underlay=underlay, vvu_functions=functions, data_disks=disks,
                  doorbell=DoorbellCompanion(doorbell, DEFAULT_MAX_QUEUES + 1)
                  if bypass else None)
         devd: list[str] = []
@@ -526,7 +574,8 @@ def plan_lab(
             addresses[n.switch] = address
             nic_config.append({"mac": n.mac, "address": address})
             creds.append(Credential(f"network.network.50-vvu-nic{n.index}",
-                                    _network_credential(n.mac, address)))
+                                    _network_credential(n.mac, address,
+                                                        c.nic_mtus.get(n.index))))
         if nic_config:
             creds.append(Credential("vvu.consumer-net", json.dumps(nic_config)))
         append = image.cmdline

@@ -40,6 +40,7 @@ __all__ = [
     "Rng",
     "RootDisk",
     "SshForward",
+    "UnderlayNic",
     "Viommu",
     "VmConfig",
     "VvuFunctionDevice",
@@ -135,6 +136,21 @@ class SshForward:
     port: int
     mac: str = "52:54:00:00:00:01"
     host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class UnderlayNic:
+    """A switch appliance's NIC on the host network (``qemu/underlay.j2``): user-mode
+    networking with the host's UDP ``port`` forwarded to the guest's VXLAN socket."""
+
+    port: int
+    mac: str
+    #: The host address the forward listens on (all of them by default).
+    bind: str = "0.0.0.0"
+    net: str = "10.0.3.0/24"
+    gateway: str = "10.0.3.2"
+    guest_address: str = "10.0.3.15"
+    guest_port: int = 4789
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,8 @@ class VmConfig:
     rng: bool = True
     credentials: Sequence[Credential] = ()
     ssh: SshForward | None = None
+    #: The underlay NIC of a switch appliance with tunnels.
+    underlay: UnderlayNic | None = None
     nets: Sequence[NetDevice] = ()
     blks: Sequence[BlkDevice] = ()
     vvu_functions: Sequence[VvuFunctionDevice] = ()
@@ -280,7 +298,7 @@ def render_vm(template: str, vm: VmConfig) -> list[str]:
 
 
 Device = (NetDevice | BlkDevice | VvuFunctionDevice | DataDisk | Credential | SshForward
-          | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion)
+          | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion | UnderlayNic)
 
 
 def render_devices(*devices: Device) -> list[str]:
@@ -308,6 +326,8 @@ def render_devices(*devices: Device) -> list[str]:
                 argv += _render_lines("credential.j2", {"cred": dev})
             case SshForward():
                 argv += _render_lines("ssh-forward.j2", {"ssh": dev})
+            case UnderlayNic():
+                argv += _render_lines("underlay.j2", {"underlay": dev})
             case RootDisk():
                 argv += _render_lines("root-disk.j2", {"root_disk": dev})
     return argv

@@ -11,7 +11,10 @@ restarting the switch. Each ``--vvu NAME=PCI_ADDRESS`` is a port whose front-end
 sits behind that virtio-vhost-user function (inside an appliance VM;
 ``--vvu-access`` picks vfio-pci or the sysfs poll mode); both kinds mix.
 ``--uplink`` attaches a TAP interface (it must exist or be creatable, and be
-brought up by the operator).
+brought up by the operator). Each ``--tunnel NAME=ADDRESS[,port=P],vni=V`` is a
+VXLAN port to the switch at ADDRESS (``backends/switch/vxlan.py``), all of them
+on one UDP socket bound to ``--tunnel-bind``:``--tunnel-port``; frames longer
+than ``--underlay-mtu`` allows are dropped and counted, never fragmented.
 
 Counters: ``kill -USR1 <pid>`` logs the per-port table; ``--stats-interval``
 logs it periodically; ``--status-file`` keeps it in a file (JSON if the name
@@ -39,6 +42,14 @@ from vvu_runtime.backends.switch.fdb import (
 from vvu_runtime.backends.switch.port import SwitchPort
 from vvu_runtime.backends.switch.switch import Switch
 from vvu_runtime.backends.switch.uplink import TapUplink
+from vvu_runtime.backends.switch.vxlan import (
+    DEFAULT_MTU,
+    MIN_MTU,
+    VXLAN_PORT,
+    TunnelEndpoint,
+    TunnelSpec,
+    VxlanTunnel,
+)
 from vvu_runtime.console import run_main
 from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.serve.runner import Endpoint, run
@@ -85,6 +96,13 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
+def _tunnel_spec(text: str) -> TunnelSpec:
+    try:
+        return TunnelSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -112,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(poll mode), or auto (vfio when the function has an IOMMU group)")
     p.add_argument("--uplink", metavar="TAPNAME",
                    help="attach a TAP interface as an extra port (needs CAP_NET_ADMIN)")
+    p.add_argument("--tunnel", metavar="NAME=ADDRESS[,port=P],vni=V", action="append",
+                   type=_tunnel_spec, default=[],
+                   help="a VXLAN tunnel port to the switch at ADDRESS (repeat for more)")
+    p.add_argument("--tunnel-bind", metavar="ADDRESS", default="0.0.0.0",
+                   help="the local address of the tunnels' UDP socket (default 0.0.0.0)")
+    p.add_argument("--tunnel-port", metavar="PORT", type=_positive(int), default=VXLAN_PORT,
+                   help=f"the tunnels' local UDP port (default {VXLAN_PORT})")
+    p.add_argument("--underlay-mtu", metavar="BYTES", type=_positive(int), default=DEFAULT_MTU,
+                   help=f"MTU of the network the tunnels cross (default {DEFAULT_MTU}); "
+                        "frames longer than it minus 36 bytes are dropped")
     p.add_argument("--queues", metavar="N", type=_positive(int), default=1,
                    help="queue pairs offered on every port (default 1)")
     p.add_argument("--queue-size", metavar="N", type=_positive(int), default=1024,
@@ -196,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs: list[PortSpec] = args.port + args.vvu
     if not specs:
         parser.error("give at least one --port NAME=SOCKET or --vvu NAME=PCI_ADDRESS")
-    names = [spec.name for spec in specs] + ([args.uplink] if args.uplink else [])
+    names = ([spec.name for spec in specs] + ([args.uplink] if args.uplink else [])
+             + [t.name for t in args.tunnel])
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         parser.error(f"port name(s) used twice: {', '.join(dupes)}")
@@ -208,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("two ports on the same VVU function")
     if args.queues > 0x8000:
         parser.error("--queues: at most 32768 queue pairs")
+    if not MIN_MTU <= args.underlay_mtu <= 65535:
+        parser.error(f"--underlay-mtu: {MIN_MTU}..65535")
+    if args.tunnel_port > 65535:
+        parser.error("--tunnel-port: at most 65535")
 
     switch = Switch(ageing_time=args.ageing_time, max_fdb_entries=args.fdb_max,
                     max_fdb_per_port=args.fdb_max_per_port)
@@ -215,8 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         offloads=not args.no_offloads, queue_size=args.queue_size,
                         busy_poll=args.busy_poll / 1e6)
              for spec in specs]
+    endpoint: TunnelEndpoint | None = None
     try:
         uplink = TapUplink(switch, args.uplink) if args.uplink else None
+        if args.tunnel:
+            endpoint = TunnelEndpoint(switch, args.tunnel_bind, args.tunnel_port,
+                                      args.underlay_mtu)
+            for t in args.tunnel:
+                VxlanTunnel(endpoint, t.name, t.remote, t.vni, t.port)
     except ValueError as exc:
         parser.error(str(exc))
     reporter = StatusReporter(switch, args.status_file)
@@ -224,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def setup(loop: asyncio.AbstractEventLoop) -> None:
         if uplink is not None:
             uplink.attach(loop)
+        if endpoint is not None:
+            endpoint.attach(loop)
         loop.add_signal_handler(signal.SIGUSR1, reporter.report)
         _every(loop, min(args.ageing_time / 2, 30.0), switch.age)
         if args.stats_interval:
@@ -235,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def cleanup() -> None:
         if uplink is not None:
             uplink.close()
+        if endpoint is not None:
+            endpoint.close()
         reporter.write()
         reporter.log_table()
 

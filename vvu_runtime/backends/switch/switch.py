@@ -110,6 +110,14 @@ class Drop(enum.Enum):
     RX_BUFFER_SMALL = "rx_buffer_small"  # frame larger than one buffer, no MRG_RXBUF
     RX_RING_ERROR = "rx_ring_error"  # the destination ring broke; it was failed
     UPLINK_ERROR = "uplink_error"  # the TAP refused the frame
+    # tunnels (vxlan.py): on the tunnel the packet came from or went to
+    SPLIT_HORIZON = "split_horizon"  # tunnel to tunnel: never (ingress tunnel)
+    MTU_EXCEEDED = "mtu_exceeded"  # does not fit the underlay MTU with VXLAN's 50 bytes
+    TUNNEL_TRUNCATED = "tunnel_truncated"  # shorter than a VXLAN header
+    TUNNEL_BAD_FLAGS = "tunnel_bad_flags"  # the I flag (valid VNI) is not set
+    TUNNEL_WRONG_VNI = "tunnel_wrong_vni"  # not the VNI of a tunnel with that peer
+    TUNNEL_OVERSIZE = "tunnel_oversize"  # inner frame larger than the underlay MTU allows
+    TUNNEL_SEND_ERROR = "tunnel_send_error"  # the UDP socket refused the packet
 
 
 class RingLike(Protocol):
@@ -197,6 +205,7 @@ class PortKind(enum.Enum):
 
     PORT = "port"      # a vhost-user connection
     UPLINK = "uplink"  # the host's TAP device
+    TUNNEL = "tunnel"  # a VXLAN tunnel to a switch on another host (vxlan.py)
 
 
 class ForwardingPort:
@@ -426,6 +435,8 @@ class Switch:
         self._touched: list[Touchable] = []
         #: forward_chains' bursts in C, when built and not switched off (None: Python).
         self._forward_burst = None if accel.pure_python_forced() else _compiled_forward_burst
+        #: Parts that are no port but have counters of their own (a tunnel endpoint).
+        self.status_sources: list[StatusSource] = []
 
     # -------------------------------------------------------------------- ports
     def add_port(self, port: ForwardingPort) -> ForwardingPort:
@@ -761,12 +772,18 @@ class Switch:
 
     def _deliver_slow(self, port: ForwardingPort, frame: ForwardedFrame, dst_mac: bytes, now: float,
                       plain: bool) -> None:
+        # Split horizon: the tunnels of a network are a full mesh, so a frame that came
+        # through one has reached every host already; sending it on would loop.
+        from_tunnel = port.kind is PortKind.TUNNEL
         if dst_mac[0] & 1:
             dst = None
         else:
             dst = self.fdb.lookup(dst_mac, now)
             if dst is port:
                 port.counters.drop(Drop.HAIRPIN)
+                return
+            if dst is not None and from_tunnel and dst.kind is PortKind.TUNNEL:
+                port.counters.drop(Drop.SPLIT_HORIZON)
                 return
         if dst is not None:
             if plain:
@@ -776,7 +793,7 @@ class Switch:
             return
         port.counters.flooded += 1
         for p in self.ports:
-            if p is not port and p.up:
+            if p is not port and p.up and not (from_tunnel and p.kind is PortKind.TUNNEL):
                 if plain:
                     p.deliver_plain(frame)
                 else:
@@ -839,6 +856,8 @@ class Switch:
                 reasons = ", ".join(f"{r.value}={n}" for r, n in
                                     sorted(p.counters.drops.items(), key=lambda kv: kv[0].value))
                 lines.append(f"drops on {p.port_name}: {reasons}")
+        for source in self.status_sources:
+            lines += source.status_lines()
         fc = self.fdb.counters
         lines.append(f"fdb: {len(self.fdb)} address(es), ageing {self.fdb.ageing_time:g}s; "
                      f"learned {fc.learned}, moved {fc.moved}, aged {fc.aged}, "
@@ -866,6 +885,7 @@ class Switch:
                 } for p in self.ports
             },
             "fdb": [{"mac": m, "port": pn, "age": round(a, 1)} for m, pn, a in self.fdb_table()],
+            **{k: v for source in self.status_sources for k, v in source.status_data().items()},
         }
 
 
@@ -878,6 +898,14 @@ class Clock(Protocol):
 #: (port, queue, delivered, payload bytes, rx_ring_full).
 BurstResult = tuple[int, int, int, int, int, int, int,
                     list[tuple[ForwardingPort, "Touchable", int, int, int]]]
+
+
+class StatusSource(Protocol):
+    """Adds lines to :meth:`Switch.status_table` and keys to :meth:`Switch.status_dict`."""
+
+    def status_lines(self) -> list[str]: ...
+
+    def status_data(self) -> dict[str, object]: ...
 
 
 class Touchable(Protocol):

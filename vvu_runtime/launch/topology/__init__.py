@@ -11,9 +11,11 @@
 Use: ``topo = load_topology(path)`` (or ``load_topology_text(text, source)``),
 then ``topo.appliances`` / ``topo.consumers`` / ``topo.checks`` (file order),
 ``topo.node(name)``, ``topo.links_of(appliance)`` -> ``[(consumer, Nic | Disk)]``
-and ``topo.to_json()``. Everything is resolved: defaults inherited, subnets,
-MACs and addresses derived, paths absolute (relative to the file), memory in
-MiB (``memory_mib``), export and transfer sizes in bytes. ``json_schema()`` and
+and ``topo.to_json()``. Placement (docs/fleet.md): ``topo.hosts``, each node's
+``host``, a vswitch's ``tunnels``, and ``topo.slice(host)``: the part one host
+runs. Everything is resolved: defaults inherited, subnets, MACs and addresses
+derived, paths absolute (relative to the file), memory in MiB
+(``memory_mib``), export and transfer sizes in bytes. ``json_schema()`` and
 ``schema_text()`` are what ``vvu-launch schema`` prints.
 
 Errors: :class:`TopologyError` only; its ``problems`` name ``FILE:LINE:COL``,
@@ -32,6 +34,7 @@ from vvu_runtime.launch.topology.model import (
     ConsumerImage,
     Disk,
     Export,
+    Host,
     Location,
     Nic,
     Node,
@@ -40,6 +43,7 @@ from vvu_runtime.launch.topology.model import (
     Role,
     Topology,
     TopologyError,
+    Tunnel,
 )
 from vvu_runtime.launch.topology.schema import json_schema, schema_text
 
@@ -54,6 +58,7 @@ __all__ = [
     "ConsumerImage",
     "Disk",
     "Export",
+    "Host",
     "Location",
     "Nic",
     "Node",
@@ -62,6 +67,7 @@ __all__ = [
     "Role",
     "Topology",
     "TopologyError",
+    "Tunnel",
     "derived_mac",
     "json_schema",
     "load_topology",

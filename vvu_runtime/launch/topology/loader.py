@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from vvu_runtime.launch.topology.model import (
+    VXLAN_OVERHEAD,
     Accel,
     Appliance,
     ApplianceKind,
@@ -32,12 +34,14 @@ from vvu_runtime.launch.topology.model import (
     ConsumerImage,
     Disk,
     Export,
+    Host,
     Location,
     Nic,
     Options,
     Problem,
     Topology,
     TopologyError,
+    Tunnel,
 )
 from vvu_runtime.launch.topology.schema import (
     ADDRESS_OFFSET,
@@ -45,6 +49,7 @@ from vvu_runtime.launch.topology.schema import (
     CHECKS,
     CONSUMER,
     DEFAULT_SUBNET,
+    HOST,
     KERNEL_IMAGE,
     MAX_LINKS_PER_APPLIANCE,
     OPTIONS,
@@ -170,6 +175,10 @@ class _Resolver:
         self.consumer_nodes: dict[str, Parsed] = self._nodes("consumers")
         self.appliances: dict[str, Appliance] = {}
         self.consumers: dict[str, Consumer] = {}
+        self.host_nodes: dict[str, Parsed] = self._nodes("hosts")
+        self.hosts: dict[str, Host] = {}
+        #: Switch name -> the name of its network (the first switch of its tunnel mesh).
+        self.network: dict[str, str] = {}
 
     def _nodes(self, field: str) -> dict[str, Parsed]:
         nodes = self.top.get(field) or {}
@@ -184,9 +193,11 @@ class _Resolver:
     def topology(self) -> Topology | None:
         self._check_names()
         options = self._options()
+        self._hosts()
         for name, p in self.appliance_nodes.items():
             if (a := self._appliance(name, p)) is not None:
                 self.appliances[name] = a
+        self._tunnels()
         self._check_subnets()
         self._consumers()
         self._check_link_counts()
@@ -203,6 +214,7 @@ class _Resolver:
             appliances=tuple(self.appliances.values()),
             consumers=tuple(self.consumers.values()),
             checks=tuple(checks),
+            hosts=tuple(self.hosts.values()),
         )
 
     def _check_names(self) -> None:
@@ -235,12 +247,14 @@ class _Resolver:
         subnet = v.get("subnet")
         if kind is ApplianceKind.VSWITCH and subnet is None:
             subnet = self._default_subnet(name, p)
-        if not _valid(*v.values(), exports, subnet):
+        host = self._node_host(p, v["host"])
+        if not _valid(*v.values(), exports, subnet, host):
             return None
         return Appliance(name=name, kind=kind, image=v["image"], cpus=v["cpus"],
                          memory_mib=v["memory"], access=v["access"], subnet=subnet,
                          exports=exports, options=dict(v["options"]), where=p.cur.key_where,
-                         doorbell_bypass=v["doorbell_bypass"])
+                         doorbell_bypass=v["doorbell_bypass"], host=host,
+                         underlay_port=v.get("underlay_port", 4789))
 
     def _default_subnet(self, name: str, p: Parsed) -> Any:
         switches = [n for n, q in self.appliance_nodes.items()
@@ -278,12 +292,201 @@ class _Resolver:
             assert a.subnet is not None
             for b in switches[:i]:
                 assert b.subnet is not None
+                if self._same_network(a.name, b.name):
+                    continue  # one L2 network through tunnels: one subnet (see _tunnels)
                 if a.subnet.overlaps(b.subnet):
                     pa, pb = self.appliance_nodes[a.name], self.appliance_nodes[b.name]
                     default = "" if pa.has("subnet") else " (the default)"
                     pa.at("subnet").problem(
                         f"{a.subnet}{default} overlaps {b.name}'s subnet {b.subnet} "
                         f"({pb.at('subnet').where}); each switch needs its own")
+
+    # ---------------------------------------------------------------- placement
+
+    def _hosts(self) -> None:
+        for name, p in self.host_nodes.items():
+            v = HOST.resolve([p])
+            if not _valid(*v.values()):
+                continue
+            if v["address"] is None and v["inventory"] is None:
+                p.cur.problem("give the address (or an inventory host that has it)",
+                              at_key=True)
+                continue
+            self.hosts[name] = Host(name=name, address=v["address"], user=v["user"],
+                                    key=v["key"], inventory=v["inventory"], mtu=v["mtu"],
+                                    where=p.cur.key_where)
+
+    def _node_host(self, p: Parsed, host: Any) -> Any:
+        """The node's host name (None without hosts:), or INVALID after saying why."""
+        if host is INVALID:
+            return INVALID
+        if not self.host_nodes:
+            if host is not None:
+                p.at("host").problem(f'host "{host}", but the topology has no hosts: (add '
+                                     "hosts:, or leave host out to run the node here)")
+                return INVALID
+            return None
+        if host is None:
+            p.missing("host").problem("missing: the topology has hosts:, so every node names "
+                                      f"the one it runs on ({', '.join(self.host_nodes)})")
+            return INVALID
+        if host not in self.host_nodes:
+            p.at("host").problem(f'no host named "{host}"{did_you_mean(host, self.host_nodes)}'
+                                 f" (hosts: {', '.join(self.host_nodes)})")
+            return INVALID
+        return host
+
+    def _same_host(self, consumer: str, host: str | None, v: dict[str, Any],
+                   nics: tuple[Nic, ...], disks: tuple[Disk, ...]) -> bool:
+        """VVU links are shared memory: a consumer and its appliances share a host."""
+        ok = True
+        items = [*(v["nics"] or []), *(v["disks"] or [])]
+        links: tuple[Nic | Disk, ...] = (*nics, *disks)
+        for link, item in zip(links, items, strict=True):
+            target = self.appliances[link.appliance]
+            if target.host == host:
+                continue
+            field = "switch" if isinstance(link, Nic) else "storage"
+            what = "NIC" if isinstance(link, Nic) else "disk"
+            item.at(field).problem(
+                f"{target.name} runs on host {target.host}, {consumer} on host {host}: a VVU "
+                f"link ({what}) is shared memory and cannot cross hosts (put both on one host"
+                + ("; join switches of different hosts with tunnels:)" if field == "switch"
+                   else ")"))
+            ok = False
+        return ok
+
+    def _nic_mtus(self, nics: tuple[Nic, ...]) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for n in nics:
+            switch = self.appliances[n.switch]
+            if switch.tunnels:
+                mtus = [self.hosts[h].mtu for h in self._network_hosts(n.switch)
+                        if h in self.hosts]  # (a broken host is reported already)
+                out[n.index] = min(mtus, default=1500) - VXLAN_OVERHEAD
+        return out
+
+    def _network_hosts(self, switch: str) -> set[str]:
+        net = self.network.get(switch, switch)
+        return {a.host for a in self.appliances.values()
+                if self.network.get(a.name, a.name) == net and a.host is not None}
+
+    def _same_network(self, a: str, b: str) -> bool:
+        return self.network.get(a, a) == self.network.get(b, b)
+
+    def _networks(self, c: Consumer) -> set[str]:
+        return {self.network.get(s, s) for s in c.switches}
+
+    def _tunnels(self) -> None:
+        """Tunnels on both ends, one network per full mesh, its subnet and VNI shared."""
+        declared: dict[frozenset[str], tuple[int, Cursor]] = {}
+        ends: dict[str, list[Tunnel]] = {}
+        for name, p in self.appliance_nodes.items():
+            items = p.get("tunnels") if p.kind is ApplianceKind.VSWITCH else None
+            for t in items if isinstance(items, list) else []:
+                if not _complete(t):
+                    continue
+                peer, vni, cur = t.get("peer"), t.get("vni"), t.at("peer")
+                if self._tunnel_ok(name, peer, cur):
+                    pair = frozenset((name, peer))
+                    if pair in declared:
+                        first_vni, first = declared[pair]
+                        if first_vni != vni:
+                            t.at("vni").problem(f"the tunnel {name} - {peer} is already "
+                                                f"declared with vni {first_vni} ({first.where})")
+                        continue
+                    declared[pair] = (vni, cur)
+                    me, other = self.appliances[name], self.appliances[peer]
+                    ends.setdefault(name, []).append(Tunnel(
+                        peer, vni, t.cur.where, other.host, other.underlay_port))
+                    ends.setdefault(peer, []).append(Tunnel(
+                        name, vni, t.cur.where, me.host, me.underlay_port))
+        # Networks: connected components, in file order of their first switch.
+        for name in self.appliance_nodes:
+            if name in ends and name not in self.network:
+                todo = [name]
+                while todo:
+                    n = todo.pop()
+                    if n not in self.network:
+                        self.network[n] = name
+                        todo += [t.peer for t in ends.get(n, [])]
+        members: dict[str, list[str]] = {}
+        for n in self.appliance_nodes:  # file order
+            if n in self.network:
+                members.setdefault(self.network[n], []).append(n)
+        vnis: dict[int, str] = {}
+        for net, names in members.items():
+            self._check_network(net, names, ends, vnis)
+        ports: dict[tuple[str | None, int], str] = {}
+        for a in self.appliances.values():
+            if a.name in self.network:
+                key = (a.host, a.underlay_port)
+                if key in ports:
+                    self.appliance_nodes[a.name].at("underlay_port").problem(
+                        f"UDP port {a.underlay_port} on host {a.host} is already "
+                        f"{ports[key]}'s tunnel port")
+                ports.setdefault(key, a.name)
+        for name, tunnels in ends.items():
+            if (sw := self.appliances.get(name)) is not None:
+                subnet = self.appliances[self.network[name]].subnet
+                explicit = self.appliance_nodes[name].has("subnet")
+                self.appliances[name] = replace(sw, tunnels=tuple(tunnels),
+                                                subnet=sw.subnet if explicit else subnet)
+
+    def _tunnel_ok(self, name: str, peer: str, cur: Cursor) -> bool:
+        if not self.host_nodes:
+            cur.problem("tunnels join switches on different hosts, and the topology has no "
+                        "hosts:")
+            return False
+        target = self._link_target(peer, cur, ApplianceKind.VSWITCH)
+        a = self.appliances.get(name)
+        if target is None or a is None:
+            return False
+        if target.name == name:
+            cur.problem(f"a tunnel from {name} to itself; expected a switch on another host")
+            return False
+        if target.host == a.host:
+            cur.problem(f"{peer} runs on the same host as {name} ({a.host}); tunnels join "
+                        "switches of different hosts (on one host, use one switch)")
+            return False
+        for sw in (a, target):
+            host = self.hosts.get(sw.host or "")
+            if host is not None and host.address is None:
+                cur.problem(f"host {host.name} of {sw.name} has no address (only inventory "
+                            f"{host.inventory}): a tunnel needs the address to send to")
+                return False
+        return True
+
+    def _check_network(self, net: str, names: list[str], ends: dict[str, list[Tunnel]],
+                       vnis: dict[int, str]) -> None:
+        p = self.appliance_nodes[net]
+        where = p.at("tunnels")
+        # Split horizon (a frame from a tunnel never goes to another tunnel) needs a
+        # full mesh: every switch of the network has a tunnel to every other.
+        for i, a in enumerate(names):
+            peers = {t.peer for t in ends.get(a, [])}
+            for b in names[i + 1:]:
+                if b not in peers:
+                    where.problem(f"{a} and {b} are one network (through other switches' "
+                                  f"tunnels) but have no tunnel between them: split horizon "
+                                  "needs a tunnel between every two switches of a network")
+        own = {t.vni for n in names for t in ends.get(n, [])}
+        if len(own) > 1:
+            where.problem(f"the network of {', '.join(names)} has tunnels with vni "
+                          f"{', '.join(map(str, sorted(own)))}; one network, one vni")
+        for vni in own:
+            if vni in vnis and vnis[vni] != net:
+                where.problem(f"vni {vni} is already the network of {vnis[vni]}")
+            vnis.setdefault(vni, net)
+        explicit = {n: self.appliances[n].subnet for n in names
+                    if n in self.appliances and self.appliance_nodes[n].has("subnet")}
+        if len(set(explicit.values())) > 1:
+            where.problem("switches joined by tunnels are one L2 network with one subnet; "
+                          "they have " + ", ".join(f"{n}: {s}" for n, s in explicit.items()))
+        elif explicit and net in self.appliances:
+            # The network's subnet: the one given (by any member).
+            self.appliances[net] = replace(self.appliances[net],
+                                           subnet=next(iter(explicit.values())))
 
     # ---------------------------------------------------------------- consumers
 
@@ -300,11 +503,15 @@ class _Resolver:
             nics = self._nics(name, v["nics"], explicit_macs, taken_macs, addresses, per_switch)
             disks = self._disks(name, v["disks"], exports_used)
             image = self._image(v["image"])
-            if not _valid(v["cpus"], v["memory"], nics, disks, image):
+            host = self._node_host(p, v["host"])
+            if not _valid(v["cpus"], v["memory"], nics, disks, image, host):
+                continue
+            if not self._same_host(name, host, v, nics, disks):
                 continue
             self.consumers[name] = Consumer(name=name, image=image, cpus=v["cpus"],
                                             memory_mib=v["memory"], nics=nics, disks=disks,
-                                            where=p.cur.key_where)
+                                            where=p.cur.key_where, host=host,
+                                            nic_mtus=self._nic_mtus(nics))
 
     @staticmethod
     def _image(value: Any) -> Any:
@@ -365,8 +572,10 @@ class _Resolver:
             if switch is None or switch.subnet is None:
                 ok = False
                 continue
-            host = per_switch.get(switch.name, 0)
-            per_switch[switch.name] = host + 1
+            # Addresses are numbered per network: switches joined by tunnels share a subnet.
+            net = self.network.get(switch.name, switch.name)
+            host = per_switch.get(net, 0)
+            per_switch[net] = host + 1
             address = self._address(nic, switch.name, switch.subnet, host, addresses)
             mac = nic.get("mac") or self._derive_mac(consumer, index, taken_macs)
             if address is None:
@@ -501,7 +710,7 @@ class _Resolver:
                 body.at("to").problem(f"{kind.value} from {a.name} to itself; expected another "
                                       "consumer")
                 return False
-            if not a.switches & b.switches:
+            if not self._networks(a) & self._networks(b):
                 body.at("to").problem(
                     f"{a.name} and {b.name} share no switch ({a.name}: "
                     f"{', '.join(sorted(a.switches)) or 'no NIC'}; {b.name}: "

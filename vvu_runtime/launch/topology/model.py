@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 from types import MappingProxyType
@@ -33,6 +33,7 @@ __all__ = [
     "ConsumerImage",
     "Disk",
     "Export",
+    "Host",
     "Location",
     "Nic",
     "Options",
@@ -40,6 +41,7 @@ __all__ = [
     "Role",
     "Topology",
     "TopologyError",
+    "Tunnel",
 ]
 
 MIB = 1 << 20
@@ -216,6 +218,49 @@ class Export:
 
 
 @dataclass(frozen=True)
+class Host:
+    """A machine that runs a slice of the lab (``hosts:``)."""
+
+    name: str
+    #: Where SSH reaches it and the other hosts' tunnels send to; None: from ``inventory``.
+    address: str | None
+    user: str
+    key: Path | None
+    #: A host of the operator's Ansible inventory that stands for this one.
+    inventory: str | None
+    #: The MTU of the host network tunnels cross.
+    mtu: int
+    where: Location
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "address": self.address, "user": self.user,
+                "key": None if self.key is None else str(self.key),
+                "inventory": self.inventory, "mtu": self.mtu}
+
+
+#: Bytes VXLAN over IPv4 adds to a frame's L3 packet: outer IPv4 20, UDP 8, VXLAN 8,
+#: inner Ethernet 14 (RFC 7348; no outer VLAN tag, no IP options).
+VXLAN_OVERHEAD = 50
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """A VXLAN tunnel of a switch to a switch on another host (listed on both ends)."""
+
+    peer: str
+    vni: int
+    where: Location
+    #: The peer's host and the UDP port its tunnels arrive at there (its host's address
+    #: is in ``Topology.hosts``): what a slice of the lab needs of a switch it lacks.
+    peer_host: str | None = None
+    peer_port: int = 4789
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peer": self.peer, "vni": self.vni, "peer_host": self.peer_host,
+                "peer_port": self.peer_port}
+
+
+@dataclass(frozen=True)
 class Appliance:
     name: str
     kind: ApplianceKind
@@ -233,6 +278,12 @@ class Appliance:
     where: Location
     #: Calls through the doorbell companion (docs/vvu-abi.md "Doorbell bypass").
     doorbell_bypass: bool = False
+    #: The host it runs on (a name in ``Topology.hosts``); None: no ``hosts:``, this machine.
+    host: str | None = None
+    #: Tunnels to switches on other hosts (vswitch), those the peer declared included.
+    tunnels: tuple[Tunnel, ...] = ()
+    #: The UDP port on its host where its tunnels arrive (vswitch with tunnels).
+    underlay_port: int = 4789
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -240,6 +291,11 @@ class Appliance:
     @property
     def role(self) -> Role:
         return Role.APPLIANCE
+
+    @property
+    def vni(self) -> int | None:
+        """The VXLAN network identifier of its network (None: no tunnels)."""
+        return self.tunnels[0].vni if self.tunnels else None
 
     def export(self, name: str) -> Export:
         for e in self.exports:
@@ -260,6 +316,9 @@ class Appliance:
             "subnet": None if self.subnet is None else str(self.subnet),
             "exports": [e.to_json() for e in self.exports],
             "options": dict(self.options),
+            "host": self.host,
+            "tunnels": [t.to_json() for t in self.tunnels],
+            "underlay_port": self.underlay_port,
         }
 
 
@@ -353,6 +412,14 @@ class Consumer:
     nics: tuple[Nic, ...]
     disks: tuple[Disk, ...]
     where: Location
+    #: The host it runs on (see :attr:`Appliance.host`).
+    host: str | None = None
+    #: MTU of each NIC (by index) on a switch with tunnels: the underlay's minus the
+    #: VXLAN overhead, so nothing it sends is too large for a tunnel. Absent: the default.
+    nic_mtus: Mapping[int, int] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nic_mtus", MappingProxyType(dict(self.nic_mtus)))
 
     @property
     def role(self) -> Role:
@@ -375,6 +442,8 @@ class Consumer:
             "memory_mib": self.memory_mib,
             "nics": [n.to_json() for n in self.nics],
             "disks": [d.to_json() for d in self.disks],
+            "host": self.host,
+            "nic_mtus": {str(i): m for i, m in self.nic_mtus.items()},
         }
 
 
@@ -406,10 +475,35 @@ class Topology:
     appliances: tuple[Appliance, ...]
     consumers: tuple[Consumer, ...]
     checks: tuple[Check, ...]
+    #: ``hosts:`` in file order; empty: everything runs on this machine.
+    hosts: tuple[Host, ...] = ()
+    #: The host this topology was cut down to (:meth:`slice`); None: the whole lab.
+    sliced_for: str | None = None
 
     @property
     def nodes(self) -> tuple[Node, ...]:
         return (*self.appliances, *self.consumers)
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        known = ", ".join(h.name for h in self.hosts) or "none: the topology has no hosts:"
+        raise KeyError(f"lab {self.name} has no host {name!r} (hosts: {known})")
+
+    def nodes_on(self, host: str) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.host == host)
+
+    def slice(self, host: str) -> Topology:
+        """The part of the lab that runs on ``host``: its nodes, and the checks that
+        name only them (a check across hosts runs from the fleet, not from one host)."""
+        self.host(host)
+        names = {n.name for n in self.nodes_on(host)}
+        checks = tuple(c for c in self.checks
+                       if {str(c.params[f]).split("/")[0] for f in c.kind.references} <= names)
+        return replace(self, appliances=tuple(a for a in self.appliances if a.host == host),
+                       consumers=tuple(c for c in self.consumers if c.host == host),
+                       checks=checks, sliced_for=host)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -444,4 +538,6 @@ class Topology:
             "appliances": [a.to_json() for a in self.appliances],
             "consumers": [c.to_json() for c in self.consumers],
             "checks": [c.to_json() for c in self.checks],
+            "hosts": [h.to_json() for h in self.hosts],
+            "sliced_for": self.sliced_for,
         }

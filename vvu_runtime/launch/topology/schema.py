@@ -31,9 +31,12 @@ from vvu_runtime.launch.topology.spec import (
 from vvu_runtime.launch.topology.types import (
     EXPORT_PATTERN,
     GIB,
+    HOSTNAME_PATTERN,
+    INVENTORY_HOST_PATTERN,
     MIB,
     NAME_PATTERN,
     TIB,
+    USER_PATTERN,
     Alternatives,
     BoolType,
     ChoiceType,
@@ -55,6 +58,7 @@ __all__ = [
     "CONSUMER",
     "DISK",
     "EXPORT",
+    "HOST",
     "MAX_CPUS",
     "MAX_DISKS",
     "MAX_LINKS_PER_APPLIANCE",
@@ -62,6 +66,7 @@ __all__ = [
     "NIC",
     "OPTIONS",
     "TOPOLOGY",
+    "TUNNEL",
     "json_schema",
     "schema_text",
 ]
@@ -75,8 +80,11 @@ MAX_LINKS_PER_APPLIANCE = 32
 MAX_CHECKS = 128
 #: Default subnets: 10.77.N.0/24 for the N-th vswitch appliance.
 DEFAULT_SUBNET = "10.77.{index}.0/24"
-#: Default addresses: host number (index of the NIC on its switch) + this.
+#: Default addresses: host number (index of the NIC on its network) + this.
 ADDRESS_OFFSET = 10
+#: The IANA VXLAN port: the default UDP port of a switch's tunnel endpoint on its host.
+VXLAN_PORT = 4789
+MAX_TUNNELS = 32
 
 VSWITCH = frozenset({ApplianceKind.VSWITCH})
 STORAGE = frozenset({ApplianceKind.STORAGE})
@@ -104,7 +112,38 @@ OPTIONS = ObjectSpec("options", "options", "Lab-wide options.", (
           "seconds a node may take from start to ready", default=300),
 ))
 
+# ------------------------------------------------------------------ hosts (placement)
+
+HOST_NAME = StrType("the name of a host in hosts:", NAME_PATTERN)
+
+HOST = ObjectSpec(
+    "host", "hosts.NAME", "A machine that runs a slice of the lab (`vvu-launch up --host NAME` "
+    "there). VVU links never cross hosts; switch tunnels do.", (
+        Field("address", Nullable(StrType("a host name or IP address", HOSTNAME_PATTERN)),
+              "where SSH (Ansible) reaches the host, and where the other hosts' tunnels send "
+              "to", default=None, default_doc="from the inventory entry (then no tunnels)"),
+        Field("user", StrType("a user name", USER_PATTERN), "the SSH user", default="root"),
+        Field("key", Nullable(PathType("an SSH private key")), "the SSH private key",
+              default=None, default_doc="the SSH client's default"),
+        Field("inventory", Nullable(StrType("an Ansible inventory host name",
+                                            INVENTORY_HOST_PATTERN)),
+              "take address, user and key from this host of the operator's Ansible inventory "
+              "instead", default=None),
+        Field("mtu", IntType(1280, 9216), "the MTU of the host network tunnels cross; a "
+              "tunnelled frame is at most this minus the 50 bytes of VXLAN over IPv4",
+              default=1500),
+    ))
+
 # ------------------------------------------------------------------ appliances
+
+TUNNEL = ObjectSpec(
+    "tunnel", "appliances.NAME.tunnels[] (vswitch)", "A VXLAN tunnel to a vswitch appliance on "
+    "another host: both switches become one L2 network (declare it on either side).", (
+        Field("peer", StrType("the name of a vswitch appliance on another host", NAME_PATTERN),
+              "the switch at the other end", default=REQUIRED),
+        Field("vni", IntType(1, (1 << 24) - 1), "the VXLAN network identifier: one per "
+              "network (every tunnel of a network has the same)", default=REQUIRED),
+    ))
 
 VSWITCH_OPTIONS = ObjectSpec(
     "vswitch-options", "appliances.NAME.options (vswitch)", "Backend options of a vswitch.", (
@@ -151,9 +190,17 @@ APPLIANCE = ObjectSpec(
               "ivshmem-doorbell served by vvu-devd instead of trapped VVU doorbells "
               "(docs/vvu-abi.md, 'Doorbell bypass')", default=False, inherit=True),
         Field("subnet", Nullable(NetworkType()), "the switch segment's IPv4 subnet; consumer "
-              "addresses are taken from it", default=None,
+              "addresses are taken from it (switches joined by tunnels share one)", default=None,
               default_doc=DEFAULT_SUBNET.format(index="N") + " (N: index among vswitches)",
               kinds=VSWITCH),
+        Field("host", Nullable(HOST_NAME), "the host the appliance runs on (a name in "
+              "hosts:)", default=None, default_doc="required when hosts: is given"),
+        Field("tunnels", ListType(ObjectType(TUNNEL), MAX_TUNNELS, "tunnels"),
+              "VXLAN tunnels to switches on other hosts", default=[], default_doc="none",
+              kinds=VSWITCH),
+        Field("underlay_port", IntType(1, 65535), "the UDP port on its host where the "
+              "switch's tunnels arrive (forwarded to the appliance's underlay NIC)",
+              default=VXLAN_PORT, kinds=VSWITCH),
         Field("exports", ListType(ObjectType(EXPORT), MAX_EXPORTS, "exports"),
               "the disks offered", default=[], default_doc="none", kinds=STORAGE),
         Field("options", ObjectType(VSWITCH_OPTIONS), "backend options", default={},
@@ -202,6 +249,9 @@ KERNEL_IMAGE = ObjectSpec("kernel-image", "consumers.NAME.image (direct kernel b
 
 CONSUMER = ObjectSpec("consumer", "consumers.NAME", "A consumer VM: stock virtio-net and "
                       "virtio-blk devices, each one VVU link to an appliance.", (
+    Field("host", Nullable(HOST_NAME), "the host the consumer runs on (a name in hosts:); "
+          "its appliances must be on the same host", default=None,
+          default_doc="required when hosts: is given"),
     Field("image", Alternatives(ChoiceType(["consumer"]), ObjectType(KERNEL_IMAGE)),
           'what the VM boots: "consumer" (the built consumer image) or a kernel',
           default="consumer", inherit=True),
@@ -285,6 +335,9 @@ TOPOLOGY = ObjectSpec("topology", "(top level)", "A vvu lab: appliance VMs, cons
     Field("consumers", MapType(NAME, ObjectType(CONSUMER), "consumers"),
           "the consumer VMs by name", default={}, default_doc="none"),
     Field("defaults", ObjectType(DEFAULTS), "what nodes inherit", default={}),
+    Field("hosts", MapType(NAME, ObjectType(HOST), "hosts"),
+          "the machines the lab is spread over, by name", default={},
+          default_doc="none: everything on this machine"),
     Field("checks", ListType(Tagged({k.value: s for k, s in CHECKS.items()}, "check"),
                              MAX_CHECKS, "checks"),
           "checks `vvu-launch check` runs", default=[], default_doc="none"),

@@ -39,6 +39,12 @@ NAME_PATTERN = r"^[a-z]([a-z0-9-]{0,29}[a-z0-9])?$"
 #: An export name (also part of file names; '/' separates it in ``STORAGE/EXPORT``).
 EXPORT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
+#: A DNS name or an IPv4/IPv6 address (what ssh and a UDP socket take).
+HOSTNAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.:-]{0,251}[A-Za-z0-9])?$"
+#: A POSIX user name.
+USER_PATTERN = r"^[a-z_][a-z0-9_-]{0,31}$"
+#: An Ansible inventory host name (no spaces, no shell or YAML specials).
+INVENTORY_HOST_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,252}$"
 
 
 class _Invalid(enum.Enum):
