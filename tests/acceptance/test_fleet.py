@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
+from tests.conftest import unavailable
 from tests.support.fleet_hosts import FleetHosts, missing
 from vvu_runtime.launch.checks import check_ping, check_transfer
 from vvu_runtime.launch.fleet import FLEET_GROUP, inventory_data
@@ -61,9 +62,10 @@ consumers:
 def hosts(tmp_path: Path) -> Iterator[FleetHosts]:
     why = missing()
     if why is not None:
-        pytest.skip(f"needs {why}")
+        unavailable(f"host capability missing: {why}")
     if not PLAYBOOK.exists():
-        pytest.skip("needs ansible-playbook in the venv (ansible-core, a dev dependency)")
+        unavailable("host capability missing: ansible-playbook in the venv (ansible-core, "
+                    "a dev dependency: run ./setup)")
     with FleetHosts(tmp_path / "hosts", HOSTS) as h:
         yield h
     assert h.links_left() == [], "the hosts' network outlived them"
