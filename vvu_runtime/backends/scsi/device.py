@@ -148,7 +148,11 @@ class ScsiDevice(VhostUserDevice):
 
     def features(self) -> int:
         # HOTPLUG: LUNs added and removed at runtime are announced on the event queue.
-        return Feature.HOTPLUG.mask | int(RING_FEATURES)
+        # CHANGE (we may report parameter changes; we never need to): QEMU's
+        # vhost-user-scsi acks it whatever the back-end offers (its param_change
+        # property, on by default, is not in the bits it asks the back-end about),
+        # and a session refuses acks of bits it did not offer.
+        return Feature.HOTPLUG.mask | Feature.CHANGE.mask | int(RING_FEATURES)
 
     def set_features(self, features: int) -> None:
         self._acked = features
@@ -183,6 +187,7 @@ class ScsiDevice(VhostUserDevice):
                 self._process_control(vring)
             elif index == EVENT_QUEUE:
                 self._flush_events()
+                return
             else:
                 self._process_requests(vring)
         except BadChain as exc:
@@ -368,9 +373,19 @@ class ScsiDevice(VhostUserDevice):
         self._flush_events()
 
     def _flush_events(self) -> None:
+        """Put pending events into the buffers the driver posted. Runs from process()
+        and from a LUN change (a signal handler): a bad buffer fails the event ring
+        here rather than raising into whoever changed the LUN set."""
         vring = self._event_ring
         if vring is None or not vring.enabled or vring.failed:
             return
+        try:
+            self._fill_events(vring)
+        except (BadChain, VirtioError) as exc:
+            self._log_limited("%s: event queue: %s", self.name, exc)
+            vring.fail(exc)
+
+    def _fill_events(self, vring: Vring) -> None:
         sent = False
         while self._pending:
             chain = vring.pop()
