@@ -90,9 +90,10 @@ def test_features_queues_and_constructor_checks(device: ScsiDevice, tmp_path: Pa
 
 
 def test_lun_field_encoding() -> None:
-    assert encode_lun(0, 5) == bytes((1, 0, 0x40, 5, 0, 0, 0, 0))
+    assert encode_lun(0, 5) == bytes((1, 0, 0, 5, 0, 0, 0, 0))  # as Linux reads events
+    assert encode_lun(0, 300) == bytes((1, 0, 0x41, 44, 0, 0, 0, 0))
     assert decode_lun(encode_lun(3, 300)) == (3, 300)
-    assert decode_lun(bytes((1, 0, 0, 7, 0, 0, 0, 0))) == (0, 7)  # peripheral addressing
+    assert decode_lun(bytes((1, 0, 0x40, 7, 0, 0, 0, 0))) == (0, 7)  # as Linux sends them
     assert decode_lun(bytes((0, 0, 0x40, 0, 0, 0, 0, 0))) is None  # first byte not 1
     assert decode_lun(bytes((1, 0, 0x80, 0, 0, 0, 0, 0))) is None  # logical unit method
     assert decode_lun(b"\x01") is None

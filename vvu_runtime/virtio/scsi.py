@@ -113,10 +113,14 @@ class ResetReason(IntEnum):
 
 
 def encode_lun(target: int, lun: int) -> bytes:
-    """The 8-byte LUN field as Linux and QEMU write it (flat space addressing)."""
+    """The 8-byte LUN field in the form REPORT LUNS uses: peripheral addressing below
+    256, flat space above (as QEMU's events do). Events must use it: Linux's
+    virtio_scsi takes an event's LUN as ``lun[2] << 8 | lun[3]`` without masking the
+    addressing method, so a flat-space LUN 5 would reach it as LUN 16389."""
     if not 0 <= target <= 0xFF or not 0 <= lun <= MAX_LUN:
         raise ValueError(f"target {target} / LUN {lun} out of range")
-    return bytes((1, target, 0x40 | (lun >> 8), lun & 0xFF, 0, 0, 0, 0))
+    high = (0x40 | (lun >> 8)) if lun >= 256 else 0
+    return bytes((1, target, high, lun & 0xFF, 0, 0, 0, 0))
 
 
 def decode_lun(field: bytes | bytearray | memoryview) -> tuple[int, int] | None:
