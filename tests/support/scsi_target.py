@@ -11,7 +11,6 @@ import struct
 from vvu_runtime.virtio.queue import DescriptorChain
 from vvu_runtime.virtio.scsi import CDB_SIZE, CMD_RESP, CmdReq, CmdResp, encode_lun
 
-
 # --- CDBs ------------------------------------------------------------------------------------
 
 def cdb(*fields: int | bytes) -> bytes:

@@ -245,8 +245,11 @@ def test_write_then_read(lun: Lun, image: Path, size: int) -> None:
 def test_read12_write12_and_fua(lun: Lun, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bool] = []
     real = lun.image.writev
-    monkeypatch.setattr(lun.image, "writev",
-                        lambda b, o, *, dsync=False: (calls.append(dsync), real(b, o))[1])
+    def writev(buffers: list[memoryview], offset: int, *, dsync: bool = False) -> None:
+        calls.append(dsync)
+        real(buffers, offset)
+
+    monkeypatch.setattr(lun.image, "writev", writev)
     good(lun, t.cdb(0xAA, 0x08, t.be(5, 4), t.be(1, 4), 0, 0), out=b"\x5a" * 512)
     assert calls == [True]  # FUA: durable before completion
     assert good(lun, t.cdb(0xA8, 0, t.be(5, 4), t.be(1, 4), 0, 0), into=512) == b"\x5a" * 512

@@ -5,6 +5,7 @@ CHECK CONDITION always carries fixed-format sense with a sense key we use."""
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from vvu_runtime.backends.scsi.device import BadChain, ScsiDevice
 from vvu_runtime.backends.scsi.lun import Lun, LunSpec
 from vvu_runtime.backends.scsi.sense import SenseKey, Status
 from vvu_runtime.virtio.queue import DescriptorChain
-from vvu_runtime.virtio.scsi import CMD_REQ, CMD_RESP, Response, encode_lun
+from vvu_runtime.virtio.scsi import CMD_REQ, CMD_RESP, CmdReq, Response, encode_lun
 
 BLOCKS = 64
 KNOWN_OPCODES = [int(op) for op in Opcode] + [0x9E, 0xA3, 0x41, 0x89]
@@ -64,7 +65,7 @@ lun_fields = st.one_of(
 
 def split(data: bytes, cuts: list[int]) -> list[memoryview]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [memoryview(bytearray(data[a:b])) for a, b in zip(points, points[1:], strict=False)
+    return [memoryview(bytearray(data[a:b])) for a, b in itertools.pairwise(points)
             if b > a]
 
 
@@ -78,7 +79,7 @@ def test_hostile_commands_get_a_well_formed_answer(
     device: ScsiDevice, cdb: bytes, lun: bytes, out: bytes, into: int, rcuts: list[int],
     wcuts: list[int], short: int,
 ) -> None:
-    header = t.CmdReq(lun, 1, 0, 0, 0, cdb.ljust(32, b"\0")).pack()
+    header = CmdReq(lun, 1, 0, 0, 0, cdb.ljust(32, b"\0")).pack()
     readable = split(header + out, rcuts)
     wlen = CMD_RESP.size + into
     if short:  # a chain without room for one of the headers
