@@ -276,11 +276,16 @@ def commands(config: ApplianceConfig, matched: dict[str, str], *,
     for export in config.exports:
         addr = matched[export.name]
         image = export_image(export) if prepare else planned_image(export)
-        argv = ["vvu-blk", "--vvu", addr, "--image", str(image),
-                "--serial", export.serial, "--queues", str(opts["queues"]),
-                "--poll-us", str(opts["poll_us"])]
-        if export.readonly:
-            argv.append("--read-only")
+        if export.protocol == "scsi":
+            # One controller per export, the disk as its LUN 0 (same serial as GET_ID).
+            lun = f"0={image},serial={export.serial}" + (",ro" if export.readonly else "")
+            argv = ["vvu-scsi", "--vvu", addr, "--lun", lun, "--queues", str(opts["queues"])]
+        else:
+            argv = ["vvu-blk", "--vvu", addr, "--image", str(image),
+                    "--serial", export.serial, "--queues", str(opts["queues"]),
+                    "--poll-us", str(opts["poll_us"])]
+            if export.readonly:
+                argv.append("--read-only")
         if opts["direct"]:
             argv.append("--direct")
         backends.append(Backend(argv, {addr: export.name}))
@@ -492,6 +497,8 @@ def run_in_process(config: ApplianceConfig, backend: Backend) -> int:
     sys.argv[0] = backend.argv[0]
     if backend.argv[0] == "vvu-switch":
         from vvu_runtime.serve.switch import main as backend_main
+    elif backend.argv[0] == "vvu-scsi":
+        from vvu_runtime.serve.scsi import main as backend_main
     else:
         from vvu_runtime.serve.blk import main as backend_main
     return int(backend_main(backend.argv[1:]) or 0)

@@ -447,6 +447,8 @@ FILE = (
     Field("size", "size", "created with this size if missing (sparse)", True,
           check=_check_size),
 )
+#: An export's ``protocol``: the vhost-user device type the consumer gets.
+PROTOCOLS = ("blk", "scsi")
 EXPORT = (
     Field("name", "str", "the VVU link's name; also the disk serial the consumer sees (GET_ID)",
           True, check=_check_name),
@@ -455,6 +457,9 @@ EXPORT = (
     Field("file", "map", "a file on a data disk's file system", fields=FILE,
           one_of=("disk", "file")),
     Field("readonly", "bool", "offer a read-only disk", default=False),
+    Field("protocol", "str", "how the consumer sees the disk: blk (vhost-user-blk, vvu-blk) "
+          "or scsi (vhost-user-scsi, vvu-scsi, the disk as LUN 0)", default="blk",
+          check=lambda v: None if v in PROTOCOLS else "blk or scsi"),
 )
 TUNNEL = (
     Field("name", "str", "the tunnel port's name (the peer switch)", True, check=_check_name),
@@ -629,6 +634,7 @@ class Export:
     disk: str | None
     file: FileExport | None
     readonly: bool
+    protocol: str = "blk"
 
     @property
     def serial(self) -> str:
@@ -708,7 +714,8 @@ def parse_config(text: str, source: str) -> ApplianceConfig:
     for x in data["exports"]:
         f = x.get("file")
         fe = None if f is None else FileExport(f["disk"], f["path"], _size(f["size"]) or 0)
-        exports.append(Export(x["name"], x.get("disk"), fe, bool(x.get("readonly", False))))
+        exports.append(Export(x["name"], x.get("disk"), fe, bool(x.get("readonly", False)),
+                              x.get("protocol", "blk")))
     return ApplianceConfig(kind, source, exports=tuple(exports), options=options)
 
 

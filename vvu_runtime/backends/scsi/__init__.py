@@ -1,0 +1,1 @@
+"""vhost-user-scsi target: one controller, several LUNs on raw images."""
