@@ -8,7 +8,7 @@ over SSH with the playbooks of ansible/.
 * ``test_a_network_across_two_hosts``: examples/fleet.yaml's shape with the real
   vvu-launch: a vswitch appliance and a consumer per host, the switches joined by
   a VXLAN tunnel over the hosts' bridge; the consumers ping each other and move
-  8 MiB with its sha256 across the tunnel; a second deploy changes nothing;
+  2 MiB with its sha256 across the tunnel; a second deploy changes nothing;
   teardown leaves no process, RAM file, socket or lab directory on any host.
   Boots four TCG guests: take /tmp/vvu-heavy.lock on a shared machine.
 """
@@ -215,7 +215,7 @@ def test_a_network_across_two_hosts(hosts: FleetHosts, tmp_path: Path) -> None:
         assert "0% loss" in check_ping(access, {"from": "c2", "to": "c1",  # type: ignore[arg-type]
                                                 "count": 3})
         moved = check_transfer(access, {"from": "c1", "to": "c2",  # type: ignore[arg-type]
-                                        "size": 8 << 20})
+                                        "size": 2 << 20})
         assert "sha256 equal" in moved, moved
         # The frames crossed the tunnel: sw1's table counts them on its tunnel port.
         table = access.run("sw1", "cat /run/vvu/switch.status 2>/dev/null || "
