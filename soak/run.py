@@ -4,7 +4,8 @@ acknowledged only after fsync) through
 
   1. N clean backend restarts (c1's vhost-user session closed, c1 reconnects),
   2. M kill -9 of vvu-blk inside st1 (systemd restarts it; no VM may restart),
-  3. K kill -9 of st1's vvu-devd (the lab's supervisor heals it),
+  3. K kill -9 of st1's vvu-devd (the lab's supervisor heals it), each with one more
+     record written before the kill and flushed only after the heal,
   4. the isolation scan (an appliance sees only the RAM of consumers wired to it),
   5. kill -9 of st1's QEMU right after c1's last FLUSH completed.
 
@@ -63,7 +64,30 @@ def soak(args: argparse.Namespace, lab: Lab) -> dict[str, Any]:
     run("kill -9 of vvu-blk", s.kill_backend, args.backend_kills)
     if s.qemu_pids() != pids:
         failures.append(f"a VM restarted during backend restarts: {pids} -> {s.qemu_pids()}")
-    run("kill -9 of vvu-devd", s.kill_devd, args.devd_kills)
+    held: list[PhaseResult] = []
+
+    def kill_devd_across_a_held_write(i: int) -> None:
+        # One more record, written and completed before the kill, flushed only after
+        # the heal (on the new appliance): it must not have lived in the old one's
+        # page cache alone.
+        writer = s.held_write()
+        s.kill_devd(i)
+        held.append(s.flush_held(writer, "held write", 1))
+
+    run("kill -9 of vvu-devd", kill_devd_across_a_held_write, args.devd_kills)
+    if held:
+        r = PhaseResult(
+            name="writes completed before a vvu-devd kill, flushed after it",
+            disruptions=len(held), acknowledged=sum(h.acknowledged for h in held),
+            verified_in_consumer=sum(h.verified_in_consumer for h in held),
+            verified_in_image=sum(h.verified_in_image for h in held),
+            lost=[x for h in held for x in h.lost],
+            errors_seen=sum(h.errors_seen for h in held),
+            seconds=round(sum(h.seconds for h in held), 1))
+        phases.append(r)
+        print(_line(r), flush=True)
+        if r.lost or not r.verified_in_consumer == r.verified_in_image == r.acknowledged:
+            failures.append(f"held writes across vvu-devd kills: lost {r.lost[:10]}")
     isolation = s.isolation()
     print(f"isolation: {json.dumps(isolation)}", flush=True)
     vvu_found = [f["bar2_found"] for f in isolation["bars"] if f["device"] == "0x107f"]
