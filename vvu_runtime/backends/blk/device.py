@@ -32,7 +32,6 @@ notify per group, and a busy ring is polled briefly before we go back to sleep.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -40,6 +39,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vvu_runtime.backends.blk.image import RawImage
+from vvu_runtime.backends.turns import LoopTurns
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
 from vvu_runtime.virtio import accel, blk
@@ -55,7 +55,7 @@ from vvu_runtime.virtio.blk import (
     RequestType,
     Status,
 )
-from vvu_runtime.virtio.errors import DescriptorError, VirtioError
+from vvu_runtime.virtio.errors import DescriptorError
 from vvu_runtime.virtio.features import RING_FEATURES
 
 #: serve_fast(readable, writable, fd, capacity_bytes, write_ok) -> bytes written or -1
@@ -164,7 +164,7 @@ class BlkDevice(VhostUserDevice):
         #: only a driver (CONFIG_WCE) changes it, for the life of the process.
         self.writeback = True
         self._log_budget = 20
-        self._resume_pending: set[int] = set()
+        self._turns = LoopTurns(lambda: self.name, self.process, log)
         self._fd = image.fd
         #: Plain buffered I/O: the serve() fast paths may call preadv/pwritev themselves.
         self._fast = not image.direct
@@ -303,32 +303,9 @@ class BlkDevice(VhostUserDevice):
             vring.notify()
             left -= len(chains)
             if left <= 0:
-                if self._come_back(vring):
+                if self._turns.come_back(vring):
                     return
                 left = self.turn_budget
-
-    def _come_back(self, vring: Vring) -> bool:
-        """Serve ``vring`` again once the event loop ran what else is ready; False
-        without a running loop (a test driving the device: go on serving)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        if vring.index not in self._resume_pending:
-            self._resume_pending.add(vring.index)
-            loop.call_soon(self._resume, vring)
-        return True
-
-    def _resume(self, vring: Vring) -> None:
-        self._resume_pending.discard(vring.index)
-        if not vring.started or vring.failed:
-            return  # stopped, failed or reset since: the session restarts it
-        try:
-            self.process(vring)
-        except VirtioError as exc:
-            vring.fail(exc)
-        except Exception:
-            log.exception("%s: error serving queue %d", self.name, vring.index)
 
     def _poll_for_more(self, vring: Vring) -> bool:
         """Spin up to ``poll_us`` for the driver's next request; True if one came."""

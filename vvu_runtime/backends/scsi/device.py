@@ -24,7 +24,6 @@ sense data for everything SCSI itself rejects.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from vvu_runtime.backends.scsi.commands import CommandSet, Overrun, scatter, take
 from vvu_runtime.backends.scsi.lun import Lun
+from vvu_runtime.backends.turns import LoopTurns
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.virtio.errors import DescriptorError, VirtioError
 from vvu_runtime.virtio.features import RING_FEATURES
@@ -133,7 +133,7 @@ class ScsiDevice(VhostUserDevice):
         self._event_ring: Vring | None = None
         self._pending: deque[Event] = deque()
         self._missed = False
-        self._resume_pending: set[int] = set()
+        self._turns = LoopTurns(lambda: self.name, self.process, log)
         self._log_budget = 20
         #: Task management functions answered, by subtype (for tests and logs).
         self.tmf_count: dict[int, int] = {}
@@ -219,7 +219,7 @@ class ScsiDevice(VhostUserDevice):
                     vring.push_many(done)
                     vring.notify()
             left -= len(chains)
-            if left <= 0 and self._come_back(vring):
+            if left <= 0 and self._turns.come_back(vring):
                 return
 
     def serve(self, chain: DescriptorChain) -> int:
@@ -265,28 +265,6 @@ class ScsiDevice(VhostUserDevice):
         if number != 0 and number not in self.luns:
             return None
         return number
-
-    def _come_back(self, vring: Vring) -> bool:
-        """Serve ``vring`` again after the loop ran what else is ready (False: no loop)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        if vring.index not in self._resume_pending:
-            self._resume_pending.add(vring.index)
-            loop.call_soon(self._resume, vring)
-        return True
-
-    def _resume(self, vring: Vring) -> None:
-        self._resume_pending.discard(vring.index)
-        if not vring.started or vring.failed:
-            return
-        try:
-            self.process(vring)
-        except VirtioError as exc:
-            vring.fail(exc)
-        except Exception:
-            log.exception("%s: error serving queue %d", self.name, vring.index)
 
     # --- control queue ---------------------------------------------------------------------
 
