@@ -59,11 +59,13 @@ def chain_of(spec: Spec) -> DescriptorChain:
 
 
 def serve(tmp: Path, spec: Spec, fast: device_mod.ServeFast | None, *, read_only: bool = False,
-          direct: bool = False, shrink_to: int | None = None) -> object:
+          direct: bool = False, bounce: bool = False, shrink_to: int | None = None) -> object:
     path = tmp / f"disk-{fast is not None}.raw"
     path.write_bytes(bytes(range(256)) * (SECTORS * 2))
     chain = chain_of(spec)
-    with RawImage(str(path), read_only=read_only, direct=direct) as image:
+    with RawImage(str(path), read_only=read_only, direct=direct or bounce) as image:
+        if bounce:  # as in an appliance: O_DIRECT cannot pin guest memory (BAR2)
+            image._pinnable = False
         if shrink_to is not None:  # the file shrank under us: short reads and writes
             os.truncate(path, shrink_to)
         dev = BlkDevice(image, serial="s")
@@ -113,22 +115,25 @@ SPECS: dict[str, Spec] = {
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-@pytest.mark.parametrize("mode", ["rw", "ro", "direct"])
+@pytest.mark.parametrize("mode", ["rw", "ro", "direct", "bounce", "bounce-ro"])
 def test_same_outcome_as_the_reference(tmp_path: Path, name: str, mode: str) -> None:
     fast = compiled_serve()
-    kw = {"read_only": mode == "ro", "direct": mode == "direct"}
+    kw = {"read_only": mode.endswith("ro"), "direct": mode == "direct",
+          "bounce": mode.startswith("bounce")}
     reference = serve(tmp_path, SPECS[name], None, **kw)
     assert serve(tmp_path, SPECS[name], fast, **kw) == reference
 
 
 @pytest.mark.parametrize("name", ["IN 4 KiB", "IN at the last sector", "IN in three segments",
                                   "OUT 4 KiB", "OUT in segments"])
-def test_short_transfers_go_to_the_reference(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("bounce", [False, True])
+def test_short_transfers_go_to_the_reference(tmp_path: Path, name: str, bounce: bool) -> None:
     """A short preadv (the image file shrank) is not served by the compiled path;
     serve() then does what it does without it."""
     fast = compiled_serve()
-    reference = serve(tmp_path, SPECS[name], None, shrink_to=4096 + 100)
-    assert serve(tmp_path, SPECS[name], fast, shrink_to=4096 + 100) == reference
+    shrink = 8192 if bounce else 4096 + 100  # O_DIRECT: the file keeps whole blocks
+    reference = serve(tmp_path, SPECS[name], None, bounce=bounce, shrink_to=shrink)
+    assert serve(tmp_path, SPECS[name], fast, bounce=bounce, shrink_to=shrink) == reference
 
 
 def test_fast_path_does_the_io_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,3 +148,23 @@ def test_fast_path_does_the_io_itself(tmp_path: Path, monkeypatch: pytest.Monkey
         outcome = serve(tmp_path, spec, fast)
         assert outcome == serve(tmp_path, spec, None)
     assert calls == ["preadv", "pwritev"]  # the reference's calls only
+
+
+def test_fast_path_bounces_the_io_itself(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same guard for O_DIRECT into unpinnable memory (an appliance): an aligned
+    4 KiB read or write never reaches RawImage's Python bounce path."""
+    fast = compiled_serve()
+    calls: list[str] = []
+    for name in ("_bounce_read", "_bounce_write"):
+        original = getattr(RawImage, name)
+
+        def record(self: RawImage, *a: object, _o: object = original, _n: str = name) -> None:
+            calls.append(_n)
+            _o(self, *a)  # type: ignore[operator]
+
+        monkeypatch.setattr(RawImage, name, record)
+    for spec in (SPECS["IN 4 KiB"], SPECS["OUT 4 KiB"]):
+        outcome = serve(tmp_path, spec, fast, bounce=True)
+        assert outcome == serve(tmp_path, spec, None, bounce=True)
+    assert calls == ["_bounce_read", "_bounce_write"]  # the reference's calls only

@@ -10,6 +10,11 @@
  * I/O is short or fails, it returns -1 and serve() runs its Python code from
  * the top: that path is the reference, and I/O is idempotent, so redoing a
  * failed attempt is harmless (device.py's own fast path relies on the same).
+ *
+ * serve_fast(..., bounce, align) is the O_DIRECT case where guest memory cannot
+ * be pinned (an appliance's BAR2; image.py): the same requests, when offset and
+ * length are multiples of `align` and fit `bounce` (page-aligned), go through
+ * it in one pread/pwrite and one copy, as RawImage's bounce path would do them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -17,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio-blk headers are little-endian and this module reads them natively"
@@ -64,19 +70,63 @@ static Py_ssize_t view_len(PyObject *list, Py_ssize_t k)
     return PyMemoryView_Check(v) ? PyMemoryView_GET_BUFFER(v)->len : -1;
 }
 
+/* The transfer through the aligned `bounce` buffer: one pread then a copy out,
+ * or a copy in then one pwrite. 0 when every byte moved, -1 otherwise (nothing
+ * reported: serve() redoes the request). */
+static int bounced(PyObject *bounce, long fd, int in, const struct iovec *iov, Py_ssize_t n,
+                   uint64_t offset, uint64_t length)
+{
+    Py_buffer bb;
+    if (PyObject_GetBuffer(bounce, &bb, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    int rc = -1;
+    if ((uint64_t)bb.len < length)
+        goto out;
+    char *b = bb.buf;
+    ssize_t done;
+    if (in) {
+        Py_BEGIN_ALLOW_THREADS
+        done = pread((int)fd, b, (size_t)length, (off_t)offset);
+        Py_END_ALLOW_THREADS
+        if (done < 0 || (uint64_t)done != length)
+            goto out;
+        for (Py_ssize_t k = 0; k < n; b += iov[k].iov_len, k++)
+            memcpy(iov[k].iov_base, b, iov[k].iov_len);
+    } else {
+        for (Py_ssize_t k = 0; k < n; b += iov[k].iov_len, k++)
+            memcpy(b, iov[k].iov_base, iov[k].iov_len);
+        Py_BEGIN_ALLOW_THREADS
+        done = pwrite((int)fd, bb.buf, (size_t)length, (off_t)offset);
+        Py_END_ALLOW_THREADS
+        if (done < 0 || (uint64_t)done != length)
+            goto out;
+    }
+    rc = 0;
+out:
+    PyBuffer_Release(&bb);
+    return rc;
+}
+
 static PyObject *serve_fast(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[1])) {
+    if ((nargs != 5 && nargs != 7) || !PyList_CheckExact(args[0])
+            || !PyList_CheckExact(args[1])) {
         PyErr_SetString(PyExc_TypeError,
-                        "serve_fast(readable: list, writable: list, fd, capacity_bytes, write_ok)");
+                        "serve_fast(readable: list, writable: list, fd, capacity_bytes, "
+                        "write_ok[, bounce, align])");
         return NULL;
     }
     PyObject *readable = args[0], *writable = args[1];
     long fd = PyLong_AsLong(args[2]);
     unsigned long long capacity = PyLong_AsUnsignedLongLong(args[3]);
     int write_ok = PyObject_IsTrue(args[4]);
+    unsigned long long align = nargs == 7 ? PyLong_AsUnsignedLongLong(args[6]) : 1;
     if (PyErr_Occurred())
         return NULL;
+    if (!align || (align & (align - 1)))
+        return PyLong_FromLong(-1);
     if (fd < 0 || fd > INT_MAX)
         return PyLong_FromLong(-1);
     Py_ssize_t nr = PyList_GET_SIZE(readable), nw = PyList_GET_SIZE(writable);
@@ -129,12 +179,18 @@ static PyObject *serve_fast(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_
             || length > capacity - offset || offset > (uint64_t)LLONG_MAX)
         goto out;
     ssize_t done;
-    Py_BEGIN_ALLOW_THREADS
-    done = in ? preadv((int)fd, iov, (int)held, (off_t)offset)
-              : pwritev((int)fd, iov, (int)held, (off_t)offset);
-    Py_END_ALLOW_THREADS
-    if (done < 0 || (uint64_t)done != length)
-        goto out; /* serve() redoes it and reports the error its way */
+    if (nargs == 7) {
+        if ((offset | length) & (align - 1) || bounced(args[5], fd, in, iov, held, offset,
+                                                       length) < 0)
+            goto out;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        done = in ? preadv((int)fd, iov, (int)held, (off_t)offset)
+                  : pwritev((int)fd, iov, (int)held, (off_t)offset);
+        Py_END_ALLOW_THREADS
+        if (done < 0 || (uint64_t)done != length)
+            goto out; /* serve() redoes it and reports the error its way */
+    }
     Py_buffer sb;
     if (PyObject_GetBuffer(PyList_GET_ITEM(writable, nw - 1), &sb, PyBUF_WRITABLE) < 0) {
         PyErr_Clear();
@@ -150,7 +206,8 @@ out:
 
 static PyMethodDef methods[] = {
     {"serve_fast", (PyCFunction)(void (*)(void))serve_fast, METH_FASTCALL,
-     "BlkDevice.serve's fast path (IN/OUT of whole sectors); -1: not served, do it in Python."},
+     "BlkDevice.serve's fast path (IN/OUT of whole sectors, optionally through an O_DIRECT "
+     "bounce buffer); -1: not served, do it in Python."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -35,8 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.backends.turns import LoopTurns
@@ -58,8 +57,15 @@ from vvu_runtime.virtio.blk import (
 from vvu_runtime.virtio.errors import DescriptorError
 from vvu_runtime.virtio.features import RING_FEATURES
 
-#: serve_fast(readable, writable, fd, capacity_bytes, write_ok) -> bytes written or -1
-ServeFast = Callable[[list[memoryview], list[memoryview], int, int, bool], int]
+
+class ServeFast(Protocol):
+    """serve_fast(readable, writable, fd, capacity_bytes, write_ok[, bounce, align])
+    -> bytes written, or -1: not served (_serve_c.c)."""
+
+    def __call__(self, readable: list[memoryview], writable: list[memoryview], fd: int,
+                 capacity_bytes: int, write_ok: bool, bounce: memoryview = ...,
+                 align: int = ..., /) -> int: ...
+
 
 try:  # the compiled fast path of serve() (virtio/accel.py); absent without a compiler
     from vvu_runtime.backends.blk._serve_c import serve_fast as _serve_c_fast
@@ -168,7 +174,9 @@ class BlkDevice(VhostUserDevice):
         self._fd = image.fd
         #: Plain buffered I/O: the serve() fast paths may call preadv/pwritev themselves.
         self._fast = not image.direct
-        self._fast_write = self._fast and not self.read_only
+        #: Writes may skip the general path: writable, and no write-through to honour.
+        self._write_ok = not self.read_only
+        self._fast_write = self._fast and self._write_ok
         #: serve()'s fast path in C, when built and not switched off (None: Python's).
         self._serve_fast = None if accel.pure_python_forced() else _compiled_serve_fast
 
@@ -234,7 +242,8 @@ class BlkDevice(VhostUserDevice):
                 return
             value = data[blk.CONFIG_WRITEBACK_OFFSET - start]
             self.writeback = bool(value)
-            self._fast_write = self._fast and not self.read_only and self.writeback
+            self._write_ok = not self.read_only and self.writeback
+            self._fast_write = self._fast and self._write_ok
             log.info("%s: write cache %s", self.name,
                      "on (writeback)" if self.writeback else "off (write-through)")
         else:
@@ -328,12 +337,22 @@ class BlkDevice(VhostUserDevice):
         driver can tell, and dirty logging then covers data and status alike.
         """
         serve_fast = self._serve_fast
-        if serve_fast is not None and self._fast:
+        if serve_fast is not None:
             # The compiled copy of the fast path below; -1: not served, go on here.
-            done = serve_fast(chain.readable, chain.writable, self._fd, self._capacity_bytes,
-                              self._fast_write)
-            if done >= 0:
-                return done
+            if self._fast:
+                done = serve_fast(chain.readable, chain.writable, self._fd,
+                                  self._capacity_bytes, self._fast_write)
+                if done >= 0:
+                    return done
+            elif not self.image.pinnable:
+                # O_DIRECT into memory it cannot pin (an appliance): what the general
+                # path would do through RawImage's bounce buffer, in one C call.
+                image = self.image
+                done = serve_fast(chain.readable, chain.writable, self._fd,
+                                  self._capacity_bytes, self._write_ok, image.bounce,
+                                  image.alignment)
+                if done >= 0:
+                    return done
         readable = chain.readable
         writable = chain.writable
         if not writable:

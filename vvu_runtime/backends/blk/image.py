@@ -70,6 +70,8 @@ def _address(buf: Buffer) -> int | None:
 #: Bytes per bounce round: a chain's length (a guest may ignore SIZE_MAX/SEG_MAX and
 #: repeat one buffer) must not size the bounce buffer, and so the appliance's memory.
 BOUNCE_ROUND = 1 << 20
+#: The largest O_DIRECT alignment _probe_alignment accepts.
+MAX_ALIGNMENT = 4096
 
 
 def _rounds(buffers: Sequence[Buffer], offset: int) -> Iterator[tuple[int, list[memoryview]]]:
@@ -297,7 +299,7 @@ class RawImage:
         page = mmap.mmap(-1, 2 * mmap.PAGESIZE)
         view = memoryview(page)
         try:
-            for align in (512, 1024, 2048, 4096):
+            for align in (512, 1024, 2048, MAX_ALIGNMENT):
                 try:
                     # Address 'align' bytes into a page: aligned to align, not more.
                     os.preadv(self.fd, [view[align:2 * align]], 0)
@@ -332,18 +334,25 @@ class RawImage:
                 return False
         return True
 
-    def _bounce_buffer(self, size: int) -> memoryview:
-        """A page-aligned scratch buffer of at least ``size`` bytes, kept for reuse."""
-        if self._bounce is None or len(self._bounce) < size:
-            if self._bounce_view is not None:
-                self._bounce_view.release()
-            if self._bounce is not None:
-                self._bounce.close()
-            rounded = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-            self._bounce = mmap.mmap(-1, rounded)
+    @property
+    def pinnable(self) -> bool:
+        """False once O_DIRECT turned out unable to pin guest memory: I/O bounces."""
+        return self._pinnable
+
+    @property
+    def bounce(self) -> memoryview:
+        """The page-aligned bounce buffer, allocated once at its largest: a round plus
+        the partial blocks at both of its edges. Never reallocated, so a view of it
+        (the compiled serve path keeps one) stays valid for the image's life."""
+        if self._bounce_view is None:
+            size = -(-(BOUNCE_ROUND + 2 * MAX_ALIGNMENT) // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._bounce = mmap.mmap(-1, size)
             self._bounce_view = memoryview(self._bounce)
-        assert self._bounce_view is not None
-        return self._bounce_view[:size]
+        return self._bounce_view
+
+    def _bounce_buffer(self, size: int) -> memoryview:
+        """``size`` bytes of the bounce buffer (a round's aligned span fits)."""
+        return self.bounce[:size]
 
     def _zero_buffer(self, size: int) -> memoryview:
         """Zeroes to write; page-aligned (anonymous mmap) so O_DIRECT takes them as they are.
