@@ -3,8 +3,8 @@
 One lab (a vswitch appliance, two busybox initramfs consumers, a ping and a transfer
 check) is brought up once for the module and used by the "running lab" tests: up and
 status, a failing check, healing a killed vvu-devd, migration refused, a second up,
-and down leaving nothing. The cleanup tests then start short-lived labs of their own:
-Ctrl-C during up, a start that fails, a SIGKILLed supervisor. Each lab has a name of
+then its supervisor SIGKILLed and down leaving nothing. The cleanup tests then start
+short-lived labs of their own: Ctrl-C during up, a start that fails. Each lab has a name of
 its own and every lab directory is under a tmp ``VVU_STATE_DIR``.
 
 Run with ``flock /tmp/vvu-heavy.lock python -m pytest tests/acceptance/test_launch_lifecycle.py``
@@ -262,12 +262,35 @@ def test_second_up_changes_nothing(lab: Lab) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_down_leaves_nothing(lab: Lab) -> None:
-    assert lab.run_dir.is_dir()
+def test_killed_supervisor_takes_the_vms_and_down_cleans_up(lab: Lab) -> None:
+    """The module lab's end: its supervisor SIGKILLed (the VMs and vvu-devd must die
+    with it), then ``down`` of the crashed lab and ``down --cleanup``. (A graceful
+    ``down`` of a running lab: test_default_lab.py.)"""
     assert list(Path("/dev/shm").glob(f"vvu-lab-{lab.name}-*")), "no RAM files while running"
+    st = lab.status()
+    sup = st["supervisor_pid"]
+    vms = [n["pid"] for n in st["nodes"]] + [lab.node("sw1", st)["devd_pid"]]
+    assert sup and all(vms), st
+    os.kill(sup, signal.SIGKILL)
+
+    def all_gone() -> bool:
+        return not any(_lab_pid_alive(lab, p) for p in vms)
+
+    try:
+        wait_until("the lab's VMs and vvu-devd die with their supervisor", all_gone, 30)
+    except AssertionError as e:
+        survivors = processes_mentioning(str(lab.run_dir), str(lab.lab_dir))
+        raise AssertionError(f"{e}:\n  " + "\n  ".join(survivors)) from None
+    assert processes_mentioning(str(lab.run_dir), str(lab.lab_dir)) == []
+    st = lab.status()
+    assert st["phase"].startswith("crashed"), st
+    assert all(n["state"] == "stopped" for n in st["nodes"]), st
+    status_text = lab.vvu("status", lab.name)
+    assert status_text.returncode == 0 and "crashed" in status_text.stdout, \
+        explain(status_text)
     down = lab.vvu("down", lab.name, timeout=300)
     assert down.returncode == 0, explain(down)
-    _assert_clean(lab, "after down")
+    _assert_clean(lab, "after down of a crashed lab")
     assert (lab.lab_dir / "topology.json").is_file()
     assert (lab.lab_dir / "logs" / "c1.console.log").is_file()
     st = lab.status()
@@ -345,41 +368,5 @@ def test_failed_start_leaves_nothing(tmp_path: Path, consumer_assets: ConsumerAs
         st = lab.status()
         assert st["supervisor_pid"] is None and st["error"], st
         assert all(n["state"] == "stopped" and n["pid"] is None for n in st["nodes"]), st
-    finally:
-        _down_cleanup(lab)
-
-
-@pytest.mark.timeout(900)
-def test_killed_supervisor_takes_the_vms_and_down_cleans_up(
-        tmp_path: Path, consumer_assets: ConsumerAssets) -> None:
-    lab = _lab(tmp_path, consumer_assets, "crash")
-    try:
-        up = lab.vvu("up", "--detach", "--no-check", str(lab.topology), timeout=UP_TIMEOUT)
-        assert up.returncode == 0, f"{explain(up)}\n--- supervisor log:\n{lab.supervisor_log()}"
-        st = lab.status()
-        sup = st["supervisor_pid"]
-        vms = [n["pid"] for n in st["nodes"]] + [lab.node("sw1", st)["devd_pid"]]
-        assert sup and all(vms), st
-        os.kill(sup, signal.SIGKILL)
-
-        def all_gone() -> bool:
-            return not any(_lab_pid_alive(lab, p) for p in vms)
-
-        try:
-            wait_until("the lab's VMs and vvu-devd die with their supervisor", all_gone, 30)
-        except AssertionError as e:
-            survivors = processes_mentioning(str(lab.run_dir), str(lab.lab_dir))
-            raise AssertionError(f"{e}:\n  " + "\n  ".join(survivors)) from None
-        assert processes_mentioning(str(lab.run_dir), str(lab.lab_dir)) == []
-        st = lab.status()
-        assert st["phase"].startswith("crashed"), st
-        assert all(n["state"] == "stopped" for n in st["nodes"]), st
-        status_text = lab.vvu("status", lab.name)
-        assert status_text.returncode == 0 and "crashed" in status_text.stdout, \
-            explain(status_text)
-        down = lab.vvu("down", lab.name, timeout=300)
-        assert down.returncode == 0, explain(down)
-        _assert_clean(lab, "after down of a crashed lab")
-        assert lab.status()["phase"] == "stopped"
     finally:
         _down_cleanup(lab)
