@@ -21,6 +21,7 @@ Boots four TCG guests: take /tmp/vvu-heavy.lock on a shared machine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,12 +120,36 @@ class Fleet:
         return str(self.topo.consumer(dst).nics[0].address.ip)
 
 
+def _wheelhouse(toolchain: Toolchain) -> Path:
+    """Wheels of everything ./setup installs, for hosts without PyPI.
+
+    The namespaces have no route out (no NAT here), like an air-gapped fleet: their
+    ./setup installs from this directory (PIP_NO_INDEX, PIP_FIND_LINKS). Built once
+    per set of requirements (about 12 s) and kept in the tool chain cache.
+    """
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    wanted = sorted([*pyproject["project"]["dependencies"],
+                     *pyproject["project"]["optional-dependencies"]["dev"],
+                     *pyproject["build-system"]["requires"], "pip"])
+    key = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
+    house = toolchain.cache_dir / "fleet-wheelhouse" / key
+    if not house.is_dir():
+        part = house.with_name(f"{key}.part{os.getpid()}")
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(part),
+                            *wanted], capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"pip wheel: {r.stderr[-3000:]}"
+        part.rename(house)
+    return house
+
+
 def _environment(tmp: Path, host: str, lab: str) -> dict[str, str]:
     # The hosts' sshd sessions start from a clean environment: the tool chain cache
     # this machine uses is named, so each host's ./setup finds it (CI's may not be
-    # the default).
+    # the default), and pip is pointed at the wheelhouse.
+    tc = Toolchain()
     return {"VVU_STATE_DIR": str(tmp / host / "state"), "VVU_RUN_DIR": f"/run/vvuf-{lab}-{host}",
-            "VVU_CACHE_DIR": str(Toolchain().cache_dir)}
+            "VVU_CACHE_DIR": str(tc.cache_dir), "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": str(_wheelhouse(tc))}
 
 
 def _inventory(tmp: Path, hosts: FleetHosts, topology: Path) -> Path:
@@ -201,6 +227,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, toolchain: Toolchain) -> Ite
     # before two `up`s would.
     for kind in ("vswitch", "consumer"):
         build_appliance(toolchain, kind)
+    _wheelhouse(toolchain)
     tmp = tmp_path_factory.mktemp("fleet")
     lab = f"fleet{os.getpid() % 10000}"
     with FleetHosts(tmp / "hosts", HOSTS) as hosts:
