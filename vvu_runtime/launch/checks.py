@@ -32,6 +32,9 @@ __all__ = ["CheckResult", "LabAccess", "run_checks"]
 
 #: Port the transfer check's receiver listens on.
 TRANSFER_PORT = 5201
+#: Whether this netcat is netcat-openbsd (has -N; busybox nc has not). Its help puts a
+#: tab before "-N" (1.229), so the pattern takes any blank.
+HAS_N = "nc -h 2>&1 | grep -q -- '[[:space:]]-N'"
 
 
 @dataclass(frozen=True)
@@ -134,11 +137,13 @@ def check_transfer(lab: LabAccess, p: Mapping[str, Any]) -> str:
     # listener's stdin must never end: busybox nc closes the connection at its EOF. No fd
     # of the background pipeline may be the shell's (an SSH channel would stay open). $! is
     # the last command's pid: GNU timeout passes a SIGTERM on to nc, busybox timeout is nc.
-    listen = (f"L='-l -p {TRANSFER_PORT}'; nc -h 2>&1 | grep -q -- ' -N' && "
+    listen = (f"L='-l -p {TRANSFER_PORT}'; {HAS_N} && "
               f"L='-l {TRANSFER_PORT}'; sleep 300 </dev/null 2>/dev/null | "
               f"timeout 300 nc $L > {rx} 2>/dev/null & echo $! > {rx_pid}")
-    # netcat-openbsd needs -N to close the connection at EOF; busybox nc does it anyway.
-    send = (f"N=; nc -h 2>&1 | grep -q -- ' -N' && N=-N; "
+    # netcat-openbsd needs -N to close the connection at EOF (without it the sender sits
+    # out its 30 s idle timeout after the data, and that is in the rate); busybox nc
+    # closes anyway.
+    send = (f"N=; {HAS_N} && N=-N; "
             f"nc $N -w 30 {ip} {TRANSFER_PORT} < {tx}")
     got = ""
     try:
