@@ -14,17 +14,20 @@ consumer's session to it (docs/vvu-proxy.md). What the export's settings become:
 * ``options.queues``: the export's ``num-queues`` (the most the consumer may use);
 * ``options.direct``: **not** ``cache.direct=on``. The back-end's buffers are
   the consumer's RAM as the VVU function's BAR2 (``resource2``), a PFN mapping
-  that the kernel cannot pin for O_DIRECT: qemu-storage-daemon's preadv/pwritev
-  on it fail with EFAULT, and its file-posix driver has no fallback for that
-  (vvu-blk bounces, backends/blk/image.py), so the consumer would get I/O
-  errors. What ``direct`` is for (docs/architecture.md "Reliability": a write
+  that the kernel cannot pin for O_DIRECT (EFAULT), and qemu-storage-daemon's
+  file-posix driver has no fallback for that (vvu-blk bounces,
+  backends/blk/image.py): tried in the storage appliance with
+  ``cache.direct=on``, every consumer read and write failed with an I/O error.
+  What ``direct`` is for (docs/architecture.md "Reliability": a write
   the consumer saw completed must not live only in the appliance's page cache,
   or an appliance restart under a running consumer loses it while the
   consumer's next flush succeeds) comes instead from the export's
   ``writethrough=on``: qemu-storage-daemon flushes the data disk after every
   write, before the completion (the data disk is the host's file, so the write
-  is then in the host's hands, as with O_DIRECT). Without ``direct`` writes sit
-  in the appliance's page cache until the consumer flushes, as with vvu-blk;
+  is then in the host's hands, as with O_DIRECT; tests/acceptance/test_qsd_lab.py
+  finds a completed, unflushed write in the host's image at once, which without
+  write-through it is not). Without ``direct`` writes sit in the appliance's
+  page cache until the consumer flushes, as with vvu-blk;
 * the disk's serial: qemu-storage-daemon answers GET_ID with ``vhost_user_blk``
   for every export (hard-coded in QEMU 10.x's export); the consumer's disk
   carries that, not the export's name.
