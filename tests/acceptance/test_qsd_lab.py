@@ -132,8 +132,13 @@ def qsd(consumer_assets: ConsumerAssets) -> Iterator[QsdLab]:
     lab = Lab(name=name, topology=path, state_dir=state)
     access: LabAccess | None = None
     try:
+        start = time.time()
         r = lab.vvu("up", "--detach", "--no-check", "--name", name, str(path), timeout=1200)
         assert r.returncode == 0, f"vvu-launch up: {explain(r)}\n{lab.supervisor_log()}"
+        nodes = {n: lab.state()["nodes"][n] for n in ("st1", "c1")}
+        print(f"up: {time.time() - start:.0f} s; " + ", ".join(
+            f"{n} started at {v['started_at'] - start:.0f} s, ready at "
+            f"{v['ready_at'] - start:.0f} s" for n, v in nodes.items()))
         access = LabAccess(lab.plan(), lab.lab_dir / "id_ed25519")
         yield QsdLab(lab, access)
     finally:
