@@ -98,7 +98,7 @@ def test_every_error_names_file_line_and_field() -> None:
         "/etc/vvu/appliance.yaml:7: exports[1].file.size: a size: bytes or N[K|M|G|T] "
         "(e.g. 256M); got \"lots\"",
         "/etc/vvu/appliance.yaml:8: exports[1].colour: unknown field (known: name, disk, "
-        "file, readonly, protocol)",
+        "file, readonly, protocol, engine)",
         "/etc/vvu/appliance.yaml:10: options.queues: between 1 and 64; got 0",
     ]
 
@@ -391,7 +391,7 @@ def test_daemon_notifies_ready_and_watchdog(tmp_path: Path,
     import asyncio
 
     async def briefly() -> None:
-        daemon._keep_watchdog(asyncio.get_running_loop())
+        daemon.keep_watchdog(asyncio.get_running_loop())
         await asyncio.sleep(0.35)
 
     asyncio.run(briefly())

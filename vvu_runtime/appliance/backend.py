@@ -18,15 +18,18 @@
 3. Storage: waits for each data disk (``/dev/disk/by-id/virtio-SERIAL``); for a
    ``file`` export mounts the disk's file system at ``/run/vvu/disks/SERIAL``
    (making an ext4 one on a blank disk) and creates the file, sparse, if missing.
-4. Runs ``vvu-switch --vvu NAME=ADDR ...`` or ``vvu-blk --vvu ADDR --serial NAME
-   ...`` (one per export). A single backend runs in this process (one Python
-   start-up less: seconds under TCG) and talks to systemd itself
-   (serve/runner.py sends ``READY=1`` once every endpoint has BACKEND_UP set,
-   ``WATCHDOG=1`` from its event loop). Several (a storage appliance with more
+4. Runs ``vvu-switch --vvu NAME=ADDR ...`` or, one per export, ``vvu-blk --vvu
+   ADDR --serial NAME ...`` (``vvu-scsi`` for ``protocol: scsi``; for ``engine:
+   qsd`` ``vvu-proxy`` supervising qemu-storage-daemon, appliance/qsd.py). A
+   single backend runs in this process (one Python start-up less: seconds under
+   TCG) and talks to systemd itself (serve/runner.py and proxy/cli.py send
+   ``READY=1`` once every link has BACKEND_UP set, ``WATCHDOG=1`` from their
+   event loops). Several (a storage appliance with more
    exports) are child processes, each with its own ``NOTIFY_SOCKET`` here.
 5. Tells systemd ``READY=1`` when every backend is ready, i.e. every configured
    link is BACKEND_UP; ``STATUS=`` holds each link's state (waiting for the VVU
-   function / waiting for front-end / connected / needs reset / dead);
+   function / waiting for front-end / connected / waiting for back-end (vvu-proxy's
+   back-end is down or restarting) / needs reset / dead);
    ``WATCHDOG=1`` only while every backend pings, so ``WatchdogSec=`` restarts
    a wedged one. The same states are in ``/run/vvu/status.json``.
 
@@ -53,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from vvu_runtime.appliance import qsd
 from vvu_runtime.appliance.config import (
     ApplianceConfig,
     ConfigError,
@@ -74,13 +78,16 @@ PROGRAMS = {"switch": "vvu-switch", "blk": "vvu-blk"}
 KINDS = {"switch": "vswitch", "blk": "storage"}
 
 #: The backends' log lines that change a link's state (driver/endpoint.py,
-#: vhost_user/backend.py); ``addr`` is the VVU function's PCI address.
+#: vhost_user/backend.py, proxy/); ``addr`` is the VVU function's PCI address.
 _ADDR = r"(?P<addr>[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])"
 LOG_STATES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"@ vvu {_ADDR}: ready for a front-end"), "waiting for front-end"),
     # The session's name: "DEVICE (vvu ADDR connection N)".
     (re.compile(rf"vvu {_ADDR} connection \d+\)?: front-end connected"), "connected"),
     (re.compile(rf"@ vvu {_ADDR}: front-end disconnected"), "waiting for front-end"),
+    # vvu-proxy (proxy/link.py, relay.py): "proxy SOCKET @ vvu ADDR[ #N]: ...".
+    (re.compile(rf"@ vvu {_ADDR} #\d+: consumer connected"), "connected"),
+    (re.compile(rf"@ vvu {_ADDR}: waiting for the back-end"), "waiting for back-end"),
     (re.compile(rf"@ vvu {_ADDR}: the device needs a reset"), "needs reset"),
     (re.compile(rf"@ vvu {_ADDR}: .*dead until the appliance restarts"), "dead"),
 )
@@ -276,6 +283,13 @@ def commands(config: ApplianceConfig, matched: dict[str, str], *,
     for export in config.exports:
         addr = matched[export.name]
         image = export_image(export) if prepare else planned_image(export)
+        if export.engine == "qsd":
+            # O_DIRECT cannot reach BAR2 memory here: `direct` is the export's
+            # write-through instead (appliance/qsd.py).
+            argv = qsd.proxy_argv(export, addr, image, RUN_DIR, queues=opts["queues"],
+                                  direct=opts["direct"])
+            backends.append(Backend(argv, {addr: export.name}))
+            continue
         if export.protocol == "scsi":
             # One controller per export, the disk as its LUN 0 (same serial as GET_ID).
             lun = f"0={image},serial={export.serial}" + (",ro" if export.readonly else "")
@@ -497,6 +511,8 @@ def run_in_process(config: ApplianceConfig, backend: Backend) -> int:
     sys.argv[0] = backend.argv[0]
     if backend.argv[0] == "vvu-switch":
         from vvu_runtime.serve.switch import main as backend_main
+    elif backend.argv[0] == "vvu-proxy":
+        from vvu_runtime.proxy.cli import main as backend_main
     elif backend.argv[0] == "vvu-scsi":
         from vvu_runtime.serve.scsi import main as backend_main
     else:

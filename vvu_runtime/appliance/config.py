@@ -18,6 +18,7 @@ Examples::
         readonly: false
       - name: c2-disk0
         file: {disk: data0, path: c2.img, size: 256M}   # a file on data0's file system
+        engine: qsd              # served by qemu-storage-daemon behind vvu-proxy
     options:
       direct: true
 
@@ -449,6 +450,9 @@ FILE = (
 )
 #: An export's ``protocol``: the vhost-user device type the consumer gets.
 PROTOCOLS = ("blk", "scsi")
+#: An export's ``engine``: what serves it inside the appliance. ``qsd`` is
+#: qemu-storage-daemon's vhost-user-blk export behind vvu-proxy (docs/vvu-proxy.md).
+ENGINES = ("vvu-blk", "qsd")
 EXPORT = (
     Field("name", "str", "the VVU link's name; also the disk serial the consumer sees (GET_ID)",
           True, check=_check_name),
@@ -460,6 +464,9 @@ EXPORT = (
     Field("protocol", "str", "how the consumer sees the disk: blk (vhost-user-blk, vvu-blk) "
           "or scsi (vhost-user-scsi, vvu-scsi, the disk as LUN 0)", default="blk",
           check=lambda v: None if v in PROTOCOLS else "blk or scsi"),
+    Field("engine", "str", "what serves the disk: vvu-blk (ours; vvu-scsi for protocol scsi) "
+          "or qsd (qemu-storage-daemon behind vvu-proxy, protocol blk only)",
+          default="vvu-blk", check=lambda v: None if v in ENGINES else "vvu-blk or qsd"),
 )
 TUNNEL = (
     Field("name", "str", "the tunnel port's name (the peer switch)", True, check=_check_name),
@@ -635,6 +642,7 @@ class Export:
     file: FileExport | None
     readonly: bool
     protocol: str = "blk"
+    engine: str = "vvu-blk"
 
     @property
     def serial(self) -> str:
@@ -670,6 +678,24 @@ def _defaults(fields: Sequence[Field], given: dict[str, Any]) -> dict[str, Any]:
     return {f.name: given.get(f.name, f.default) for f in fields}
 
 
+def _check_engines(root: Node, problems: list[tuple[int, str, str]]) -> None:
+    """qemu-storage-daemon has a vhost-user-blk export only: ``engine: qsd`` with
+    ``protocol: scsi`` is refused, naming the export."""
+    entries = root.value.get("exports", Node(None, 0)).value
+    for i, item in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(item.value, dict):
+            continue
+        engine, protocol = item.value.get("engine"), item.value.get("protocol")
+        if engine is not None and engine.value == "qsd" and protocol is not None \
+                and protocol.value == "scsi":
+            name = item.value.get("name")
+            label = repr(name.value) if name is not None else f"number {i}"
+            problems.append((engine.line, f"exports[{i}].engine",
+                             f"qsd serves protocol blk only (qemu-storage-daemon has no "
+                             f"vhost-user-scsi export); export {label} has protocol scsi: "
+                             "use engine vvu-blk (vvu-scsi) or protocol blk"))
+
+
 def parse_config(text: str, source: str) -> ApplianceConfig:
     """Parse and validate; :class:`ConfigError` lists each problem (``SOURCE:LINE: FIELD: msg``)."""
     try:
@@ -687,6 +713,7 @@ def parse_config(text: str, source: str) -> ApplianceConfig:
         raise ConfigError([f"{source}:{line}: kind: must be one of {', '.join(SCHEMA)} ({got})"])
     kind: str = kind_node.value
     _validate_map(SCHEMA[kind], root, "", problems)
+    _check_engines(root, problems)
     seen: set[str] = set()
     for key in ("links", "exports", "tunnels"):
         entries = root.value.get(key, Node(None, 0)).value
@@ -715,7 +742,7 @@ def parse_config(text: str, source: str) -> ApplianceConfig:
         f = x.get("file")
         fe = None if f is None else FileExport(f["disk"], f["path"], _size(f["size"]) or 0)
         exports.append(Export(x["name"], x.get("disk"), fe, bool(x.get("readonly", False)),
-                              x.get("protocol", "blk")))
+                              x.get("protocol", "blk"), x.get("engine", "vvu-blk")))
     return ApplianceConfig(kind, source, exports=tuple(exports), options=options)
 
 

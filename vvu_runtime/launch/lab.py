@@ -504,6 +504,11 @@ def plan_lab(
             config["exports"] = [
                 {"name": lk.name, "disk": serial_of[d.export], "readonly": readonly[d.export]}
                 for lk, d in own]
+            # Only when not the default: configs of vvu-blk labs stay as they were.
+            engines = {ex.name: ex.engine for ex in a.exports if ex.engine != "vvu-blk"}
+            for entry, (_, d) in zip(config["exports"], own, strict=True):
+                if d.export in engines:
+                    entry["engine"] = engines[d.export]
         else:
             config["links"] = [{"name": lk.name} for lk, _ in own]
         underlay = None

@@ -28,7 +28,7 @@ from vvu_runtime.console import EXIT_OK, EXIT_USAGE, die, run_main, setup_loggin
 from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.driver.pci import normalize_address
 from vvu_runtime.proxy.link import BackendMode, ProxyLink
-from vvu_runtime.serve.runner import sd_notify
+from vvu_runtime.serve.runner import keep_watchdog, sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def _until_armed(links: Sequence[ProxyLink]) -> None:
+    for link in links:
+        await link.armed.wait()
+    log.info("every link is BACKEND_UP (its back-end connected): ready")
+    sd_notify("READY=1")
+    keep_watchdog(asyncio.get_running_loop())
+
+
 async def serve(links: Sequence[ProxyLink], stop: asyncio.Event) -> None:
-    """Start every link, tell systemd, run until ``stop``, close them all."""
+    """Start every link, run until ``stop``, close them all. systemd (or vvu-backend)
+    hears READY=1 once every link was armed, i.e. had its back-end connected, as
+    vvu-blk's READY=1 means every link is BACKEND_UP; then WATCHDOG=1 from the loop."""
     started: list[ProxyLink] = []
+    ready: asyncio.Task[None] | None = None
     try:
         for link in links:
             link.start()
             started.append(link)
-        sd_notify("READY=1")
+        ready = asyncio.get_running_loop().create_task(_until_armed(started))
         await stop.wait()
         sd_notify("STOPPING=1")
     finally:
+        if ready is not None:
+            ready.cancel()
         for link in started:
             link.close()
 

@@ -48,6 +48,7 @@ from vvu_runtime.driver.pci import PciFunction
 from vvu_runtime.driver.transport import VvuChannel
 from vvu_runtime.fds import UnixListener
 from vvu_runtime.proxy.relay import POLL_INTERVAL, EndCause, InflightStore, ProxySession
+from vvu_runtime.virtio.vvu_link import LinkState
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ class ProxyLink(VvuLinkEndpoint):
         #: Back-end connections made, and how the sessions ended (for logs and tests).
         self.backend_connections = 0
         self.ends: list[EndCause] = []
+        #: Set the first time the link is armed (BACKEND_UP): what READY=1 waits for.
+        self.armed = asyncio.Event()
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -232,10 +235,17 @@ class ProxyLink(VvuLinkEndpoint):
     def may_arm(self) -> bool:
         return self._idle is not None
 
+    def _arm(self) -> None:
+        super()._arm()
+        if self.link.state is LinkState.ARMED:
+            self.armed.set()
+
     def _want_backend(self, delay: float = 0.0) -> None:
         """No connection: get one (connect mode) or wait for one (listen mode)."""
         if self.state is BackendState.CLOSED:
             return
+        # The line vvu-backend turns into the link's state (appliance/backend.py).
+        log.info("%s: waiting for the back-end at %s", self.name, self.socket_path)
         self.state = BackendState.WAITING
         if self.mode is BackendMode.CONNECT and self._connect_timer is None:
             assert self.loop is not None

@@ -283,7 +283,7 @@ class _Resolver:
             seen[name] = e
             v = e.spec.resolve([e])
             out.append(Export(name=name, size=v["size"], readonly=v["readonly"],
-                              where=e.cur.where))
+                              where=e.cur.where, engine=v["engine"]))
         return tuple(out) if ok else INVALID
 
     def _check_subnets(self) -> None:

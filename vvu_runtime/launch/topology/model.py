@@ -212,9 +212,12 @@ class Export:
     size: int  # bytes
     readonly: bool
     where: Location
+    #: What serves it in the appliance: ``vvu-blk`` or ``qsd`` (appliance/config.py ENGINES).
+    engine: str = "vvu-blk"
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "readonly": self.readonly}
+        return {"name": self.name, "size": self.size, "readonly": self.readonly,
+                "engine": self.engine}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vvu_runtime.appliance.config import ENGINES
 from vvu_runtime.launch.topology.model import (
     Accel,
     ApplianceAccess,
@@ -155,7 +156,8 @@ VSWITCH_OPTIONS = ObjectSpec(
 STORAGE_OPTIONS = ObjectSpec(
     "storage-options", "appliances.NAME.options (storage)", "Backend options of a storage "
     "appliance.", (
-        Field("direct", BoolType(), "open the export disks O_DIRECT (vvu-blk --direct): a "
+        Field("direct", BoolType(), "open the export disks O_DIRECT (vvu-blk --direct; engine "
+              "qsd: its export writes through instead): a "
               "completed write is then on the host when the consumer sees it. false keeps "
               "completed writes in the appliance's page cache until the consumer flushes, and "
               "an appliance restart under a running consumer (vvu-devd died, the VM crashed) "
@@ -171,6 +173,9 @@ EXPORT = ObjectSpec("export", "appliances.NAME.exports[]", "A disk a storage app
     Field("size", SizeType(MIB, TIB, unit=1), "the disk's size (bare integers are MiB)",
           default=REQUIRED),
     Field("readonly", BoolType(), "offer the disk read-only", default=False),
+    Field("engine", ChoiceType(ENGINES), "what serves the disk in the appliance: vvu-blk "
+          "(ours) or qsd (qemu-storage-daemon behind vvu-proxy, docs/vvu-proxy.md)",
+          default="vvu-blk"),
 ))
 
 APPLIANCE = ObjectSpec(
