@@ -391,7 +391,7 @@ def test_daemon_notifies_ready_and_watchdog(tmp_path: Path,
     import asyncio
 
     async def briefly() -> None:
-        daemon._keep_watchdog(asyncio.get_running_loop())
+        daemon.keep_watchdog(asyncio.get_running_loop())
         await asyncio.sleep(0.35)
 
     asyncio.run(briefly())

@@ -28,7 +28,7 @@ from vvu_runtime.console import EXIT_OK, EXIT_USAGE, die, run_main, setup_loggin
 from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.driver.pci import normalize_address
 from vvu_runtime.proxy.link import BackendMode, ProxyLink
-from vvu_runtime.serve.runner import sd_notify
+from vvu_runtime.serve.runner import keep_watchdog, sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(links: Sequence[ProxyLink], stop: asyncio.Event) -> None:
-    """Start every link, tell systemd, run until ``stop``, close them all."""
+    """Start every link, tell systemd, run until ``stop``, close them all.
+
+    Under a unit with ``WatchdogSec=`` (the fs appliance's vvu-fs.service) the
+    event loop pings the watchdog: a wedged proxy is restarted."""
     started: list[ProxyLink] = []
     try:
         for link in links:
             link.start()
             started.append(link)
+        keep_watchdog(asyncio.get_running_loop())
         sd_notify("READY=1")
         await stop.wait()
         sd_notify("STOPPING=1")

@@ -153,7 +153,7 @@ def sd_notify(message: str) -> None:
         log.debug("sd_notify %r: %s", message, exc)
 
 
-def _keep_watchdog(loop: asyncio.AbstractEventLoop) -> None:
+def keep_watchdog(loop: asyncio.AbstractEventLoop) -> None:
     """Ping ``WATCHDOG=1`` from the event loop at half ``$WATCHDOG_USEC``: a wedged
     loop stops the pings and systemd (WatchdogSec=) restarts the backend."""
     try:
@@ -200,7 +200,7 @@ def run(endpoints: Sequence[EndpointSpec], *, program: str = "vvu",
                     ready()
                 # Every endpoint is up (a VVU one has BACKEND_UP set): tell systemd.
                 sd_notify("READY=1")
-                _keep_watchdog(loop)
+                keep_watchdog(loop)
 
             await serve(endpoints, stop, ready=announce)
             sd_notify("STOPPING=1")
