@@ -21,8 +21,9 @@
    fs: mounts each export's data disk the same way and makes its directory.
 4. Runs ``vvu-switch --vvu NAME=ADDR ...`` or ``vvu-blk --vvu ADDR --serial NAME
    ...`` (one per export), or (fs) one ``vvu-proxy`` with a link per export, each
-   supervising its own stock ``virtiofsd`` (it exits when its front-end goes). A single backend runs in this process (one Python
-   start-up less: seconds under TCG) and talks to systemd itself
+   supervising its own stock ``virtiofsd`` (it exits when its front-end goes).
+   A single backend runs in this process (one Python start-up less: seconds under
+   TCG) and talks to systemd itself
    (serve/runner.py sends ``READY=1`` once every endpoint has BACKEND_UP set,
    ``WATCHDOG=1`` from its event loop). Several (a storage appliance with more
    exports) are child processes, each with its own ``NOTIFY_SOCKET`` here.
