@@ -71,7 +71,7 @@ def fake(tmp_path: Path) -> Toolchain:
 
 def test_names_and_image_ids_of_the_real_checkout() -> None:
     tc = Toolchain(repo=REPO)
-    assert appliance.appliance_names(tc) == ["consumer", "storage", "vswitch"]
+    assert appliance.appliance_names(tc) == ["consumer", "fs", "storage", "vswitch"]
     assert appliance.image_id(tc, "vswitch") == "vvu-vswitch"
     assert appliance.image_id(tc, "storage") == "vvu-storage"
     assert appliance.image_id(tc, "consumer") == "vvu-consumer"
@@ -243,7 +243,7 @@ def test_cli_status_without_images(
     out = capsys.readouterr().out.splitlines()
     assert rc == 1
     assert out[0].split()[:2] == ["appliance", "state"]
-    assert [line.split()[0] for line in out[1:]] == ["consumer", "storage", "vswitch"]
+    assert [line.split()[0] for line in out[1:]] == ["consumer", "fs", "storage", "vswitch"]
     assert all("not built" in line for line in out[1:])
 
 

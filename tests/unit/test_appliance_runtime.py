@@ -105,7 +105,7 @@ def test_every_error_names_file_line_and_field() -> None:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("", "f:1: the configuration must be a mapping with 'kind'"),
-    ("kind: nope\n", "f:1: kind: must be one of vswitch, storage (got \"nope\")"),
+    ("kind: nope\n", "f:1: kind: must be one of vswitch, storage, fs (got \"nope\")"),
     ('{"kind": "vswitch", "links": [}', "f:1: unexpected '}'"),
     ("kind: vswitch\nlinks:\n  - name: a\n   x: 1\n", "f:4: expected '- item' at column 3"),
     ("kind: vswitch\nlinks: []\n", "f:2: links: must list at least one entry"),

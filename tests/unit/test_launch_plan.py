@@ -44,14 +44,14 @@ IMAGES = {
                      initrd=Path(f"/images/vvu-{kind}.initrd"),
                      cmdline="root=PARTLABEL=root-x86-64 rw console=ttyS0 intel_iommu=on",
                      disk=Path(f"/images/vvu-{kind}.raw"))
-    for kind in ("vswitch", "storage", "consumer")
+    for kind in ("vswitch", "storage", "fs", "consumer")
 }
-PORTS = {"sw1": 40001, "st1": 40002, "c1": 40003, "c2": 40004}
+PORTS = {"sw1": 40001, "st1": 40002, "c1": 40003, "c2": 40004, "fs1": 40005}
 
 
 def _plan(text: str | None = None, source: Path | None = None) -> LabPlan:
     if text is None:
-        source = REPO / "examples" / "default.yaml"
+        source = source or REPO / "examples" / "default.yaml"
         topo = load_topology(source)
     else:
         topo = load_topology_text(text, source or Path("/labs/t.yaml"))
@@ -77,6 +77,16 @@ def test_default_example_renders_the_golden_command_lines(node: str) -> None:
     plan = _plan()
     got = _grouped(plan.node(node).argv)
     golden = GOLDEN / f"default-{node}.txt"
+    if os.environ.get("VVU_UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text()
+
+
+@pytest.mark.parametrize("node", ["fs1", "c1"])
+def test_fs_example_renders_the_golden_command_lines(node: str) -> None:
+    plan = _plan(source=REPO / "examples" / "fs.yaml")
+    got = _grouped(plan.node(node).argv)
+    golden = GOLDEN / f"fs-{node}.txt"
     if os.environ.get("VVU_UPDATE_GOLDEN"):
         golden.write_text(got)
     assert got == golden.read_text()
@@ -147,7 +157,8 @@ def test_files_and_ports() -> None:
     }
     assert plan.data_disks == {Path("/labs/default/disks/st1-disk-a.raw"): 256 << 20,
                                Path("/labs/default/disks/st1-disk-b.raw"): 256 << 20}
-    assert {n.name: n.ssh_port for n in plan.nodes} == PORTS
+    assert {n.name: n.ssh_port for n in plan.nodes} == {
+        k: v for k, v in PORTS.items() if k != "fs1"}
     text = plan.describe()
     assert "truncate -s 512M /dev/shm/vvu-lab-default-c1.ram" in text
     assert text.count("qemu-system-x86_64") == 4

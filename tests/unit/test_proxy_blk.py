@@ -79,6 +79,21 @@ def connect(model: DeviceModel, ram: FileRam) -> VhostUserFrontend:
     return fe
 
 
+def reconnect(model: DeviceModel, ram: FileRam, timeout: float = 10.0) -> VhostUserFrontend:
+    """connect() once the link is armed again, retried as QEMU's reconnect would: the
+    proxy may arm on a connection the dying back-end still accepted, then reset the
+    link when that one hangs up (a transient UP under load)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        wait_for(lambda: model.status() == UP, timeout=timeout, what="re-armed")
+        try:
+            return connect(model, ram)
+        except (VhostUserError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def restart_ring(fe: VhostUserFrontend, dq: DriverQueue, ram: FileRam) -> None:
     """What QEMU does for a ring after its back-end died: no GET_VRING_BASE was
     possible, so the next base is the used idx it reads (vhost-user-blk)."""
@@ -206,8 +221,7 @@ def test_restarted_backend_resumes_what_was_in_flight(
             # Its successor listens on the same socket; the consumer reconnects.
             server = VhostUserServer(sock, BlkDevice(image), loop=back.loop)
             back.call(server.start)
-            wait_for(lambda: model.status() == UP, timeout=10, what="re-armed")
-            fe = connect(model, ram)
+            fe = reconnect(model, ram)
             restart_ring(fe, dq, ram)
             acked |= {t for t, _ in drv.complete(6)}
             assert acked == set(writes)

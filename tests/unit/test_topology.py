@@ -98,10 +98,10 @@ def test_the_examples_issue_6_asks_for_are_shipped() -> None:
 
 def test_default_example_is_the_readme_job() -> None:
     topo = load_topology(ROOT / "examples" / "default.yaml")
-    assert {a.kind for a in topo.appliances} == set(ApplianceKind)
+    assert {a.kind for a in topo.appliances} == {ApplianceKind.VSWITCH, ApplianceKind.STORAGE}
     assert len(topo.consumers) == 2
     assert all(len(c.nics) == 1 and len(c.disks) == 1 for c in topo.consumers)
-    assert {c.kind for c in topo.checks} == set(CheckKind)
+    assert {c.kind for c in topo.checks} == set(CheckKind) - {CheckKind.FS}
 
 
 def test_switch4_poll_and_storage_examples_are_what_they_say() -> None:
@@ -446,7 +446,7 @@ def test_unknown_field_with_did_you_mean() -> None:
     text = LAB.replace("c2: {nics: [sw1]}", "c2: {nics: [sw1], memroy: 1G}")
     assert only_problem(text) == (
         f'{at(text, "memroy")}: consumers.c2.memroy: unknown field; did you mean "memory"? '
-        "(fields here: cpus, disks, host, image, memory, nics)")
+        "(fields here: cpus, disks, fs, host, image, memory, nics)")
 
 
 def test_unknown_top_level_field() -> None:
@@ -467,7 +467,7 @@ def test_unknown_defaults_section_and_field() -> None:
     text = LAB + "defaults:\n  vswich: {cpus: 2}\n  consumer: {access: poll}\n"
     assert problems(text) == [
         f'{at(text, "vswich")}: defaults.vswich: unknown field; did you mean "vswitch"? '
-        "(fields here: appliance, consumer, storage, vswitch)",
+        "(fields here: appliance, consumer, fs, storage, vswitch)",
         f'{at(text, "access: poll")}: defaults.consumer.access: unknown field '
         "(fields here: cpus, image, memory)",
     ]
@@ -490,14 +490,14 @@ def test_field_of_another_kind() -> None:
         "(this one's kind is storage)")
     text = LAB.replace("subnet: 10.10.1.0/24}", "exports: []}")
     assert only_problem(text) == (
-        f"{at(text, 'exports: []')}: appliances.sw1.exports: only for kind storage "
+        f"{at(text, 'exports: []')}: appliances.sw1.exports: only for kind fs or storage "
         "(this one's kind is vswitch)")
 
 
 def test_missing_required_field_points_at_the_object() -> None:
     text = LAB.replace("st1:\n    kind: storage\n", "st1:\n")
     assert only_problem(text) == (
-        f"{at(text, 'st1:')}: appliances.st1.kind: missing (expected one of vswitch, storage)")
+        f"{at(text, 'st1:')}: appliances.st1.kind: missing (expected one of vswitch, storage, fs)")
     text = LAB.replace("{name: disk-b, size: 256M, readonly: true}", "{name: disk-b}")
     assert only_problem(text) == (
         f"{at(text, '{name: disk-b}')}: appliances.st1.exports[1].size: missing (expected a "
@@ -508,9 +508,10 @@ def test_missing_required_field_points_at_the_object() -> None:
 
 
 def test_unknown_kind_reports_only_the_kind() -> None:
-    text = LAB.replace("kind: storage", "kind: fs")
+    text = LAB.replace("kind: storage", "kind: cdrom")
     assert only_problem(text) == (
-        f'{at(text, "fs")}: appliances.st1.kind: expected one of vswitch, storage, got "fs"')
+        f'{at(text, "cdrom")}: appliances.st1.kind: expected one of vswitch, storage, fs, '
+        'got "cdrom"')
 
 
 def test_enum_value_with_did_you_mean() -> None:
@@ -803,14 +804,14 @@ def test_unknown_check_kind() -> None:
     found, text = check_problem("pong: {from: c1, to: c2}")
     assert found == (
         f'{at(text, "pong")}: checks[0].pong: unknown check; did you mean "ping"? (expected '
-        "one of ping, transfer, disk, command)")
+        "one of ping, transfer, disk, fs, command)")
 
 
 def test_check_with_two_kinds() -> None:
     found, text = check_problem("{ping: {from: c1, to: c2}, disk: {node: c1}}")
     assert found == (
         f"{at(text, '{ping')}: checks[0]: expected a mapping with one key, the check (ping, "
-        "transfer, disk, command), got a mapping with 2 keys")
+        "transfer, disk, fs, command), got a mapping with 2 keys")
 
 
 def test_check_fields_are_strict_and_required() -> None:

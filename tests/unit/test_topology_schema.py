@@ -176,9 +176,11 @@ def test_appliance_kinds_are_variants() -> None:
     variants = [_resolve(v["$ref"], {"$defs": defs}) for v in defs["appliance"]["oneOf"]]
     assert [v["properties"]["kind"]["const"] for v in variants] == [k.value for k in
                                                                     ApplianceKind]
-    vswitch, storage = variants
+    vswitch, storage, fs = variants
     assert "subnet" in vswitch["properties"] and "exports" not in vswitch["properties"]
     assert "exports" in storage["properties"] and "subnet" not in storage["properties"]
+    assert fs["properties"]["exports"]["anyOf"][0]["items"]["$ref"].endswith("/fs-export")
+    assert fs["properties"]["options"]["$ref"].endswith("/fs-options")
     assert set(vswitch["properties"]["options"]["$ref"].split("/")[-1:]) == {"vswitch-options"}
 
 
@@ -198,7 +200,7 @@ def test_every_example_validates_against_the_json_schema(path: Path) -> None:
     lambda d: d.update(bogus=1),
     lambda d: d["consumers"]["c1"].update(memroy="1G"),
     lambda d: d["appliances"]["sw1"].update(exports=[]),
-    lambda d: d["appliances"]["st1"].update(kind="fs"),
+    lambda d: d["appliances"]["st1"].update(kind="nfs"),
     lambda d: d["appliances"]["st1"].pop("kind"),
     lambda d: d["options"].update(accel="kvn"),
     lambda d: d["consumers"]["c1"].update(cpus=17),

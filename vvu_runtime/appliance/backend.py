@@ -1,7 +1,7 @@
 """``vvu-backend``: the entry point of an appliance's backend unit (``Type=notify``).
 
-    vvu-backend {switch,blk}            run (vvu-switch.service / vvu-blk.service)
-    vvu-backend {switch,blk} --check    validate the config, match the functions, print
+    vvu-backend {switch,blk,fs}         run (vvu-switch / vvu-blk / vvu-fs.service)
+    vvu-backend {switch,blk,fs} --check   validate the config, match the functions, print
                                         the command lines; exit 0, or 78 on a config error
     vvu-backend --schema                print the configuration schema
 
@@ -20,11 +20,13 @@
    (making an ext4 one on a blank disk) and creates the file, sparse, if missing.
 4. Runs ``vvu-switch --vvu NAME=ADDR ...`` or, one per export, ``vvu-blk --vvu
    ADDR --serial NAME ...`` (``vvu-scsi`` for ``protocol: scsi``; for ``engine:
-   qsd`` ``vvu-proxy`` supervising qemu-storage-daemon, appliance/qsd.py). A
-   single backend runs in this process (one Python start-up less: seconds under
-   TCG) and talks to systemd itself (serve/runner.py and proxy/cli.py send
-   ``READY=1`` once every link has BACKEND_UP set, ``WATCHDOG=1`` from their
-   event loops). Several (a storage appliance with more
+   qsd`` ``vvu-proxy`` supervising qemu-storage-daemon, appliance/qsd.py), or (fs)
+   one ``vvu-proxy`` with a link per export, each supervising its own stock
+   ``virtiofsd`` (it exits when its front-end goes). A single backend runs in
+   this process (one Python start-up less: seconds under TCG) and talks to
+   systemd itself (serve/runner.py and proxy/cli.py send ``READY=1`` once every
+   link has BACKEND_UP set, ``WATCHDOG=1`` from their event loops). Several (a
+   storage appliance with more
    exports) are child processes, each with its own ``NOTIFY_SOCKET`` here.
 5. Tells systemd ``READY=1`` when every backend is ready, i.e. every configured
    link is BACKEND_UP; ``STATUS=`` holds each link's state (waiting for the VVU
@@ -46,6 +48,7 @@ import logging
 import os
 import re
 import selectors
+import shlex
 import signal
 import socket
 import subprocess
@@ -61,6 +64,7 @@ from vvu_runtime.appliance.config import (
     ApplianceConfig,
     ConfigError,
     Export,
+    FsExport,
     load_config,
     schema_text,
 )
@@ -74,8 +78,10 @@ FUNCTION_TIMEOUT = float(os.environ.get("VVU_FUNCTION_TIMEOUT", "30"))
 DISK_TIMEOUT = 30.0
 RUN_DIR = Path(os.environ.get("VVU_RUN_DIR", "/run/vvu"))
 SYSTEM_CREDENTIALS = Path("/run/credentials/@system")
-PROGRAMS = {"switch": "vvu-switch", "blk": "vvu-blk"}
-KINDS = {"switch": "vswitch", "blk": "storage"}
+PROGRAMS = {"switch": "vvu-switch", "blk": "vvu-blk", "fs": "vvu-proxy"}
+KINDS = {"switch": "vswitch", "blk": "storage", "fs": "fs"}
+#: Debian's virtiofsd is not on PATH.
+VIRTIOFSD = "/usr/libexec/virtiofsd"
 
 #: The backends' log lines that change a link's state (driver/endpoint.py,
 #: vhost_user/backend.py, proxy/); ``addr`` is the VVU function's PCI address.
@@ -203,6 +209,30 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, check=False)
 
 
+def data_mount(serial: str) -> Path:
+    """The file system of data disk ``serial``, mounted at /run/vvu/disks/SERIAL (an
+    ext4 one is made first on a blank disk; a disk with anything else is refused)."""
+    dev = disk_path(serial)
+    _wait_for(dev, DISK_TIMEOUT)
+    mnt = RUN_DIR / "disks" / serial
+    if os.path.ismount(mnt):
+        return mnt
+    mnt.mkdir(parents=True, exist_ok=True)
+    if _run(["mount", str(dev), str(mnt)]).returncode != 0:
+        probe = _run(["blkid", "-p", str(dev)])
+        if probe.returncode != 2:  # 2: nothing found, a blank disk
+            raise RuntimeError(f"cannot mount {dev} (data disk {serial}) and it is not "
+                               f"blank: {probe.stdout.strip() or probe.stderr.strip()}")
+        _say(f"data disk {serial} is blank: making an ext4 file system on it")
+        mk = _run(["mkfs.ext4", "-q", "-L", serial[:16], str(dev)])
+        if mk.returncode != 0:
+            raise RuntimeError(f"mkfs.ext4 {dev}: {mk.stderr.strip()}")
+        mounted = _run(["mount", str(dev), str(mnt)])
+        if mounted.returncode != 0:
+            raise RuntimeError(f"mount {dev}: {mounted.stderr.strip()}")
+    return mnt
+
+
 def export_image(export: Export) -> Path:
     """The block device or file ``export`` serves, made ready (see the module docstring)."""
     if export.disk is not None:
@@ -211,30 +241,33 @@ def export_image(export: Export) -> Path:
         return dev
     assert export.file is not None
     f = export.file
-    dev = disk_path(f.disk)
-    _wait_for(dev, DISK_TIMEOUT)
-    mnt = RUN_DIR / "disks" / f.disk
-    if not os.path.ismount(mnt):
-        mnt.mkdir(parents=True, exist_ok=True)
-        if _run(["mount", str(dev), str(mnt)]).returncode != 0:
-            probe = _run(["blkid", "-p", str(dev)])
-            if probe.returncode != 2:  # 2: nothing found, a blank disk
-                raise RuntimeError(f"cannot mount {dev} (data disk {f.disk}) and it is not "
-                                   f"blank: {probe.stdout.strip() or probe.stderr.strip()}")
-            _say(f"data disk {f.disk} is blank: making an ext4 file system on it")
-            mk = _run(["mkfs.ext4", "-q", "-L", f.disk[:16], str(dev)])
-            if mk.returncode != 0:
-                raise RuntimeError(f"mkfs.ext4 {dev}: {mk.stderr.strip()}")
-            mounted = _run(["mount", str(dev), str(mnt)])
-            if mounted.returncode != 0:
-                raise RuntimeError(f"mount {dev}: {mounted.stderr.strip()}")
-    path = mnt / f.path
+    path = data_mount(f.disk) / f.path
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as fh:
             fh.truncate(f.size)
         _say(f"export {export.name}: created {path} ({f.size} bytes, sparse)")
     return path
+
+
+def share_dir(share: FsExport, *, prepare: bool = True) -> Path:
+    """The directory ``share`` exports (``prepare``: mounted and made if missing)."""
+    if not prepare:
+        return RUN_DIR / "disks" / share.disk / share.path
+    path = data_mount(share.disk) / share.path
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fs_socket(share: FsExport) -> Path:
+    """Where that share's virtiofsd listens and vvu-proxy connects."""
+    return RUN_DIR / "fs" / f"{share.name}.sock"
+
+
+def virtiofsd_argv(share: FsExport, directory: Path, options: dict[str, object]) -> list[str]:
+    """A stock virtiofsd for one share (it serves one front-end, then exits)."""
+    return [VIRTIOFSD, f"--socket-path={fs_socket(share)}", f"--shared-dir={directory}",
+            f"--cache={options['cache']}", f"--sandbox={options['sandbox']}"]
 
 
 # --------------------------------------------------------------------------
@@ -278,6 +311,16 @@ def commands(config: ApplianceConfig, matched: dict[str, str], *,
             u = config.underlay
             argv += ["--tunnel-bind", u.address, "--tunnel-port", str(u.port),
                      "--underlay-mtu", str(u.mtu)]
+        return [Backend(argv, {matched[n]: n for n in config.link_names})]
+    if config.kind == "fs":
+        argv = ["vvu-proxy"]
+        for share in config.shares:
+            addr = matched[share.name]
+            directory = share_dir(share, prepare=prepare)
+            if prepare:
+                fs_socket(share).parent.mkdir(parents=True, exist_ok=True)
+            argv += ["--link", f"{addr}={fs_socket(share)}", "--exec",
+                     f"{addr}={shlex.join(virtiofsd_argv(share, directory, opts))}"]
         return [Backend(argv, {matched[n]: n for n in config.link_names})]
     backends = []
     for export in config.exports:
@@ -533,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(schema_text(), end="")
         return 0
     if args.backend is None:
-        parser.error("give the backend: switch or blk")
+        parser.error("give the backend: switch, blk or fs")
     try:
         if args.config is not None:
             config = load_config((), args.config)

@@ -22,6 +22,13 @@ Examples::
     options:
       direct: true
 
+    kind: fs
+    exports:
+      - name: c1-fs0             # the link; virtiofsd serves it through vvu-proxy
+        disk: data0              # data0's file system (ext4 made on a blank disk)
+        path: share              # the directory shared (made if missing)
+    options: {cache: auto, sandbox: namespace}
+
 The schema is the table :data:`SCHEMA` (also what ``vvu-backend --schema``
 prints). Every error names the file, the line and the field, and all errors are
 reported at once::
@@ -55,6 +62,7 @@ __all__ = [
     "ConfigError",
     "Export",
     "FileExport",
+    "FsExport",
     "Link",
     "Node",
     "Tunnel",
@@ -468,6 +476,17 @@ EXPORT = (
           "or qsd (qemu-storage-daemon behind vvu-proxy, protocol blk only)",
           default="vvu-blk", check=lambda v: None if v in ENGINES else "vvu-blk or qsd"),
 )
+FS_EXPORT = (
+    Field("name", "str", "the VVU link's name (the consumer's mount tag is its own)", True,
+          check=_check_name),
+    Field("disk", "str", "serial of the data disk whose file system holds the directory "
+          "(an ext4 file system is made on a blank disk)", True, check=_check_serial),
+    Field("path", "str", "the directory shared, relative to that file system's root "
+          "(made if missing)", default=".", check=_check_path),
+)
+#: virtiofsd's --cache and --sandbox values.
+FS_CACHE = ("auto", "always", "never", "metadata")
+FS_SANDBOX = ("namespace", "chroot", "none")
 TUNNEL = (
     Field("name", "str", "the tunnel port's name (the peer switch)", True, check=_check_name),
     Field("remote", "str", "the peer's address (its host's)", True, check=_check_host),
@@ -495,6 +514,13 @@ STORAGE_OPTIONS = (
     Field("poll_us", "int", "poll a busy ring this long before sleeping", default=50,
           check=_at_least(0)),
 )
+FS_OPTIONS = (
+    Field("cache", "str", "virtiofsd --cache: auto, always, never or metadata",
+          default="auto", check=lambda v: None if v in FS_CACHE else ", ".join(FS_CACHE)),
+    Field("sandbox", "str", "virtiofsd --sandbox: namespace, chroot or none",
+          default="namespace",
+          check=lambda v: None if v in FS_SANDBOX else ", ".join(FS_SANDBOX)),
+)
 
 #: kind -> the fields of a configuration of that kind (``kind`` itself included).
 SCHEMA: dict[str, tuple[Field, ...]] = {
@@ -509,6 +535,12 @@ SCHEMA: dict[str, tuple[Field, ...]] = {
         Field("kind", "str", "storage", True),
         Field("exports", "list", "the disks served, one per VVU link", True, fields=EXPORT),
         Field("options", "map", "storage target options", fields=STORAGE_OPTIONS),
+    ),
+    "fs": (
+        Field("kind", "str", "fs", True),
+        Field("exports", "list", "the directories shared, one per VVU link (virtiofsd "
+              "behind vvu-proxy)", True, fields=FS_EXPORT),
+        Field("options", "map", "virtiofsd options", fields=FS_OPTIONS),
     ),
 }
 
@@ -651,6 +683,15 @@ class Export:
 
 
 @dataclass(frozen=True)
+class FsExport:
+    """A directory of a data disk's file system, shared by virtiofsd over one VVU link."""
+
+    name: str
+    disk: str
+    path: str
+
+
+@dataclass(frozen=True)
 class ApplianceConfig:
     kind: str
     source: str
@@ -660,18 +701,22 @@ class ApplianceConfig:
     #: A vswitch's tunnels and their socket (None: no tunnels).
     tunnels: tuple[Tunnel, ...] = ()
     underlay: Underlay | None = None
+    #: An fs appliance's shares.
+    shares: tuple[FsExport, ...] = ()
 
     @property
     def link_names(self) -> list[str]:
         """The VVU links this appliance serves, in configuration order."""
         if self.kind == "vswitch":
             return [link.name for link in self.links]
+        if self.kind == "fs":
+            return [s.name for s in self.shares]
         return [e.name for e in self.exports]
 
     @property
     def backend(self) -> str:
-        """The backend unit that serves this kind (``switch`` or ``blk``)."""
-        return {"vswitch": "switch", "storage": "blk"}[self.kind]
+        """The backend unit that serves this kind (``switch``, ``blk`` or ``fs``)."""
+        return {"vswitch": "switch", "storage": "blk", "fs": "fs"}[self.kind]
 
 
 def _defaults(fields: Sequence[Field], given: dict[str, Any]) -> dict[str, Any]:
@@ -737,6 +782,9 @@ def parse_config(text: str, source: str) -> ApplianceConfig:
             underlay = Underlay(**_defaults(UNDERLAY, data.get("underlay") or {}))
         return ApplianceConfig(kind, source, links=tuple(Link(x["name"]) for x in data["links"]),
                                options=options, tunnels=tunnels, underlay=underlay)
+    if kind == "fs":
+        shares = tuple(FsExport(**_defaults(FS_EXPORT, x)) for x in data["exports"])
+        return ApplianceConfig(kind, source, shares=shares, options=options)
     exports = []
     for x in data["exports"]:
         f = x.get("file")

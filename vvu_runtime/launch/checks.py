@@ -11,7 +11,11 @@ reachable) fails with the reason. Kinds:
   has none: a check never destroys data), a file written, synced, the page
   cache dropped, read back and compared;
 * ``command``: a command on any node, its exit status and (optionally) output
-  matched against a regular expression.
+  matched against a regular expression;
+* ``fs``: files of several sizes (the largest ``size``) and a small directory
+  tree written through a consumer's virtio-fs mount, the page cache dropped,
+  their sha256 read back there and compared with the same files read in the fs
+  appliance's export (over SSH into the appliance); removed afterwards.
 """
 
 from __future__ import annotations
@@ -213,6 +217,51 @@ def check_disk(lab: LabAccess, p: Mapping[str, Any], consumer: Mapping[str, Any]
     return f"{dev}{made}: 1 MiB written, synced, read back equal"
 
 
+def _sha256s(out: str) -> dict[str, str]:
+    """``sha256sum`` output as {relative path: digest}."""
+    sums = {}
+    for line in out.splitlines():
+        digest, _, name = line.partition("  ")
+        if name:
+            sums[name] = digest
+    return sums
+
+
+def check_fs(lab: LabAccess, p: Mapping[str, Any]) -> str:
+    node, mnt, tag = p["node"], p["mount"], p["tag"]
+    size = int(p["size"])
+    q = shlex.quote
+    tok = secrets.token_hex(4)
+    top = f"vvu-check-{tok}"
+    here = f"{mnt}/{top}"
+    # Sizes that cross the FUSE request sizes (4 KiB pages, 128 KiB..1 MiB writes).
+    sizes = sorted({min(size, s) for s in (1, 4096, 131072 + 7, size)})
+    files = [f"f{s}" for s in sizes] + ["tree/a/b/c/leaf", "tree/a/mid", "tree/top"]
+    make = "".join(f"head -c {s} /dev/urandom > f{s} && " for s in sizes)
+    script = (f"(mountpoint -q {q(mnt)} || (mkdir -p {q(mnt)} && mount -t virtiofs {q(tag)} "
+              f"{q(mnt)})) && mkdir -p {q(here)}/tree/a/b/c && cd {q(here)} && {make}"
+              "head -c 5000 /dev/urandom > tree/a/b/c/leaf && echo mid > tree/a/mid && "
+              "head -c 70000 /dev/urandom > tree/top && sync && "
+              "echo 3 > /proc/sys/vm/drop_caches && sha256sum " + " ".join(files))
+    try:
+        out = _checked(lab.run(node, f"sh -c {q(script)}", timeout=300),
+                       f"write through {mnt}")
+        consumer = _sha256s(out)
+        there = f"{p['appliance_dir']}/{top}"
+        theirs = _sha256s(_checked(
+            lab.run(p["appliance"], f"cd {q(there)} && sha256sum {' '.join(files)}",
+                    timeout=120), f"read {there} in {p['appliance']}"))
+    finally:
+        with contextlib.suppress(ShellError):
+            lab.run(node, f"rm -rf {q(here)}", timeout=120)
+    if len(consumer) != len(files) or consumer != theirs:
+        differ = [f for f in files if consumer.get(f) != theirs.get(f)]
+        raise CheckFailed(f"sha256 differs between {node}:{mnt} and {p['appliance']}: "
+                          f"{', '.join(differ) or 'files missing'}")
+    return (f"{len(files)} files (largest {size} B, a directory tree) through {mnt}: "
+            f"sha256 equal in {node} and in {p['appliance']}")
+
+
 def check_command(lab: LabAccess, p: Mapping[str, Any]) -> str:
     node, cmd = p["node"], p["run"]
     want = int(p.get("status", 0))
@@ -242,6 +291,8 @@ def run_checks(lab: LabAccess, checks: Sequence[Mapping[str, Any]],
                 detail = check_disk(lab, params, lab.nodes[params["node"]])
             elif kind == "command":
                 detail = check_command(lab, params)
+            elif kind == "fs":
+                detail = check_fs(lab, params)
             else:
                 raise CheckFailed(f"unknown check kind {kind!r}")
             ok = True

@@ -54,6 +54,7 @@ from vvu_runtime.launch.lab import (
     LabError,
     LabPaths,
     default_state_dir,
+    fs_export_dir,
     lab_lock,
     make_key,
     plan_lab,
@@ -192,7 +193,7 @@ def load(path: Path) -> Topology:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     topo = load(args.topology)
-    links = sum(len(c.nics) + len(c.disks) for c in topo.consumers)
+    links = sum(len(c.links) for c in topo.consumers)
     print(f"{args.topology}: lab {topo.name}: {len(topo.appliances)} appliance(s), "
           f"{len(topo.consumers)} consumer(s), {links} link(s), {len(topo.checks)} check(s): ok")
     tunnels = {frozenset((a.name, t.peer)) for a in topo.appliances for t in a.tunnels}
@@ -298,6 +299,11 @@ def _checks_json(topo: Topology) -> list[dict[str, Any]]:
                 if ref in (f"{d.storage}/{d.export}", d.export, str(d.index), d.link):
                     params["index"] = d.index
                     break
+        if chk.kind.value == "fs":
+            consumer = topo.consumer(params["node"])
+            (mount,) = [m for m in consumer.fs if m.ref == params["fs"]]
+            params.update(tag=mount.tag, mount=mount.mount, appliance=mount.appliance,
+                          appliance_dir=fs_export_dir(mount.appliance, mount.export))
         out.append({"kind": chk.kind.value, "name": chk.describe(), "params": params})
     return out
 

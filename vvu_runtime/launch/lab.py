@@ -51,6 +51,7 @@ from vvu_runtime.launch.render import (
     Credential,
     DataDisk,
     DoorbellCompanion,
+    FsDevice,
     NetDevice,
     RenderError,
     RootDisk,
@@ -88,6 +89,11 @@ MAX_SOCKET_PATH = 107
 RECONNECT_MS = 1000
 #: virtio-blk serials are 20 bytes.
 MAX_SERIAL = 20
+#: The directory of an fs export's data disk that virtiofsd shares (not the file
+#: system's root: its lost+found is not the consumer's business).
+FS_SHARE_DIR = "share"
+#: Where an fs appliance mounts its data disks (vvu_runtime.appliance.backend.data_mount).
+APPLIANCE_DISKS = "/run/vvu/disks"
 
 
 class LabError(VvuError):
@@ -254,7 +260,7 @@ class LinkPlan:
     """One consumer-appliance link: one VVU function, one vvu-devd device."""
 
     name: str
-    kind: str  # "net" | "blk"
+    kind: str  # "net" | "blk" | "fs"
     consumer: str
     appliance: str
     vhost_socket: Path
@@ -340,7 +346,7 @@ class LabPlan:
         out.append("# guest RAM files (sparse; a consumer's is also the BAR2 of its VVU functions)")
         out += [f"truncate -s {mib}M {shlex.quote(str(p))}" for p, mib in self.ram_files.items()]
         if self.data_disks:
-            out.append("\n# data disks of the storage appliances (created once, kept)")
+            out.append("\n# data disks of the storage and fs appliances (created once, kept)")
             out += [f"truncate -s {size} {shlex.quote(str(p))}"
                     for p, size in self.data_disks.items()]
         for n in self.appliances:
@@ -364,6 +370,17 @@ def _serial(appliance: str, export: str) -> str:
     if not serial:
         serial = "x" + hashlib.sha256(f"{appliance}/{export}".encode()).hexdigest()[:MAX_SERIAL - 1]
     return serial
+
+
+def fs_export_dir(appliance: str, export: str) -> str:
+    """The directory inside an fs appliance that its export ``export`` shares."""
+    return f"{APPLIANCE_DISKS}/{_serial(appliance, export)}/{FS_SHARE_DIR}"
+
+
+def _fstab(mounts: list[tuple[str, str]]) -> str:
+    """fstab lines of a consumer's virtio-fs mounts (the credential ``fstab.extra``, read
+    by systemd-fstab-generator). nofail: a consumer whose appliance is gone still boots."""
+    return "".join(f"{tag} {mount} virtiofs defaults,nofail 0 0\n" for tag, mount in mounts)
 
 
 def _check_socket_path(path: Path) -> None:
@@ -456,6 +473,12 @@ def plan_lab(
             links.append(lk)
             consumer_links[c.name].append(lk)
             appliance_links[disk.storage].append((lk, disk))
+        for fs in c.fs:
+            lk = LinkPlan(fs.link, "fs", c.name, fs.appliance, paths.vhost_socket(fs.link),
+                          paths.vfio_socket(fs.link), paths.ram_file(c.name))
+            links.append(lk)
+            consumer_links[c.name].append(lk)
+            appliance_links[fs.appliance].append((lk, fs))
     for lk in links:
         if ":" in lk.name or ":" in str(lk.vhost_socket) or ":" in str(lk.ram_file):
             raise LabError(f"link {lk.name}: vvu-devd paths cannot contain ':'")
@@ -509,6 +532,16 @@ def plan_lab(
             for entry, (_, d) in zip(config["exports"], own, strict=True):
                 if d.export in engines:
                     entry["engine"] = engines[d.export]
+        elif a.kind is ApplianceKind.FS:
+            # One data disk per export; the appliance makes its file system on first boot.
+            fs_serial: dict[str, str] = {}
+            for i, ex in enumerate(a.exports):
+                path = paths.data_disk(a.name, ex.name)
+                data_disks[path] = ex.size
+                fs_serial[ex.name] = _serial(a.name, ex.name)
+                disks.append(DataDisk(f"data{i}", path, fs_serial[ex.name]))
+            config["exports"] = [{"name": lk.name, "disk": fs_serial[m.export],
+                                  "path": FS_SHARE_DIR} for lk, m in own]
         else:
             config["links"] = [{"name": lk.name} for lk, _ in own]
         underlay = None
@@ -571,7 +604,10 @@ def plan_lab(
                           reconnect_ms=RECONNECT_MS) for n in c.nics]
         blks = [BlkDevice(f"blk{d.index}", paths.vhost_socket(d.link),
                           reconnect_ms=RECONNECT_MS) for d in c.disks]
+        fss = [FsDevice(f"fs{m.index}", paths.vhost_socket(m.link), m.tag) for m in c.fs]
         creds = [cred_key]
+        if c.fs:
+            creds.append(Credential("fstab.extra", _fstab([(m.tag, m.mount) for m in c.fs])))
         addresses: dict[str, str] = {}
         nic_config = []
         for n in c.nics:
@@ -592,7 +628,7 @@ def plan_lab(
         cfg = vm(c.name, c.memory_mib, c.cpus, image, credentials=creds,
                  ssh=SshForward(port, mac=_mac(topology.name, c.name, "mgmt"))
                  if kind == "consumer" else None,
-                 nets=nets, blks=blks, no_reboot=False)
+                 nets=nets, blks=blks, fss=fss, no_reboot=False)
         try:
             argv = render_vm("consumer.j2", cfg)
         except RenderError as e:

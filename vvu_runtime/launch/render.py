@@ -34,6 +34,7 @@ __all__ = [
     "Credential",
     "DataDisk",
     "Device",
+    "FsDevice",
     "NetDevice",
     "NoMigrate",
     "RenderError",
@@ -178,6 +179,22 @@ class BlkDevice:
 
 
 @dataclass(frozen=True)
+class FsDevice:
+    """vhost-user-fs-pci (virtio-fs) on a vhost-user socket, mounted by its ``tag``.
+
+    No reconnect: QEMU's vhost-user-fs has no reconnect support (no chardev event
+    handler, unlike vhost-user-blk and -net), and its realize talks to the back
+    end at once, so the socket must be connected when QEMU starts (a chardev with
+    reconnect-ms connects later, in the main loop, and realize would fail).
+    """
+
+    id: str
+    socket: Path
+    tag: str
+    queue_size: int = 128
+
+
+@dataclass(frozen=True)
 class VvuFunctionDevice:
     """A vfio-user-pci device (a VVU function of vvu-devd) on root port ``index``."""
 
@@ -265,6 +282,7 @@ class VmConfig:
     underlay: UnderlayNic | None = None
     nets: Sequence[NetDevice] = ()
     blks: Sequence[BlkDevice] = ()
+    fss: Sequence[FsDevice] = ()
     vvu_functions: Sequence[VvuFunctionDevice] = ()
     doorbell: DoorbellCompanion | None = None
     data_disks: Sequence[DataDisk] = ()
@@ -297,7 +315,7 @@ def render_vm(template: str, vm: VmConfig) -> list[str]:
     return _render_lines(template, vm.context())
 
 
-Device = (NetDevice | BlkDevice | VvuFunctionDevice | DataDisk | Credential | SshForward
+Device = (NetDevice | BlkDevice | FsDevice | VvuFunctionDevice | DataDisk | Credential | SshForward
           | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion | UnderlayNic)
 
 
@@ -318,6 +336,8 @@ def render_devices(*devices: Device) -> list[str]:
                 argv += _render_lines("net-vhost-user.j2", {"net": dev})
             case BlkDevice():
                 argv += _render_lines("blk-vhost-user.j2", {"blk": dev})
+            case FsDevice():
+                argv += _render_lines("fs-vhost-user.j2", {"fs": dev})
             case VvuFunctionDevice():
                 argv += _render_lines("vvu-function.j2", {"fn": dev})
             case DataDisk():

@@ -34,6 +34,7 @@ from vvu_runtime.launch.topology.model import (
     ConsumerImage,
     Disk,
     Export,
+    FsMount,
     Host,
     Location,
     Nic,
@@ -282,8 +283,9 @@ class _Resolver:
                 continue
             seen[name] = e
             v = e.spec.resolve([e])
-            out.append(Export(name=name, size=v["size"], readonly=v["readonly"],
-                              where=e.cur.where, engine=v["engine"]))
+            # (fs exports have no readonly or engine: virtiofsd serves them read-write.)
+            out.append(Export(name=name, size=v["size"], readonly=v.get("readonly", False),
+                              where=e.cur.where, engine=v.get("engine", "vvu-blk")))
         return tuple(out) if ok else INVALID
 
     def _check_subnets(self) -> None:
@@ -337,17 +339,19 @@ class _Resolver:
         return host
 
     def _same_host(self, consumer: str, host: str | None, v: dict[str, Any],
-                   nics: tuple[Nic, ...], disks: tuple[Disk, ...]) -> bool:
+                   nics: tuple[Nic, ...], disks: tuple[Disk, ...],
+                   fs: tuple[FsMount, ...] = ()) -> bool:
         """VVU links are shared memory: a consumer and its appliances share a host."""
         ok = True
-        items = [*(v["nics"] or []), *(v["disks"] or [])]
-        links: tuple[Nic | Disk, ...] = (*nics, *disks)
+        items = [*(v["nics"] or []), *(v["disks"] or []), *(v["fs"] or [])]
+        links: tuple[Nic | Disk | FsMount, ...] = (*nics, *disks, *fs)
         for link, item in zip(links, items, strict=True):
             target = self.appliances[link.appliance]
             if target.host == host:
                 continue
-            field = "switch" if isinstance(link, Nic) else "storage"
-            what = "NIC" if isinstance(link, Nic) else "disk"
+            field, what = (("switch", "NIC") if isinstance(link, Nic) else
+                           ("storage", "disk") if isinstance(link, Disk) else
+                           ("appliance", "virtio-fs mount"))
             item.at(field).problem(
                 f"{target.name} runs on host {target.host}, {consumer} on host {host}: a VVU "
                 f"link ({what}) is shared memory and cannot cross hosts (put both on one host"
@@ -502,16 +506,17 @@ class _Resolver:
             v = resolved[name]
             nics = self._nics(name, v["nics"], explicit_macs, taken_macs, addresses, per_switch)
             disks = self._disks(name, v["disks"], exports_used)
+            fs = self._fs(name, v["fs"], exports_used)
             image = self._image(v["image"])
             host = self._node_host(p, v["host"])
-            if not _valid(v["cpus"], v["memory"], nics, disks, image, host):
+            if not _valid(v["cpus"], v["memory"], nics, disks, fs, image, host):
                 continue
-            if not self._same_host(name, host, v, nics, disks):
+            if not self._same_host(name, host, v, nics, disks, fs):
                 continue
             self.consumers[name] = Consumer(name=name, image=image, cpus=v["cpus"],
                                             memory_mib=v["memory"], nics=nics, disks=disks,
                                             where=p.cur.key_where, host=host,
-                                            nic_mtus=self._nic_mtus(nics))
+                                            nic_mtus=self._nic_mtus(nics), fs=fs)
 
     @staticmethod
     def _image(value: Any) -> Any:
@@ -657,6 +662,51 @@ class _Resolver:
                             export=export, where=disk.cur.where))
         return tuple(out) if ok else INVALID
 
+    def _fs(self, consumer: str, items: Any,
+            exports_used: dict[tuple[str, str], Parsed]) -> Any:
+        """The consumer's virtio-fs mounts (``fs:``), each on an unused fs export."""
+        if items is INVALID:
+            return INVALID
+        out: list[FsMount] = []
+        mounts: dict[str, Cursor] = {}
+        ok = True
+        for index, item in enumerate(items):
+            if not _complete(item):
+                ok = False
+                continue
+            target = self._link_target(item.get("appliance"), item.at("appliance"),
+                                       ApplianceKind.FS)
+            if target is None:
+                ok = False
+                continue
+            export = item.get("export")
+            names = [e.name for e in target.exports]
+            cur = item.at("export")
+            if export not in names:
+                cur.problem(f'{target.name} has no export "{export}"'
+                            f"{did_you_mean(export, names)} (its exports: "
+                            f"{', '.join(names) or 'none'})")
+                ok = False
+                continue
+            if (first := exports_used.get((target.name, export))) is not None:
+                cur.problem(f"export {target.name}/{export} is already mounted by "
+                            f"{first.cur.path} ({first.cur.where}); each export serves one "
+                            "consumer")
+                ok = False
+                continue
+            mount = item.get("mount") or f"/mnt/{export}"
+            if mount in mounts:
+                (item.at("mount") if item.has("mount") else item.cur).problem(
+                    f"{mount} is already the mount point of another fs entry "
+                    f"({mounts[mount].where})")
+                ok = False
+                continue
+            mounts[mount] = item.cur
+            exports_used[target.name, export] = item
+            out.append(FsMount(consumer=consumer, index=index, appliance=target.name,
+                               export=export, mount=mount, where=item.cur.where))
+        return tuple(out) if ok else INVALID
+
     def _check_link_counts(self) -> None:
         counts: dict[str, int] = {}
         names: dict[str, str] = {}
@@ -730,6 +780,18 @@ class _Resolver:
             disk = c.disks[refs.index(params["disk"])]
             if self.appliances[disk.storage].export(disk.export).readonly:
                 body.at("disk").problem(f"{disk.ref} is read-only; the disk check writes to it")
+                return False
+            return True
+        if kind is CheckKind.FS:
+            c = self._consumer_ref(body, "node")
+            if c is None:
+                return False
+            refs = [f.ref for f in c.fs]
+            if params["fs"] not in refs:
+                body.at("fs").problem(
+                    f'{c.name} has no virtio-fs mount "{params["fs"]}"'
+                    f"{did_you_mean(params['fs'], refs)} (its mounts: "
+                    f"{', '.join(refs) or 'none'})")
                 return False
             return True
         name = params["node"]

@@ -33,6 +33,7 @@ __all__ = [
     "ConsumerImage",
     "Disk",
     "Export",
+    "FsMount",
     "Host",
     "Location",
     "Nic",
@@ -68,6 +69,8 @@ class ApplianceKind(enum.Enum):
 
     VSWITCH = "vswitch"
     STORAGE = "storage"
+    #: virtio-fs shares: stock virtiofsd behind vvu-proxy (appliances/fs).
+    FS = "fs"
 
     @property
     def image_name(self) -> str:
@@ -77,16 +80,19 @@ class ApplianceKind(enum.Enum):
     @property
     def service(self) -> str:
         """The systemd unit inside the appliance that runs the backend."""
-        return "vvu-switch" if self is ApplianceKind.VSWITCH else "vvu-blk"
+        return {ApplianceKind.VSWITCH: "vvu-switch", ApplianceKind.STORAGE: "vvu-blk",
+                ApplianceKind.FS: "vvu-fs"}[self]
 
     @property
     def link_field(self) -> str:
         """The consumer field whose entries link to an appliance of this kind."""
-        return "nics" if self is ApplianceKind.VSWITCH else "disks"
+        return {ApplianceKind.VSWITCH: "nics", ApplianceKind.STORAGE: "disks",
+                ApplianceKind.FS: "fs"}[self]
 
     @property
     def link_noun(self) -> str:
-        return "nic" if self is ApplianceKind.VSWITCH else "disk"
+        return {ApplianceKind.VSWITCH: "nic", ApplianceKind.STORAGE: "disk",
+                ApplianceKind.FS: "fs"}[self]
 
 
 class ApplianceAccess(enum.Enum):
@@ -113,6 +119,9 @@ class CheckKind(enum.Enum):
     TRANSFER = "transfer"
     DISK = "disk"
     COMMAND = "command"
+    #: Files written through a consumer's virtio-fs mount, read back there and in the
+    #: appliance's export.
+    FS = "fs"
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -121,6 +130,8 @@ class CheckKind(enum.Enum):
             return ("from", "to")
         if self is CheckKind.DISK:
             return ("node", "disk")
+        if self is CheckKind.FS:
+            return ("node", "fs")
         return ("node",)
 
     def describe(self, params: Mapping[str, Any]) -> str:
@@ -131,6 +142,8 @@ class CheckKind(enum.Enum):
             return f"transfer {_size_text(params['size'])} {params['from']} -> {params['to']}"
         if self is CheckKind.DISK:
             return f"disk {params['node']} {params['disk']}"
+        if self is CheckKind.FS:
+            return f"fs {params['node']} {params['fs']} ({_size_text(params['size'])})"
         return f"command {params['node']}: {params['run']}"
 
 
@@ -386,6 +399,38 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class FsMount:
+    """A consumer's virtio-fs device (vhost-user-fs-pci): one VVU link to an export of an
+    fs appliance, mounted at ``mount`` (its tag is the export's name)."""
+
+    index: int
+    appliance: str
+    export: str
+    mount: str
+    where: Location
+    #: The consumer that has it (part of the link's name).
+    consumer: str
+
+    @property
+    def link(self) -> str:
+        return f"{self.consumer}-fs{self.index}"
+
+    @property
+    def tag(self) -> str:
+        """The virtio-fs tag the consumer mounts (``mount -t virtiofs TAG DIR``)."""
+        return self.export
+
+    @property
+    def ref(self) -> str:
+        """``FS/EXPORT``, the form ``checks:`` use."""
+        return f"{self.appliance}/{self.export}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"link": self.link, "index": self.index, "appliance": self.appliance,
+                "export": self.export, "mount": self.mount, "tag": self.tag}
+
+
+@dataclass(frozen=True)
 class ConsumerImage:
     """Either the named mkosi image (``name``) or a direct kernel boot (``kernel``...)."""
 
@@ -420,6 +465,8 @@ class Consumer:
     #: MTU of each NIC (by index) on a switch with tunnels: the underlay's minus the
     #: VXLAN overhead, so nothing it sends is too large for a tunnel. Absent: the default.
     nic_mtus: Mapping[int, int] = field(default_factory=dict, hash=False)
+    #: virtio-fs mounts, each a link to an fs appliance's export.
+    fs: tuple[FsMount, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nic_mtus", MappingProxyType(dict(self.nic_mtus)))
@@ -429,8 +476,8 @@ class Consumer:
         return Role.CONSUMER
 
     @property
-    def links(self) -> tuple[Nic | Disk, ...]:
-        return (*self.nics, *self.disks)
+    def links(self) -> tuple[Nic | Disk | FsMount, ...]:
+        return (*self.nics, *self.disks, *self.fs)
 
     @property
     def switches(self) -> frozenset[str]:
@@ -445,6 +492,7 @@ class Consumer:
             "memory_mib": self.memory_mib,
             "nics": [n.to_json() for n in self.nics],
             "disks": [d.to_json() for d in self.disks],
+            "fs": [f.to_json() for f in self.fs],
             "host": self.host,
             "nic_mtus": {str(i): m for i, m in self.nic_mtus.items()},
         }
@@ -526,7 +574,7 @@ class Topology:
                 return c
         raise KeyError(f"lab {self.name} has no consumer {name!r}")
 
-    def links_of(self, appliance_name: str) -> list[tuple[Consumer, Nic | Disk]]:
+    def links_of(self, appliance_name: str) -> list[tuple[Consumer, Nic | Disk | FsMount]]:
         """Every link served by that appliance: consumers in file order, then link index."""
         self.appliance(appliance_name)
         return [(c, link) for c in self.consumers for link in c.links

@@ -34,6 +34,7 @@ from vvu_runtime.launch.topology.types import (
     GIB,
     HOSTNAME_PATTERN,
     INVENTORY_HOST_PATTERN,
+    KIB,
     MIB,
     NAME_PATTERN,
     TIB,
@@ -59,6 +60,8 @@ __all__ = [
     "CONSUMER",
     "DISK",
     "EXPORT",
+    "FS_EXPORT",
+    "FS_MOUNT",
     "HOST",
     "MAX_CPUS",
     "MAX_DISKS",
@@ -75,6 +78,9 @@ __all__ = [
 MAX_CPUS = 16
 MAX_NICS = 8
 MAX_DISKS = 8
+MAX_FS = 8
+#: virtio-fs tags are at most 36 bytes (struct virtio_fs_config).
+MAX_TAG = 36
 MAX_EXPORTS = 32
 #: Each link is one VVU function on its own root port in the appliance.
 MAX_LINKS_PER_APPLIANCE = 32
@@ -89,12 +95,18 @@ MAX_TUNNELS = 32
 
 VSWITCH = frozenset({ApplianceKind.VSWITCH})
 STORAGE = frozenset({ApplianceKind.STORAGE})
+FS = frozenset({ApplianceKind.FS})
 
 NAME = StrType("a name: lower-case letters, digits and '-', starting with a letter, "
                "at most 31 characters (it becomes a host name)", NAME_PATTERN)
 EXPORT_NAME = StrType("an export name: letters, digits, '_', '.', '-', at most 63 characters",
                       EXPORT_PATTERN)
 DISK_REF_PATTERN = NAME_PATTERN[:-1] + "/" + EXPORT_PATTERN[1:]
+#: An fs export's name is also the consumer's virtio-fs tag (at most 36 bytes).
+FS_EXPORT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,35}$"
+FS_EXPORT_NAME = StrType("an fs export name: letters, digits, '_', '.', '-', at most 36 "
+                         "characters (it is the consumer's virtio-fs tag)", FS_EXPORT_PATTERN)
+FS_REF_PATTERN = NAME_PATTERN[:-1] + "/" + FS_EXPORT_PATTERN[1:]
 
 
 def _cpus() -> Field:
@@ -178,6 +190,23 @@ EXPORT = ObjectSpec("export", "appliances.NAME.exports[]", "A disk a storage app
           default="vvu-blk"),
 ))
 
+FS_OPTIONS = ObjectSpec(
+    "fs-options", "appliances.NAME.options (fs)", "virtiofsd options of an fs appliance.", (
+        Field("cache", ChoiceType(["auto", "always", "never", "metadata"]), "virtiofsd "
+              "--cache: how long the consumer's kernel may cache what it read (never: every "
+              "access asks the appliance; changes made in the appliance show at once)",
+              default="auto"),
+    ))
+
+FS_EXPORT = ObjectSpec("fs-export", "appliances.NAME.exports[] (fs)", "A directory an fs "
+                       "appliance shares through virtio-fs (stock virtiofsd behind vvu-proxy): "
+                       "the file system of its own data disk; one consumer mounts it.", (
+    Field("name", FS_EXPORT_NAME, "the export's name (consumers say FS/NAME; also the tag "
+          "they mount)", default=REQUIRED),
+    Field("size", SizeType(16 * MIB, TIB, unit=1), "the size of the data disk whose file "
+          "system is shared (bare integers are MiB)", default=REQUIRED),
+))
+
 APPLIANCE = ObjectSpec(
     "appliance", "appliances.NAME",
     "An appliance VM: serves its consumers' links from inside the VM, through VVU.", (
@@ -208,10 +237,14 @@ APPLIANCE = ObjectSpec(
               default=VXLAN_PORT, kinds=VSWITCH),
         Field("exports", ListType(ObjectType(EXPORT), MAX_EXPORTS, "exports"),
               "the disks offered", default=[], default_doc="none", kinds=STORAGE),
+        Field("exports", ListType(ObjectType(FS_EXPORT), MAX_EXPORTS, "exports"),
+              "the directories shared", default=[], default_doc="none", kinds=FS),
         Field("options", ObjectType(VSWITCH_OPTIONS), "backend options", default={},
               kinds=VSWITCH, inherit=True),
         Field("options", ObjectType(STORAGE_OPTIONS), "backend options", default={},
               kinds=STORAGE, inherit=True),
+        Field("options", ObjectType(FS_OPTIONS), "backend options", default={},
+              kinds=FS, inherit=True),
     ), discriminator="kind")
 
 # ------------------------------------------------------------------ consumers
@@ -244,6 +277,22 @@ DISK = ObjectSpec("disk", "consumers.NAME.disks[]", "A virtio-blk device: one VV
     Field("export", EXPORT_NAME, "the export (each export serves one disk)", default=REQUIRED),
 ))
 
+def _split_fs(text: str) -> dict[str, str] | None:
+    parts = text.split("/")
+    return {"appliance": parts[0], "export": parts[1]} if len(parts) == 2 else None
+
+
+FS_MOUNT = ObjectSpec("fs-mount", "consumers.NAME.fs[]", "A virtio-fs device "
+                      "(vhost-user-fs-pci): one VVU link to an export of an fs appliance, "
+                      "mounted by the consumer at boot. Shorthand: \"- FS/EXPORT\".", (
+    Field("appliance", StrType("the name of an fs appliance", NAME_PATTERN),
+          "the fs appliance", default=REQUIRED),
+    Field("export", FS_EXPORT_NAME, "the export (each export serves one consumer)",
+          default=REQUIRED),
+    Field("mount", Nullable(StrType("an absolute path in the consumer", r"^/[^\s,\\]*$")),
+          "where the consumer mounts it", default=None, default_doc="/mnt/EXPORT"),
+))
+
 KERNEL_IMAGE = ObjectSpec("kernel-image", "consumers.NAME.image (direct kernel boot)",
                           "Boot a kernel and initramfs instead of the consumer disk image.", (
     Field("kernel", PathType("a kernel image"), "the kernel", default=REQUIRED),
@@ -271,6 +320,10 @@ CONSUMER = ObjectSpec("consumer", "consumers.NAME", "A consumer VM: stock virtio
         Shorthand(DISK, "STORAGE/EXPORT", _split_disk, DISK_REF_PATTERN), ObjectType(DISK)),
         MAX_DISKS, "disks"), "block devices, each a link to a storage export", default=[],
           default_doc="none"),
+    Field("fs", ListType(Alternatives(
+        Shorthand(FS_MOUNT, "FS/EXPORT", _split_fs, FS_REF_PATTERN), ObjectType(FS_MOUNT)),
+        MAX_FS, "virtio-fs mounts"), "virtio-fs mounts, each a link to an fs appliance's "
+          "export (the consumer image mounts them at boot)", default=[], default_doc="none"),
 ))
 
 # ------------------------------------------------------------------ defaults
@@ -317,6 +370,16 @@ CHECKS: dict[CheckKind, ObjectSpec] = {
         Field("node", _CONSUMER_REF, "the consumer", default=REQUIRED),
         Field("disk", StrType('one of its disks, "STORAGE/EXPORT"', DISK_REF_PATTERN),
               "the disk", default=REQUIRED),
+    )),
+    CheckKind.FS: ObjectSpec("check-fs", "checks[].fs", "Write files through a consumer's "
+                             "virtio-fs mount (one of SIZE, a small tree), read them back "
+                             "there after dropping the page cache, and compare their sha256 "
+                             "with the same files read in the fs appliance's export.", (
+        Field("node", _CONSUMER_REF, "the consumer", default=REQUIRED),
+        Field("fs", StrType('one of its virtio-fs mounts, "FS/EXPORT"', FS_REF_PATTERN),
+              "the mount", default=REQUIRED),
+        Field("size", SizeType(KIB, GIB, unit=1), "the largest file written (bare integers "
+              "are MiB)", default="4M"),
     )),
     CheckKind.COMMAND: ObjectSpec("check-command", "checks[].command", "Run a command on a "
                                   "node (over SSH) and check its exit status and output.", (
@@ -372,7 +435,8 @@ _PREAMBLE = """\
 # vvu topology files
 
 A topology file (YAML) describes a lab: appliance VMs (a vswitch, a storage
-target) and consumer VMs whose NICs and disks are links to them through VVU.
+target, a virtio-fs server) and consumer VMs whose NICs, disks and virtio-fs
+mounts are links to them through VVU.
 `vvu-launch validate FILE` checks one; every problem is reported at once, as
 FILE:LINE:COL: FIELD: what was expected.
 
