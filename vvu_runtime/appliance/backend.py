@@ -21,8 +21,9 @@
 4. Runs ``vvu-switch --vvu NAME=ADDR ...`` or ``vvu-blk --vvu ADDR --serial NAME
    ...`` / ``vvu-scsi --vvu ADDR --config /run/vvu/scsi/NAME.json`` (one per
    export; a scsi export's LUN file holds the disk as LUN 0, written afresh at
-   each start: LUNs added to it take effect on SIGHUP, ``systemctl reload``). A single backend runs in this process (one Python
-   start-up less: seconds under TCG) and talks to systemd itself
+   each start: LUNs added to it take effect on SIGHUP, ``systemctl reload``).
+   A single backend runs in this process (one Python start-up less: seconds
+   under TCG) and talks to systemd itself
    (serve/runner.py sends ``READY=1`` once every endpoint has BACKEND_UP set,
    ``WATCHDOG=1`` from its event loop). Several (a storage appliance with more
    exports) are child processes, each with its own ``NOTIFY_SOCKET`` here.

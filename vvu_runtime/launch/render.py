@@ -39,6 +39,7 @@ __all__ = [
     "RenderError",
     "Rng",
     "RootDisk",
+    "ScsiDevice",
     "SshForward",
     "UnderlayNic",
     "Viommu",
@@ -178,6 +179,18 @@ class BlkDevice:
 
 
 @dataclass(frozen=True)
+class ScsiDevice:
+    """vhost-user-scsi-pci on a vhost-user socket (a virtio-scsi controller)."""
+
+    id: str
+    socket: Path
+    #: 0: no reconnect.
+    reconnect_ms: int = 1000
+    #: Request queues; QEMU refuses a back end offering fewer.
+    queues: int = 1
+
+
+@dataclass(frozen=True)
 class VvuFunctionDevice:
     """A vfio-user-pci device (a VVU function of vvu-devd) on root port ``index``."""
 
@@ -265,6 +278,7 @@ class VmConfig:
     underlay: UnderlayNic | None = None
     nets: Sequence[NetDevice] = ()
     blks: Sequence[BlkDevice] = ()
+    scsis: Sequence[ScsiDevice] = ()
     vvu_functions: Sequence[VvuFunctionDevice] = ()
     doorbell: DoorbellCompanion | None = None
     data_disks: Sequence[DataDisk] = ()
@@ -297,8 +311,8 @@ def render_vm(template: str, vm: VmConfig) -> list[str]:
     return _render_lines(template, vm.context())
 
 
-Device = (NetDevice | BlkDevice | VvuFunctionDevice | DataDisk | Credential | SshForward
-          | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion | UnderlayNic)
+Device = (NetDevice | BlkDevice | ScsiDevice | VvuFunctionDevice | DataDisk | Credential
+          | SshForward | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion | UnderlayNic)
 
 
 def render_devices(*devices: Device) -> list[str]:
@@ -318,6 +332,8 @@ def render_devices(*devices: Device) -> list[str]:
                 argv += _render_lines("net-vhost-user.j2", {"net": dev})
             case BlkDevice():
                 argv += _render_lines("blk-vhost-user.j2", {"blk": dev})
+            case ScsiDevice():
+                argv += _render_lines("scsi-vhost-user.j2", {"scsi": dev})
             case VvuFunctionDevice():
                 argv += _render_lines("vvu-function.j2", {"fn": dev})
             case DataDisk():

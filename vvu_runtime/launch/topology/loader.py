@@ -283,7 +283,7 @@ class _Resolver:
             seen[name] = e
             v = e.spec.resolve([e])
             out.append(Export(name=name, size=v["size"], readonly=v["readonly"],
-                              where=e.cur.where))
+                              protocol=v["protocol"], where=e.cur.where))
         return tuple(out) if ok else INVALID
 
     def _check_subnets(self) -> None:
@@ -654,7 +654,8 @@ class _Resolver:
                 continue
             exports_used[storage.name, export] = disk
             out.append(Disk(consumer=consumer, index=index, storage=storage.name,
-                            export=export, where=disk.cur.where))
+                            export=export, where=disk.cur.where,
+                            protocol=storage.export(export).protocol))
         return tuple(out) if ok else INVALID
 
     def _check_link_counts(self) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "Consumer",
     "ConsumerImage",
     "Disk",
+    "DiskProtocol",
     "Export",
     "Host",
     "Location",
@@ -87,6 +88,23 @@ class ApplianceKind(enum.Enum):
     @property
     def link_noun(self) -> str:
         return "nic" if self is ApplianceKind.VSWITCH else "disk"
+
+
+class DiskProtocol(enum.Enum):
+    """How a consumer sees a storage export: the vhost-user device type of its link."""
+
+    BLK = "blk"
+    SCSI = "scsi"
+
+    @property
+    def frontend(self) -> str:
+        """The consumer's QEMU device."""
+        return "vhost-user-blk-pci" if self is DiskProtocol.BLK else "vhost-user-scsi-pci"
+
+    @property
+    def backend(self) -> str:
+        """The program that serves it inside the storage appliance."""
+        return "vvu-blk" if self is DiskProtocol.BLK else "vvu-scsi"
 
 
 class ApplianceAccess(enum.Enum):
@@ -212,9 +230,11 @@ class Export:
     size: int  # bytes
     readonly: bool
     where: Location
+    protocol: DiskProtocol = DiskProtocol.BLK
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "readonly": self.readonly}
+        return {"name": self.name, "size": self.size, "readonly": self.readonly,
+                "protocol": self.protocol.value}
 
 
 @dataclass(frozen=True)
@@ -355,7 +375,8 @@ class Nic:
 
 @dataclass(frozen=True)
 class Disk:
-    """A consumer's virtio-blk device: one VVU link to a storage appliance export."""
+    """A consumer's disk (virtio-blk, or virtio-scsi with the disk as LUN 0): one VVU
+    link to a storage appliance export."""
 
     index: int
     storage: str
@@ -363,6 +384,8 @@ class Disk:
     where: Location
     #: The consumer that has the disk (part of the link's name).
     consumer: str
+    #: The export's protocol (copied here: the consumer's device depends on it).
+    protocol: DiskProtocol = DiskProtocol.BLK
 
     @property
     def link(self) -> str:
@@ -379,7 +402,7 @@ class Disk:
 
     def to_json(self) -> dict[str, Any]:
         return {"link": self.link, "index": self.index, "storage": self.storage,
-                "export": self.export}
+                "export": self.export, "protocol": self.protocol.value}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from vvu_runtime.launch.topology.model import (
     ApplianceAccess,
     ApplianceKind,
     CheckKind,
+    DiskProtocol,
 )
 from vvu_runtime.launch.topology.spec import (
     REQUIRED,
@@ -171,6 +172,9 @@ EXPORT = ObjectSpec("export", "appliances.NAME.exports[]", "A disk a storage app
     Field("size", SizeType(MIB, TIB, unit=1), "the disk's size (bare integers are MiB)",
           default=REQUIRED),
     Field("readonly", BoolType(), "offer the disk read-only", default=False),
+    Field("protocol", ChoiceType.of(DiskProtocol), "how the consumer sees the disk: blk "
+          "(vhost-user-blk-pci, served by vvu-blk) or scsi (vhost-user-scsi-pci, served by "
+          "vvu-scsi: the disk is LUN 0 of its own controller)", default="blk"),
 ))
 
 APPLIANCE = ObjectSpec(
@@ -232,8 +236,9 @@ NIC = ObjectSpec("nic", "consumers.NAME.nics[]", "A virtio-net device: one VVU l
           default_doc=f"subnet host <index on the switch> + {ADDRESS_OFFSET}"),
 ))
 
-DISK = ObjectSpec("disk", "consumers.NAME.disks[]", "A virtio-blk device: one VVU link to an "
-                  'export of a storage appliance. Shorthand: "- STORAGE/EXPORT".', (
+DISK = ObjectSpec("disk", "consumers.NAME.disks[]", "A virtio-blk (or, for a scsi export, "
+                  "virtio-scsi) device: one VVU link to an export of a storage appliance. "
+                  'Shorthand: "- STORAGE/EXPORT".', (
     Field("storage", StrType("the name of a storage appliance", NAME_PATTERN),
           "the storage appliance", default=REQUIRED),
     Field("export", EXPORT_NAME, "the export (each export serves one disk)", default=REQUIRED),
