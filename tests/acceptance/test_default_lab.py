@@ -282,9 +282,10 @@ def test_sg3_utils_in_the_consumer_read_what_vvu_scsi_serves(lab: Lab) -> None:
     assert f"0x{_naa(SCSI_SERIAL)}" in di.lower(), di
     assert re.search(r"designator type: T10 vendor identification", di), di
     assert re.search(rf"vendor specific: {SCSI_SERIAL}\s*$", di, re.M), di
-    # The kernel took the same NAA as the disk's world-wide id.
+    # The kernel's world-wide id is the T10 designator (it ranks a locally assigned NAA,
+    # type 3, below T10 vendor identification).
     wwid = c1.check_output(f"cat /sys/block/{dev.rpartition('/')[2]}/device/wwid").strip()
-    assert wwid == f"naa.{_naa(SCSI_SERIAL)}", wwid
+    assert wwid == f"t10.VVU     {SCSI_SERIAL}", wwid
     bl = c1.check_output(f"sg_vpd --page=0xb0 {dev}")
     assert re.search(r"Maximum transfer length: 65535 blocks", bl), bl
     assert re.search(r"Maximum unmap LBA count: 4194304\b", bl), bl
