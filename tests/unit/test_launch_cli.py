@@ -55,7 +55,7 @@ def test_up_with_a_broken_topology_starts_and_creates_nothing(
 def test_every_shipped_example_validates(capsys: pytest.CaptureFixture[str]) -> None:
     for example in sorted((REPO / "examples").glob("*.yaml")):
         assert cli.main(["validate", str(example)]) == 0, example
-    assert "lab default: 2 appliance(s), 2 consumer(s), 4 link(s)" in capsys.readouterr().out
+    assert "lab default: 2 appliance(s), 2 consumer(s), 5 link(s)" in capsys.readouterr().out
 
 
 def test_schema_prints_docs_and_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,7 @@ from vvu_runtime.launch.render import (
     DataDisk,
     NetDevice,
     RenderError,
+    ScsiDevice,
     VvuFunctionDevice,
     render_devices,
 )
@@ -129,8 +130,9 @@ def test_appliances_get_their_config_and_the_lab_key_as_credentials() -> None:
     config = json.loads(st1["vvu.appliance"])
     assert config["kind"] == "storage"
     assert config["exports"] == [
-        {"name": "c1-disk0", "disk": "disk-a", "readonly": False},
-        {"name": "c2-disk0", "disk": "disk-b", "readonly": False},
+        {"name": "c1-disk0", "disk": "disk-a", "readonly": False, "protocol": "blk"},
+        {"name": "c1-disk1", "disk": "disk-s", "readonly": False, "protocol": "scsi"},
+        {"name": "c2-disk0", "disk": "disk-b", "readonly": False, "protocol": "blk"},
     ]
     argv = " ".join(plan.node("st1").argv)
     assert "virtio-blk-pci,drive=data0,serial=disk-a" in argv
@@ -156,7 +158,8 @@ def test_files_and_ports() -> None:
         Path("/dev/shm/vvu-lab-default-c2.ram"): 512,
     }
     assert plan.data_disks == {Path("/labs/default/disks/st1-disk-a.raw"): 256 << 20,
-                               Path("/labs/default/disks/st1-disk-b.raw"): 256 << 20}
+                               Path("/labs/default/disks/st1-disk-b.raw"): 256 << 20,
+                               Path("/labs/default/disks/st1-disk-s.raw"): 64 << 20}
     assert {n.name: n.ssh_port for n in plan.nodes} == {
         k: v for k, v in PORTS.items() if k != "fs1"}
     text = plan.describe()
@@ -254,3 +257,25 @@ def test_device_templates_quote_and_escape() -> None:
     assert "file=/d/x.raw,format=raw,if=none,id=data0,discard=unmap,readonly=on" in argv
     with pytest.raises(RenderError, match="credential name"):
         Credential("bad name", "x")
+
+
+def test_a_scsi_export_gives_its_consumer_a_vhost_user_scsi_controller() -> None:
+    plan = _plan()
+    argv = plan.node("c1").argv
+    # c1's disks: st1/disk-a (blk, the first vhost-user disk), st1/disk-s (scsi).
+    blk = argv.index("vhost-user-blk-pci,id=blk0,chardev=blk0-chr,num-queues=1")
+    scsi = argv.index("vhost-user-scsi-pci,id=scsi1,chardev=scsi1-chr,num_queues=1")
+    assert blk < scsi
+    assert "socket,id=scsi1-chr,path=/run/vvu/default/c1-disk1.vu,reconnect-ms=1000" in argv
+    assert not any("scsi" in a for a in plan.node("c2").argv)
+    assert {lk.name: lk.kind for lk in plan.links}["c1-disk1"] == "scsi"
+    (config,) = [json.loads(base64.b64decode(a.rpartition("vvu.appliance=")[2]))
+                 for a in plan.node("st1").argv if "vvu.appliance=" in a]
+    assert {e["name"]: e["protocol"] for e in config["exports"]} == {
+        "c1-disk0": "blk", "c1-disk1": "scsi", "c2-disk0": "blk"}
+
+
+def test_scsi_device_template() -> None:
+    argv = render_devices(ScsiDevice("scsi2", Path("/r/a,b.vu"), reconnect_ms=0, queues=3))
+    assert argv == ["-chardev", "socket,id=scsi2-chr,path=/r/a,,b.vu",
+                    "-device", "vhost-user-scsi-pci,id=scsi2,chardev=scsi2-chr,num_queues=3"]

@@ -108,6 +108,15 @@ def test_a_bad_engine_is_reported_at_its_value() -> None:
         'got "qemu"']
 
 
+def test_the_qsd_engine_with_protocol_scsi_is_refused_at_the_engine() -> None:
+    text = LAB.replace("engine: qsd}", "engine: qsd, protocol: scsi}")
+    with pytest.raises(TopologyError) as e:
+        load_topology_text(text, Path("lab.yaml"))
+    assert [str(p) for p in e.value.problems] == [
+        'lab.yaml:7:38: appliances.st1.exports[1].engine: export "b": engine qsd serves '
+        "vhost-user-blk only; protocol scsi needs engine vvu-blk (vvu-scsi)"]
+
+
 def test_schema_command_documents_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
     assert launch_cli.main(["schema"]) == 0
     assert "| engine | one of vvu-blk, qsd | vvu-blk | what serves the disk" in \
@@ -137,8 +146,9 @@ def test_the_launcher_passes_the_engine_to_the_appliance() -> None:
     text = _appliance_config(_plan(load_topology_text(LAB, Path("/labs/lab.yaml"))), "st1")
     # vvu-blk exports are rendered as before (no engine key); the appliance reads both.
     assert json.loads(text)["exports"] == [
-        {"name": "c1-disk0", "disk": "a", "readonly": False},
-        {"name": "c1-disk1", "disk": "b", "readonly": False, "engine": "qsd"}]
+        {"name": "c1-disk0", "disk": "a", "readonly": False, "protocol": "blk"},
+        {"name": "c1-disk1", "disk": "b", "readonly": False, "protocol": "blk",
+         "engine": "qsd"}]
     config = parse_config(text, "credential vvu.appliance")
     assert [e.engine for e in config.exports] == ["vvu-blk", "qsd"]
 

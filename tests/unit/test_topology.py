@@ -22,6 +22,7 @@ from vvu_runtime.launch.topology import (
     ApplianceKind,
     CheckKind,
     Disk,
+    DiskProtocol,
     Location,
     Nic,
     Problem,
@@ -100,7 +101,10 @@ def test_default_example_is_the_readme_job() -> None:
     topo = load_topology(ROOT / "examples" / "default.yaml")
     assert {a.kind for a in topo.appliances} == {ApplianceKind.VSWITCH, ApplianceKind.STORAGE}
     assert len(topo.consumers) == 2
-    assert all(len(c.nics) == 1 and len(c.disks) == 1 for c in topo.consumers)
+    assert all(len(c.nics) == 1 for c in topo.consumers)
+    # Both disk protocols: c1's second disk is a SCSI LUN (vvu-scsi).
+    assert [[d.protocol for d in c.disks] for c in topo.consumers] == [
+        [DiskProtocol.BLK, DiskProtocol.SCSI], [DiskProtocol.BLK]]
     assert {c.kind for c in topo.checks} == set(CheckKind) - {CheckKind.FS}
 
 
@@ -171,7 +175,8 @@ def test_to_json_is_plain_data() -> None:
     assert data["consumers"][0]["nics"][0]["link"] == "c1-nic0"
     assert data["consumers"][0]["nics"][0]["address"] == "10.10.1.10/24"
     assert data["consumers"][0]["disks"][0] == {"link": "c1-disk0", "index": 0,
-                                                "storage": "st1", "export": "disk-a"}
+                                                "storage": "st1", "export": "disk-a",
+                                                "protocol": "blk"}
     assert {n["role"] for n in data["appliances"] + data["consumers"]} == {"appliance",
                                                                          "consumer"}
 
@@ -927,3 +932,34 @@ def test_tags_and_sets_are_not_values() -> None:
         "lab.yaml:2:12: consumers: expected a mapping of consumers by name, got a set")
     assert only_problem('name: !!python/object/apply:os.system ["true"]\nconsumers: {c: {}}\n'
                         ).endswith("got a list")
+
+
+# ------------------------------------------------------------------ disk protocols
+
+
+def test_an_export_is_blk_unless_it_says_scsi_and_its_disk_follows() -> None:
+    topo = load(LAB.replace("{name: disk-a, size: 256M}",
+                            "{name: disk-a, size: 256M, protocol: scsi}"))
+    st1 = topo.appliance("st1")
+    assert [(e.name, e.protocol) for e in st1.exports] == [
+        ("disk-a", DiskProtocol.SCSI), ("disk-b", DiskProtocol.BLK)]
+    (disk,) = topo.consumer("c1").disks
+    assert disk.protocol is DiskProtocol.SCSI
+    assert disk.to_json()["protocol"] == "scsi"
+    assert st1.to_json()["exports"][0]["protocol"] == "scsi"
+    assert (DiskProtocol.SCSI.frontend, DiskProtocol.SCSI.backend) == (
+        "vhost-user-scsi-pci", "vvu-scsi")
+
+
+def test_a_bad_protocol_names_the_field_and_where_it_is() -> None:
+    text = LAB.replace("{name: disk-a, size: 256M}", "{name: disk-a, size: 256M, protocol: nvme}")
+    msg = only_problem(text)
+    assert msg.startswith(f"{at(text, 'nvme')}: appliances.st1.exports[0].protocol: "), msg
+    assert "one of blk, scsi" in msg and "nvme" in msg, msg
+
+
+def test_protocol_is_an_export_field_only() -> None:
+    text = LAB.replace("sw1: {kind: vswitch, subnet: 10.10.1.0/24}",
+                       "sw1: {kind: vswitch, subnet: 10.10.1.0/24, protocol: scsi}")
+    msg = only_problem(text)
+    assert msg.startswith(f"{at(text, 'protocol')}: appliances.sw1.protocol: unknown field"), msg

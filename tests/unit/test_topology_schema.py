@@ -203,6 +203,8 @@ def test_every_example_validates_against_the_json_schema(path: Path) -> None:
     lambda d: d["appliances"]["st1"].update(kind="nfs"),
     lambda d: d["appliances"]["st1"].pop("kind"),
     lambda d: d["options"].update(accel="kvn"),
+    lambda d: d["appliances"]["st1"]["exports"][0].update(protocol="nvme"),
+    lambda d: d["appliances"]["sw1"].update(protocol="scsi"),
     lambda d: d["consumers"]["c1"].update(cpus=17),
     lambda d: d["consumers"]["c1"].update(memory="512"),
     lambda d: d["consumers"]["c1"]["nics"].append({"switch": "sw1", "mtu": 9000}),
@@ -237,6 +239,8 @@ def test_schema_text_has_a_table_per_object_and_a_row_per_field() -> None:
     assert "counts MiB" in text  # bare integers are MiB, said once for all sizes
     for kind in CheckKind:
         assert f"## checks[].{kind.value}\n" in text
+    assert re.search(r"^\| protocol \| one of blk, scsi \| blk \| .*vhost-user-scsi-pci", text,
+                     re.M), text
 
 
 def test_every_field_has_help_and_required_fields_have_no_default() -> None:

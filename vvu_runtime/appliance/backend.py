@@ -19,14 +19,16 @@
    ``file`` export mounts the disk's file system at ``/run/vvu/disks/SERIAL``
    (making an ext4 one on a blank disk) and creates the file, sparse, if missing.
 4. Runs ``vvu-switch --vvu NAME=ADDR ...`` or, one per export, ``vvu-blk --vvu
-   ADDR --serial NAME ...`` (``vvu-scsi`` for ``protocol: scsi``; for ``engine:
-   qsd`` ``vvu-proxy`` supervising qemu-storage-daemon, appliance/qsd.py), or (fs)
-   one ``vvu-proxy`` with a link per export, each supervising its own stock
-   ``virtiofsd`` (it exits when its front-end goes). A single backend runs in
-   this process (one Python start-up less: seconds under TCG) and talks to
-   systemd itself (serve/runner.py and proxy/cli.py send ``READY=1`` once every
-   link has BACKEND_UP set, ``WATCHDOG=1`` from their event loops). Several (a
-   storage appliance with more
+   ADDR --serial NAME ...`` / ``vvu-scsi --vvu ADDR --config /run/vvu/scsi/NAME.json``
+   (a scsi export's LUN file holds the disk as LUN 0, written afresh at each
+   start: LUNs added to it take effect on SIGHUP, ``systemctl reload``) / for
+   ``engine: qsd`` ``vvu-proxy`` supervising qemu-storage-daemon
+   (appliance/qsd.py); or (fs) one ``vvu-proxy`` with a link per export, each
+   supervising its own stock ``virtiofsd`` (it exits when its front-end goes).
+   A single backend runs in this process (one Python start-up less: seconds
+   under TCG) and talks to systemd itself (serve/runner.py and proxy/cli.py send
+   ``READY=1`` once every link has BACKEND_UP set, ``WATCHDOG=1`` from their
+   event loops). Several (a storage appliance with more
    exports) are child processes, each with its own ``NOTIFY_SOCKET`` here.
 5. Tells systemd ``READY=1`` when every backend is ready, i.e. every configured
    link is BACKEND_UP; ``STATUS=`` holds each link's state (waiting for the VVU
@@ -296,6 +298,24 @@ def planned_image(export: Export) -> Path:
     return RUN_DIR / "disks" / export.file.disk / export.file.path
 
 
+def scsi_luns_path(export: Export) -> Path:
+    """The LUN file (vvu-scsi ``--config``) of a ``protocol: scsi`` export."""
+    return RUN_DIR / "scsi" / f"{export.name}.json"
+
+
+def write_scsi_luns(export: Export, image: Path) -> Path:
+    """Write the export's LUN file afresh: the disk as LUN 0. LUNs added to it at
+    run time last until the backend restarts (the appliance config is the truth)."""
+    path = scsi_luns_path(export)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lun0 = {"lun": 0, "image": str(image), "read_only": export.readonly,
+            "serial": export.serial}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"luns": [lun0]}, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def commands(config: ApplianceConfig, matched: dict[str, str], *,
              prepare: bool = True) -> list[Backend]:
     """The backend command lines; ``prepare``: wait for disks, mount, create files."""
@@ -334,9 +354,13 @@ def commands(config: ApplianceConfig, matched: dict[str, str], *,
             backends.append(Backend(argv, {addr: export.name}))
             continue
         if export.protocol == "scsi":
-            # One controller per export, the disk as its LUN 0 (same serial as GET_ID).
-            lun = f"0={image},serial={export.serial}" + (",ro" if export.readonly else "")
-            argv = ["vvu-scsi", "--vvu", addr, "--lun", lun, "--queues", str(opts["queues"])]
+            # One controller per export, the disk as its LUN 0 (same serial as GET_ID),
+            # from a LUN file an operator may edit: SIGHUP (systemctl reload) applies it.
+            luns = scsi_luns_path(export)
+            if prepare:
+                write_scsi_luns(export, image)
+            argv = ["vvu-scsi", "--vvu", addr, "--config", str(luns),
+                    "--queues", str(opts["queues"])]
         else:
             argv = ["vvu-blk", "--vvu", addr, "--image", str(image),
                     "--serial", export.serial, "--queues", str(opts["queues"]),
@@ -483,6 +507,13 @@ class Supervisor:
                 b.notify.close()
         return 0 if self.stopping else (rc if rc > 0 else 1)
 
+    def reload(self) -> None:
+        """SIGHUP (``systemctl reload``): each vvu-scsi re-reads its LUN file; the others
+        have nothing to re-read."""
+        for b in self.backends:
+            if b.argv[0] == "vvu-scsi" and b.proc is not None and b.proc.poll() is None:
+                b.proc.send_signal(signal.SIGHUP)
+
     def stop(self, signum: int) -> None:
         for b in self.backends:
             if b.proc is not None and b.proc.poll() is None:
@@ -552,6 +583,9 @@ def run_in_process(config: ApplianceConfig, backend: Backend) -> int:
     states.report()
     _say(f"running: {' '.join(backend.argv)}")
     sys.argv[0] = backend.argv[0]
+    # SIGHUP (systemctl reload) must not end a backend: vvu-scsi installs its own
+    # handler (re-read the LUN file), the others have nothing to re-read.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _say("SIGHUP: nothing to reload"))
     if backend.argv[0] == "vvu-switch":
         from vvu_runtime.serve.switch import main as backend_main
     elif backend.argv[0] == "vvu-proxy":
@@ -622,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: supervisor.reload())
     return supervisor.run()
 
 

@@ -9,7 +9,9 @@ reachable) fails with the reason. Kinds:
   through the switch, sha256 compared on both ends;
 * ``disk``: a file system on one of a consumer's disks (made only if the disk
   has none: a check never destroys data), a file written, synced, the page
-  cache dropped, read back and compared;
+  cache dropped, read back and compared. A blk disk is the n-th vhost-user
+  virtio-blk disk (``vdX`` after the root disk); a scsi disk is the ``sdX``
+  whose unit serial (VPD page 0x80, in sysfs) is the export's;
 * ``command``: a command on any node, its exit status and (optionally) output
   matched against a regular expression;
 * ``fs``: files of several sizes (the largest ``size``) and a small directory
@@ -39,6 +41,9 @@ TRANSFER_PORT = 5201
 #: Whether this netcat is netcat-openbsd (has -N; busybox nc has not). Its help puts a
 #: tab before "-N" (1.229), so the pattern takes any blank.
 HAS_N = "nc -h 2>&1 | grep -q -- '[[:space:]]-N'"
+#: A lab disk's serial is its link's name cut to this (the storage appliance's export
+#: serial: virtio-blk's GET_ID has 20 bytes; vvu-scsi reports the same in VPD 0x80).
+SERIAL_MAX = 20
 
 
 @dataclass(frozen=True)
@@ -180,22 +185,46 @@ def check_transfer(lab: LabAccess, p: Mapping[str, Any]) -> str:
     return f"{mib} MiB to {ip}, sha256 equal, {size / max(took, 1e-3) / 2**20:.1f} MiB/s"
 
 
-def _disk_device(lab: LabAccess, node: str, index: int) -> str:
-    """The consumer's ``index``-th vhost-user disk: virtio disks in PCI order, after the root."""
+def _disk_device(lab: LabAccess, node: str, position: int) -> str:
+    """The consumer's ``position``-th vhost-user virtio-blk disk: in PCI order, after the
+    root."""
     n = lab.nodes[node]
     skip = 0 if n["console_shell"] else 1  # image consumers boot from vda
     out = _checked(lab.run(node, "ls /sys/block"), "list disks")
     disks = sorted((d for d in out.split() if re.fullmatch(r"vd[a-z]+", d)),
                    key=lambda d: (len(d), d))
-    if len(disks) <= skip + index:
-        raise CheckFailed(f"{node} has no disk {index} (sees {' '.join(disks) or 'none'})")
-    return f"/dev/{disks[skip + index]}"
+    if len(disks) <= skip + position:
+        raise CheckFailed(f"{node} has no virtio-blk disk {position} "
+                          f"(sees {' '.join(disks) or 'none'})")
+    return f"/dev/{disks[skip + position]}"
+
+
+def _scsi_device(lab: LabAccess, node: str, serial: str) -> str:
+    """The consumer's SCSI disk whose unit serial number (VPD 0x80) is ``serial``."""
+    # vpd_pg80 is the page as read: a 4-byte header, then the serial.
+    script = ("for d in /sys/block/sd*; do [ -e $d/device/vpd_pg80 ] && "
+              f'[ "$(tail -c +5 $d/device/vpd_pg80)" = {shlex.quote(serial)} ] && '
+              "echo /dev/${d##*/}; done; true")
+
+    def once() -> str:
+        found = _checked(lab.run(node, script), "find the SCSI disk").split()
+        if len(found) != 1:
+            seen = lab.run(node, "ls /sys/block").stdout.split()
+            raise CheckFailed(f"{node}: {len(found)} SCSI disks with serial {serial!r} "
+                              f"({' '.join(found) or 'none'}; disks: {' '.join(seen)})")
+        return found[0]
+
+    # A LUN is scanned in the background after the controller appears: allow a few tries.
+    return _retry(once, attempts=10, pause=1)
 
 
 def check_disk(lab: LabAccess, p: Mapping[str, Any], consumer: Mapping[str, Any]) -> str:
     node = p["node"]
     index = int(p["index"])
-    dev = _disk_device(lab, node, index)
+    if p.get("protocol") == "scsi":
+        dev = _scsi_device(lab, node, str(p["serial"]))
+    else:
+        dev = _disk_device(lab, node, int(p.get("position", index)))
     mnt = f"/mnt/vvu-check-{index}"
     tok = secrets.token_hex(4)
     q = shlex.quote

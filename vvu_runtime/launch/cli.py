@@ -48,7 +48,7 @@ from vvu_runtime.console import (
 from vvu_runtime.errors import VvuError
 from vvu_runtime.launch.accel import Accelerator, AccelError, choose_accelerator, probe_kvm
 from vvu_runtime.launch.appliance import ApplianceError, build_appliance
-from vvu_runtime.launch.checks import CheckResult, LabAccess, run_checks
+from vvu_runtime.launch.checks import SERIAL_MAX, CheckResult, LabAccess, run_checks
 from vvu_runtime.launch.lab import (
     ImageFiles,
     LabError,
@@ -298,6 +298,12 @@ def _checks_json(topo: Topology) -> list[dict[str, Any]]:
             for d in consumer.disks:
                 if ref in (f"{d.storage}/{d.export}", d.export, str(d.index), d.link):
                     params["index"] = d.index
+                    # How the check finds it in the guest: the n-th vhost-user virtio-blk
+                    # disk, or the SCSI disk whose unit serial is the export's (the link).
+                    params["protocol"] = d.protocol.value
+                    params["position"] = sum(1 for x in consumer.disks[:d.index]
+                                             if x.protocol is d.protocol)
+                    params["serial"] = d.link[:SERIAL_MAX]
                     break
         if chk.kind.value == "fs":
             consumer = topo.consumer(params["node"])

@@ -55,6 +55,7 @@ from vvu_runtime.launch.render import (
     NetDevice,
     RenderError,
     RootDisk,
+    ScsiDevice,
     SshForward,
     UnderlayNic,
     VmConfig,
@@ -65,6 +66,7 @@ from vvu_runtime.launch.topology import (
     Appliance,
     ApplianceAccess,
     ApplianceKind,
+    DiskProtocol,
     Topology,
 )
 
@@ -260,7 +262,7 @@ class LinkPlan:
     """One consumer-appliance link: one VVU function, one vvu-devd device."""
 
     name: str
-    kind: str  # "net" | "blk" | "fs"
+    kind: str  # "net" | "blk" | "scsi" | "fs"
     consumer: str
     appliance: str
     vhost_socket: Path
@@ -468,8 +470,9 @@ def plan_lab(
             consumer_links[c.name].append(lk)
             appliance_links[nic.switch].append((lk, nic))
         for disk in c.disks:
-            lk = LinkPlan(disk.link, "blk", c.name, disk.storage, paths.vhost_socket(disk.link),
-                          paths.vfio_socket(disk.link), paths.ram_file(c.name))
+            lk = LinkPlan(disk.link, disk.protocol.value, c.name, disk.storage,
+                          paths.vhost_socket(disk.link), paths.vfio_socket(disk.link),
+                          paths.ram_file(c.name))
             links.append(lk)
             consumer_links[c.name].append(lk)
             appliance_links[disk.storage].append((lk, disk))
@@ -523,9 +526,11 @@ def plan_lab(
                 data_disks[path] = ex.size
                 serial_of[ex.name] = _serial(a.name, ex.name)
                 disks.append(DataDisk(f"data{i}", path, serial_of[ex.name], ex.readonly))
-            readonly = {ex.name: ex.readonly for ex in a.exports}
+            export_of = {ex.name: ex for ex in a.exports}
             config["exports"] = [
-                {"name": lk.name, "disk": serial_of[d.export], "readonly": readonly[d.export]}
+                {"name": lk.name, "disk": serial_of[d.export],
+                 "readonly": export_of[d.export].readonly,
+                 "protocol": export_of[d.export].protocol.value}
                 for lk, d in own]
             # Only when not the default: configs of vvu-blk labs stay as they were.
             engines = {ex.name: ex.engine for ex in a.exports if ex.engine != "vvu-blk"}
@@ -603,7 +608,11 @@ def plan_lab(
         nets = [NetDevice(f"net{n.index}", paths.vhost_socket(n.link), n.mac,
                           reconnect_ms=RECONNECT_MS) for n in c.nics]
         blks = [BlkDevice(f"blk{d.index}", paths.vhost_socket(d.link),
-                          reconnect_ms=RECONNECT_MS) for d in c.disks]
+                          reconnect_ms=RECONNECT_MS)
+                for d in c.disks if d.protocol is DiskProtocol.BLK]
+        scsis = [ScsiDevice(f"scsi{d.index}", paths.vhost_socket(d.link),
+                            reconnect_ms=RECONNECT_MS)
+                 for d in c.disks if d.protocol is DiskProtocol.SCSI]
         fss = [FsDevice(f"fs{m.index}", paths.vhost_socket(m.link), m.tag) for m in c.fs]
         creds = [cred_key]
         if c.fs:
@@ -628,7 +637,7 @@ def plan_lab(
         cfg = vm(c.name, c.memory_mib, c.cpus, image, credentials=creds,
                  ssh=SshForward(port, mac=_mac(topology.name, c.name, "mgmt"))
                  if kind == "consumer" else None,
-                 nets=nets, blks=blks, fss=fss, no_reboot=False)
+                 nets=nets, blks=blks, scsis=scsis, fss=fss, no_reboot=False)
         try:
             argv = render_vm("consumer.j2", cfg)
         except RenderError as e:

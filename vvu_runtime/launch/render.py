@@ -40,6 +40,7 @@ __all__ = [
     "RenderError",
     "Rng",
     "RootDisk",
+    "ScsiDevice",
     "SshForward",
     "UnderlayNic",
     "Viommu",
@@ -195,6 +196,18 @@ class FsDevice:
 
 
 @dataclass(frozen=True)
+class ScsiDevice:
+    """vhost-user-scsi-pci on a vhost-user socket (a virtio-scsi controller)."""
+
+    id: str
+    socket: Path
+    #: 0: no reconnect.
+    reconnect_ms: int = 1000
+    #: Request queues; QEMU refuses a back end offering fewer.
+    queues: int = 1
+
+
+@dataclass(frozen=True)
 class VvuFunctionDevice:
     """A vfio-user-pci device (a VVU function of vvu-devd) on root port ``index``."""
 
@@ -283,6 +296,7 @@ class VmConfig:
     nets: Sequence[NetDevice] = ()
     blks: Sequence[BlkDevice] = ()
     fss: Sequence[FsDevice] = ()
+    scsis: Sequence[ScsiDevice] = ()
     vvu_functions: Sequence[VvuFunctionDevice] = ()
     doorbell: DoorbellCompanion | None = None
     data_disks: Sequence[DataDisk] = ()
@@ -315,8 +329,9 @@ def render_vm(template: str, vm: VmConfig) -> list[str]:
     return _render_lines(template, vm.context())
 
 
-Device = (NetDevice | BlkDevice | FsDevice | VvuFunctionDevice | DataDisk | Credential | SshForward
-          | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion | UnderlayNic)
+Device = (NetDevice | BlkDevice | ScsiDevice | FsDevice | VvuFunctionDevice | DataDisk
+          | Credential | SshForward | RootDisk | Viommu | Rng | NoMigrate | DoorbellCompanion
+          | UnderlayNic)
 
 
 def render_devices(*devices: Device) -> list[str]:
@@ -336,6 +351,8 @@ def render_devices(*devices: Device) -> list[str]:
                 argv += _render_lines("net-vhost-user.j2", {"net": dev})
             case BlkDevice():
                 argv += _render_lines("blk-vhost-user.j2", {"blk": dev})
+            case ScsiDevice():
+                argv += _render_lines("scsi-vhost-user.j2", {"scsi": dev})
             case FsDevice():
                 argv += _render_lines("fs-vhost-user.j2", {"fs": dev})
             case VvuFunctionDevice():

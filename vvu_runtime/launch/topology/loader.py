@@ -33,6 +33,7 @@ from vvu_runtime.launch.topology.model import (
     Consumer,
     ConsumerImage,
     Disk,
+    DiskProtocol,
     Export,
     FsMount,
     Host,
@@ -283,9 +284,16 @@ class _Resolver:
                 continue
             seen[name] = e
             v = e.spec.resolve([e])
-            # (fs exports have no readonly or engine: virtiofsd serves them read-write.)
+            if v.get("engine") == "qsd" and v.get("protocol") is DiskProtocol.SCSI:
+                e.at("engine").problem(f'export "{name}": engine qsd serves vhost-user-blk '
+                                       "only; protocol scsi needs engine vvu-blk (vvu-scsi)")
+                ok = False
+                continue
+            # (fs exports have no readonly, engine or protocol: virtiofsd serves them
+            # read-write.)
             out.append(Export(name=name, size=v["size"], readonly=v.get("readonly", False),
-                              where=e.cur.where, engine=v.get("engine", "vvu-blk")))
+                              where=e.cur.where, engine=v.get("engine", "vvu-blk"),
+                              protocol=v.get("protocol", DiskProtocol.BLK)))
         return tuple(out) if ok else INVALID
 
     def _check_subnets(self) -> None:
@@ -659,7 +667,8 @@ class _Resolver:
                 continue
             exports_used[storage.name, export] = disk
             out.append(Disk(consumer=consumer, index=index, storage=storage.name,
-                            export=export, where=disk.cur.where))
+                            export=export, where=disk.cur.where,
+                            protocol=storage.export(export).protocol))
         return tuple(out) if ok else INVALID
 
     def _fs(self, consumer: str, items: Any,

@@ -32,6 +32,7 @@ __all__ = [
     "Consumer",
     "ConsumerImage",
     "Disk",
+    "DiskProtocol",
     "Export",
     "FsMount",
     "Host",
@@ -93,6 +94,23 @@ class ApplianceKind(enum.Enum):
     def link_noun(self) -> str:
         return {ApplianceKind.VSWITCH: "nic", ApplianceKind.STORAGE: "disk",
                 ApplianceKind.FS: "fs"}[self]
+
+
+class DiskProtocol(enum.Enum):
+    """How a consumer sees a storage export: the vhost-user device type of its link."""
+
+    BLK = "blk"
+    SCSI = "scsi"
+
+    @property
+    def frontend(self) -> str:
+        """The consumer's QEMU device."""
+        return "vhost-user-blk-pci" if self is DiskProtocol.BLK else "vhost-user-scsi-pci"
+
+    @property
+    def backend(self) -> str:
+        """The program that serves it inside the storage appliance."""
+        return "vvu-blk" if self is DiskProtocol.BLK else "vvu-scsi"
 
 
 class ApplianceAccess(enum.Enum):
@@ -227,10 +245,11 @@ class Export:
     where: Location
     #: What serves it in the appliance: ``vvu-blk`` or ``qsd`` (appliance/config.py ENGINES).
     engine: str = "vvu-blk"
+    protocol: DiskProtocol = DiskProtocol.BLK
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "readonly": self.readonly,
-                "engine": self.engine}
+                "engine": self.engine, "protocol": self.protocol.value}
 
 
 @dataclass(frozen=True)
@@ -371,7 +390,8 @@ class Nic:
 
 @dataclass(frozen=True)
 class Disk:
-    """A consumer's virtio-blk device: one VVU link to a storage appliance export."""
+    """A consumer's disk (virtio-blk, or virtio-scsi with the disk as LUN 0): one VVU
+    link to a storage appliance export."""
 
     index: int
     storage: str
@@ -379,6 +399,8 @@ class Disk:
     where: Location
     #: The consumer that has the disk (part of the link's name).
     consumer: str
+    #: The export's protocol (copied here: the consumer's device depends on it).
+    protocol: DiskProtocol = DiskProtocol.BLK
 
     @property
     def link(self) -> str:
@@ -395,7 +417,7 @@ class Disk:
 
     def to_json(self) -> dict[str, Any]:
         return {"link": self.link, "index": self.index, "storage": self.storage,
-                "export": self.export}
+                "export": self.export, "protocol": self.protocol.value}
 
 
 @dataclass(frozen=True)

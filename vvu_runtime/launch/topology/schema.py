@@ -18,6 +18,7 @@ from vvu_runtime.launch.topology.model import (
     ApplianceAccess,
     ApplianceKind,
     CheckKind,
+    DiskProtocol,
 )
 from vvu_runtime.launch.topology.spec import (
     REQUIRED,
@@ -188,6 +189,9 @@ EXPORT = ObjectSpec("export", "appliances.NAME.exports[]", "A disk a storage app
     Field("engine", ChoiceType(ENGINES), "what serves the disk in the appliance: vvu-blk "
           "(ours) or qsd (qemu-storage-daemon behind vvu-proxy, docs/vvu-proxy.md)",
           default="vvu-blk"),
+    Field("protocol", ChoiceType.of(DiskProtocol), "how the consumer sees the disk: blk "
+          "(vhost-user-blk-pci, served by vvu-blk) or scsi (vhost-user-scsi-pci, served by "
+          "vvu-scsi: the disk is LUN 0 of its own controller)", default="blk"),
 ))
 
 FS_OPTIONS = ObjectSpec(
@@ -270,8 +274,9 @@ NIC = ObjectSpec("nic", "consumers.NAME.nics[]", "A virtio-net device: one VVU l
           default_doc=f"subnet host <index on the switch> + {ADDRESS_OFFSET}"),
 ))
 
-DISK = ObjectSpec("disk", "consumers.NAME.disks[]", "A virtio-blk device: one VVU link to an "
-                  'export of a storage appliance. Shorthand: "- STORAGE/EXPORT".', (
+DISK = ObjectSpec("disk", "consumers.NAME.disks[]", "A virtio-blk (or, for a scsi export, "
+                  "virtio-scsi) device: one VVU link to an export of a storage appliance. "
+                  'Shorthand: "- STORAGE/EXPORT".', (
     Field("storage", StrType("the name of a storage appliance", NAME_PATTERN),
           "the storage appliance", default=REQUIRED),
     Field("export", EXPORT_NAME, "the export (each export serves one disk)", default=REQUIRED),
