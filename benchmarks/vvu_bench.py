@@ -22,7 +22,7 @@ one vvu-devd: ping RTT and the throughput of a busybox nc transfer, with kicks
 and doorbells per packet.
 
     .venv/bin/python benchmarks/vvu_bench.py [--only storage,switch] [--mib4k 8] [--mib64k 32]
-        [--doorbell-bypass]
+        [--doorbell-bypass] [--direct]
 
 ``--doorbell-bypass`` runs the appliance side with the doorbell companion
 (vvu-devd ``--doorbell-socket`` and an ``ivshmem-doorbell`` in the appliance):
@@ -272,12 +272,13 @@ def prepare(c: GuestConsole, phases: Sequence[Phase]) -> None:
 
 
 def storage_host(tc: Toolchain, assets: ConsumerAssets, work: Path,
-                 phases: Sequence[Phase]) -> list[Sample]:
+                 phases: Sequence[Phase], *, direct: bool = False) -> list[Sample]:
     image = work / "host-disk.raw"
     with image.open("wb") as f:
         f.truncate(DISK_MIB << 20)
     sock = work / "blk.sock"
-    blk = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(image)], [sock],
+    blk = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(image)]
+                         + (["--direct"] if direct else []), [sock],
                          work / "vvu-blk-host.log", ready="listening on")
     with blk, blk_consumer(tc, assets, sock, None) as vm:
         c = vm.console
@@ -287,7 +288,8 @@ def storage_host(tc: Toolchain, assets: ConsumerAssets, work: Path,
 
 
 def storage_appliance(tc: Toolchain, assets: ConsumerAssets, work: Path,
-                      phases: Sequence[Phase], *, bypass: bool = False) -> list[Sample]:
+                      phases: Sequence[Phase], *, bypass: bool = False,
+                      direct: bool = False) -> list[Sample]:
     link = VvuLink.in_dir(work, "disk", ram_prefix="vvu-bench-")
     doorbell = work / "doorbell.sock" if bypass else None
     devd = DeviceModelProcess(
@@ -299,7 +301,8 @@ def storage_appliance(tc: Toolchain, assets: ConsumerAssets, work: Path,
         avm.console.check(f"truncate -s {DISK_MIB}M /root/disk.raw")
         tick = int(avm.console.check("getconf CLK_TCK || echo 100").split()[0])
         blk = ApplianceProcess(appliance_shell(avm),
-                               ["vvu-blk", "--vvu", fn, "--image", "/root/disk.raw"],
+                               ["vvu-blk", "--vvu", fn, "--image", "/root/disk.raw"]
+                               + (["--direct"] if direct else []),
                                "/root/vvu-blk", ready="ready for a front-end")
         blk.start()
         try:
@@ -550,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--doorbell-bypass", action="store_true",
                         help="appliance calls through the doorbell companion (ivshmem-doorbell "
                              "served by vvu-devd), not the trapped VVU doorbells")
+    parser.add_argument("--direct", action="store_true",
+                        help="storage: vvu-blk --direct on both sides, as vvu-launch runs it "
+                             "(in the appliance O_DIRECT bounces: BAR2 cannot be pinned)")
     parser.add_argument("--skip-host", action="store_true",
                         help="storage: measure the appliance path only (no host-mode run)")
     args = parser.parse_args(argv)
@@ -573,8 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if "storage" in only:
-            samples = [] if args.skip_host else storage_host(tc, assets, work, phases)
-            samples += storage_appliance(tc, assets, work, phases, bypass=args.doorbell_bypass)
+            samples = [] if args.skip_host else storage_host(tc, assets, work, phases,
+                                                             direct=args.direct)
+            samples += storage_appliance(tc, assets, work, phases, bypass=args.doorbell_bypass,
+                                         direct=args.direct)
             print_storage(samples, phases)
         if "switch" in only:
             results = [switch_host(tc, assets, work, args.net_kib, args.pings),
