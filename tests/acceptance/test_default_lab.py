@@ -287,9 +287,16 @@ def test_sg3_utils_in_the_consumer_read_what_vvu_scsi_serves(lab: Lab) -> None:
     wwid = c1.check_output(f"cat /sys/block/{dev.rpartition('/')[2]}/device/wwid").strip()
     assert wwid == f"t10.VVU     {SCSI_SERIAL}", wwid
     bl = c1.check_output(f"sg_vpd --page=0xb0 {dev}")
-    assert re.search(r"Maximum transfer length: 65535 blocks", bl), bl
-    assert re.search(r"Maximum unmap LBA count: 4194304\b", bl), bl
-    assert re.search(r"Maximum unmap block descriptor count: 64\b", bl), bl
+    assert _vpd_number(bl, "Maximum transfer length") == 65535, bl
+    assert _vpd_number(bl, "Maximum unmap LBA count") == 4194304, bl
+    assert _vpd_number(bl, "Maximum unmap block descriptor count") == 64, bl
+
+
+def _vpd_number(text: str, label: str) -> int | None:
+    """A number sg_vpd prints after ``label:``: decimal ("65535 blocks", sg3-utils
+    1.46) or hex ("0xffff", 1.48, the consumer image's)."""
+    m = re.search(rf"^\s*{re.escape(label)}: (0x[0-9a-fA-F]+|\d+)\b", text, re.M)
+    return int(m.group(1), 0) if m else None
 
 
 def test_a_logical_unit_reset_from_the_consumer_reaches_vvu_scsi(lab: Lab) -> None:
