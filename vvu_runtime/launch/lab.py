@@ -519,33 +519,25 @@ def plan_lab(
         own = appliance_links[a.name]
         config: dict[str, Any] = {"kind": a.kind.value, "options": dict(a.options)}
         disks: list[DataDisk] = []
+        serial_of: dict[str, str] = {}
+        # One data disk per export (an fs appliance makes its file system on first boot).
+        for i, ex in enumerate(a.exports):
+            path = paths.data_disk(a.name, ex.name)
+            data_disks[path] = ex.size
+            serial_of[ex.name] = _serial(a.name, ex.name)
+            disks.append(DataDisk(f"data{i}", path, serial_of[ex.name], ex.readonly))
         if a.kind is ApplianceKind.STORAGE:
-            serial_of: dict[str, str] = {}
-            for i, ex in enumerate(a.exports):
-                path = paths.data_disk(a.name, ex.name)
-                data_disks[path] = ex.size
-                serial_of[ex.name] = _serial(a.name, ex.name)
-                disks.append(DataDisk(f"data{i}", path, serial_of[ex.name], ex.readonly))
             export_of = {ex.name: ex for ex in a.exports}
-            config["exports"] = [
-                {"name": lk.name, "disk": serial_of[d.export],
-                 "readonly": export_of[d.export].readonly,
-                 "protocol": export_of[d.export].protocol.value}
-                for lk, d in own]
-            # Only when not the default: configs of vvu-blk labs stay as they were.
-            engines = {ex.name: ex.engine for ex in a.exports if ex.engine != "vvu-blk"}
-            for entry, (_, d) in zip(config["exports"], own, strict=True):
-                if d.export in engines:
-                    entry["engine"] = engines[d.export]
+            config["exports"] = []
+            for lk, d in own:
+                ex = export_of[d.export]
+                entry = {"name": lk.name, "disk": serial_of[d.export],
+                         "readonly": ex.readonly, "protocol": ex.protocol.value}
+                if ex.engine != "vvu-blk":  # only then: configs of vvu-blk labs stay as they were
+                    entry["engine"] = ex.engine
+                config["exports"].append(entry)
         elif a.kind is ApplianceKind.FS:
-            # One data disk per export; the appliance makes its file system on first boot.
-            fs_serial: dict[str, str] = {}
-            for i, ex in enumerate(a.exports):
-                path = paths.data_disk(a.name, ex.name)
-                data_disks[path] = ex.size
-                fs_serial[ex.name] = _serial(a.name, ex.name)
-                disks.append(DataDisk(f"data{i}", path, fs_serial[ex.name]))
-            config["exports"] = [{"name": lk.name, "disk": fs_serial[m.export],
+            config["exports"] = [{"name": lk.name, "disk": serial_of[m.export],
                                   "path": FS_SHARE_DIR} for lk, m in own]
         else:
             config["links"] = [{"name": lk.name} for lk, _ in own]
