@@ -646,30 +646,40 @@ class _Resolver:
             if not _complete(disk):
                 ok = False
                 continue
-            storage = self._link_target(disk.get("storage"), disk.at("storage"),
-                                        ApplianceKind.STORAGE)
-            if storage is None:
+            found = self._free_export(disk, "storage", ApplianceKind.STORAGE, exports_used,
+                                      "is already the disk of", "disk")
+            if found is None:
                 ok = False
                 continue
-            export = disk.get("export")
-            names = [e.name for e in storage.exports]
-            cur = disk.at("export")
-            if export not in names:
-                cur.problem(f'{storage.name} has no export "{export}"'
-                            f"{did_you_mean(export, names)} (its exports: "
-                            f"{', '.join(names) or 'none'})")
-                ok = False
-                continue
-            if (first := exports_used.get((storage.name, export))) is not None:
-                cur.problem(f"export {storage.name}/{export} is already the disk of "
-                            f"{first.cur.path} ({first.cur.where}); each export serves one disk")
-                ok = False
-                continue
+            storage, export = found
             exports_used[storage.name, export] = disk
             out.append(Disk(consumer=consumer, index=index, storage=storage.name,
                             export=export, where=disk.cur.where,
                             protocol=storage.export(export).protocol))
         return tuple(out) if ok else INVALID
+
+    def _free_export(self, item: Parsed, field: str, kind: ApplianceKind,
+                     exports_used: dict[tuple[str, str], Parsed], taken: str,
+                     serves: str) -> tuple[Appliance, str] | None:
+        """The (appliance, export) a consumer's entry names in ``field`` and ``export``,
+        if both exist and no other entry has that export; else None, the problem
+        reported ("export A/E {taken} ENTRY; each export serves one {serves}")."""
+        target = self._link_target(item.get(field), item.at(field), kind)
+        if target is None:
+            return None
+        export = item.get("export")
+        names = [e.name for e in target.exports]
+        cur = item.at("export")
+        if export not in names:
+            cur.problem(f'{target.name} has no export "{export}"'
+                        f"{did_you_mean(export, names)} (its exports: "
+                        f"{', '.join(names) or 'none'})")
+            return None
+        if (first := exports_used.get((target.name, export))) is not None:
+            cur.problem(f"export {target.name}/{export} {taken} {first.cur.path} "
+                        f"({first.cur.where}); each export serves one {serves}")
+            return None
+        return target, export
 
     def _fs(self, consumer: str, items: Any,
             exports_used: dict[tuple[str, str], Parsed]) -> Any:
@@ -683,26 +693,12 @@ class _Resolver:
             if not _complete(item):
                 ok = False
                 continue
-            target = self._link_target(item.get("appliance"), item.at("appliance"),
-                                       ApplianceKind.FS)
-            if target is None:
+            found = self._free_export(item, "appliance", ApplianceKind.FS, exports_used,
+                                      "is already mounted by", "consumer")
+            if found is None:
                 ok = False
                 continue
-            export = item.get("export")
-            names = [e.name for e in target.exports]
-            cur = item.at("export")
-            if export not in names:
-                cur.problem(f'{target.name} has no export "{export}"'
-                            f"{did_you_mean(export, names)} (its exports: "
-                            f"{', '.join(names) or 'none'})")
-                ok = False
-                continue
-            if (first := exports_used.get((target.name, export))) is not None:
-                cur.problem(f"export {target.name}/{export} is already mounted by "
-                            f"{first.cur.path} ({first.cur.where}); each export serves one "
-                            "consumer")
-                ok = False
-                continue
+            target, export = found
             mount = item.get("mount") or f"/mnt/{export}"
             if mount in mounts:
                 (item.at("mount") if item.has("mount") else item.cur).problem(
