@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.support.vfio_user_client import VfioUserClient
@@ -21,12 +21,15 @@ class DevdProcess:
     """
 
     def __init__(self, devices: Sequence[tuple[str, Path, Path, Path]], log_path: Path,
-                 *extra: str, timeout: float = 20.0) -> None:
+                 *extra: str, timeout: float = 20.0,
+                 queues: Mapping[str, int] | None = None) -> None:
+        """``queues``: a device's own MAX_QUEUES field (else ``--max-queues``)."""
         self.devices = {name: (vhost, vfio, ram) for name, vhost, vfio, ram in devices}
         self.log_path = log_path
         argv = [sys.executable, "-m", "vvu_runtime.device.devd", *extra]
         for name, vhost, vfio, ram in devices:
-            argv += ["--device", f"{name}:{vhost}:{vfio}:{ram}"]
+            own = f":{queues[name]}" if queues and name in queues else ""
+            argv += ["--device", f"{name}:{vhost}:{vfio}:{ram}{own}"]
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)

@@ -97,16 +97,34 @@ def test_devd_command_lines_name_every_link() -> None:
     plan = _plan()
     sw1 = plan.node("sw1")
     specs = [sw1.devd_argv[i + 1] for i, a in enumerate(sw1.devd_argv) if a == "--device"]
+    # The last field is the function's max_vhost_queues: one RX and one TX queue.
     assert specs == [
         "c1-nic0:/run/vvu/default/c1-nic0.vu:/run/vvu/default/c1-nic0.vfio:"
-        "/dev/shm/vvu-lab-default-c1.ram",
+        "/dev/shm/vvu-lab-default-c1.ram:2",
         "c2-nic0:/run/vvu/default/c2-nic0.vu:/run/vvu/default/c2-nic0.vfio:"
-        "/dev/shm/vvu-lab-default-c2.ram",
+        "/dev/shm/vvu-lab-default-c2.ram:2",
     ]
     assert "--status-file" in sw1.devd_argv
     # A consumer's RAM file is shared by every appliance it has a link to.
     st1 = plan.node("st1")
     assert "/dev/shm/vvu-lab-default-c1.ram" in " ".join(st1.devd_argv)
+
+
+def test_each_link_gets_the_queues_its_device_uses_not_devd_s_default() -> None:
+    """Every queue is an MSI-X vector in the appliance: at vvu-devd's default of 64 a
+    1-vCPU appliance had room for two links. A link gets what its device can use."""
+    plan = _plan()
+    st1 = plan.node("st1")
+    queues = {s.split(":")[0]: int(s.rsplit(":", 1)[1])
+              for i, s in enumerate(st1.devd_argv) if st1.devd_argv[i - 1] == "--device"}
+    # blk: the export's request queues (options.queues, default 1); scsi: those plus
+    # the control and event queues.
+    assert queues == {"c1-disk0": 1, "c1-disk1": 3, "c2-disk0": 1}
+    text = (REPO / "examples" / "default.yaml").read_text()
+    four = _plan(text.replace("kind: storage\n", "kind: storage\n    options: {queues: 4}\n"))
+    st1 = four.node("st1")
+    assert [s.rsplit(":", 1)[1] for i, s in enumerate(st1.devd_argv)
+            if st1.devd_argv[i - 1] == "--device"] == ["4", "6", "4"]
 
 
 def _credentials(argv: list[str]) -> dict[str, str]:
@@ -190,7 +208,8 @@ def test_doorbell_bypass_is_opt_in_per_appliance() -> None:
     node = _plan(POLL.replace("access: poll", "access: poll, doorbell_bypass: true")).node("sw")
     sock = node.devd_argv[node.devd_argv.index("--doorbell-socket") + 1]
     assert f"socket,id=vvu-doorbell,path={sock}" in node.argv
-    assert "ivshmem-doorbell,id=vvu-doorbell,chardev=vvu-doorbell,vectors=65" in node.argv
+    # One vector per call of the largest link (2 queues) and the fence.
+    assert "ivshmem-doorbell,id=vvu-doorbell,chardev=vvu-doorbell,vectors=3" in node.argv
 
 
 def test_poll_mode_appliance_has_no_viommu() -> None:

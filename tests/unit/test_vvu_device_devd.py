@@ -24,7 +24,8 @@ MiB = 1 << 20
 class Devd(DevdProcess):
     """Devices ``names``, each with an 8 MiB RAM file and its sockets in ``tmp``."""
 
-    def __init__(self, tmp: Path, *extra: str, names: tuple[str, ...] = ("net0", "blk0")) -> None:
+    def __init__(self, tmp: Path, *extra: str, names: tuple[str, ...] = ("net0", "blk0"),
+                 queues: dict[str, int] | None = None) -> None:
         self.tmp = tmp
         self.names = names
         devices = []
@@ -33,7 +34,7 @@ class Devd(DevdProcess):
             with ram.open("wb") as f:
                 f.truncate(8 * MiB)
             devices.append((name, tmp / f"{name}.vhost", tmp / f"{name}.vfio", ram))
-        super().__init__(devices, tmp / "devd.log", "--max-queues", "8", *extra)
+        super().__init__(devices, tmp / "devd.log", "--max-queues", "8", *extra, queues=queues)
 
     @property
     def sockets(self) -> dict[str, tuple[Path, Path, Path]]:
@@ -138,10 +139,31 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     assert exc.value.code == 2
 
 
+def test_a_device_s_own_max_queues_overrides_the_default(tmp_path: Path) -> None:
+    # Each queue is an MSI-X vector in the appliance: the launcher sizes every link.
+    d = Devd(tmp_path, queues={"net0": 2})
+    try:
+        with d.client("net0") as a, d.client("blk0") as b:
+            assert struct.unpack("<II", a.region_read(0, 0x2000, 8)) == (0, 2)
+            assert struct.unpack("<II", b.region_read(0, 0x2000, 8)) == (0, 8)
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("field", ["0", "257", "x", "-1", "2 "])
+def test_a_bad_max_queues_field_is_a_usage_error_naming_it(
+        field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", f"a:/run/v:/run/f:/dev/shm/r:{field}"])
+    assert exc.value.code == 2
+    assert f"MAX_QUEUES {field!r} is not a number in 1..256" in capsys.readouterr().err
+
+
 def test_spec_and_table() -> None:
     spec = DeviceSpec.parse("net0:/run/a.sock:/run/b.sock:/dev/shm/c.ram")
-    assert (spec.name, spec.vhost_socket, spec.vfio_socket, spec.ram_file) == (
-        "net0", "/run/a.sock", "/run/b.sock", "/dev/shm/c.ram")
+    assert (spec.name, spec.vhost_socket, spec.vfio_socket, spec.ram_file, spec.max_queues) == (
+        "net0", "/run/a.sock", "/run/b.sock", "/dev/shm/c.ram", None)
+    assert DeviceSpec.parse("n:/a:/b:/c:5").max_queues == 5
     assert counters_table([]) == "(no devices)"
 
 

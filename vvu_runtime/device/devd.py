@@ -2,7 +2,7 @@
 
 Usage::
 
-    vvu-devd --device NAME:VHOST_SOCKET:VFIO_SOCKET:RAM_FILE [--device ...]
+    vvu-devd --device NAME:VHOST_SOCKET:VFIO_SOCKET:RAM_FILE[:MAX_QUEUES] [--device ...]
              [--max-queues 64] [--virtio-id 63] [--log-level INFO] [--log-dir DIR]
              [--doorbell-socket PATH]
 
@@ -12,6 +12,9 @@ socket,path=VHOST_SOCKET,reconnect-ms=...`` with ``memory-backend-file,
 mem-path=RAM_FILE,share=on``), the appliance QEMU to ``VFIO_SOCKET``
 (``-device vfio-user-pci``), and ``RAM_FILE`` is the consumer's RAM, provisioned
 at its final size before either VM starts. Paths must not contain ``:``.
+``MAX_QUEUES`` is that device's ``max_vhost_queues`` (else ``--max-queues``):
+each queue is an MSI-X vector in the appliance, where an x86 vCPU has room for
+about 200, so a launcher that knows a link's queue count should give it.
 
 One asyncio loop runs every device (vfio-user server, vhost-user tunnel, kick
 eventfds). Bad input on one device resets that device's link only and is
@@ -72,18 +75,27 @@ class DeviceSpec:
     vhost_socket: str
     vfio_socket: str
     ram_file: str
+    #: This device's max_vhost_queues; None: vvu-devd's ``--max-queues``.
+    max_queues: int | None = None
 
     @classmethod
     def parse(cls, text: str) -> DeviceSpec:
         parts = text.split(":")
-        if len(parts) != 4 or not all(parts):
-            raise ValueError(f"{text!r}: expected NAME:VHOST_SOCKET:VFIO_SOCKET:RAM_FILE "
-                             "(four non-empty fields; paths cannot contain ':')")
+        if len(parts) not in (4, 5) or not all(parts):
+            raise ValueError(f"{text!r}: expected NAME:VHOST_SOCKET:VFIO_SOCKET:RAM_FILE"
+                             "[:MAX_QUEUES] (non-empty fields; paths cannot contain ':')")
         name = parts[0]
         if not all(c.isalnum() or c in "-_." for c in name):
             raise ValueError(f"{text!r}: device name {name!r}: use letters, digits, '-', '_', "
                              "'.'")
-        return cls(*parts)
+        queues = None
+        if len(parts) == 5:
+            if not parts[4].isdigit() or not 1 <= int(parts[4]) <= MAX_VHOST_QUEUES:
+                raise ValueError(f"{text!r}: MAX_QUEUES {parts[4]!r} is not a number in "
+                                 f"1..{MAX_VHOST_QUEUES}")
+            queues = int(parts[4])
+        name, vhost, vfio, ram = parts[:4]
+        return cls(name, vhost, vfio, ram, queues)
 
 
 class VvuFunction:
@@ -258,10 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve virtio-vhost-user devices: each links one consumer VM's vhost-user "
                     "socket to a VVU PCI function of the appliance VM (vfio-user).")
     p.add_argument("--device", "-d", action="append", default=[], metavar="SPEC",
-                   help="NAME:VHOST_SOCKET:VFIO_SOCKET:RAM_FILE (repeat for more devices)")
+                   help="NAME:VHOST_SOCKET:VFIO_SOCKET:RAM_FILE[:MAX_QUEUES] (repeat for more "
+                        "devices; MAX_QUEUES overrides --max-queues for this one)")
     p.add_argument("--max-queues", type=int, default=DEFAULT_MAX_QUEUES,
-                   help=f"max_vhost_queues of every device (1..{MAX_VHOST_QUEUES}, default "
-                        f"{DEFAULT_MAX_QUEUES})")
+                   help=f"max_vhost_queues of a device whose --device gives none "
+                        f"(1..{MAX_VHOST_QUEUES}, default {DEFAULT_MAX_QUEUES})")
     p.add_argument("--virtio-id", type=int, default=VIRTIO_ID_VVU,
                    help=f"virtio device ID (default {VIRTIO_ID_VVU}; PCI ID 0x1040 + ID)")
     p.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
@@ -313,12 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(specs: Sequence[DeviceSpec], args: argparse.Namespace) -> int:
     functions: list[VvuFunction] = []
-    companion = (IvshmemServer(args.doorbell_socket, vectors=args.max_queues + 1)
+    def queues(spec: DeviceSpec) -> int:
+        return spec.max_queues if spec.max_queues is not None else args.max_queues
+
+    # One ivshmem-doorbell for every device: as many vectors as the largest needs.
+    companion = (IvshmemServer(args.doorbell_socket,
+                               vectors=max(queues(s) for s in specs) + 1)
                  if args.doorbell_socket else None)
     try:
         for spec in specs:
             peer = companion.add_peer(spec.name) if companion is not None else None
-            functions.append(VvuFunction(spec, max_queues=args.max_queues,
+            functions.append(VvuFunction(spec, max_queues=queues(spec),
                                          virtio_id=args.virtio_id, queue_size=args.queue_size,
                                          doorbell=peer,
                                          refuse_while_down=args.refuse_while_down))

@@ -268,10 +268,32 @@ class LinkPlan:
     vhost_socket: Path
     vfio_socket: Path
     ram_file: Path
+    #: The VVU function's max_vhost_queues (link_queues).
+    queues: int = DEFAULT_MAX_QUEUES
 
     @property
     def devd_spec(self) -> str:
-        return f"{self.name}:{self.vhost_socket}:{self.vfio_socket}:{self.ram_file}"
+        return (f"{self.name}:{self.vhost_socket}:{self.vfio_socket}:{self.ram_file}:"
+                f"{self.queues}")
+
+
+def link_queues(kind: str, options: Mapping[str, Any]) -> int:
+    """The vhost-user queues a link of this kind can use, given its appliance's options.
+
+    Each is an MSI-X vector of the VVU function in the appliance (plus 3 of its own),
+    and an x86 vCPU has room for about 200: at vvu-devd's default of 64, a
+    1-vCPU appliance could take two links; sized to the link it takes tens.
+    """
+    if kind == "net":
+        # An RX and a TX queue per pair; a topology sets no pairs: vvu-switch's one.
+        return 2 * int(options.get("queues", 1))
+    if kind == "blk":
+        return int(options["queues"])
+    if kind == "scsi":
+        return 2 + int(options["queues"])   # control and event queues first
+    if kind == "fs":
+        return 2                            # hiprio and one request queue (QEMU's default)
+    raise LabError(f"link kind {kind!r}: no queue count known")
 
 
 @dataclass
@@ -461,24 +483,28 @@ def plan_lab(
     appliance_links: dict[str, list[tuple[LinkPlan, Any]]] = {
         a.name: [] for a in topology.appliances}
 
+    options_of = {a.name: a.options for a in topology.appliances}
     for c in topology.consumers:
         ram_files[paths.ram_file(c.name)] = c.memory_mib
         for nic in c.nics:
             lk = LinkPlan(nic.link, "net", c.name, nic.switch, paths.vhost_socket(nic.link),
-                          paths.vfio_socket(nic.link), paths.ram_file(c.name))
+                          paths.vfio_socket(nic.link), paths.ram_file(c.name),
+                          link_queues("net", options_of[nic.switch]))
             links.append(lk)
             consumer_links[c.name].append(lk)
             appliance_links[nic.switch].append((lk, nic))
         for disk in c.disks:
             lk = LinkPlan(disk.link, disk.protocol.value, c.name, disk.storage,
                           paths.vhost_socket(disk.link), paths.vfio_socket(disk.link),
-                          paths.ram_file(c.name))
+                          paths.ram_file(c.name),
+                          link_queues(disk.protocol.value, options_of[disk.storage]))
             links.append(lk)
             consumer_links[c.name].append(lk)
             appliance_links[disk.storage].append((lk, disk))
         for fs in c.fs:
             lk = LinkPlan(fs.link, "fs", c.name, fs.appliance, paths.vhost_socket(fs.link),
-                          paths.vfio_socket(fs.link), paths.ram_file(c.name))
+                          paths.vfio_socket(fs.link), paths.ram_file(c.name),
+                          link_queues("fs", options_of[fs.appliance]))
             links.append(lk)
             consumer_links[c.name].append(lk)
             appliance_links[fs.appliance].append((lk, fs))
@@ -563,7 +589,7 @@ def plan_lab(
                  viommu=a.access is ApplianceAccess.VIOMMU, credentials=creds,
                  ssh=SshForward(port, mac=_mac(topology.name, a.name, "mgmt")),
                  underlay=underlay, vvu_functions=functions, data_disks=disks,
-                 doorbell=DoorbellCompanion(doorbell, DEFAULT_MAX_QUEUES + 1)
+                 doorbell=DoorbellCompanion(doorbell, max(lk.queues for lk, _ in own) + 1)
                  if bypass else None)
         devd: list[str] = []
         if own:
