@@ -5,8 +5,9 @@ fetches mkosi (a pure-Python .deb, not on PyPI) with a private apt
 configuration, and has mkosi build a Debian trixie *tools tree* (configured by
 ``mkosi.conf`` and ``mkosi.tools.conf`` at the repository root) holding QEMU
 >= 10.1 from trixie-backports, qemu-img/qemu-io with the blkio driver,
-qemu-storage-daemon, firmware, the consumer guests' kernel and busybox, and
-DPDK's testpmd (the switch benchmark's peer).
+qemu-storage-daemon, firmware, the consumer guests' kernel and busybox,
+DPDK's testpmd and Open vSwitch (the switch benchmark's peers) and virtiofsd
+(the fs benchmark's host-mode peer).
 :meth:`Toolchain.command` runs a program inside that tree (``mkosi sandbox``),
 which shares the host's /tmp, /dev/shm, /dev/kvm and PID namespace, so such a
 program talks to host processes over UNIX sockets and shared-memory files.
@@ -727,7 +728,8 @@ echo "shm=$(cat "$2" 2>/dev/null)"
             problems.append("a UNIX socket in the host's /tmp is not visible inside the sandbox")
         if report.get("shm") != "shared":
             problems.append("a /dev/shm file of the host is not visible inside the sandbox")
-        for p in ("kernel", "modules", "busybox", "ovmf-code", "seabios", "dpdk-testpmd"):
+        for p in ("kernel", "modules", "busybox", "ovmf-code", "seabios", "dpdk-testpmd",
+                  "virtiofsd"):
             try:
                 self.path(p)
             except ToolchainError as e:
@@ -804,6 +806,8 @@ PATH_NAMES: dict[str, str] = {
     "qemu-storage-daemon": "usr/bin/qemu-storage-daemon",
     # The switch benchmark's peer (package dpdk-dev).
     "dpdk-testpmd": "usr/bin/dpdk-testpmd",
+    # The fs benchmark's host-mode peer (Debian installs it outside PATH).
+    "virtiofsd": "usr/libexec/virtiofsd",
 }
 
 STATUS_PACKAGES = (
@@ -817,6 +821,7 @@ STATUS_PACKAGES = (
     "linux-image-cloud-amd64",
     "busybox-static",
     "dpdk-dev",
+    "virtiofsd",
     "socat",
     "iproute2",
     "python3",
