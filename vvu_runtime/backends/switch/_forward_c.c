@@ -38,7 +38,11 @@
 #define MAX_BURST 256
 #define MAX_DSTS 16
 #define MAX_MACS 32
+/* RX chains beyond each frame's first, per burst (merged frames, MRG_RXBUF): a
+ * 64 KiB frame over 4 KiB buffers takes 16 more. */
+#define MAX_EXTRA 2048
 #define NEEDS_CSUM 1u
+#define GSO_TABLE 256
 
 static SplitCoreAPI *api;
 static PyObject *str_refresh, *str_fast_rx, *str_port, *str_seen;
@@ -50,14 +54,26 @@ typedef struct {
     int dst;            /* index into dsts, or -1: dropped */
     uint16_t rx_head;
     uint8_t *rx_buf;    /* NULL: no RX chain (rx_ring_full) */
+    uint32_t rx_cap;    /* length of rx_buf */
+    uint32_t rx_extra;  /* merged frame: first of its further chains in burst_t.extras */
+    uint32_t rx_nextra; /* how many (0: the frame fits rx_buf) */
 } frame_t;
+
+/* A further RX chain of a merged frame: one writable buffer. */
+typedef struct {
+    uint8_t *buf;
+    uint32_t cap;
+    uint16_t head;
+} extra_t;
 
 typedef struct {
     PyObject *port;     /* strong */
     PyObject *core;     /* strong: the destination's RX SplitCore */
     PyObject *queue;    /* strong: what the caller touches for it (an RxQueue) */
+    PyObject *accept_gso; /* strong: the destination's accept_gso table (GUEST_* bits) */
     int accept_csum;
-    uint32_t frames, delivered;
+    int mergeable;      /* MRG_RXBUF: a frame may span several RX chains */
+    uint32_t frames, delivered, chains;
     uint64_t bytes;
 } dst_t;
 
@@ -74,6 +90,8 @@ typedef struct {
     int nmacs;
     PyObject *seen_entries[MAX_BURST]; /* strong: source entries to stamp */
     int nseen;
+    extra_t extras[MAX_EXTRA];
+    uint32_t nextra;
 } burst_t;
 
 enum { OK = 0, DEFER = 1, ERROR = -1 };
@@ -84,10 +102,12 @@ static void burst_clear(burst_t *b)
         Py_DECREF(b->dsts[k].port);
         Py_DECREF(b->dsts[k].core);
         Py_DECREF(b->dsts[k].queue);
+        Py_DECREF(b->dsts[k].accept_gso);
     }
     for (int k = 0; k < b->nseen; k++)
         Py_DECREF(b->seen_entries[k]);
     b->ndsts = b->nseen = b->nmacs = 0;
+    b->nextra = 0;
 }
 
 static SplitCore *as_core(PyObject *o)
@@ -120,6 +140,31 @@ static Py_ssize_t ready_for(SplitCore *s, Py_ssize_t limit)
     return ready;
 }
 
+/* The refresh a Python pop() makes when it reaches `pos` entries past the ring's
+ * position (shadow index reached): the same call at the same logical position, so
+ * that it writes avail_event (or not) exactly as Python would there. Returns the
+ * entries known ready counted from the ring's real position, -1: defer. */
+static Py_ssize_t refresh_at(SplitCore *s, uint32_t pos)
+{
+    int saved = s->last_avail;
+    s->last_avail = (int)(((uint32_t)saved + pos) & 0xFFFF);
+    Py_ssize_t n = refresh(s);
+    s->last_avail = saved;
+    return n < 0 ? -1 : (Py_ssize_t)pos + n;
+}
+
+/* `table[index]` of an offload table (ForwardingPort.send_gso / accept_gso, a list
+ * of 256 truth values), as Python's `if table[index]` reads it; -1: defer. */
+static int table_ok(PyObject *table, unsigned index)
+{
+    if (!PyList_CheckExact(table) || PyList_GET_SIZE(table) != GSO_TABLE)
+        return -1;
+    int t = PyObject_IsTrue(PyList_GET_ITEM(table, index));
+    if (t < 0)
+        PyErr_Clear();
+    return t;
+}
+
 /* The value of an FDB entry's `seen` as Python's float arithmetic sees it. */
 static int as_double(PyObject *o, double *out)
 {
@@ -138,6 +183,19 @@ static int as_double(PyObject *o, double *out)
     return -1;
 }
 
+/* Two MAC addresses equal: two loads each, never a libc memcmp call (which the
+ * compiler emits for memcmp(.., 6) in a large enough function: -10% at 64 B). */
+static inline int mac_eq(const uint8_t *a, const uint8_t *b)
+{
+    uint32_t a4, b4;
+    uint16_t a2, b2;
+    memcpy(&a4, a, 4);
+    memcpy(&b4, b, 4);
+    memcpy(&a2, a + 4, 2);
+    memcpy(&b2, b + 4, 2);
+    return a4 == b4 && a2 == b2;
+}
+
 static int overlaps(const uint8_t *p, uint32_t n, const Py_buffer *b)
 {
     const uint8_t *q = b->buf;
@@ -150,7 +208,7 @@ static int destination(burst_t *b, const uint8_t *mac, PyObject *table, PyObject
                        double now, double ageing, PyObject *hs, int *rc)
 {
     for (int k = 0; k < b->nmacs; k++)
-        if (!memcmp(b->macs[k].mac, mac, 6))
+        if (mac_eq(b->macs[k].mac, mac))
             return b->macs[k].dst;
     *rc = DEFER;
     if (b->nmacs == MAX_MACS)
@@ -192,14 +250,16 @@ static int destination(burst_t *b, const uint8_t *mac, PyObject *table, PyObject
                 *rc = ERROR;
                 goto out;
             }
-            /* (core, accept_csum, queue) or None: a destination only Python serves. */
+            /* (core, accept_csum, queue, accept_gso, mergeable) or None: a destination
+             * only Python serves. */
             SplitCore *core = NULL;
-            int acc = 0;
-            if (PyTuple_CheckExact(fr) && PyTuple_GET_SIZE(fr) == 3) {
+            int acc = 0, mrg = 0;
+            if (PyTuple_CheckExact(fr) && PyTuple_GET_SIZE(fr) == 5) {
                 core = as_core(PyTuple_GET_ITEM(fr, 0));
                 acc = PyObject_IsTrue(PyTuple_GET_ITEM(fr, 1));
+                mrg = acc < 0 ? -1 : PyObject_IsTrue(PyTuple_GET_ITEM(fr, 4));
             }
-            if (!core || acc < 0) {
+            if (!core || acc < 0 || mrg < 0) {
                 PyErr_Clear();
                 Py_DECREF(fr);
                 goto out;
@@ -208,11 +268,14 @@ static int destination(burst_t *b, const uint8_t *mac, PyObject *table, PyObject
             Py_INCREF(dport);
             Py_INCREF(core);
             Py_INCREF(PyTuple_GET_ITEM(fr, 2));
+            Py_INCREF(PyTuple_GET_ITEM(fr, 3));
             t->port = dport;
             t->core = (PyObject *)core;
             t->queue = PyTuple_GET_ITEM(fr, 2);
+            t->accept_gso = PyTuple_GET_ITEM(fr, 3);
             t->accept_csum = acc;
-            t->frames = t->delivered = 0;
+            t->mergeable = mrg;
+            t->frames = t->delivered = t->chains = 0;
             t->bytes = 0;
             b->ndsts++;
             Py_DECREF(fr);
@@ -255,12 +318,44 @@ static int source(burst_t *b, const uint8_t *mac, PyObject *table, PyObject *por
     return 0;
 }
 
+/* PortSwitch._write for a frame over several RX chains (MRG_RXBUF, 12-byte header):
+ * the sender's first 10 header bytes and num_buffers, then the rest of the frame,
+ * filling each chain in turn. Read and written in _write's order (the header is
+ * copied out first), so that overlapping buffers end up as in Python. */
+static void merge(frame_t *f, const extra_t *extras)
+{
+    uint8_t hdr[12];
+    uint32_t nbuf = 1 + f->rx_nextra;
+    memcpy(hdr, f->buf, 10);
+    hdr[10] = (uint8_t)nbuf;
+    hdr[11] = (uint8_t)(nbuf >> 8);
+    const uint8_t *src[2] = {hdr, f->buf + 12};
+    uint32_t srclen[2] = {12, f->len - 12};
+    int si = 0;
+    uint32_t so = 0;
+    for (uint32_t c = 0; c < nbuf && si < 2; c++) {
+        uint8_t *w = c ? extras[c - 1].buf : f->rx_buf;
+        uint32_t wl = c ? extras[c - 1].cap : f->rx_cap, wo = 0;
+        while (wo < wl && si < 2) {
+            uint32_t take = wl - wo < srclen[si] - so ? wl - wo : srclen[si] - so;
+            memmove(w + wo, src[si] + so, take);
+            wo += take;
+            so += take;
+            if (so == srclen[si]) {
+                si++;
+                so = 0;
+            }
+        }
+    }
+}
+
 /*
- * forward_burst(tx, port, hdr_size, limit, max_len, fdb_table, ageing, clock, send_csum)
+ * forward_burst(tx, port, hdr_size, limit, max_len, fdb_table, ageing, clock, send_csum,
+ *               send_gso)
  *
  * One burst of Switch.forward_chains. Returns
  * (chains, packets, bytes, runt, oversize, bad_source, hairpin,
- *  [(dst_port, queue, delivered, payload_bytes, rx_ring_full), ...])
+ *  [(dst_port, queue, delivered, payload_bytes, rx_ring_full), ...], gso)
  * (chains == 0: the ring is empty), or, having changed nothing, None or the
  * time it read from clock(): run the Python burst (with that time). The clock
  * is read once, where the Python loop reads it: after a pop that returned
@@ -268,11 +363,11 @@ static int source(burst_t *b, const uint8_t *mac, PyObject *table, PyObject *por
  */
 static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "forward_burst() takes 9 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "forward_burst() takes 10 arguments");
         return NULL;
     }
-    PyObject *port = args[1], *table = args[5], *clock = args[7];
+    PyObject *port = args[1], *table = args[5], *clock = args[7], *send_gso = args[9];
     Py_ssize_t hs = PyLong_AsSsize_t(args[2]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
     Py_ssize_t max_len = PyLong_AsSsize_t(args[4]);
@@ -284,6 +379,7 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
     double now, ageing;
     SplitCore *tx = as_core(args[0]);
     if (!tx || !PyDict_CheckExact(table) || as_double(args[6], &ageing) < 0 || hs < 2
+            || !PyList_CheckExact(send_gso) || PyList_GET_SIZE(send_gso) != GSO_TABLE
             || hs > 64 || limit <= 0 || limit > MAX_BURST
             || max_len < hs + (Py_ssize_t)ETH_HLEN || max_len > 0x7FFFFFFF)
         Py_RETURN_NONE;
@@ -295,17 +391,29 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
         Py_RETURN_NONE;
     Py_ssize_t n = ready < limit ? ready : limit;
     if (n == 0)
-        return Py_BuildValue("(iiiiiii[])", 0, 0, 0, 0, 0, 0, 0);
+        return Py_BuildValue("(iiiiiii[]i)", 0, 0, 0, 0, 0, 0, 0, 0);
 
-    burst_t *b = PyMem_Malloc(sizeof(burst_t));
-    if (!b)
-        return PyErr_NoMemory();
+    /* One burst_t kept for the process (it is ~45 KiB: no malloc/free per burst);
+     * a nested call, which no caller makes, gets its own. */
+    static burst_t *kept;
+    static int kept_busy;
+    burst_t *b = kept_busy ? NULL : kept;
+    if (!b) {
+        b = PyMem_Malloc(sizeof(burst_t));
+        if (!b)
+            return PyErr_NoMemory();
+        if (!kept_busy && !kept)
+            kept = b;
+    }
+    if (b == kept)
+        kept_busy = 1;
     b->ndsts = b->nseen = b->nmacs = 0;
     PyObject *hs_obj = args[2];
     PyObject *result = NULL, *now_obj = NULL;
     int rc = DEFER;
     uint32_t min_len = (uint32_t)hs + ETH_HLEN;
     long long pkts = 0, nbytes = 0, runt = 0, oversize = 0, bad_source = 0, hairpin = 0;
+    long long gso_in = 0;
     uint8_t last_src[6];
     int have_last = 0;
 
@@ -361,10 +469,10 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
         pkts++;
         nbytes += f->len;
         if (h[1])
-            goto done; /* GSO: counted and decided per destination by Python */
-        if (!have_last || memcmp(smac, last_src, 6)) {
+            gso_in++;
+        if (!have_last || !mac_eq(smac, last_src)) {
             static const uint8_t zero[6];
-            if ((smac[0] & 1) || !memcmp(smac, zero, 6)) {
+            if ((smac[0] & 1) || mac_eq(smac, zero)) {
                 bad_source++;
                 continue; /* last_src unchanged, as in Python */
             }
@@ -378,8 +486,11 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             memcpy(last_src, smac, 6);
             have_last = 1;
         }
-        if (h[0] & ~NEEDS_CSUM || (h[0] && !send_csum) || (dmac[0] & 1))
-            goto done; /* offload bits to check or strip, or multicast: the slow path */
+        if (dmac[0] & 1)
+            goto done; /* multicast: flooded by the slow path */
+        if ((h[0] || h[1]) && (h[0] & ~NEEDS_CSUM || (h[0] && !send_csum)
+                               || table_ok(send_gso, h[1]) != 1))
+            goto done; /* offload bits the sender may not use (checked, counted by Python) */
         int drc = OK;
         int di = destination(b, dmac, table, port, now, ageing, hs_obj, &drc);
         if (drc != OK) {
@@ -390,13 +501,16 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             hairpin++;
             continue;
         }
-        if (h[0] && !b->dsts[di].accept_csum)
-            goto done; /* checksum to complete in software */
+        if ((h[0] || h[1]) && ((h[0] && !b->dsts[di].accept_csum)
+                               || table_ok(b->dsts[di].accept_gso, h[1]) != 1))
+            goto done; /* checksum or segmentation to do in software */
         f->dst = di;
         b->dsts[di].frames++;
     }
 
-    /* The RX chains, per destination, as deliver_batch's pop_many(k) takes them. */
+    /* The RX chains, per destination, as deliver_batch takes them: pop_many(k) for
+     * the k frames, then, for a frame larger than its chain (MRG_RXBUF), further
+     * chains one pop() at a time from where the pop_many stopped (_write). */
     for (int di = 0; di < b->ndsts; di++) {
         dst_t *t = &b->dsts[di];
         SplitCore *rx = (SplitCore *)t->core;
@@ -405,7 +519,8 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             goto done;
         api->sync_regions(rx);
         uint32_t got = avail < t->frames ? (uint32_t)avail : t->frames;
-        uint32_t rlast = (uint32_t)rx->last_avail, j = 0;
+        uint32_t rlast = (uint32_t)rx->last_avail, j = 0, xpos = got;
+        uint32_t known = (uint32_t)avail; /* entries up to the shadow index */
         for (Py_ssize_t k = 0; k < n && j < got; k++) {
             frame_t *f = &b->frames[k];
             if (f->dst != di)
@@ -415,16 +530,54 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
                 goto done;
             desc_t d;
             read_desc((const uint8_t *)rx->desc_buf.buf + (size_t)head * DESC_SIZE, &d);
-            if (!(d.flags & F_WRITE) || (d.flags & (F_NEXT | F_INDIRECT)) || d.len < f->len)
-                goto done; /* a chain to walk, or the merge path */
+            if (!(d.flags & F_WRITE) || (d.flags & (F_NEXT | F_INDIRECT)) || !d.len)
+                goto done; /* a chain to walk, or none to write to */
             uint8_t *w = api->guest_ptr(rx, d.addr, d.len);
             if (!w)
                 goto done;
             f->rx_head = head;
             f->rx_buf = w;
+            f->rx_cap = d.len;
+            f->rx_nextra = 0;
             j++;
+            if (d.len >= f->len)
+                continue;
+            /* Merged over further chains, or (no MRG_RXBUF) dropped into the reserve. */
+            if (!t->mergeable || hs != 12)
+                goto done;
+            f->rx_extra = b->nextra;
+            for (uint64_t cap = d.len; cap < f->len;) {
+                if (xpos == known) {
+                    /* pop() at its shadow index refreshes; a dry ring puts the chains
+                     * in the reserve: Python's case. */
+                    Py_ssize_t r = refresh_at(rx, xpos);
+                    if (r <= (Py_ssize_t)xpos)
+                        goto done;
+                    known = (uint32_t)r;
+                }
+                if (b->nextra == MAX_EXTRA || xpos >= rx->size)
+                    goto done;
+                uint16_t xh = avail_at(rx, 2 + ((rlast + xpos) & rx->mask));
+                if (xh >= rx->size)
+                    goto done;
+                desc_t x;
+                read_desc((const uint8_t *)rx->desc_buf.buf + (size_t)xh * DESC_SIZE, &x);
+                if (!(x.flags & F_WRITE) || (x.flags & (F_NEXT | F_INDIRECT)) || !x.len)
+                    goto done;
+                uint8_t *xw = api->guest_ptr(rx, x.addr, x.len);
+                if (!xw)
+                    goto done;
+                extra_t *e = &b->extras[b->nextra++];
+                e->buf = xw;
+                e->cap = x.len;
+                e->head = xh;
+                cap += x.len;
+                xpos++;
+            }
+            f->rx_nextra = b->nextra - f->rx_extra;
         }
         t->delivered = got;
+        t->chains = got + (xpos - got);
     }
     /* No RX buffer may overlap a ring of this burst: then no copy can change what
      * was read, nor be changed by the used-ring writes, whatever their order. */
@@ -432,12 +585,16 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
         frame_t *f = &b->frames[k];
         if (!f->rx_buf)
             continue;
-        for (int di = -1; di < b->ndsts; di++) {
-            SplitCore *r = di < 0 ? tx : (SplitCore *)b->dsts[di].core;
-            if (overlaps(f->rx_buf, f->len, &r->desc_buf)
-                    || overlaps(f->rx_buf, f->len, &r->avail_buf)
-                    || overlaps(f->rx_buf, f->len, &r->used_buf))
-                goto done;
+        for (uint32_t c = 0; c <= f->rx_nextra; c++) {
+            const uint8_t *w = c ? b->extras[f->rx_extra + c - 1].buf : f->rx_buf;
+            uint32_t wl = c ? b->extras[f->rx_extra + c - 1].cap
+                            : (f->rx_cap < f->len ? f->rx_cap : f->len);
+            for (int di = -1; di < b->ndsts; di++) {
+                SplitCore *r = di < 0 ? tx : (SplitCore *)b->dsts[di].core;
+                if (overlaps(w, wl, &r->desc_buf) || overlaps(w, wl, &r->avail_buf)
+                        || overlaps(w, wl, &r->used_buf))
+                    goto done;
+            }
         }
     }
 
@@ -454,12 +611,16 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             frame_t *f = &b->frames[k];
             if (f->dst != di || !f->rx_buf)
                 continue;
-            memmove(f->rx_buf, f->buf, f->len); /* memoryview slice assignment */
-            if (hs == 12) {
-                f->rx_buf[10] = 1; /* num_buffers = 1 */
-                f->rx_buf[11] = 0;
-            }
             t->bytes += f->len - (uint32_t)hs;
+            if (!f->rx_nextra) {
+                memmove(f->rx_buf, f->buf, f->len); /* memoryview slice assignment */
+                if (hs == 12) {
+                    f->rx_buf[10] = 1; /* num_buffers = 1 */
+                    f->rx_buf[11] = 0;
+                }
+                continue;
+            }
+            merge(f, b->extras + f->rx_extra);
         }
     }
     uint32_t used = (uint32_t)tx->used_idx;
@@ -475,9 +636,23 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
         uint32_t ru = (uint32_t)rx->used_idx, j = 0;
         for (Py_ssize_t k = 0; k < n; k++) {
             frame_t *f = &b->frames[k];
-            if (f->dst == di && f->rx_buf)
+            if (f->dst != di || !f->rx_buf)
+                continue;
+            if (!f->rx_nextra) {
                 put_elem(rx, ru + j++, (int64_t)((uint64_t)f->rx_head | (uint64_t)f->len << 32));
+                continue;
+            }
+            /* _write's (chain, written) per chain: all full but the last. */
+            uint32_t left = f->len - f->rx_cap;
+            put_elem(rx, ru + j++, (int64_t)((uint64_t)f->rx_head | (uint64_t)f->rx_cap << 32));
+            for (uint32_t c = 0; c < f->rx_nextra; c++) {
+                extra_t *e = &b->extras[f->rx_extra + c];
+                uint32_t wr = e->cap < left ? e->cap : left;
+                left -= wr;
+                put_elem(rx, ru + j++, (int64_t)((uint64_t)e->head | (uint64_t)wr << 32));
+            }
         }
+        /* j: every chain popped, pop_many's and _write's (t->chains). */
         rx->last_avail = (int)(((uint32_t)rx->last_avail + j) & 0xFFFF);
         publish(rx, (ru + j) & 0xFFFF);
     }
@@ -503,12 +678,15 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
         }
         PyList_SET_ITEM(out, di, item);
     }
-    result = Py_BuildValue("(nLLLLLLN)", n, pkts, nbytes, runt, oversize, bad_source, hairpin,
-                           out);
+    result = Py_BuildValue("(nLLLLLLNL)", n, pkts, nbytes, runt, oversize, bad_source, hairpin,
+                           out, gso_in);
     rc = result ? OK : ERROR;
 done:
     burst_clear(b);
-    PyMem_Free(b);
+    if (b == kept)
+        kept_busy = 0;
+    else
+        PyMem_Free(b);
     if (rc == ERROR) {
         Py_XDECREF(now_obj);
         return NULL;

@@ -420,10 +420,12 @@ class SwitchPort(ForwardingPort, VhostUserDevice):
         if not q.touched and self.switch is not None:
             self.switch.touch(q)
 
-    def fast_rx(self, hdr_size: int) -> tuple[object, bool, RxQueue] | None:
+    def fast_rx(self, hdr_size: int) -> tuple[object, bool, RxQueue, list[bool], bool] | None:
         """The compiled burst may write into the single RX ring itself when
         deliver_batch would (same header size, queue up) and nothing is queued on
-        the Python side (no reserve, nothing pending: the C code publishes at once)."""
+        the Python side (no reserve, nothing pending: the C code publishes at once).
+        It passes offloads as deliver_batch does (``accept_csum``, ``accept_gso``) and
+        merges a frame over several chains as ``_write`` does when ``mergeable``."""
         qs = self.rx_queues
         if len(qs) != 1 or self.batch_hdr_size != hdr_size:
             return None
@@ -431,7 +433,8 @@ class SwitchPort(ForwardingPort, VhostUserDevice):
         if q.broken or q.reserve or q.pending or not q.vring.enabled:
             return None
         ring = getattr(q.vring, "direct_queue", None)
-        return None if ring is None else (ring, self.accept_csum, q)
+        return None if ring is None else (ring, self.accept_csum, q, self.accept_gso,
+                                          self.mergeable)
 
     def _update_batching(self) -> None:
         """Batch delivery needs a single RX queue (no per-frame queue choice)."""

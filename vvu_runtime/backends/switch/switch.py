@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from vvu_runtime.virtio.queue import DescriptorChain
 
 #: _forward_c.forward_burst: (tx ring, port, hdr_size, limit, max_len, fdb table,
-#: ageing, clock, send_csum) -> a BurstResult, or None / the time read: not done.
+#: ageing, clock, send_csum, send_gso) -> a BurstResult, or None / the time read: not done.
 ForwardBurst = Callable[..., "BurstResult | float | None"]
 
 try:  # the compiled burst of forward_chains (virtio/accel.py); absent without a compiler
@@ -264,11 +264,13 @@ class ForwardingPort:
         bytes first) and whose header flags this port accepts as they are."""
         raise NotImplementedError
 
-    def fast_rx(self, hdr_size: int) -> tuple[object, bool, Touchable] | None:
-        """For the compiled burst (``_forward_c.c``): ``(ring, accept_csum, queue)``
-        when :meth:`deliver_batch` of frames with ``hdr_size``-byte headers would
-        go straight into ``ring`` (the split ring of ``queue``, touched after the
-        burst); None: this port is served by the Python path."""
+    def fast_rx(self, hdr_size: int) -> tuple[object, bool, Touchable, list[bool], bool] | None:
+        """For the compiled burst (``_forward_c.c``): ``(ring, accept_csum, queue,
+        accept_gso, mergeable)`` when :meth:`deliver_batch` of frames with
+        ``hdr_size``-byte headers would go straight into ``ring`` (the split ring of
+        ``queue``, touched after the burst; frames whose offloads ``accept_csum`` and
+        ``accept_gso`` allow go as they are; with ``mergeable`` a frame may span
+        several chains); None: this port is served by the Python path."""
         return None
 
     def accepts(self, frame: ForwardedFrame) -> bool:
@@ -534,12 +536,13 @@ class Switch:
                 if core is not None and burst_c is not None:
                     # The whole burst in C, or nothing done (None, or the clock it read).
                     res = burst_c(core, port, hdr_size, BURST, max_len, fdb._table, ageing,
-                                  self.clock, send_csum)
+                                  self.clock, send_csum, send_gso)
                     if isinstance(res, tuple):
                         if not res[0]:
                             return False
                         pkts += res[1]
                         nbytes += res[2]
+                        gso_in += res[8]
                         self._burst_counted(counters, res)
                         try:
                             ring.notify()
@@ -894,10 +897,10 @@ class Clock(Protocol):
 
 
 #: What ``_forward_c.forward_burst`` returns for a burst it forwarded: chains,
-#: packets, bytes, runt, oversize, bad_source, hairpin, and per destination
-#: (port, queue, delivered, payload bytes, rx_ring_full).
+#: packets, bytes, runt, oversize, bad_source, hairpin, per destination
+#: (port, queue, delivered, payload bytes, rx_ring_full), and frames with a GSO type.
 BurstResult = tuple[int, int, int, int, int, int, int,
-                    list[tuple[ForwardingPort, "Touchable", int, int, int]]]
+                    list[tuple[ForwardingPort, "Touchable", int, int, int]], int]
 
 
 class StatusSource(Protocol):
