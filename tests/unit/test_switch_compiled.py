@@ -47,10 +47,10 @@ W = int(DescFlag.WRITE)
 N = int(DescFlag.NEXT)
 
 SIZE = 256  # ring entries
-REGION = 1 << 20
+REGION = 1 << 20  # a port's memory, unless a scenario asks for more
 RX_RING, TX_RING = 0x1000, 0x8000  # ring offsets in a port's memory
-RX_BUFS, TX_BUFS = 0x1_0000, 0x6_0000
-BIG = 0x8_0000  # room for an oversize frame
+# Receive buffers from REGION/16, transmit buffers from 6/16, the oversize frame at
+# half (0x1_0000, 0x6_0000, 0x8_0000 in 1 MiB); they scale with a bigger region.
 HOLE = 0xF0_0000_0000  # mapped by nobody
 
 
@@ -86,16 +86,18 @@ class Clock:
 class Guest:
     """One port: its memory (own region), RX ring 0 and TX ring 1, and the driver side."""
 
-    def __init__(self, sw: Switch, k: int, features: int) -> None:
+    def __init__(self, sw: Switch, k: int, features: int, region: int = REGION) -> None:
         self.gpa = (k + 1) << 32
         self.mem = GuestMemory()
-        mapped, fd = memfd_region(REGION, guest_phys_addr=self.gpa,
-                                  userspace_addr=0x7F00_0000_0000 + (k << 24))
+        self.region = region
+        self.rx_bufs, self.tx_bufs, self.big = region // 16, 6 * region // 16, region // 2
+        mapped, fd = memfd_region(region, guest_phys_addr=self.gpa,
+                                  userspace_addr=0x7F00_0000_0000 + (k << 28))
         os.close(fd)
         # Recognisable bytes everywhere (a frame landing in the wrong place shows).
-        mapped.view[:] = bytes((k * 37 + i) & 0xFF for i in range(256)) * (REGION // 256)
+        mapped.view[:] = bytes((k * 37 + i) & 0xFF for i in range(256)) * (region // 256)
         self.mem.add(mapped)
-        self.uva = 0x7F00_0000_0000 + (k << 24)
+        self.uva = 0x7F00_0000_0000 + (k << 28)
         self.port = SwitchPort(sw, f"p{k}", queue_size=SIZE)
         self.port.set_features(features)
         self.hs = self.port.hdr_size
@@ -103,8 +105,8 @@ class Guest:
         self.avail_idx = {0: 0, 1: 0}
         self.calls = {0: Counting(), 1: Counting()}
         self.errs = {0: Counting(), 1: Counting()}
-        self.next_rx_buf = RX_BUFS
-        self.next_tx_buf = TX_BUFS
+        self.next_rx_buf = self.rx_bufs
+        self.next_tx_buf = self.tx_bufs
         self.next_desc = {0: 0, 1: 0}
         lay = split_ring_layout(SIZE)
         for index, off in ((0, RX_RING), (1, TX_RING)):
@@ -156,8 +158,8 @@ class Guest:
         own descriptor table)."""
         buf = self.gpa + self.next_rx_buf
         self.next_rx_buf += -(-size // 64) * 64
-        if self.next_rx_buf > TX_BUFS:
-            self.next_rx_buf = RX_BUFS
+        if self.next_rx_buf > self.tx_bufs:
+            self.next_rx_buf = self.rx_bufs
         i = self.alloc_desc(0)
         if kind == "two":
             j = self.alloc_desc(0)
@@ -181,13 +183,13 @@ class Guest:
             self.publish(1, SIZE + 3)
             return
         if kind == "oversize":
-            buf, n = self.gpa + BIG, MAX_FRAME_LEN + 1
+            buf, n = self.gpa + self.big, MAX_FRAME_LEN + 1
             self.view(buf, len(data))[:] = data
         else:
             buf, n = self.gpa + self.next_tx_buf, len(data)
             self.next_tx_buf += -(-max(n, 1) // 64) * 64
-            if self.next_tx_buf + 4096 > BIG:
-                self.next_tx_buf = TX_BUFS
+            if self.next_tx_buf + 4096 > self.big:
+                self.next_tx_buf = self.tx_bufs
             self.view(buf, n)[:] = data
         i = self.alloc_desc(1)
         if kind == "split":
@@ -218,6 +220,7 @@ class Scenario:
     rounds: list[tuple[float, list[tuple[int, bytes, bytes, str]]]] = field(default_factory=list)
     ageing: float = 300.0
     max_per_port: int = 4096
+    region: int = REGION  # each port's memory
 
 
 @dataclass
@@ -231,7 +234,7 @@ class World:
 def build(sc: Scenario, compiled: bool) -> World:
     clock = Clock()
     sw = Switch(ageing_time=sc.ageing, max_fdb_per_port=sc.max_per_port, clock=clock)
-    guests = [Guest(sw, k, f) for k, f in enumerate(sc.features)]
+    guests = [Guest(sw, k, f, sc.region) for k, f in enumerate(sc.features)]
     for n, k, seen in sc.fdb:
         sw.fdb.learn(mac(n), guests[k].port, seen)
     for g, chains in zip(guests, sc.rx, strict=False):
@@ -283,7 +286,7 @@ def snapshot(w: World, error: str | None) -> dict[str, object]:
                             None if queue is None else (queue.get_base(),
                                                         queue.used_idx))  # type: ignore[attr-defined]
         out[g.port.port_name] = {
-            "memory": bytes(g.mem.translate(g.gpa, REGION)),
+            "memory": bytes(g.mem.translate(g.gpa, g.region)),
             "counters": asdict(g.port.counters),
             "rings": rings,
             "rxq": None if q is None else ([c.head for c in q.reserve],

@@ -408,6 +408,7 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
     if (b == kept)
         kept_busy = 1;
     b->ndsts = b->nseen = b->nmacs = 0;
+    b->nextra = 0;
     PyObject *hs_obj = args[2];
     PyObject *result = NULL, *now_obj = NULL;
     int rc = DEFER;
