@@ -423,9 +423,12 @@ def test_hostile_and_unusual_bursts_match_python(name: str, sc: Scenario) -> Non
 
 
 def test_odd_bursts_are_handed_back_and_clean_ones_forwarded() -> None:
-    """The guard: C forwards the drops it can count and defers the rest."""
+    """The guard: C forwards the drops it can count and the chains it can walk, and
+    defers the rest."""
     assert same(learned(rounds=[(1000.0, plain(3) + plain(2, dst=10))]))[0] == "forwarded"
-    assert same(learned(rounds=[(1000.0, plain(3) + plain(1, kind="split"))]))[0] == "deferred"
+    assert same(learned(rounds=[(1000.0, plain(3) + plain(1, kind="split"))]))[0] == "forwarded"
+    assert same(learned(rounds=[(1000.0, plain(3) + plain(1, kind="writable"))]))[0] == \
+        "deferred"
     assert same(learned(rounds=[(1000.0, plain(3, dst=99))]))[0] == "deferred"
 
 

@@ -41,6 +41,9 @@
 /* RX chains beyond each frame's first, per burst (merged frames, MRG_RXBUF): a
  * 64 KiB frame over 4 KiB buffers takes 16 more. */
 #define MAX_EXTRA 2048
+/* Readable buffers of the burst's multi-descriptor TX chains (a Linux TSO frame:
+ * its header, linear part and page fragments, often through an indirect table). */
+#define MAX_SEGS 4096
 #define NEEDS_CSUM 1u
 #define GSO_TABLE 256
 
@@ -48,8 +51,16 @@ static SplitCoreAPI *api;
 static PyObject *str_refresh, *str_fast_rx, *str_port, *str_seen;
 
 typedef struct {
-    const uint8_t *buf; /* the TX buffer (header + frame) */
+    const uint8_t *buf;
     uint32_t len;
+} seg_t;
+
+typedef struct {
+    const uint8_t *buf; /* the TX buffer (header + frame); multi: NULL */
+    uint32_t len;       /* header + frame (saturated at 2^32-1: oversize anyway) */
+    uint32_t seg, nseg; /* multi: its readable buffers, burst_t.segs[seg..seg+nseg) */
+    uint32_t group;     /* deliveries between flushes of the Python loop (see below) */
+    int multi;          /* several readable buffers: delivered alone, as Python does */
     uint16_t head;
     int dst;            /* index into dsts, or -1: dropped */
     uint16_t rx_head;
@@ -73,6 +84,7 @@ typedef struct {
     PyObject *accept_gso; /* strong: the destination's accept_gso table (GUEST_* bits) */
     int accept_csum;
     int mergeable;      /* MRG_RXBUF: a frame may span several RX chains */
+    int touch;          /* whether Python would touch the queue (a batch, or a frame) */
     uint32_t frames, delivered, chains;
     uint64_t bytes;
 } dst_t;
@@ -92,6 +104,8 @@ typedef struct {
     int nseen;
     extra_t extras[MAX_EXTRA];
     uint32_t nextra;
+    seg_t segs[MAX_SEGS];
+    uint32_t nsegs;
 } burst_t;
 
 enum { OK = 0, DEFER = 1, ERROR = -1 };
@@ -107,7 +121,7 @@ static void burst_clear(burst_t *b)
     for (int k = 0; k < b->nseen; k++)
         Py_DECREF(b->seen_entries[k]);
     b->ndsts = b->nseen = b->nmacs = 0;
-    b->nextra = 0;
+    b->nextra = b->nsegs = 0;
 }
 
 static SplitCore *as_core(PyObject *o)
@@ -276,6 +290,7 @@ static int destination(burst_t *b, const uint8_t *mac, PyObject *table, PyObject
             t->accept_csum = acc;
             t->mergeable = mrg;
             t->frames = t->delivered = t->chains = 0;
+            t->touch = 0;
             t->bytes = 0;
             b->ndsts++;
             Py_DECREF(fr);
@@ -318,35 +333,184 @@ static int source(burst_t *b, const uint8_t *mac, PyObject *table, PyObject *por
     return 0;
 }
 
-/* PortSwitch._write for a frame over several RX chains (MRG_RXBUF, 12-byte header):
- * the sender's first 10 header bytes and num_buffers, then the rest of the frame,
- * filling each chain in turn. Read and written in _write's order (the header is
- * copied out first), so that overlapping buffers end up as in Python. */
-static void merge(frame_t *f, const extra_t *extras)
+/* SplitQueue._walk for a TX chain that breaks no rule and has no writable buffer:
+ * its readable buffers (the non-empty ones, as `chain.readable`) appended to
+ * b->segs. DEFER for anything else (a loop, a bad indirect table, an address
+ * outside memory, a writable buffer...): Python walks it and raises or answers. */
+static int walk_tx(SplitCore *s, desc_t d, burst_t *b, frame_t *f)
+{
+    const uint8_t *table = s->desc_buf.buf;
+    uint32_t limit = s->size, count = 0;
+    uint64_t total = 0;
+    int indirect = 0;
+    f->seg = b->nsegs;
+    for (;;) {
+        if (++count > limit)
+            return DEFER;
+        if (d.flags & F_INDIRECT) {
+            if (indirect || !s->indirect_ok || (d.flags & F_NEXT) || !d.len
+                    || d.len % DESC_SIZE || d.len / DESC_SIZE > s->max_indirect)
+                return DEFER;
+            table = api->guest_ptr(s, d.addr, d.len);
+            if (!table)
+                return DEFER;
+            limit = d.len / DESC_SIZE;
+            indirect = 1;
+            count = 0;
+            read_desc(table, &d);
+            continue;
+        }
+        if (d.len) {
+            if (d.flags & F_WRITE || b->nsegs == MAX_SEGS)
+                return DEFER;
+            const uint8_t *p = api->guest_ptr(s, d.addr, d.len);
+            if (!p)
+                return DEFER;
+            b->segs[b->nsegs].buf = p;
+            b->segs[b->nsegs].len = d.len;
+            b->nsegs++;
+            total += d.len;
+        }
+        if (!(d.flags & F_NEXT))
+            break;
+        if (d.next >= limit)
+            return DEFER;
+        read_desc(table + (size_t)d.next * DESC_SIZE, &d);
+    }
+    f->nseg = b->nsegs - f->seg;
+    f->len = total > 0xFFFFFFFFu ? 0xFFFFFFFFu : (uint32_t)total;
+    return OK;
+}
+
+/* The first `n` bytes of a frame (n <= its length), wherever its buffers put them
+ * (`segs`: the burst's pool). */
+static void gather(const frame_t *f, const seg_t *segs, uint8_t *out, uint32_t n)
+{
+    if (!f->multi) {
+        memcpy(out, f->buf, n);
+        return;
+    }
+    segs += f->seg;
+    for (uint32_t k = 0, got = 0; got < n; k++) {
+        uint32_t take = segs[k].len < n - got ? segs[k].len : n - got;
+        memcpy(out + got, segs[k].buf, take);
+        got += take;
+    }
+}
+
+/* SwitchPort._write: a 10- or 12-byte header (the sender's first 10 bytes, then
+ * num_buffers), then the frame after the sender's `hs`-byte header, poured over
+ * the frame's RX chains in turn, one memmove per (source, chain) piece as the
+ * Python loop copies slices. The header is read first, as _write reads it. */
+static void scatter(const frame_t *f, const extra_t *extras, const seg_t *segs, uint32_t hs)
 {
     uint8_t hdr[12];
-    uint32_t nbuf = 1 + f->rx_nextra;
-    memcpy(hdr, f->buf, 10);
+    uint32_t nbuf = 1 + f->rx_nextra, hl = hs == 12 ? 12 : 10;
+    gather(f, segs, hdr, 10);
     hdr[10] = (uint8_t)nbuf;
     hdr[11] = (uint8_t)(nbuf >> 8);
-    const uint8_t *src[2] = {hdr, f->buf + 12};
-    uint32_t srclen[2] = {12, f->len - 12};
-    int si = 0;
-    uint32_t so = 0;
-    for (uint32_t c = 0; c < nbuf && si < 2; c++) {
+    seg_t one = {f->buf, f->len};
+    const seg_t *src = f->multi ? segs + f->seg : &one;
+    uint32_t nsrc = f->multi ? f->nseg : 1;
+    /* Sources: the header (si == -1), then the frame's buffers from byte hs on. */
+    int64_t si = -1;
+    const uint8_t *sp = hdr;
+    uint32_t sl = hl, skip = hs;
+    for (uint32_t c = 0; c < nbuf && si < (int64_t)nsrc; c++) {
         uint8_t *w = c ? extras[c - 1].buf : f->rx_buf;
         uint32_t wl = c ? extras[c - 1].cap : f->rx_cap, wo = 0;
-        while (wo < wl && si < 2) {
-            uint32_t take = wl - wo < srclen[si] - so ? wl - wo : srclen[si] - so;
-            memmove(w + wo, src[si] + so, take);
+        while (wo < wl && si < (int64_t)nsrc) {
+            uint32_t take = wl - wo < sl ? wl - wo : sl;
+            memmove(w + wo, sp, take);
             wo += take;
-            so += take;
-            if (so == srclen[si]) {
-                si++;
-                so = 0;
+            sp += take;
+            sl -= take;
+            while (!sl && ++si < (int64_t)nsrc) {
+                /* Next source: a buffer of the frame, minus what the header took. */
+                sp = src[si].buf;
+                sl = src[si].len;
+                uint32_t k = skip < sl ? skip : sl;
+                skip -= k;
+                sp += k;
+                sl -= k;
             }
         }
     }
+}
+
+/* The pieces of a frame's TX buffers, and of its RX chains. */
+static uint32_t tx_pieces(const burst_t *b, const frame_t *f, const seg_t **out, seg_t *one)
+{
+    if (f->multi) {
+        *out = b->segs + f->seg;
+        return f->nseg;
+    }
+    one->buf = f->buf;
+    one->len = f->len;
+    *out = one;
+    return f->buf ? 1 : 0;
+}
+
+static void rx_piece(const burst_t *b, const frame_t *f, uint32_t c, const uint8_t **w,
+                     uint32_t *wl)
+{
+    *w = c ? b->extras[f->rx_extra + c - 1].buf : f->rx_buf;
+    *wl = c ? b->extras[f->rx_extra + c - 1].cap : (f->rx_cap < f->len ? f->rx_cap : f->len);
+}
+
+/* Whether any RX buffer of the burst overlaps any of its TX buffers (1: or too many
+ * to tell cheaply). Different guests' memory never overlaps, so the spans decide
+ * in one pass; only overlapping spans cost a pairwise look. */
+static int tx_rx_overlap(const burst_t *b, Py_ssize_t n)
+{
+    uintptr_t tlo = UINTPTR_MAX, thi = 0, rlo = UINTPTR_MAX, rhi = 0;
+    uint64_t tcount = 0, rcount = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const frame_t *f = &b->frames[k];
+        const seg_t *t;
+        seg_t one;
+        uint32_t nt = tx_pieces(b, f, &t, &one);
+        for (uint32_t i = 0; i < nt; i++) {
+            uintptr_t a = (uintptr_t)t[i].buf;
+            tlo = a < tlo ? a : tlo;
+            thi = a + t[i].len > thi ? a + t[i].len : thi;
+        }
+        tcount += nt;
+        if (!f->rx_buf)
+            continue;
+        for (uint32_t c = 0; c <= f->rx_nextra; c++) {
+            const uint8_t *w;
+            uint32_t wl;
+            rx_piece(b, f, c, &w, &wl);
+            uintptr_t a = (uintptr_t)w;
+            rlo = a < rlo ? a : rlo;
+            rhi = a + wl > rhi ? a + wl : rhi;
+            rcount++;
+        }
+    }
+    if (thi <= rlo || rhi <= tlo)
+        return 0;
+    if (tcount * rcount > 65536)
+        return 1;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const frame_t *f = &b->frames[k];
+        if (!f->rx_buf)
+            continue;
+        for (uint32_t c = 0; c <= f->rx_nextra; c++) {
+            const uint8_t *w;
+            uint32_t wl;
+            rx_piece(b, f, c, &w, &wl);
+            for (Py_ssize_t q = 0; q < n; q++) {
+                const seg_t *t;
+                seg_t one;
+                uint32_t nt = tx_pieces(b, &b->frames[q], &t, &one);
+                for (uint32_t i = 0; i < nt; i++)
+                    if (w < t[i].buf + t[i].len && t[i].buf < w + wl)
+                        return 1;
+            }
+        }
+    }
+    return 0;
 }
 
 /*
@@ -408,13 +572,15 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
     if (b == kept)
         kept_busy = 1;
     b->ndsts = b->nseen = b->nmacs = 0;
-    b->nextra = 0;
+    b->nextra = b->nsegs = 0;
     PyObject *hs_obj = args[2];
     PyObject *result = NULL, *now_obj = NULL;
     int rc = DEFER;
     uint32_t min_len = (uint32_t)hs + ETH_HLEN;
     long long pkts = 0, nbytes = 0, runt = 0, oversize = 0, bad_source = 0, hairpin = 0;
     long long gso_in = 0;
+    uint32_t group = 0; /* see frame_t.group */
+    int multi = 0;      /* any frame over several TX buffers in the burst */
     uint8_t last_src[6];
     int have_last = 0;
 
@@ -431,14 +597,28 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             goto done;
         desc_t d;
         read_desc((const uint8_t *)tx->desc_buf.buf + (size_t)head * DESC_SIZE, &d);
-        if (!d.len || (d.flags & (F_NEXT | F_INDIRECT | F_WRITE)))
-            goto done;
-        const uint8_t *p = api->guest_ptr(tx, d.addr, d.len);
-        if (!p)
-            goto done;
         f->head = head;
-        f->buf = p;
-        f->len = d.len;
+        f->multi = 0;
+        if (d.len && !(d.flags & (F_NEXT | F_INDIRECT | F_WRITE))) {
+            const uint8_t *p = api->guest_ptr(tx, d.addr, d.len);
+            if (!p)
+                goto done;
+            f->buf = p;
+            f->len = d.len;
+            continue;
+        }
+        if ((d.flags & (F_NEXT | F_INDIRECT | F_WRITE)) == F_WRITE)
+            goto done; /* one writable buffer: Python's (no readable one) */
+        if (walk_tx(tx, d, b, f) != OK)
+            goto done;
+        if (f->nseg == 1) {
+            /* One readable buffer left (the others empty): a `single` frame. */
+            f->buf = b->segs[f->seg].buf;
+            b->nsegs--;
+        } else {
+            f->buf = NULL;
+            f->multi = f->nseg > 1;
+        }
     }
     now_obj = PyObject_CallNoArgs(clock);
     if (!now_obj) {
@@ -461,8 +641,13 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             continue;
         }
         /* The header's two bytes and both MACs, copied once (the guest may change
-         * them under us; Python's unpack also reads them once). */
-        uint8_t h[2], dmac[6], smac[6];
+         * them under us; Python's unpack also reads them once). A frame over several
+         * buffers: from its first hs + 14 bytes, gathered (Switch._scattered). */
+        uint8_t h[2], dmac[6], smac[6], first[64 + ETH_HLEN];
+        if (f->multi) {
+            gather(f, b->segs, first, min_len);
+            p = first;
+        }
         memcpy(h, p, 2);
         memcpy(dmac, p + hs, 6);
         memcpy(smac, p + hs + 6, 6);
@@ -505,28 +690,65 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
         if ((h[0] || h[1]) && ((h[0] && !b->dsts[di].accept_csum)
                                || table_ok(b->dsts[di].accept_gso, h[1]) != 1))
             goto done; /* checksum or segmentation to do in software */
+        if (f->multi) {
+            /* Not batched by Python: the batches so far are flushed, this frame is
+             * delivered alone (deliver/deliver_plain), then batching starts again. */
+            if (hs != 12 && hs != 10)
+                goto done;
+            f->group = ++group;
+            group++;
+            multi = 1;
+        } else {
+            f->group = group;
+        }
         f->dst = di;
         b->dsts[di].frames++;
     }
 
-    /* The RX chains, per destination, as deliver_batch takes them: pop_many(k) for
-     * the k frames, then, for a frame larger than its chain (MRG_RXBUF), further
-     * chains one pop() at a time from where the pop_many stopped (_write). */
+    /* The RX chains, per destination, popped in the Python loop's order: per group
+     * (see frame_t.group) one pop_many(k) for the k frames batched to it
+     * (deliver_batch) or one pop() for a frame delivered alone (deliver_plain); then,
+     * for each frame larger than its chain (MRG_RXBUF), further chains one pop() at
+     * a time (_write). Each refresh of the avail index is made where Python's pop
+     * would make it (refresh_at). Positions count from the ring's own. */
     for (int di = 0; di < b->ndsts; di++) {
         dst_t *t = &b->dsts[di];
         SplitCore *rx = (SplitCore *)t->core;
-        Py_ssize_t avail = ready_for(rx, t->frames);
-        if (avail < 0 || !rx->bound || rx->log_all)
+        if (!rx->bound || rx->log_all)
             goto done;
         api->sync_regions(rx);
-        uint32_t got = avail < t->frames ? (uint32_t)avail : t->frames;
-        uint32_t rlast = (uint32_t)rx->last_avail, j = 0, xpos = got;
-        uint32_t known = (uint32_t)avail; /* entries up to the shadow index */
-        for (Py_ssize_t k = 0; k < n && j < got; k++) {
+        uint32_t rlast = (uint32_t)rx->last_avail;
+        uint32_t known = ((uint32_t)rx->shadow_avail - rlast) & 0xFFFF;
+        uint32_t pos = 0, base = 0, got = 0, used = 0, cur = UINT32_MAX;
+        for (Py_ssize_t k = 0; k < n; k++) {
             frame_t *f = &b->frames[k];
             if (f->dst != di)
                 continue;
-            uint16_t head = avail_at(rx, 2 + ((rlast + j) & rx->mask));
+            if (f->group != cur) {
+                /* A pop_many(k) (or pop(): k = 1) where Python's loop makes it. */
+                cur = f->group;
+                uint32_t want = 0;
+                for (Py_ssize_t q = k; q < n; q++)
+                    want += b->frames[q].dst == di && b->frames[q].group == cur;
+                if (!f->multi)
+                    t->touch = 1; /* deliver_batch touches the queue in any case */
+                if (known - pos < want) {
+                    Py_ssize_t r = refresh_at(rx, pos);
+                    if (r < 0)
+                        goto done;
+                    known = (uint32_t)r;
+                }
+                base = pos;
+                got = known - pos < want ? known - pos : want;
+                used = 0;
+                pos += got; /* the merges' further chains come after these */
+                if (pos > rx->size)
+                    goto done;
+            }
+            if (used == got)
+                continue; /* none left for it: rx_ring_full */
+            uint16_t head = avail_at(rx, 2 + ((rlast + base + used) & rx->mask));
+            used++;
             if (head >= rx->size)
                 goto done;
             desc_t d;
@@ -540,7 +762,8 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             f->rx_buf = w;
             f->rx_cap = d.len;
             f->rx_nextra = 0;
-            j++;
+            t->delivered++;
+            t->touch = 1;
             if (d.len >= f->len)
                 continue;
             /* Merged over further chains, or (no MRG_RXBUF) dropped into the reserve. */
@@ -548,17 +771,17 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
                 goto done;
             f->rx_extra = b->nextra;
             for (uint64_t cap = d.len; cap < f->len;) {
-                if (xpos == known) {
+                if (pos == known) {
                     /* pop() at its shadow index refreshes; a dry ring puts the chains
                      * in the reserve: Python's case. */
-                    Py_ssize_t r = refresh_at(rx, xpos);
-                    if (r <= (Py_ssize_t)xpos)
+                    Py_ssize_t r = refresh_at(rx, pos);
+                    if (r <= (Py_ssize_t)pos)
                         goto done;
                     known = (uint32_t)r;
                 }
-                if (b->nextra == MAX_EXTRA || xpos >= rx->size)
+                if (b->nextra == MAX_EXTRA || pos >= rx->size)
                     goto done;
-                uint16_t xh = avail_at(rx, 2 + ((rlast + xpos) & rx->mask));
+                uint16_t xh = avail_at(rx, 2 + ((rlast + pos) & rx->mask));
                 if (xh >= rx->size)
                     goto done;
                 desc_t x;
@@ -573,12 +796,11 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
                 e->cap = x.len;
                 e->head = xh;
                 cap += x.len;
-                xpos++;
+                pos++;
             }
             f->rx_nextra = b->nextra - f->rx_extra;
         }
-        t->delivered = got;
-        t->chains = got + (xpos - got);
+        t->chains = pos;
     }
     /* No RX buffer may overlap a ring of this burst: then no copy can change what
      * was read, nor be changed by the used-ring writes, whatever their order. */
@@ -599,30 +821,53 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
         }
     }
 
+    /* With frames delivered alone, Python reads later frames' headers after earlier
+     * frames were written: no RX buffer may overlap a TX buffer of the burst then. */
+    if (multi && tx_rx_overlap(b, n))
+        goto done;
+
     /* Python ran in between (fast_rx, _refresh_avail): the pointers are only good
      * if no memory table changed meanwhile. */
     for (int di = -1; di < b->ndsts; di++)
         if (!regions_current(di < 0 ? tx : (SplitCore *)b->dsts[di].core))
             goto done;
 
-    /* Decided: now the writes, in the Python loop's order. */
-    for (int di = 0; di < b->ndsts; di++) {
-        dst_t *t = &b->dsts[di];
-        for (Py_ssize_t k = 0; k < n; k++) {
-            frame_t *f = &b->frames[k];
-            if (f->dst != di || !f->rx_buf)
-                continue;
-            t->bytes += f->len - (uint32_t)hs;
-            if (!f->rx_nextra) {
-                memmove(f->rx_buf, f->buf, f->len); /* memoryview slice assignment */
-                if (hs == 12) {
-                    f->rx_buf[10] = 1; /* num_buffers = 1 */
-                    f->rx_buf[11] = 0;
-                }
-                continue;
-            }
-            merge(f, b->extras + f->rx_extra);
+    /* Decided: now the writes, in the Python loop's order: per group, the
+     * destinations in order of first appearance (deliver_batch per batch), each
+     * one's frames in ring order. */
+    for (Py_ssize_t k = 0; k < n;) {
+        if (b->frames[k].dst < 0) {
+            k++;
+            continue;
         }
+        uint32_t g = b->frames[k].group;
+        Py_ssize_t e = k + 1;
+        while (e < n && (b->frames[e].dst < 0 || b->frames[e].group == g))
+            e++;
+        uint32_t done_mask = 0; /* MAX_DSTS <= 32 */
+        for (Py_ssize_t q = k; q < e; q++) {
+            int di = b->frames[q].dst;
+            if (di < 0 || done_mask >> di & 1)
+                continue;
+            done_mask |= 1u << di;
+            dst_t *t = &b->dsts[di];
+            for (Py_ssize_t r = q; r < e; r++) {
+                frame_t *f = &b->frames[r];
+                if (f->dst != di || !f->rx_buf)
+                    continue;
+                t->bytes += f->len - (uint32_t)hs;
+                if (!f->rx_nextra && !f->multi) {
+                    memmove(f->rx_buf, f->buf, f->len); /* memoryview slice assignment */
+                    if (hs == 12) {
+                        f->rx_buf[10] = 1; /* num_buffers = 1 */
+                        f->rx_buf[11] = 0;
+                    }
+                    continue;
+                }
+                scatter(f, b->extras + f->rx_extra, b->segs, (uint32_t)hs);
+            }
+        }
+        k = e;
     }
     uint32_t used = (uint32_t)tx->used_idx;
     for (Py_ssize_t k = 0; k < n; k++)
@@ -670,8 +915,9 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
     }
     for (int di = 0; di < b->ndsts; di++) {
         dst_t *t = &b->dsts[di];
-        PyObject *item = Py_BuildValue("(OOIKI)", t->port, t->queue, t->delivered,
-                                       (unsigned long long)t->bytes, t->frames - t->delivered);
+        PyObject *item = Py_BuildValue("(OOIKIO)", t->port, t->queue, t->delivered,
+                                       (unsigned long long)t->bytes, t->frames - t->delivered,
+                                       t->touch ? Py_True : Py_False);
         if (!item) {
             Py_DECREF(out);
             rc = ERROR;

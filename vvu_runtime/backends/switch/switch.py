@@ -683,13 +683,14 @@ class Switch:
                                  res[3:7], strict=True):
                 if n:
                     counters.drop(reason, n)
-        for dst, queue, delivered, nbytes, full in res[7]:
+        for dst, queue, delivered, nbytes, full, touch in res[7]:
             c = dst.counters
             c.out_packets += delivered
             c.out_bytes += nbytes
             if full:
                 c.drop(Drop.RX_RING_FULL, full)
-            self.touch(queue)
+            if touch:
+                self.touch(queue)
 
     @staticmethod
     def _flush_batches(batches: dict[ForwardingPort, list[memoryview]],
@@ -898,9 +899,10 @@ class Clock(Protocol):
 
 #: What ``_forward_c.forward_burst`` returns for a burst it forwarded: chains,
 #: packets, bytes, runt, oversize, bad_source, hairpin, per destination
-#: (port, queue, delivered, payload bytes, rx_ring_full), and frames with a GSO type.
+#: (port, queue, delivered, payload bytes, rx_ring_full, whether Python would have
+#: touched the queue), and frames with a GSO type.
 BurstResult = tuple[int, int, int, int, int, int, int,
-                    list[tuple[ForwardingPort, "Touchable", int, int, int]], int]
+                    list[tuple[ForwardingPort, "Touchable", int, int, int, bool]], int]
 
 
 class StatusSource(Protocol):
