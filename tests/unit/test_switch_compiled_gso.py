@@ -102,8 +102,8 @@ def send_pieces(g: Guest, data: bytes, kind: str) -> None:
     or ``ind-SHAPE`` (an indirect table), SHAPE one of two/three/frags/tiny, with an
     optional ``+FAULT``: zero (an empty descriptor in the middle), empty (an empty
     last one: one readable buffer left), writable, hole (a buffer outside memory),
-    loop, link (a next past the table), and for tables nested, next (INDIRECT|NEXT),
-    badlen, tablehole (the table outside memory)."""
+    loop, link (the first descriptor's next is past the table), and for tables
+    nested, next (INDIRECT|NEXT), badlen, tablehole (the table outside memory)."""
     how, _, fault = kind.partition("+")
     where, shape = how.split("-")
     buf = g.gpa + g.next_tx_buf
@@ -113,7 +113,7 @@ def send_pieces(g: Guest, data: bytes, kind: str) -> None:
         pieces.append([buf + off, c, 0])
         off += c
     table_at = buf + -(-len(data) // 16) * 16
-    g.next_tx_buf += -(-(len(data) + 16 * (len(pieces) + 2)) // 64) * 64
+    g.next_tx_buf += -(-(len(data) + 16 * (len(pieces) + 8)) // 64) * 64
     if g.next_tx_buf + 70 * 1024 > g.big:
         g.next_tx_buf = g.tx_bufs
     if fault == "zero":
@@ -130,20 +130,27 @@ def send_pieces(g: Guest, data: bytes, kind: str) -> None:
     for k, (addr, length, flags) in enumerate(pieces):
         last = k == len(pieces) - 1
         nxt = idx[0] if last and fault == "loop" else idx[k + 1] if not last else 0
-        if fault == "link" and last:
+        if fault == "link" and k == 0:
+            # Past the table from the first descriptor: the rest is never reached.
             nxt = (1 << 15) if where == "chain" else len(pieces) + 3
-        link = not last or fault in ("loop", "link")
+        link = not last or fault == "loop"
         descs.append((idx[k], addr, length, flags | (NEXT if link else 0), nxt))
     if where == "chain":
         for i, addr, length, flags, nxt in descs:
             g.desc(1, i, addr, length, flags, nxt)
         g.publish(1, idx[0])
         return
+    # Room for the table, a nested one and the entry a bad link names: the ones a
+    # walk must not follow hold well-formed descriptors, so following them shows.
+    room = g.view(table_at, 16 * (len(descs) + 5))
+    room[:] = bytes(len(room))
     if fault == "nested":
-        descs[-1] = (descs[-1][0], table_at, 16, INDIRECT, 0)
-    table = g.view(table_at, 16 * len(descs))
+        i, addr, length, flags, nxt = descs[-1]
+        nested = table_at + 16 * (len(descs) + 4)
+        DESC.pack_into(room, 16 * (len(descs) + 4), addr, length, flags & ~NEXT, 0)
+        descs[-1] = (i, nested, 16, INDIRECT, 0)
     for i, addr, length, flags, nxt in descs:
-        DESC.pack_into(table, 16 * i, addr, length, flags, nxt)
+        DESC.pack_into(room, 16 * i, addr, length, flags, nxt)
     head = g.alloc_desc(1)
     length = 16 * len(descs) + (3 if fault == "badlen" else 0)
     g.desc(1, head, HOLE if fault == "tablehole" else table_at, length,
