@@ -15,8 +15,13 @@ Cases:
 * 64 B frames, sender → receiver (unicast, learned): packets per second;
 * 64 KiB TCP segments with TSO on both ends (passed through whole, the receiver
   using 4 KiB mergeable buffers): Gbit/s of frame bytes;
+* the same, each segment in one receive buffer (``64k-1buf``);
 * the same 64 KiB segments to a receiver without TSO/GUEST_CSUM: the switch
   segments and checksums in software (the slow path): Gbit/s.
+
+With ``--pure`` every case runs a second time against a switch with
+``VVU_PURE_PYTHON=1`` (its forwarding loop and rings in Python), and the
+ratios compiled / pure are printed, raw and per switch CPU-second.
 
 Then a cProfile of the switch under the 64 B load (a separate, shorter run:
 profiling slows it down) shows where the time goes.
@@ -33,7 +38,7 @@ target that forwards nothing in the measured window is an error (exit 1) with
 the target's own output, not a rate of zero. ``--json`` writes the results.
 
     .venv/bin/python benchmarks/switch_bench.py [--duration 5] [--no-profile] [--only 64]
-        [--no-peer | --require-peer] [--peer testpmd|ovs-dpdk] [--json results.json]
+        [--no-peer | --require-peer] [--peer testpmd|ovs-dpdk] [--pure] [--json results.json]
 """
 
 from __future__ import annotations
@@ -384,7 +389,8 @@ FIRST_FRAME_TIMEOUT = 20.0
 BUSY_POLL_USEC = 0.0
 
 
-def start_switch(tmp: Path, profile: Path | None, cpu: int | None) -> subprocess.Popen[bytes]:
+def start_switch(tmp: Path, profile: Path | None, cpu: int | None,
+                 pure: bool = False) -> subprocess.Popen[bytes]:
     cmd = [sys.executable]
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
@@ -392,8 +398,9 @@ def start_switch(tmp: Path, profile: Path | None, cpu: int | None) -> subprocess
             "--port", f"tx={tmp / 'tx.sock'}", "--port", f"rx={tmp / 'rx.sock'}",
             "--queue-size", str(QUEUE_SIZE), "--status-file", str(tmp / "status.json"),
             "--busy-poll", str(BUSY_POLL_USEC), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, cwd=REPO, preexec_fn=(lambda: _pin(cpu)) if cpu is not None
-                            else None)
+    env = {**os.environ, "VVU_PURE_PYTHON": "1"} if pure else None
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env,
+                            preexec_fn=(lambda: _pin(cpu)) if cpu is not None else None)
     deadline = time.monotonic() + 20
     while not ((tmp / "tx.sock").exists() and (tmp / "rx.sock").exists()):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -413,8 +420,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None = None,
-             peer: Peer | None = None) -> Result:
-    """One measurement: against a fresh vvu-switch, or against a started ``peer``.
+             peer: Peer | None = None, pure: bool = False) -> Result:
+    """One measurement: against a fresh vvu-switch (``pure``: in pure Python), or
+    against a started ``peer``.
 
     Raises :class:`PeerError` if the receiving guest got nothing in the
     measured window: a rate of zero would only move the failure to a division.
@@ -432,7 +440,7 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
         forwarded = None
         try:
             if peer is None:
-                proc = start_switch(tmp, profile, switch_cpu)
+                proc = start_switch(tmp, profile, switch_cpu, pure)
                 tx_path, rx_path = str(tmp / "tx.sock"), str(tmp / "rx.sock")
                 pid = proc.pid
             else:
@@ -477,7 +485,7 @@ def run_case(case: Case, duration: float, warmup: float, *, profile: Path | None
                         drops = status["ports"]["rx"]["drops"]
                         forwarded = int(status["ports"]["rx"]["out_packets"])
                 stop_process(proc)
-    target = "vvu-switch" if peer is None else peer.name
+    target = ("vvu-switch pure" if pure else "vvu-switch") if peer is None else peer.name
     dt = t1 - t0
     return window_result(target, case, dt, int(f1 - f0), int(b1 - b0), int(s1 - s0),
                          (c1 - c0) / dt, (g1 - g0) / dt, drops, forwarded, warmup)
@@ -555,10 +563,24 @@ PEERS = (("testpmd", find_testpmd, run_testpmd), ("ovs-dpdk", find_ovs_dpdk, run
 
 # --------------------------------------------------------------------- in-process micro
 
-def micro(case: Case, seconds: float, profile: bool = False) -> float:
+def micro(case: Case, seconds: float, profile: bool = False, pure: bool = False) -> float:
     """The switch's forwarding path alone, in this process, on real split rings and
     Vrings over a memfd: the driver side is index stores between timed bursts.
-    Returns frames per second; prints a profile with ``profile``."""
+    Returns frames per second; prints a profile with ``profile``. ``pure``: the
+    rings and the switch built with ``VVU_PURE_PYTHON=1``."""
+    saved = os.environ.get("VVU_PURE_PYTHON")
+    if pure:
+        os.environ["VVU_PURE_PYTHON"] = "1"
+    try:
+        return _micro(case, seconds, profile)
+    finally:
+        if saved is None:
+            os.environ.pop("VVU_PURE_PYTHON", None)
+        else:
+            os.environ["VVU_PURE_PYTHON"] = saved
+
+
+def _micro(case: Case, seconds: float, profile: bool) -> float:
     import cProfile
 
     from vvu_runtime.backends.switch.port import SwitchPort
@@ -718,6 +740,9 @@ def main() -> int:
     p.add_argument("--peer", choices=[name for name, _, _ in PEERS], action="append",
                    help="run only these peers (repeat; default: all)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--pure", action="store_true",
+                   help="also run each case against vvu-switch in pure Python "
+                        "(VVU_PURE_PYTHON=1) and print the ratios compiled / pure")
     p.add_argument("--busy-poll", type=float, default=0.0, metavar="USEC",
                    help="run vvu-switch with --busy-poll USEC")
     p.add_argument("--micro", action="store_true",
@@ -728,10 +753,16 @@ def main() -> int:
     if args.micro:
         for key in args.only or list(cases()):
             c = cases()[key]
-            fps = micro(c, args.duration)
-            rate = f"{fps / 1e6:.3f} Mpps" if c.unit == "Mpps" else \
-                f"{fps * len(c.frame) * 8 / 1e9:.2f} Gbit/s"
-            print(f"micro {c.name:<36} {fps:>12,.0f} frames/s  {rate}")
+            variants = (False, True) if args.pure else (False,)
+            got = {}
+            for pure in variants:
+                fps = got[pure] = micro(c, args.duration, pure=pure)
+                rate = f"{fps / 1e6:.3f} Mpps" if c.unit == "Mpps" else \
+                    f"{fps * len(c.frame) * 8 / 1e9:.2f} Gbit/s"
+                label = f"{c.name}{' (pure)' if pure else ''}"
+                print(f"micro {label:<43} {fps:>12,.0f} frames/s  {rate} per core")
+            if args.pure:
+                print(f"micro {c.name}: compiled / pure {got[False] / got[True]:.2f}x")
         if not args.no_profile:
             micro(cases()["64"], min(args.duration, 2.0), profile=True)
         return 0
@@ -745,15 +776,21 @@ def main() -> int:
     # A target that forwards nothing is reported and the run goes on (the other
     # rows are still worth having), but the exit status says it failed.
     failures: list[str] = []
+    pure_pairs: list[tuple[Result, Result]] = []
     for key in chosen:
-        try:
-            res = run_case(all_cases[key], args.duration, args.warmup)
-        except PeerError as e:
-            failures.append(str(e))
-            print(f"\nerror: {e}")
-            continue
-        results.append(res)
-        print_table([res])
+        row: dict[bool, Result] = {}
+        for pure in (False, True) if args.pure else (False,):
+            try:
+                res = run_case(all_cases[key], args.duration, args.warmup, pure=pure)
+            except PeerError as e:
+                failures.append(str(e))
+                print(f"\nerror: {e}")
+                continue
+            row[pure] = res
+            results.append(res)
+            print_table([res])
+        if len(row) == 2:
+            pure_pairs.append((row[False], row[True]))
     peers: list[Result] = []
     for name, find, run in PEERS:
         if "64" not in chosen or args.no_peer or (args.peer and name not in args.peer):
@@ -782,6 +819,10 @@ def main() -> int:
         print(f"\nvvu-switch / {peer.target} at 64 B: {ours.rate / peer.rate:.3f} in Mpps, "
               f"{ours.per_cpu / peer.per_cpu:.3f} in Mpps per forwarding CPU-second "
               f"({ours.per_cpu:.3f} vs {peer.per_cpu:.3f})")
+    for comp, pure_res in pure_pairs:
+        print(f"\n{comp.case.name}: compiled / pure {comp.rate / pure_res.rate:.2f}x raw, "
+              f"{comp.per_cpu / pure_res.per_cpu:.2f}x per switch CPU-second "
+              f"({comp.per_cpu:.3f} vs {pure_res.per_cpu:.3f} {comp.case.unit} per core)")
     print(f"after the runs: {load_average()}")
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -727,8 +727,8 @@ static PyObject *forward_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, 
             if (f->group != cur) {
                 /* A pop_many(k) (or pop(): k = 1) where Python's loop makes it. */
                 cur = f->group;
-                uint32_t want = 0;
-                for (Py_ssize_t q = k; q < n; q++)
+                uint32_t want = multi ? 0 : t->frames; /* one group: all of them */
+                for (Py_ssize_t q = k; multi && q < n; q++)
                     want += b->frames[q].dst == di && b->frames[q].group == cur;
                 if (!f->multi)
                     t->touch = 1; /* deliver_batch touches the queue in any case */
