@@ -2,30 +2,44 @@
  * Compiled burst of vvu-switch's forwarding loop (Switch.forward_chains).
  *
  * switch.py stays the reference: this module forwards one whole burst of a TX
- * ring only when every frame in it is one the Python loop would handle without
- * leaving its inlined fast path, and then with the same results: each frame a
- * single readable descriptor, no offload bits beyond a NEEDS_CSUM the sender
- * negotiated and the destination accepts, a source address already learned on
- * this port, a learned, unexpired unicast destination on another port whose
- * single RX ring can take plain batches (SwitchPort.fast_rx), and RX chains of
- * one writable descriptor large enough for the frame. Runts, oversize frames,
- * bad sources and hairpins are counted as Python counts them; frames without
- * an RX chain count as rx_ring_full. For anything else (a chain of several
- * descriptors, a bad descriptor, an index jump, multicast, an unknown or aged
+ * ring only when every frame in it is one the Python loop would forward to a
+ * port's single RX ring (SwitchPort.fast_rx) without the slow path, and then
+ * with the same results:
+ *  - TX: a single readable descriptor, or a chain of readable descriptors in the
+ *    ring or through one indirect table (walked with split.py's rules: any rule
+ *    broken, any writable buffer, and Python walks it), as Linux sends a TSO
+ *    frame;
+ *  - header: no flags, or NEEDS_CSUM and a GSO type (TSO4/6, ECN, USO, UFO) that
+ *    the sender negotiated (send_gso) and the destination accepts as they are
+ *    (accept_csum, accept_gso): the header is passed through unchanged, as
+ *    deliver_batch / deliver_plain pass it;
+ *  - a source already learned on this port, a learned, unexpired unicast
+ *    destination on another port;
+ *  - RX chains of one writable descriptor: the frame in one, or, with MRG_RXBUF,
+ *    merged over several (num_buffers), in the order deliver_batch and _write pop
+ *    and fill them.
+ * Runts, oversize frames, bad sources and hairpins are counted as Python counts
+ * them; frames without an RX chain count as rx_ring_full. For anything else (a
+ * bad descriptor or chain, an index jump, multicast, an unknown or aged
  * destination, an address to learn or move, an offload to do in software, an
- * RX buffer that is too small, dirty logging...) it changes nothing and returns
- * None: the caller runs the Python burst, which then does what it always did,
- * failing rings and raising as before. So every error comes from the Python
- * code, and tests/unit/test_switch_compiled.py runs both on the same inputs.
+ * RX buffer too small without MRG_RXBUF, a ring that runs dry in the middle of
+ * a merged frame, dirty logging...) it changes nothing and returns None: the
+ * caller runs the Python burst, which then does what it always did, failing
+ * rings and raising as before. So every error comes from the Python code, and
+ * tests/unit/test_switch_compiled.py and test_switch_compiled_gso.py run both
+ * on the same inputs.
  *
  * Everything is decided before anything is written: the TX avail entries, every
  * descriptor (read once, only the copy used), the FDB entries and the RX chains
- * of every destination. Then, in the order of the Python loop: frame copies per
- * destination (in order of first appearance, frames in ring order), the TX used
- * elements and index, the RX used elements and index of each destination, the
- * FDB `seen` stamps. An RX buffer that overlaps any ring it could disturb is
- * refused (deferred): with that, the order of these writes cannot be observed
- * by the rings read in this burst.
+ * of every destination (refreshing each RX avail index where Python's pops
+ * would). Then, in the order of the Python loop: frame copies per group of
+ * deliveries between its flushes (a multi-descriptor frame is delivered alone),
+ * per destination in order of first appearance, frames in ring order; the TX
+ * used elements and index, the RX used elements and index of each destination,
+ * the FDB `seen` stamps. An RX buffer that overlaps any ring it could disturb is
+ * refused (deferred), and so is one over a TX buffer when frames are delivered
+ * alone (Python reads later headers after earlier copies then): with that, the
+ * order of these writes cannot be observed by what is read in this burst.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
