@@ -57,12 +57,12 @@ if str(REPO) not in sys.path:
 
 from benchmarks.guest_output import parse_dd, parse_times, timed  # noqa: E402
 from benchmarks.host_daemon import HostDaemon  # noqa: E402
-from benchmarks.process_cpu import proc_cpu  # noqa: E402
+from benchmarks.process_cpu import proc_cpu, tree_cpu  # noqa: E402
 from benchmarks.ratio_table import Cell, Column, ratio, render_table  # noqa: E402
 from benchmarks.vvu_bench import (  # noqa: E402
     appliance_shell,
     appliance_vm,
-    guest_pid,
+    guest_pids,
     guest_proc_cpu,
     vvu_functions,
 )
@@ -177,17 +177,21 @@ class Probe:
     """CPU seconds of host processes and of processes in the appliance (on its CPU)."""
 
     def __init__(self, processes: dict[str, int | None],
-                 guest: tuple[ApplianceMachine, dict[str, int | None], int] | None = None
-                 ) -> None:
+                 guest: tuple[ApplianceMachine, dict[str, Sequence[int]], int] | None = None,
+                 trees: dict[str, int | None] | None = None) -> None:
         self.processes = processes
         self.guest = guest
+        #: Host processes counted with everything below them: the host virtiofsd
+        #: runs under mkosi sandbox, and serves from a child of its namespace sandbox.
+        self.trees = trees or {}
 
     def snapshot(self) -> dict[str, float]:
         cpu = {name: proc_cpu(pid) for name, pid in self.processes.items()}
+        cpu |= {name: tree_cpu(pid) for name, pid in self.trees.items()}
         if self.guest is not None:
             vm, pids, tick = self.guest
-            for name, pid in pids.items():
-                cpu[f"{name}*"] = guest_proc_cpu(vm, pid, tick)
+            for name, some in pids.items():
+                cpu[f"{name}*"] = sum(guest_proc_cpu(vm, p, tick) for p in some)
         return cpu
 
 
@@ -265,7 +269,8 @@ def fs_host(tc: Toolchain, consumer: ApplianceImage, work: Path, plan: Sequence[
         with HostDaemon(tc.command, argv, sock, work / "virtiofsd-host.log") as fsd, \
                 consumer_vm(tc, consumer, sock, None) as vm:
             say(f"host: consumer up; virtiofsd pid {fsd.pid}")
-            probe = Probe({"consumer QEMU": vm.qemu_pid, "virtiofsd (host)": fsd.pid})
+            assert fsd.proc is not None
+            probe = Probe({"consumer QEMU": vm.qemu_pid}, trees={"virtiofsd (host)": fsd.proc.pid})
             return run_phases("host", vm.console, plan, probe,
                               lambda name: (share / name).stat().st_size)
 
@@ -293,7 +298,10 @@ def fs_appliance(tc: Toolchain, consumer: ApplianceImage, work: Path,
         try:
             with consumer_vm(tc, consumer, link.vhost_socket, link.ram_file) as vm:
                 say("appliance: consumer up")
-                guest = {"vvu-proxy": proxy.pid, "appl virtiofsd": guest_pid(avm, "virtiofsd")}
+                assert proxy.pid is not None
+                # virtiofsd's namespace sandbox: a waiting parent and the serving child.
+                guest: dict[str, Sequence[int]] = {
+                    "vvu-proxy": [proxy.pid], "appl virtiofsd": guest_pids(avm, "virtiofsd")}
                 probe = Probe({"consumer QEMU": vm.qemu_pid, "vvu-devd": devd.pid,
                                "appliance QEMU": avm.qemu_pid}, (avm, guest, tick))
 

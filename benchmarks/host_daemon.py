@@ -28,6 +28,15 @@ __all__ = ["DaemonError", "HostDaemon"]
 Launcher = Callable[[Sequence[str]], list[str]]
 
 
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (which init reaps, not us)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 class DaemonError(RuntimeError):
     """The daemon did not come up; the message carries its command and output."""
 
@@ -75,10 +84,12 @@ class HostDaemon:
                     raise DaemonError(f"{self.name} exited ({self.proc.returncode}) before "
                                       f"{self.socket} appeared; command: "
                                       f"{' '.join(self.command)}\n{self.log_tail()}")
-                if self.pid is None:
+                # Looked up once the socket exists: before its exec, a freshly forked
+                # wrapper still carries its parent's name, which may be the daemon's.
+                if self.socket.exists():
                     self.pid = find_descendant(self.proc.pid, self.argv[0])
-                if self.pid is not None and self.socket.exists():
-                    return
+                    if self.pid is not None:
+                        return
                 if time.monotonic() > deadline:
                     raise DaemonError(f"{self.name} did not create {self.socket} within "
                                       f"{self.start_timeout:g} s\n{self.log_tail()}")
@@ -102,6 +113,10 @@ class HostDaemon:
         # The group outlives its leader if the daemon ignored mkosi's signal.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        # The daemon is not our child (its wrapper is): wait until it is really gone.
+        deadline = time.monotonic() + 5.0
+        while self.pid is not None and _running(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         return proc.returncode

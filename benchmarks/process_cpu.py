@@ -25,6 +25,7 @@ __all__ = [
     "descendants",
     "find_descendant",
     "proc_cpu",
+    "tree_cpu",
 ]
 
 #: The host's clock tick (utime and stime in /proc/PID/stat count these).
@@ -63,6 +64,15 @@ def proc_cpu(pid: int | None) -> float:
             return cpu_ticks(f.read()) / TICK
     except (OSError, StatError):
         return 0.0
+
+
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds of ``pid`` and every live process below it: a daemon started
+    through a wrapper, or one that forks its workers (virtiofsd's namespace
+    sandbox serves from a child while the parent waits)."""
+    if pid is None:
+        return 0.0
+    return sum(proc_cpu(p) for p in descendants(pid))
 
 
 def _children(pid: int) -> list[int]:

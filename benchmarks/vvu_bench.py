@@ -67,7 +67,7 @@ from benchmarks.guest_output import (  # noqa: E402
     timed,
 )
 from benchmarks.host_daemon import HostDaemon  # noqa: E402
-from benchmarks.process_cpu import StatError, cpu_ticks, proc_cpu  # noqa: E402
+from benchmarks.process_cpu import StatError, cpu_ticks, proc_cpu, tree_cpu  # noqa: E402
 from benchmarks.ratio_table import Column, ratio, render_table  # noqa: E402
 from vvu_runtime.appliance import qsd  # noqa: E402
 from vvu_runtime.appliance.config import Export, FileExport  # noqa: E402
@@ -236,19 +236,23 @@ class Probe:
 
     def __init__(self, processes: dict[str, int | None],
                  devd: DeviceModelProcess | None = None, device: str = "",
-                 guest: tuple[ApplianceMachine, dict[str, int | None], int] | None = None
-                 ) -> None:
+                 guest: tuple[ApplianceMachine, dict[str, Sequence[int]], int] | None = None,
+                 trees: dict[str, int | None] | None = None) -> None:
         self.processes = processes
         self.devd = devd
         self.device = device
         self.guest = guest
+        #: Host processes counted with everything below them (a tools-tree daemon's
+        #: ``mkosi sandbox`` wrapper: constant between snapshots).
+        self.trees = trees or {}
 
     def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
         cpu = {name: proc_cpu(pid) for name, pid in self.processes.items()}
+        cpu |= {name: tree_cpu(pid) for name, pid in self.trees.items()}
         if self.guest is not None:
             vm, pids, tick = self.guest
-            for name, pid in pids.items():
-                cpu[f"{name} (guest CPU)"] = guest_proc_cpu(vm, pid, tick)
+            for name, some in pids.items():
+                cpu[f"{name} (guest CPU)"] = sum(guest_proc_cpu(vm, p, tick) for p in some)
         counters: dict[str, int] = {}
         if self.devd is not None:
             row: DeviceCounters = self.devd.counters()[self.device]
@@ -315,7 +319,11 @@ def storage_host(tc: Toolchain, assets: ConsumerAssets, work: Path,
     with server, blk_consumer(tc, assets, sock, None) as vm:
         c = vm.console
         prepare(c, phases)
-        probe = Probe({"consumer QEMU": vm.qemu_pid, name: server.pid})
+        if isinstance(server, HostDaemon):
+            assert server.proc is not None
+            probe = Probe({"consumer QEMU": vm.qemu_pid}, trees={name: server.proc.pid})
+        else:
+            probe = Probe({"consumer QEMU": vm.qemu_pid, name: server.pid})
         return [run_phase(mode, c, p, probe) for p in phases]
 
 
@@ -337,9 +345,9 @@ def appliance_engine(avm: ApplianceMachine, fn: str, engine: str, direct: bool
                             "/root/vvu-blk", ready="ready for a front-end")
 
 
-def guest_pid(avm: ApplianceMachine, program: str) -> int | None:
-    out = avm.console.check(f"pidof {program} || true").split()
-    return int(out[0]) if out else None
+def guest_pids(avm: ApplianceMachine, program: str) -> list[int]:
+    """Every process of ``program`` in the appliance (a forking daemon has several)."""
+    return [int(p) for p in avm.console.check(f"pidof {program} || true").split()]
 
 
 def storage_appliance(tc: Toolchain, assets: ConsumerAssets, work: Path,
@@ -359,9 +367,10 @@ def storage_appliance(tc: Toolchain, assets: ConsumerAssets, work: Path,
         proc = appliance_engine(avm, fn, engine, direct)
         proc.start()
         try:
-            guest: dict[str, int | None] = (
-                {"vvu-proxy": proc.pid, "appl qsd": guest_pid(avm, QSD)} if engine == "qsd"
-                else {"appl vvu-blk": proc.pid})
+            assert proc.pid is not None
+            guest: dict[str, Sequence[int]] = (
+                {"vvu-proxy": [proc.pid], "appl qsd": guest_pids(avm, QSD)} if engine == "qsd"
+                else {"appl vvu-blk": [proc.pid]})
             with blk_consumer(tc, assets, link.vhost_socket, link.ram_file) as vm:
                 c = vm.console
                 prepare(c, phases)
