@@ -30,7 +30,11 @@ process on the path (consumer QEMU; virtiofsd | vvu-devd + appliance QEMU) and,
 in the appliance, of vvu-proxy and virtiofsd on its emulated CPU.
 
     .venv/bin/python benchmarks/fs_bench.py [--kib4k 4096] [--kib64k 16384] [--files 200]
-        [--cache never] [--only host,appliance] [--keep]
+        [--rounds 3] [--cache never] [--only host,appliance] [--keep]
+
+The whole workload runs ``--rounds`` times per setup; the tables show the
+median round of each phase and how far the rounds spread (on a shared
+machine single rounds are disturbed by other VMs).
 
 Needs the tool chain (``./setup``; virtiofsd is in the tools tree) and builds
 the fs and consumer images if needed. Under TCG the appliance's Python runs on
@@ -206,32 +210,49 @@ def mount_share(c: GuestConsole) -> bool:
     return rc == 0
 
 
+def median_sample(samples: Sequence[FsSample]) -> FsSample:
+    """The round whose time is the median (the lower one of an even count), with its
+    own CPU figures: a shared machine disturbs single rounds, not the middle one."""
+    if not samples:
+        raise ValueError("no samples")
+    return sorted(samples, key=lambda s: s.seconds)[(len(samples) - 1) // 2]
+
+
+def spread(samples: Sequence[FsSample]) -> float:
+    """(slowest - fastest) / median rate: how much the rounds disagreed."""
+    rates = [s.rate for s in samples]
+    return (max(rates) - min(rates)) / median_sample(samples).rate
+
+
 def run_phases(mode: str, c: GuestConsole, plan: Sequence[FsPhase], probe: Probe,
-               written: Callable[[str], int]) -> list[FsSample]:
-    """Every phase in the consumer; ``written(name)`` is the size of a file of the
-    share as the server side sees it (a write that did not reach it fails the run)."""
+               written: Callable[[str], int], rounds: int) -> list[list[FsSample]]:
+    """Every phase in the consumer, the whole plan ``rounds`` times; per phase its
+    rounds. ``written(name)`` is the size of a file of the share as the server side
+    sees it (a write that did not reach it fails the run)."""
     direct = mount_share(c)
     say(f"{mode}: virtiofs mounted; O_DIRECT {'taken' if direct else 'refused: plain dd'}")
-    samples = []
-    for p in plan:
-        c.check(p.setup(), timeout=300)
-        cpu0 = probe.snapshot()
-        out = c.check(timed(p.command(direct)), timeout=3600)
-        cpu1 = probe.snapshot()
-        if p.block:
-            done = sum(r.full for r in parse_dd(out))
-            if done != p.count:
-                raise RuntimeError(f"{mode} {p.name}: dd did {done} of {p.count} blocks: "
-                                   f"{out!r}")
-        if p.op == "write":
-            size = written(f"seq{p.block >> 10}k")
-            if size != p.nbytes:
-                raise RuntimeError(f"{mode} {p.name}: the server side has {size} bytes, "
-                                   f"the consumer wrote {p.nbytes}")
-        s = FsSample(mode, p, parse_times(out), {k: cpu1[k] - cpu0[k] for k in cpu1})
-        unit = "MB/s" if p.block else "ops/s"
-        say(f"{mode:>9}  {p.name:<13} {s.rate:9.2f} {unit}  ({s.seconds:.2f} s)")
-        samples.append(s)
+    samples: list[list[FsSample]] = [[] for _ in plan]
+    for n in range(rounds):
+        for i, p in enumerate(plan):
+            c.check(p.setup(), timeout=300)
+            cpu0 = probe.snapshot()
+            out = c.check(timed(p.command(direct)), timeout=3600)
+            cpu1 = probe.snapshot()
+            if p.block:
+                done = sum(r.full for r in parse_dd(out))
+                if done != p.count:
+                    raise RuntimeError(f"{mode} {p.name}: dd did {done} of {p.count} blocks: "
+                                       f"{out!r}")
+            if p.op == "write":
+                size = written(f"seq{p.block >> 10}k")
+                if size != p.nbytes:
+                    raise RuntimeError(f"{mode} {p.name}: the server side has {size} bytes, "
+                                       f"the consumer wrote {p.nbytes}")
+            s = FsSample(mode, p, parse_times(out), {k: cpu1[k] - cpu0[k] for k in cpu1})
+            unit = "MB/s" if p.block else "ops/s"
+            say(f"{mode:>9}  {p.name:<13} {s.rate:9.2f} {unit}  ({s.seconds:.2f} s, "
+                f"round {n + 1})")
+            samples[i].append(s)
     c.check(f"sync; umount {MOUNT}", timeout=300)
     return samples
 
@@ -262,7 +283,7 @@ def host_share() -> Iterator[Path]:
 
 
 def fs_host(tc: Toolchain, consumer: ApplianceImage, work: Path, plan: Sequence[FsPhase],
-            *, cache: str, sandbox: str) -> list[FsSample]:
+            *, cache: str, sandbox: str, rounds: int) -> list[list[FsSample]]:
     sock = work / "virtiofsd.sock"
     with host_share() as share:
         argv = virtiofsd_argv(str(sock), str(share), cache=cache, sandbox=sandbox)
@@ -272,11 +293,12 @@ def fs_host(tc: Toolchain, consumer: ApplianceImage, work: Path, plan: Sequence[
             assert fsd.proc is not None
             probe = Probe({"consumer QEMU": vm.qemu_pid}, trees={"virtiofsd (host)": fsd.proc.pid})
             return run_phases("host", vm.console, plan, probe,
-                              lambda name: (share / name).stat().st_size)
+                              lambda name: (share / name).stat().st_size, rounds)
 
 
 def fs_appliance(tc: Toolchain, consumer: ApplianceImage, work: Path,
-                 plan: Sequence[FsPhase], *, cache: str, sandbox: str) -> list[FsSample]:
+                 plan: Sequence[FsPhase], *, cache: str, sandbox: str, rounds: int
+                 ) -> list[list[FsSample]]:
     link = VvuLink.in_dir(work, "share", ram_prefix="vvu-fs-bench-")
     # virtio-fs uses 2 queues (hiprio + one request queue): as vvu-launch sizes an fs link.
     devd = DeviceModelProcess([link], work / "devd-fs.log", ram_mib=CONSUMER_MIB,
@@ -308,27 +330,35 @@ def fs_appliance(tc: Toolchain, consumer: ApplianceImage, work: Path,
                 def written(name: str) -> int:
                     return int(shell(f"stat -c %s {APPLIANCE_SHARE}/{name}").strip())
 
-                return run_phases("appliance", vm.console, plan, probe, written)
+                return run_phases("appliance", vm.console, plan, probe, written, rounds)
         finally:
             proxy.stop()
 
 
 # --------------------------------------------------------------------------- report
 
-def print_results(samples: Sequence[FsSample], plan: Sequence[FsPhase]) -> None:
-    by = {(s.mode, s.phase): s for s in samples}
+def print_results(rounds: dict[tuple[str, FsPhase], list[FsSample]],
+                  plan: Sequence[FsPhase]) -> None:
+    """Medians of the rounds, their spread, the ratios; CPU of the median rounds."""
+    by = {key: median_sample(some) for key, some in rounds.items()}
+    n = max(len(some) for some in rounds.values())
     print()
     print("virtio-fs: the consumer's workload through virtiofsd on the host and through the fs "
-          "appliance (vvu-proxy + virtiofsd); ratio = appliance / host")
-    columns = [Column("unit", "s", 7), Column("host", ".2f", 10), Column("appliance", ".2f"),
-               Column("ratio", ".3f", 8)]
+          f"appliance (vvu-proxy + virtiofsd); median of {n} rounds, spread = (max - min) / "
+          "median; ratio = appliance / host")
+    columns = [Column("unit", "s", 7), Column("host", ".2f", 10), Column("spread", ".0%", 8),
+               Column("appliance", ".2f"), Column("spread", ".0%", 8), Column("ratio", ".3f", 8)]
     rows: list[tuple[str, list[Cell]]] = []
     for p in plan:
         h, a = by.get(("host", p)), by.get(("appliance", p))
         hv, av = (h.rate if h else None), (a.rate if a else None)
-        rows.append((p.name, ["MB/s" if p.block else "ops/s", hv, av, ratio(av, hv)]))
+        hs = spread(rounds[("host", p)]) if h else None
+        as_ = spread(rounds[("appliance", p)]) if a else None
+        rows.append((p.name, ["MB/s" if p.block else "ops/s", hv, hs, av, as_,
+                              ratio(av, hv)]))
     for line in render_table("workload", columns, rows):
         print(line)
+    samples = list(by.values())
 
     print()
     print("Where the time goes: CPU microseconds per operation (dd block or file) of each "
@@ -368,13 +398,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sandbox", default="namespace", choices=["namespace", "chroot",
                                                                     "none"],
                         help="virtiofsd --sandbox on both sides (the appliance's default)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run the whole workload this many times; tables show the "
+                             "median round")
     parser.add_argument("--only", default="host,appliance",
                         help="setups to run: host, appliance or both (comma separated)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
-    if not only <= set(MODES) or min(args.kib4k, args.kib64k, args.files) <= 0:
-        parser.error("--only takes host and/or appliance; sizes must be positive")
+    if not only <= set(MODES) or min(args.kib4k, args.kib64k, args.files, args.rounds) <= 0:
+        parser.error("--only takes host and/or appliance; sizes and rounds must be positive")
     plan = phases(args.kib4k, args.kib64k, args.files)
 
     tc = Toolchain()
@@ -389,14 +422,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"work directory {work}; {os.cpu_count()} host CPUs, load "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     started = time.monotonic()
-    samples: list[FsSample] = []
+    results: dict[tuple[str, FsPhase], list[FsSample]] = {}
     try:
-        opts = {"cache": args.cache, "sandbox": args.sandbox}
         if "host" in only:
-            samples += fs_host(tc, consumer, work, plan, **opts)
+            got = fs_host(tc, consumer, work, plan, cache=args.cache, sandbox=args.sandbox,
+                          rounds=args.rounds)
+            results |= {("host", p): some for p, some in zip(plan, got, strict=True)}
         if "appliance" in only:
-            samples += fs_appliance(tc, consumer, work, plan, **opts)
-        print_results(samples, plan)
+            got = fs_appliance(tc, consumer, work, plan, cache=args.cache,
+                               sandbox=args.sandbox, rounds=args.rounds)
+            results |= {("appliance", p): some for p, some in zip(plan, got, strict=True)}
+        print_results(results, plan)
     finally:
         say(f"done in {time.monotonic() - started:.0f} s; load "
             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -330,3 +330,16 @@ def test_fs_workload_commands() -> None:
     assert fs_bench.virtiofsd_argv("/s.sock", "/d", cache="never", sandbox="none") == [
         "/usr/libexec/virtiofsd", "--socket-path=/s.sock", "--shared-dir=/d", "--cache=never",
         "--sandbox=none"]
+
+
+def test_fs_rounds_report_the_median_round_and_their_spread() -> None:
+    phase = fs_bench.FsPhase("create", 100)
+    rounds = [fs_bench.FsSample("host", phase, s, {"virtiofsd": c})
+              for s, c in ((2.0, 0.2), (1.0, 0.1), (4.0, 0.4), (1.25, 0.125))]
+    middle = fs_bench.median_sample(rounds)
+    assert (middle.seconds, middle.cpu) == (1.25, {"virtiofsd": 0.125})  # the lower middle
+    assert fs_bench.median_sample(rounds[:3]).seconds == 2.0
+    # rates 50, 100, 25, 80 ops/s: (100 - 25) / 80
+    assert fs_bench.spread(rounds) == pytest.approx(75 / 80)
+    with pytest.raises(ValueError):
+        fs_bench.median_sample([])
