@@ -341,5 +341,7 @@ def test_fs_rounds_report_the_median_round_and_their_spread() -> None:
     assert fs_bench.median_sample(rounds[:3]).seconds == 2.0
     # rates 50, 100, 25, 80 ops/s: (100 - 25) / 80
     assert fs_bench.spread(rounds) == pytest.approx(75 / 80)
+    assert fs_bench.best_rate(rounds) == 100.0
+    assert fs_bench.best_rate([]) is None
     with pytest.raises(ValueError):
         fs_bench.median_sample([])
