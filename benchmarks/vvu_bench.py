@@ -22,7 +22,16 @@ one vvu-devd: ping RTT and the throughput of a busybox nc transfer, with kicks
 and doorbells per packet.
 
     .venv/bin/python benchmarks/vvu_bench.py [--only storage,switch] [--mib4k 8] [--mib64k 32]
-        [--doorbell-bypass] [--direct]
+        [--doorbell-bypass] [--direct] [--engines vvu-blk,qsd]
+
+``--engines vvu-blk,qsd`` measures four storage setups with the same consumer
+workload: vvu-blk and qemu-storage-daemon (the tools tree's, one
+vhost-user-blk export of a raw file, ``appliance/qsd.py``'s command line) on
+the host, and the same two in the storage appliance, qemu-storage-daemon
+there behind ``vvu-proxy`` (the appliance's ``engine: qsd``). It adds a table
+of their IOPS and ratios (appl-qsd / appl-vvu-blk, host-qsd / host-vvu-blk,
+appliance / host per engine); the CPU table then also has the host qsd, and
+vvu-proxy and qsd on the appliance's CPU.
 
 ``--doorbell-bypass`` runs the appliance side with the doorbell companion
 (vvu-devd ``--doorbell-socket`` and an ``ivshmem-doorbell`` in the appliance):
@@ -51,6 +60,17 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.guest_output import (  # noqa: E402
+    block_requests,
+    parse_dd,
+    parse_times,
+    timed,
+)
+from benchmarks.host_daemon import HostDaemon  # noqa: E402
+from benchmarks.process_cpu import StatError, cpu_ticks, proc_cpu, tree_cpu  # noqa: E402
+from benchmarks.ratio_table import Column, ratio, render_table  # noqa: E402
+from vvu_runtime.appliance import qsd  # noqa: E402
+from vvu_runtime.appliance.config import Export, FileExport  # noqa: E402
 from vvu_runtime.launch.appliance import ApplianceMachine, build_appliance  # noqa: E402
 from vvu_runtime.launch.initramfs import ConsumerAssets, consumer_assets  # noqa: E402
 from vvu_runtime.launch.machine import GuestConsole, QemuMachine  # noqa: E402
@@ -73,21 +93,15 @@ CONSUMER_MIB = 256
 #: vvu-devd's default --max-queues; the companion has one vector more (devd's fence).
 DEVD_MAX_QUEUES = 64
 DISK_MIB = 128
-TICK = os.sysconf("SC_CLK_TCK")
+#: The storage engines --engines can name: vvu's own, and qemu-storage-daemon (a
+#: host process in host mode; behind vvu-proxy in the appliance, appliance/qsd.py).
+ENGINES = ("vvu-blk", "qsd")
+#: Mode names of each engine's two setups (vvu-blk's are the historical ones).
+MODES = {"vvu-blk": ("host", "appliance"), "qsd": ("host-qsd", "appl-qsd")}
+QSD = "qemu-storage-daemon"
 
 
 # --------------------------------------------------------------------------- helpers
-
-def proc_cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) of one host process and its threads so far."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
-
 
 def say(msg: str) -> None:
     print(f"vvu_bench: {msg}", file=sys.stderr, flush=True)
@@ -153,10 +167,10 @@ def guest_proc_cpu(vm: ApplianceMachine, pid: int | None, tick: int) -> float:
     if pid is None:
         return 0.0
     out = vm.console.check(f"cat /proc/{pid}/stat 2>/dev/null || true").strip()
-    if ")" not in out:
-        return 0.0
-    fields = out.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / tick
+    try:
+        return cpu_ticks(out) / tick
+    except StatError:
+        return 0.0  # it is gone
 
 
 # --------------------------------------------------------------------------- storage
@@ -189,8 +203,7 @@ class Phase:
                            f"skip={j * n} iflag=direct")
         run = dds[0] + " 2>&1" if self.jobs == 1 else \
             " ".join(f"( {dd} 2>&1 ) &" for dd in dds) + " wait"
-        return (f"t0=$(cut -d' ' -f1 /proc/uptime); {run}; "
-                "echo TIMES $t0 $(cut -d' ' -f1 /proc/uptime)")
+        return timed(run)
 
 
 @dataclass
@@ -214,26 +227,32 @@ class Sample:
 
 
 def _blk_stat(c: GuestConsole) -> int:
-    f = [int(x) for x in c.check("cat /sys/block/vda/stat").split()]
-    return f[0] + f[4] + (f[14] if len(f) > 14 else 0)
+    return block_requests(c.check("cat /sys/block/vda/stat"))
 
 
 class Probe:
-    """What to read around each phase: host processes, vvu-devd, the appliance."""
+    """What to read around each phase: host processes, vvu-devd, the appliance's
+    processes (name -> pid there, read on its emulated CPU)."""
 
     def __init__(self, processes: dict[str, int | None],
                  devd: DeviceModelProcess | None = None, device: str = "",
-                 guest: tuple[ApplianceMachine, int | None, int] | None = None) -> None:
+                 guest: tuple[ApplianceMachine, dict[str, Sequence[int]], int] | None = None,
+                 trees: dict[str, int | None] | None = None) -> None:
         self.processes = processes
         self.devd = devd
         self.device = device
         self.guest = guest
+        #: Host processes counted with everything below them (a tools-tree daemon's
+        #: ``mkosi sandbox`` wrapper: constant between snapshots).
+        self.trees = trees or {}
 
     def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
         cpu = {name: proc_cpu(pid) for name, pid in self.processes.items()}
+        cpu |= {name: tree_cpu(pid) for name, pid in self.trees.items()}
         if self.guest is not None:
-            vm, pid, tick = self.guest
-            cpu["vvu-blk in appliance (guest CPU)"] = guest_proc_cpu(vm, pid, tick)
+            vm, pids, tick = self.guest
+            for name, some in pids.items():
+                cpu[f"{name} (guest CPU)"] = sum(guest_proc_cpu(vm, p, tick) for p in some)
         counters: dict[str, int] = {}
         if self.devd is not None:
             row: DeviceCounters = self.devd.counters()[self.device]
@@ -248,11 +267,10 @@ def run_phase(mode: str, c: GuestConsole, phase: Phase, probe: Probe) -> Sample:
     out = c.check(phase.command(), timeout=3600)
     cpu1, cnt1 = probe.snapshot()
     ios1, irq1 = _blk_stat(c), guest_irqs(c)
-    m = re.search(r"TIMES ([0-9.]+) ([0-9.]+)", out)
-    done = sum(int(n) for n in re.findall(r"(\d+)\+0 records out", out))
-    if not m or done != phase.count:
+    done = sum(r.full for r in parse_dd(out))
+    if done != phase.count:
         raise RuntimeError(f"dd did not complete {phase.count} blocks: {out!r}")
-    seconds = float(m.group(2)) - float(m.group(1))
+    seconds = parse_times(out)
     s = Sample(mode, phase, seconds, phase.count * phase.block, ios1 - ios0, irq1 - irq0,
                {k: cpu1[k] - cpu0[k] for k in cpu1},
                {k: cnt1[k] - cnt0.get(k, 0) for k in cnt1})
@@ -271,50 +289,97 @@ def prepare(c: GuestConsole, phases: Sequence[Phase]) -> None:
             timeout=300)
 
 
+def qsd_export(image: str) -> Export:
+    """The export qemu-storage-daemon serves, in host mode and in the appliance alike
+    (appliance/qsd.py renders both command lines from it): a raw file, writable."""
+    return Export(name="disk", disk=None, file=FileExport("bench", image, DISK_MIB << 20),
+                  readonly=False, engine="qsd")
+
+
 def storage_host(tc: Toolchain, assets: ConsumerAssets, work: Path,
-                 phases: Sequence[Phase], *, direct: bool = False) -> list[Sample]:
-    image = work / "host-disk.raw"
+                 phases: Sequence[Phase], *, engine: str = "vvu-blk",
+                 direct: bool = False) -> list[Sample]:
+    image = work / f"host-disk-{engine}.raw"
     with image.open("wb") as f:
         f.truncate(DISK_MIB << 20)
-    sock = work / "blk.sock"
-    blk = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(image)]
-                         + (["--direct"] if direct else []), [sock],
-                         work / "vvu-blk-host.log", ready="listening on")
-    with blk, blk_consumer(tc, assets, sock, None) as vm:
+    sock = work / f"blk-{engine}.sock"
+    mode = MODES[engine][0]
+    server: BackendProcess | HostDaemon
+    if engine == "qsd":
+        # The same command line as in the appliance (one queue: the consumer uses one);
+        # direct = write-through there, so the same here.
+        argv = qsd.qsd_argv(qsd_export(str(image)), image, sock, queues=1, direct=direct)
+        server = HostDaemon(tc.command, argv, sock, work / "qsd-host.log")
+        name = "qsd (host)"
+    else:
+        server = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(image)]
+                                + (["--direct"] if direct else []), [sock],
+                                work / "vvu-blk-host.log", ready="listening on")
+        name = "vvu-blk (host)"
+    with server, blk_consumer(tc, assets, sock, None) as vm:
         c = vm.console
         prepare(c, phases)
-        probe = Probe({"consumer QEMU": vm.qemu_pid, "vvu-blk (host)": blk.pid})
-        return [run_phase("host", c, p, probe) for p in phases]
+        if isinstance(server, HostDaemon):
+            assert server.proc is not None
+            probe = Probe({"consumer QEMU": vm.qemu_pid}, trees={name: server.proc.pid})
+        else:
+            probe = Probe({"consumer QEMU": vm.qemu_pid, name: server.pid})
+        return [run_phase(mode, c, p, probe) for p in phases]
+
+
+def appliance_engine(avm: ApplianceMachine, fn: str, engine: str, direct: bool
+                     ) -> ApplianceProcess:
+    """The engine's process in the appliance, started on VVU function ``fn``."""
+    shell = appliance_shell(avm)
+    if engine == "qsd":
+        run_dir = Path("/run/vvu")
+        shell(f"mkdir -p {run_dir}")
+        image = "/root/disk.raw"
+        # vvu-proxy starts qemu-storage-daemon and logs "ready" once it connected to it.
+        return ApplianceProcess(
+            shell, qsd.proxy_argv(qsd_export(image), fn, Path(image), run_dir, queues=1,
+                                  direct=direct),
+            "/root/vvu-proxy", ready="BACKEND_UP (its back-end connected): ready")
+    return ApplianceProcess(shell, ["vvu-blk", "--vvu", fn, "--image", "/root/disk.raw"]
+                            + (["--direct"] if direct else []),
+                            "/root/vvu-blk", ready="ready for a front-end")
+
+
+def guest_pids(avm: ApplianceMachine, program: str) -> list[int]:
+    """Every process of ``program`` in the appliance (a forking daemon has several)."""
+    return [int(p) for p in avm.console.check(f"pidof {program} || true").split()]
 
 
 def storage_appliance(tc: Toolchain, assets: ConsumerAssets, work: Path,
-                      phases: Sequence[Phase], *, bypass: bool = False,
-                      direct: bool = False) -> list[Sample]:
-    link = VvuLink.in_dir(work, "disk", ram_prefix="vvu-bench-")
-    doorbell = work / "doorbell.sock" if bypass else None
+                      phases: Sequence[Phase], *, engine: str = "vvu-blk",
+                      bypass: bool = False, direct: bool = False) -> list[Sample]:
+    link = VvuLink.in_dir(work, f"disk-{engine}", ram_prefix="vvu-bench-")
+    doorbell = work / f"doorbell-{engine}.sock" if bypass else None
     devd = DeviceModelProcess(
-        [link], work / "devd-blk.log", ram_mib=CONSUMER_MIB,
+        [link], work / f"devd-blk-{engine}.log", ram_mib=CONSUMER_MIB,
         args=["--max-queues", str(DEVD_MAX_QUEUES)]
         + (["--doorbell-socket", str(doorbell)] if doorbell else []))
+    mode = MODES[engine][1]
     with devd, appliance_vm(tc, "storage", [link.vfio_socket], doorbell) as avm:
         fn = vvu_functions(avm)[0]
         avm.console.check(f"truncate -s {DISK_MIB}M /root/disk.raw")
         tick = int(avm.console.check("getconf CLK_TCK || echo 100").split()[0])
-        blk = ApplianceProcess(appliance_shell(avm),
-                               ["vvu-blk", "--vvu", fn, "--image", "/root/disk.raw"]
-                               + (["--direct"] if direct else []),
-                               "/root/vvu-blk", ready="ready for a front-end")
-        blk.start()
+        proc = appliance_engine(avm, fn, engine, direct)
+        proc.start()
         try:
+            assert proc.pid is not None
+            guest: dict[str, Sequence[int]] = (
+                {"vvu-proxy": [proc.pid], "appl qsd": guest_pids(avm, QSD)} if engine == "qsd"
+                else {"appl vvu-blk": [proc.pid]})
             with blk_consumer(tc, assets, link.vhost_socket, link.ram_file) as vm:
                 c = vm.console
                 prepare(c, phases)
                 probe = Probe({"consumer QEMU": vm.qemu_pid, "vvu-devd": devd.pid,
-                               "appliance QEMU": avm.qemu_pid}, devd, "disk",
-                              (avm, blk.pid, tick))
-                return [run_phase("appliance", c, p, probe) for p in phases]
+                               "appliance QEMU": avm.qemu_pid}, devd, link.name,
+                              (avm, guest, tick))
+                return [run_phase(mode, c, p, probe) for p in phases]
         finally:
-            blk.stop()
+            proc.stop()
 
 
 def _notifies(counters: dict[str, int]) -> int:
@@ -324,8 +389,15 @@ def _notifies(counters: dict[str, int]) -> int:
     return counters["rxq notifies"] + counters["txq notifies"]
 
 
+def _modes(samples: Sequence[Sample]) -> list[str]:
+    """The modes measured, in the order of :data:`MODES`."""
+    present = {s.mode for s in samples}
+    return [m for pair in MODES.values() for m in pair if m in present]
+
+
 def print_storage(samples: list[Sample], phases: Sequence[Phase]) -> None:
     by = {(s.mode, s.phase): s for s in samples}
+    modes = _modes(samples)
     print()
     print("Storage: dd O_DIRECT in the consumer VM (xN: N dd side by side = queue depth N), "
           "1 queue; MB/s = 10^6 B/s; ratio = appliance / host")
@@ -340,6 +412,8 @@ def print_storage(samples: list[Sample], phases: Sequence[Phase]) -> None:
         row += f"{a.mbps:>11.2f}{a.iops:>11.0f}" if a else f"{'-':>11}{'-':>11}"
         row += f"{a.iops / h.iops:>8.3f}" if a and h else f"{'-':>8}"
         print(row)
+    if any(m in modes for m in MODES["qsd"]):
+        print_engines(by, phases)
 
     print()
     print("Per I/O (requests the guest completed; appliance: vvu-devd counters)")
@@ -348,7 +422,7 @@ def print_storage(samples: list[Sample], phases: Sequence[Phase]) -> None:
     print(head)
     print("-" * len(head))
     for p in phases:
-        for mode in ("host", "appliance"):
+        for mode in modes:
             s = by.get((mode, p))
             if s is None or not s.ios:
                 continue
@@ -365,27 +439,49 @@ def print_storage(samples: list[Sample], phases: Sequence[Phase]) -> None:
 
     print()
     print("Where the time goes: CPU microseconds per I/O of each process on the path "
-          "(host CPU; 'guest CPU' = on the appliance's emulated CPU)")
+          "(host CPU; '*' = on the appliance's emulated CPU)")
     names: list[str] = []
     for s in samples:
         names += [n for n in s.cpu if n not in names]
-    short = {n: n.replace(" (guest CPU)", "*").replace("vvu-blk in appliance", "appl vvu-blk")
-             for n in names}
+    short = {n: n.replace(" (guest CPU)", "*") for n in names}
     head = f"{'workload':<16}{'mode':<10}{'wall us/IO':>11}" + "".join(
-        f"{short[n]:>20}" for n in names)
+        f"{short[n]:>17}" for n in names)
     print(head)
     print("-" * len(head))
     for p in phases:
-        for mode in ("host", "appliance"):
+        for mode in modes:
             s = by.get((mode, p))
             if s is None or not s.ios:
                 continue
             row = f"{p.name:<16}{mode:<10}{s.seconds / s.ios * 1e6:>11.0f}"
             for n in names:
-                row += f"{s.cpu[n] / s.ios * 1e6:>20.0f}" if n in s.cpu else f"{'':>20}"
+                row += f"{s.cpu[n] / s.ios * 1e6:>17.0f}" if n in s.cpu else f"{'':>17}"
             print(row)
-    print("(* guest CPU of vvu-blk inside the appliance, in guest clock ticks of "
+    print("(* guest CPU inside the appliance, in guest clock ticks of "
           "1/CLK_TCK s: coarse for short phases)")
+
+
+def print_engines(by: dict[tuple[str, Phase], Sample], phases: Sequence[Phase]) -> None:
+    """IOPS of the four setups side by side, and the ratios between them."""
+    print()
+    print("Engines: IOPS of vvu-blk and qemu-storage-daemon (qsd), on the host and in the "
+          "storage appliance (qsd behind vvu-proxy)")
+    columns = [Column("host vvu-blk", ".0f"), Column("host qsd", ".0f"),
+               Column("appl vvu-blk", ".0f"), Column("appl qsd", ".0f"),
+               Column("appl-qsd/appl-vvu-blk", ".3f"), Column("host-qsd/host-vvu-blk", ".3f"),
+               Column("appl/host vvu-blk", ".3f"), Column("appl/host qsd", ".3f")]
+    rows = []
+    for p in phases:
+        iops = {m: (s.iops if (s := by.get((m, p))) else None)
+                for m in ("host", "host-qsd", "appliance", "appl-qsd")}
+        rows.append((p.name, [iops["host"], iops["host-qsd"], iops["appliance"],
+                              iops["appl-qsd"],
+                              ratio(iops["appl-qsd"], iops["appliance"]),
+                              ratio(iops["host-qsd"], iops["host"]),
+                              ratio(iops["appliance"], iops["host"]),
+                              ratio(iops["appl-qsd"], iops["host-qsd"])]))
+    for line in render_table("workload", columns, rows):
+        print(line)
 
 
 # --------------------------------------------------------------------------- switch
@@ -558,8 +654,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(in the appliance O_DIRECT bounces: BAR2 cannot be pinned)")
     parser.add_argument("--skip-host", action="store_true",
                         help="storage: measure the appliance path only (no host-mode run)")
+    parser.add_argument("--engines", default="vvu-blk",
+                        help="storage engines, comma separated: vvu-blk, qsd "
+                             "(qemu-storage-daemon: on the host, and behind vvu-proxy in the "
+                             "appliance); with both, 4 setups and their ratios")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
+    unknown = set(args.engines.split(",")) - set(ENGINES)
+    if unknown or not engines:
+        parser.error(f"--engines {args.engines!r}: choose from {', '.join(ENGINES)}")
 
     tc = Toolchain()
     try:
@@ -579,10 +683,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if "storage" in only:
-            samples = [] if args.skip_host else storage_host(tc, assets, work, phases,
-                                                             direct=args.direct)
-            samples += storage_appliance(tc, assets, work, phases, bypass=args.doorbell_bypass,
-                                         direct=args.direct)
+            samples: list[Sample] = []
+            for engine in engines:
+                if not args.skip_host:
+                    samples += storage_host(tc, assets, work, phases, engine=engine,
+                                            direct=args.direct)
+                samples += storage_appliance(tc, assets, work, phases, engine=engine,
+                                             bypass=args.doorbell_bypass, direct=args.direct)
             print_storage(samples, phases)
         if "switch" in only:
             results = [switch_host(tc, assets, work, args.net_kib, args.pings),
