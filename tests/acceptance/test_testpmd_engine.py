@@ -128,8 +128,8 @@ def test_the_examples_checks_pass_through_testpmd(pmd: TestpmdLab) -> None:
     r = pmd.lab.vvu("check", pmd.lab.name, "--json", timeout=600)
     assert r.returncode == 0, explain(r)
     results = json.loads(r.stdout)
-    assert [(c["kind"], c["ok"]) for c in results] == [
-        ("ping", True), ("transfer", True), ("command", True)], results
+    assert len(results) == 3 and all(c["ok"] for c in results), results
+    print("\n" + "\n".join(f"{c['check']}: {c['detail']} ({c['seconds']} s)" for c in results))
     # vvu-backend runs vvu-proxy, which runs the one testpmd (not vvu-switch).
     log = pmd.journal()
     assert re.search(r"^vvu-backend: running: vvu-proxy --listen --link \S+ --link \S+ "
