@@ -70,7 +70,7 @@ def topology(name: str, assets: ConsumerAssets) -> str:
 
 
 @dataclass
-class TestpmdLab:
+class PmdLab:
     lab: Lab
     access: LabAccess
 
@@ -97,7 +97,7 @@ class TestpmdLab:
 
 
 @pytest.fixture(scope="module")
-def pmd(consumer_assets: ConsumerAssets) -> Iterator[TestpmdLab]:
+def pmd(consumer_assets: ConsumerAssets) -> Iterator[PmdLab]:
     # Not pytest's tmp_path: a concurrent pytest of the same user prunes old base
     # directories, and with them this lab's state while the lab runs.
     state = Path(tempfile.mkdtemp(prefix="vvu-testpmd-"))
@@ -115,7 +115,7 @@ def pmd(consumer_assets: ConsumerAssets) -> Iterator[TestpmdLab]:
             f"{n} started at {v['started_at'] - start:.0f} s, ready at "
             f"{v['ready_at'] - start:.0f} s" for n, v in nodes.items()))
         access = LabAccess(lab.plan(), lab.lab_dir / "id_ed25519")
-        yield TestpmdLab(lab, access)
+        yield PmdLab(lab, access)
     finally:
         if access is not None:
             access.close()
@@ -124,7 +124,7 @@ def pmd(consumer_assets: ConsumerAssets) -> Iterator[TestpmdLab]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def test_the_examples_checks_pass_through_testpmd(pmd: TestpmdLab) -> None:
+def test_the_examples_checks_pass_through_testpmd(pmd: PmdLab) -> None:
     r = pmd.lab.vvu("check", pmd.lab.name, "--json", timeout=600)
     assert r.returncode == 0, explain(r)
     results = json.loads(r.stdout)
@@ -144,7 +144,7 @@ def test_the_examples_checks_pass_through_testpmd(pmd: TestpmdLab) -> None:
         "connected", "connected"], status
 
 
-def test_testpmd_counts_the_frames_it_forwards(pmd: TestpmdLab) -> None:
+def test_testpmd_counts_the_frames_it_forwards(pmd: PmdLab) -> None:
     wait_until("a testpmd report of both ports", lambda: len(pmd.counters()) == 2,
                4 * STATS_PERIOD + 30, 1)
     before = pmd.counters()
@@ -163,7 +163,7 @@ def test_testpmd_counts_the_frames_it_forwards(pmd: TestpmdLab) -> None:
                       f"tx {before[p].tx_packets}->{after[p].tx_packets}" for p in (0, 1)))
 
 
-def test_a_killed_testpmd_is_restarted_and_forwards_again(pmd: TestpmdLab) -> None:
+def test_a_killed_testpmd_is_restarted_and_forwards_again(pmd: PmdLab) -> None:
     main = pmd.run("sw1", f"systemctl show -P MainPID {UNIT}").strip()
     (pid,) = pmd.pids()
     pmd.run("sw1", f"kill -9 {pid}")
@@ -182,7 +182,7 @@ def test_a_killed_testpmd_is_restarted_and_forwards_again(pmd: TestpmdLab) -> No
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_stopping_the_unit_stops_testpmd_and_down_leaves_nothing(pmd: TestpmdLab) -> None:
+def test_stopping_the_unit_stops_testpmd_and_down_leaves_nothing(pmd: PmdLab) -> None:
     pmd.run("sw1", f"systemctl stop {UNIT}")
     assert pmd.pids() == []  # the supervised back-end went with vvu-proxy
     log = pmd.journal()
