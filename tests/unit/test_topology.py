@@ -130,7 +130,7 @@ def test_resolved_lab() -> None:
                                                    IPv4Network("10.10.1.0/24"), ())
     assert (sw1.cpus, sw1.memory_mib, sw1.access, sw1.image) == (1, 1024, ApplianceAccess.VIOMMU,
                                                                  None)
-    assert dict(sw1.options) == {"busy_poll_us": 0}
+    assert dict(sw1.options) == {"busy_poll_us": 0, "engine": "vvu-switch"}
     assert dict(st1.options) == {"direct": True, "queues": 1}
     assert st1.subnet is None
     assert [(e.name, e.size, e.readonly) for e in st1.exports] == [
@@ -226,8 +226,8 @@ def test_inheritance_precedence() -> None:
     assert (sw2.cpus, sw2.memory_mib, sw2.access) == (4, 2048, ApplianceAccess.VIOMMU)
     assert (st1.cpus, st1.memory_mib, st1.access) == (2, 512, ApplianceAccess.POLL)
     # backend options merge field by field
-    assert dict(sw1.options) == {"busy_poll_us": 20}
-    assert dict(sw2.options) == {"busy_poll_us": 0}
+    assert dict(sw1.options) == {"busy_poll_us": 20, "engine": "vvu-switch"}
+    assert dict(sw2.options) == {"busy_poll_us": 0, "engine": "vvu-switch"}
     assert dict(st1.options) == {"direct": False, "queues": 4}
     c1, c2 = topo.consumers
     assert (c1.cpus, c1.memory_mib) == (2, 1024)
@@ -465,7 +465,7 @@ def test_unknown_backend_option() -> None:
     text = LAB.replace("subnet: 10.10.1.0/24}", "subnet: 10.10.1.0/24, options: {queues: 2}}")
     assert only_problem(text) == (
         f"{at(text, 'queues')}: appliances.sw1.options.queues: unknown field "
-        "(fields here: busy_poll_us)")
+        "(fields here: busy_poll_us, engine)")
 
 
 def test_unknown_defaults_section_and_field() -> None:

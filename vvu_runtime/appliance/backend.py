@@ -18,7 +18,9 @@
 3. Storage: waits for each data disk (``/dev/disk/by-id/virtio-SERIAL``); for a
    ``file`` export mounts the disk's file system at ``/run/vvu/disks/SERIAL``
    (making an ext4 one on a blank disk) and creates the file, sparse, if missing.
-4. Runs ``vvu-switch --vvu NAME=ADDR ...`` or, one per export, ``vvu-blk --vvu
+4. Runs ``vvu-switch --vvu NAME=ADDR ...`` (for ``options.engine: testpmd``
+   ``vvu-proxy --listen`` on both links, supervising one stock ``dpdk-testpmd``,
+   appliance/testpmd.py) or, one per export, ``vvu-blk --vvu
    ADDR --serial NAME ...`` / ``vvu-scsi --vvu ADDR --config /run/vvu/scsi/NAME.json``
    (a scsi export's LUN file holds the disk as LUN 0, written afresh at each
    start: LUNs added to it take effect on SIGHUP, ``systemctl reload``) / for
@@ -61,7 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from vvu_runtime.appliance import qsd
+from vvu_runtime.appliance import qsd, testpmd
 from vvu_runtime.appliance.config import (
     ApplianceConfig,
     ConfigError,
@@ -320,6 +322,12 @@ def commands(config: ApplianceConfig, matched: dict[str, str], *,
              prepare: bool = True) -> list[Backend]:
     """The backend command lines; ``prepare``: wait for disks, mount, create files."""
     opts = config.options
+    if config.kind == "vswitch" and opts["engine"] == "testpmd":
+        # One stock testpmd for both links, supervised by vvu-proxy (appliance/testpmd.py).
+        if prepare:
+            testpmd.socket_path(RUN_DIR, "").parent.mkdir(parents=True, exist_ok=True)
+        return [Backend(testpmd.proxy_argv(config, matched, RUN_DIR),
+                        {matched[n]: n for n in config.link_names})]
     if config.kind == "vswitch":
         argv = ["vvu-switch"]
         for link in config.links:

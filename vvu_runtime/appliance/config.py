@@ -11,6 +11,9 @@ Examples::
      "tunnels": [{"name": "sw2", "remote": "192.0.2.2", "port": 4789, "vni": 100}],
      "underlay": {"address": "10.0.3.15", "port": 4789, "mtu": 1500}}
 
+    {"kind": "vswitch", "links": [{"name": "c1-nic0"}, {"name": "c2-nic0"}],
+     "options": {"engine": "testpmd"}}      # DPDK testpmd behind vvu-proxy: exactly 2 links
+
     kind: storage
     exports:
       - name: c1-disk0
@@ -501,11 +504,18 @@ UNDERLAY = (
     Field("mtu", "int", "MTU of the network the tunnels cross", default=1500,
           check=_between(576, 65535)),
 )
+#: A vswitch's ``options.engine``: what forwards its frames. ``testpmd`` is DPDK's
+#: testpmd behind vvu-proxy, io forward between exactly two ports (appliance/testpmd.py).
+SWITCH_ENGINES = ("vvu-switch", "testpmd")
 VSWITCH_OPTIONS = (
     Field("busy_poll_us", "int", "vvu-switch --busy-poll (microseconds)", default=0,
           check=_at_least(0)),
     Field("queues", "int", "queue pairs offered on every port", default=1,
           check=_between(1, 64)),
+    Field("engine", "str", "what forwards the frames: vvu-switch (ours: learning switch, "
+          "any number of ports) or testpmd (DPDK testpmd behind vvu-proxy: io forward "
+          "between exactly 2 ports)", default="vvu-switch",
+          check=lambda v: None if v in SWITCH_ENGINES else "vvu-switch or testpmd"),
 )
 STORAGE_OPTIONS = (
     Field("direct", "bool", "open disks and files O_DIRECT", default=False),
@@ -741,6 +751,35 @@ def _check_engines(root: Node, problems: list[tuple[int, str, str]]) -> None:
                              "use engine vvu-blk (vvu-scsi) or protocol blk"))
 
 
+def _check_switch_engine(root: Node, problems: list[tuple[int, str, str]]) -> None:
+    """``engine: testpmd`` forwards (io) between port 0 and port 1 and nothing else:
+    exactly two links, no tunnels, no vvu-switch options (testpmd polls by itself
+    and serves one queue pair per port)."""
+    if root.value.get("kind", Node(None, 0)).value != "vswitch":
+        return
+    opts = root.value.get("options")
+    if opts is None or not isinstance(opts.value, dict):
+        return
+    engine = opts.value.get("engine")
+    if engine is None or engine.value != "testpmd":
+        return
+    links = root.value.get("links")
+    if links is not None and isinstance(links.value, list) and len(links.value) != 2:
+        problems.append((links.line, "links",
+                         f"engine testpmd forwards between exactly 2 ports (io forward), "
+                         f"and {len(links.value)} links are given: give 2, or use engine "
+                         "vvu-switch"))
+    for key in ("tunnels", "underlay"):
+        if (node := root.value.get(key)) is not None:
+            problems.append((node.line, key, "engine testpmd has no tunnels (it forwards "
+                             "between its 2 ports only): remove it, or use engine vvu-switch"))
+    for key in ("busy_poll_us", "queues"):
+        if (node := opts.value.get(key)) is not None:
+            problems.append((node.line, f"options.{key}",
+                             f"a vvu-switch option; engine testpmd busy-polls one queue pair "
+                             f"per port by itself: remove {key}, or use engine vvu-switch"))
+
+
 def parse_config(text: str, source: str) -> ApplianceConfig:
     """Parse and validate; :class:`ConfigError` lists each problem (``SOURCE:LINE: FIELD: msg``)."""
     try:
@@ -759,6 +798,7 @@ def parse_config(text: str, source: str) -> ApplianceConfig:
     kind: str = kind_node.value
     _validate_map(SCHEMA[kind], root, "", problems)
     _check_engines(root, problems)
+    _check_switch_engine(root, problems)
     seen: set[str] = set()
     for key in ("links", "exports", "tunnels"):
         entries = root.value.get(key, Node(None, 0)).value

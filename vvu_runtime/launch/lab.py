@@ -277,6 +277,18 @@ class LinkPlan:
                 f"{self.queues}")
 
 
+def appliance_options(a: Appliance) -> dict[str, Any]:
+    """The ``options`` of the appliance's config (appliance/config.py). A vswitch's
+    engine is named only when it is not vvu-switch (configs of vvu-switch labs stay
+    as they were); testpmd takes none of vvu-switch's options, so it gets none."""
+    options = dict(a.options)
+    if a.kind is ApplianceKind.VSWITCH:
+        engine = options.pop("engine", "vvu-switch")
+        if engine != "vvu-switch":
+            return {"engine": engine}
+    return options
+
+
 def link_queues(kind: str, options: Mapping[str, Any]) -> int:
     """The vhost-user queues a link of this kind can use, given its appliance's options.
 
@@ -543,7 +555,7 @@ def plan_lab(
                  if a.image is not None else image_of(a.kind.value))
         port = ports.get(a.name) or free_port()
         own = appliance_links[a.name]
-        config: dict[str, Any] = {"kind": a.kind.value, "options": dict(a.options)}
+        config: dict[str, Any] = {"kind": a.kind.value, "options": appliance_options(a)}
         disks: list[DataDisk] = []
         serial_of: dict[str, str] = {}
         # One data disk per export (an fs appliance makes its file system on first boot).

@@ -1,7 +1,8 @@
 """``vvu-proxy``: stock vhost-user back-ends behind VVU functions (inside an appliance).
 
     vvu-proxy --link 0000:00:05.0=/run/vvu/disk0.sock [--link PCI=SOCKET ...]
-              [--listen] [--exec PCI=COMMAND ...] [--access auto|vfio|sysfs]
+              [--listen] [--exec PCI=COMMAND ... | --exec-all COMMAND]
+              [--access auto|vfio|sysfs]
 
 For each ``--link`` the proxy drives that VVU function and re-exports the
 consumer's vhost-user session on SOCKET: by default the back-end listens there
@@ -10,7 +11,9 @@ addr.type=unix,addr.path=SOCKET``, virtiofsd ``--socket-path SOCKET``); with
 ``--listen`` the proxy listens and the back-end connects (DPDK ``client=1``).
 ``--exec PCI=COMMAND`` starts COMMAND (split like a shell would, no shell) as
 that link's back-end and restarts it whenever it exits (virtiofsd exits when
-its front-end goes). Runs until SIGTERM/SIGINT; the links share one event loop
+its front-end goes). ``--exec-all COMMAND`` starts one back-end for every link
+and restarts it whenever it exits (DPDK testpmd with a ``net_vhost`` port per
+link, appliance/testpmd.py). Runs until SIGTERM/SIGINT; the links share one event loop
 and not each other's faults. Exit codes: 0 clean stop, 1 runtime failure, 2
 usage error.
 """
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 from vvu_runtime.console import EXIT_OK, EXIT_USAGE, die, run_main, setup_logging
 from vvu_runtime.driver.access import PciAccess
 from vvu_runtime.driver.pci import normalize_address
-from vvu_runtime.proxy.link import BackendMode, ProxyLink
+from vvu_runtime.proxy.link import BackendMode, BackendProcess, ProxyLink
 from vvu_runtime.serve.runner import keep_watchdog, sd_notify
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exec", action="append", default=[], type=_pair,
                         metavar="PCI=COMMAND", dest="commands",
                         help="start COMMAND as that link's back-end and restart it on exit")
+    parser.add_argument("--exec-all", metavar="COMMAND", dest="shared",
+                        help="start COMMAND as the one back-end of every link (e.g. DPDK "
+                             "testpmd with a port per link) and restart it on exit")
     parser.add_argument("--access", type=PciAccess, default=PciAccess.AUTO,
                         choices=list(PciAccess),
                         help="how the VVU functions are reached (default: auto)")
@@ -69,6 +75,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [a for a, _ in args.commands if a not in links]
     if unknown:
         die(f"--exec for {', '.join(unknown)}, which no --link names", EXIT_USAGE)
+    if args.shared is not None and args.commands:
+        die("--exec-all and --exec both name back-ends: give one back-end per link "
+            "(--exec) or one for all (--exec-all)", EXIT_USAGE)
+    if args.shared is not None and not shlex.split(args.shared):
+        die("--exec-all: an empty command", EXIT_USAGE)
     return args
 
 
@@ -80,8 +91,11 @@ async def _until_armed(links: Sequence[ProxyLink]) -> None:
     keep_watchdog(asyncio.get_running_loop())
 
 
-async def serve(links: Sequence[ProxyLink], stop: asyncio.Event) -> None:
-    """Start every link, run until ``stop``, close them all. systemd (or vvu-backend)
+async def serve(links: Sequence[ProxyLink], stop: asyncio.Event,
+                shared: BackendProcess | None = None) -> None:
+    """Start every link (then ``shared``, the back-end of them all, once each
+    link listens or connects), run until ``stop``, close them all (``shared``
+    first: it leaves while its connections are still up). systemd (or vvu-backend)
     hears READY=1 once every link was armed, i.e. had its back-end connected, as
     vvu-blk's READY=1 means every link is BACKEND_UP; then WATCHDOG=1 from the loop."""
     started: list[ProxyLink] = []
@@ -90,12 +104,16 @@ async def serve(links: Sequence[ProxyLink], stop: asyncio.Event) -> None:
         for link in links:
             link.start()
             started.append(link)
+        if shared is not None:
+            shared.start()
         ready = asyncio.get_running_loop().create_task(_until_armed(started))
         await stop.wait()
         sd_notify("STOPPING=1")
     finally:
         if ready is not None:
             ready.cancel()
+        if shared is not None:
+            shared.close()
         for link in started:
             link.close()
 
@@ -115,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             links = [ProxyLink(path, address, mode=mode, command=commands.get(address, ()),
                                access=args.access, loop=loop)
                      for address, path in args.link]
-            await serve(links, stop)
+            shared = (None if args.shared is None else
+                      BackendProcess(shlex.split(args.shared), loop, name="every link"))
+            await serve(links, stop, shared)
             log.info("stopped")
             return EXIT_OK
 

@@ -62,6 +62,10 @@ from vvu_runtime.launch.topology.types import INVALID, Cursor, Sink, did_you_mea
 
 __all__ = ["load_topology", "load_topology_text"]
 
+#: engine testpmd: one vCPU busy-polls both ports, the other runs everything else;
+#: testpmd takes 128M of ordinary memory (appliance/testpmd.py).
+TESTPMD_CPUS = 2
+TESTPMD_MIN_MEMORY_MIB = 512
 #: What vvu-devd accepts as a device name (DeviceSpec.parse).
 _LINK_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -181,6 +185,8 @@ class _Resolver:
         self.hosts: dict[str, Host] = {}
         #: Switch name -> the name of its network (the first switch of its tunnel mesh).
         self.network: dict[str, str] = {}
+        #: vswitches with engine testpmd -> where the engine is chosen.
+        self.testpmd: dict[str, Cursor] = {}
 
     def _nodes(self, field: str) -> dict[str, Parsed]:
         nodes = self.top.get(field) or {}
@@ -203,6 +209,7 @@ class _Resolver:
         self._check_subnets()
         self._consumers()
         self._check_link_counts()
+        self._check_testpmd()
         checks = self._checks()
         if self.name is not None and all(
                 self.top.values.get(f) in (None, {}) for f in ("appliances", "consumers")):
@@ -252,11 +259,63 @@ class _Resolver:
         host = self._node_host(p, v["host"])
         if not _valid(*v.values(), exports, subnet, host):
             return None
+        if kind is ApplianceKind.VSWITCH and v["options"].get("engine") == "testpmd":
+            v["cpus"] = self._testpmd_appliance(name, layers, v)
+            if v["cpus"] is INVALID:
+                return None
         return Appliance(name=name, kind=kind, image=v["image"], cpus=v["cpus"],
                          memory_mib=v["memory"], access=v["access"], subnet=subnet,
                          exports=exports, options=dict(v["options"]), where=p.cur.key_where,
                          doorbell_bypass=v["doorbell_bypass"], host=host,
                          underlay_port=v.get("underlay_port", 4789))
+
+    def _testpmd_appliance(self, name: str, layers: list[Parsed], v: dict[str, Any]) -> Any:
+        """A vswitch with ``engine: testpmd``: its cpus (2 unless set), or INVALID
+        after saying what testpmd lacks (appliance/testpmd.py says why each)."""
+        ok = True
+        options = [q for layer in layers
+                   if isinstance(q := layer.values.get("options"), Parsed)]
+        self.testpmd[name] = next(q.at("engine") for q in options if q.has("engine"))
+        for q in options:
+            if q.has("busy_poll_us"):
+                q.at("busy_poll_us").problem("a vvu-switch option; engine testpmd busy-polls "
+                                             "by itself: remove it, or use engine vvu-switch")
+                ok = False
+                break
+        memory = next((layer for layer in layers if layer.has("memory")), None)
+        if memory is not None and v["memory"] < TESTPMD_MIN_MEMORY_MIB:
+            memory.at("memory").problem(
+                f"engine testpmd needs at least {TESTPMD_MIN_MEMORY_MIB}M (testpmd alone "
+                f"takes 128M without hugepages); got {v['memory']}M")
+            ok = False
+        cpus = next((layer for layer in layers if layer.has("cpus")), None)
+        if cpus is None:
+            return TESTPMD_CPUS if ok else INVALID
+        if v["cpus"] < TESTPMD_CPUS:
+            cpus.at("cpus").problem(
+                f"engine testpmd needs at least {TESTPMD_CPUS} cpus (one busy-polls both "
+                f"ports, the other runs the rest); got {v['cpus']}: set {TESTPMD_CPUS} or "
+                "leave cpus out")
+            ok = False
+        return v["cpus"] if ok else INVALID
+
+    def _check_testpmd(self) -> None:
+        """testpmd forwards port 0 to port 1 and back: exactly 2 consumer NICs, no tunnels."""
+        for name, cur in self.testpmd.items():
+            nics = [n for c in self.consumers.values() for n in c.nics if n.switch == name]
+            broken = [c for c, p in self.consumer_nodes.items() if c not in self.consumers
+                      and any(isinstance(n, Parsed) and n.get("switch") == name
+                              for n in p.get("nics") or [])]
+            if len(nics) != 2 and not broken:
+                on = ", ".join(f"{n.consumer} ({n.where})" for n in nics) or "none"
+                cur.problem(f"engine testpmd forwards between exactly 2 ports (io forward), "
+                            f"and {name} has {len(nics)} consumer NICs: {on}; give it 2, "
+                            "or use engine vvu-switch")
+            a = self.appliances.get(name)
+            for t in a.tunnels if a is not None else ():
+                cur.problem(f"engine testpmd has no tunnels (it forwards between its 2 ports "
+                            f"only), and {name} has one to {t.peer} ({t.where}); remove it, "
+                            "or use engine vvu-switch")
 
     def _default_subnet(self, name: str, p: Parsed) -> Any:
         switches = [n for n, q in self.appliance_nodes.items()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vvu_runtime.appliance.config import ENGINES
+from vvu_runtime.appliance.config import ENGINES, SWITCH_ENGINES
 from vvu_runtime.launch.topology.model import (
     Accel,
     ApplianceAccess,
@@ -164,6 +164,11 @@ VSWITCH_OPTIONS = ObjectSpec(
         Field("busy_poll_us", IntType(0, 1_000_000), "after a busy batch, poll the rings this "
               "many microseconds before sleeping (vvu-switch --busy-poll); 0: never",
               default=0),
+        Field("engine", ChoiceType(SWITCH_ENGINES), "what forwards the frames: vvu-switch "
+              "(ours: a learning switch, any number of ports, tunnels) or testpmd (DPDK "
+              "testpmd behind vvu-proxy, docs/vvu-proxy.md: io forward between exactly 2 "
+              "consumer NICs; at least 2 cpus (default 2) and 512M of memory; no tunnels, "
+              "no busy_poll_us)", default="vvu-switch"),
     ))
 
 STORAGE_OPTIONS = ObjectSpec(
