@@ -29,10 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +38,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from tests.support.launch_lab import Lab, explain, wait_until
+from tests.support.launch_lab import Lab, detached_lab, explain, wait_until
 from tests.support.vvu_rig import acked, record, records_script
 from vvu_runtime.appliance.qsd import PROGRAM as QSD
 from vvu_runtime.launch.checks import LabAccess
@@ -123,30 +120,9 @@ class QsdLab:
 
 @pytest.fixture(scope="module")
 def qsd(consumer_assets: ConsumerAssets) -> Iterator[QsdLab]:
-    # Not pytest's tmp_path: a concurrent pytest of the same user prunes old base
-    # directories, and with them this lab's state while the lab runs.
-    state = Path(tempfile.mkdtemp(prefix="vvu-qsd-"))
-    name = f"qsd-{os.getpid() % 100000}"
-    path = state / "qsd.yaml"
-    path.write_text(topology(name, consumer_assets))
-    lab = Lab(name=name, topology=path, state_dir=state)
-    access: LabAccess | None = None
-    try:
-        start = time.time()
-        r = lab.vvu("up", "--detach", "--no-check", "--name", name, str(path), timeout=1200)
-        assert r.returncode == 0, f"vvu-launch up: {explain(r)}\n{lab.supervisor_log()}"
-        nodes = {n: lab.state()["nodes"][n] for n in ("st1", "c1")}
-        print(f"up: {time.time() - start:.0f} s; " + ", ".join(
-            f"{n} started at {v['started_at'] - start:.0f} s, ready at "
-            f"{v['ready_at'] - start:.0f} s" for n, v in nodes.items()))
-        access = LabAccess(lab.plan(), lab.lab_dir / "id_ed25519")
+    with detached_lab("qsd", lambda name: topology(name, consumer_assets),
+                      ("st1", "c1")) as (lab, access):
         yield QsdLab(lab, access)
-    finally:
-        if access is not None:
-            access.close()
-        if (lab.lab_dir / "topology.json").exists():
-            lab.vvu("down", name, "--cleanup", timeout=300)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_the_examples_checks_pass_with_qsd_serving_the_disk(qsd: QsdLab) -> None:

@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +37,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from tests.support.launch_lab import Lab, explain, wait_until
+from tests.support.launch_lab import Lab, detached_lab, explain, wait_until
 from vvu_runtime.appliance.testpmd import PROGRAM as TESTPMD
 from vvu_runtime.appliance.testpmd import STATS_PERIOD, PortCounters, parse_port_stats
 from vvu_runtime.launch.checks import LabAccess
@@ -98,30 +95,9 @@ class PmdLab:
 
 @pytest.fixture(scope="module")
 def pmd(consumer_assets: ConsumerAssets) -> Iterator[PmdLab]:
-    # Not pytest's tmp_path: a concurrent pytest of the same user prunes old base
-    # directories, and with them this lab's state while the lab runs.
-    state = Path(tempfile.mkdtemp(prefix="vvu-testpmd-"))
-    name = f"testpmd-{os.getpid() % 100000}"
-    path = state / "testpmd.yaml"
-    path.write_text(topology(name, consumer_assets))
-    lab = Lab(name=name, topology=path, state_dir=state)
-    access: LabAccess | None = None
-    try:
-        start = time.time()
-        r = lab.vvu("up", "--detach", "--no-check", "--name", name, str(path), timeout=1200)
-        assert r.returncode == 0, f"vvu-launch up: {explain(r)}\n{lab.supervisor_log()}"
-        nodes = {n: lab.state()["nodes"][n] for n in ("sw1", "c1", "c2")}
-        print(f"up: {time.time() - start:.0f} s; " + ", ".join(
-            f"{n} started at {v['started_at'] - start:.0f} s, ready at "
-            f"{v['ready_at'] - start:.0f} s" for n, v in nodes.items()))
-        access = LabAccess(lab.plan(), lab.lab_dir / "id_ed25519")
+    with detached_lab("testpmd", lambda name: topology(name, consumer_assets),
+                      ("sw1", "c1", "c2")) as (lab, access):
         yield PmdLab(lab, access)
-    finally:
-        if access is not None:
-            access.close()
-        if (lab.lab_dir / "topology.json").exists():
-            lab.vvu("down", name, "--cleanup", timeout=300)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_the_examples_checks_pass_through_testpmd(pmd: PmdLab) -> None:

@@ -10,13 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from vvu_runtime.launch.checks import LabAccess
 
 #: The worktree whose code runs (``python -m`` puts the cwd first on sys.path).
 REPO = Path(__file__).resolve().parents[2]
@@ -161,3 +166,36 @@ class Lab:
 
 def explain(r: subprocess.CompletedProcess[str]) -> str:
     return f"exit {r.returncode}\n--- stdout:\n{r.stdout}\n--- stderr:\n{r.stderr}"
+
+
+@contextmanager
+def detached_lab(prefix: str, topology: Callable[[str], str], nodes: tuple[str, ...]
+                 ) -> Iterator[tuple[Lab, LabAccess]]:
+    """A lab of ``topology(name)`` (YAML text) brought up with ``up --detach --no-check``
+    under a fresh state directory, with SSH access to its nodes; brought down with
+    ``--cleanup`` and its state removed however the block ends. Prints when each of
+    ``nodes`` started and was ready (shown with ``-rP``)."""
+    # Not pytest's tmp_path: a concurrent pytest of the same user prunes old base
+    # directories, and with them this lab's state while the lab runs.
+    state = Path(tempfile.mkdtemp(prefix=f"vvu-{prefix}-"))
+    name = f"{prefix}-{os.getpid() % 100000}"
+    path = state / f"{prefix}.yaml"
+    path.write_text(topology(name))
+    lab = Lab(name=name, topology=path, state_dir=state)
+    access: LabAccess | None = None
+    try:
+        start = time.time()
+        r = lab.vvu("up", "--detach", "--no-check", "--name", name, str(path), timeout=1200)
+        assert r.returncode == 0, f"vvu-launch up: {explain(r)}\n{lab.supervisor_log()}"
+        times = {n: lab.state()["nodes"][n] for n in nodes}
+        print(f"up: {time.time() - start:.0f} s; " + ", ".join(
+            f"{n} started at {v['started_at'] - start:.0f} s, ready at "
+            f"{v['ready_at'] - start:.0f} s" for n, v in times.items()))
+        access = LabAccess(lab.plan(), lab.lab_dir / "id_ed25519")
+        yield lab, access
+    finally:
+        if access is not None:
+            access.close()
+        if (lab.lab_dir / "topology.json").exists():
+            lab.vvu("down", name, "--cleanup", timeout=300)
+        shutil.rmtree(state, ignore_errors=True)
