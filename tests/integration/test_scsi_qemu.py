@@ -204,7 +204,9 @@ def test_luns_added_and_removed_at_runtime(rig: Rig) -> None:
     lun0 = (rig.images[0], False, SERIAL0)
     lun2 = (rig.images[2], True, "")
     rig.set_luns({0: lun0, 2: lun2, 5: (rig.images[5], False, "hot-5")})
-    rig.wait_guest("test -e /sys/class/scsi_disk/0:0:0:5", "hot-added LUN 5")
+    # The scsi_disk node comes before sd attaches its block device: wait for that.
+    rig.wait_guest("cat /sys/class/scsi_disk/0:0:0:5/device/block/*/size",
+                   "hot-added LUN 5's block device")
     assert c.check("cat /sys/class/scsi_disk/0:0:0:5/device/block/*/size").strip() == \
         str((LUN5_MIB << 20) // 512)
     dev = c.check("ls /sys/class/scsi_disk/0:0:0:5/device/block").strip()
