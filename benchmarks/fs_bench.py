@@ -11,8 +11,8 @@ appliance / host ratios.
 Both virtiofsd share a directory on tmpfs (``/dev/shm``, on the host and in
 the appliance), with the same ``--cache`` and ``--sandbox``: what is compared
 is the path between the consumer and virtiofsd, not two disks. The consumer is
-the consumer image (Debian's generic kernel: the cloud kernel of the busybox
-consumer has no virtiofs), booted with direct kernel boot, driven over its
+the consumer image (the lab's default consumer, with dd, coreutils and a
+page cache to drop), booted with direct kernel boot, driven over its
 serial console; it mounts the share with ``mount -t virtiofs``.
 
 Workload in the consumer, each phase timed by the guest's clock:
