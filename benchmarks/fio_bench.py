@@ -155,9 +155,9 @@ def parse_fio(text: str) -> FioResult:
     job = jobs[0]
     if job.get("error"):
         raise GuestOutputError(f"fio job {job.get('jobname')!r} failed: error {job['error']}")
-    opts = job.get("job options", {}) | doc.get("global options", {})
-    rw = str(job.get("job options", {}).get("rw") or doc.get("global options", {}).get("rw")
-             or "")
+    # A job's own options override the global ones (fio's precedence).
+    opts = doc.get("global options", {}) | job.get("job options", {})
+    rw = str(opts.get("rw", ""))
     section = _FIO_SECTION.get(rw)
     if section is None:
         raise GuestOutputError(f"fio JSON: rw={rw!r}, expected one of {', '.join(_FIO_SECTION)}")
@@ -364,7 +364,19 @@ def consumer_vm(tc: Toolchain, image: ApplianceImage, name: str, ram: Path | Non
         tc, name=name, kernel=image.kernel, initrd=image.initrd, append=cmdline,
         memory_mib=CONSUMER_MIB, memory_file=ram,
         args=render_devices(RootDisk(image.disk, snapshot=True), Rng(), *creds, *devices),
-        boot_banner=BOOT_BANNER, prompt=PROMPT)
+        boot_banner=BOOT_BANNER, prompt=PROMPT, boot_timeout=600)
+
+
+@contextlib.contextmanager
+def booted(vm: QemuMachine) -> Iterator[QemuMachine]:
+    """``with vm:``, saying how long the boot took (a consumer image boots in about a
+    minute under TCG: the run looks stuck otherwise)."""
+    say(f"{vm.name}: booting the consumer image")
+    start = time.monotonic()
+    with vm:
+        say(f"{vm.name}: up in {time.monotonic() - start:.0f} s")
+        vm.console.check("dmesg -n 1")  # kernel messages would land inside fio's JSON
+        yield vm
 
 
 def find_disk(c: GuestConsole, mib: int) -> str:
@@ -457,8 +469,8 @@ def storage_host(tc: Toolchain, image: ApplianceImage, work: Path, jobs: Sequenc
     sock = work / "blk-host.sock"
     server = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(disk)], [sock],
                             work / "vvu-blk-host.log", ready="listening on")
-    with server, consumer_vm(tc, image, "fio-host", None,
-                             [BlkDevice("blk0", sock, reconnect_ms=300)]) as vm:
+    with server, booted(consumer_vm(tc, image, "fio-host", None,
+                                    [BlkDevice("blk0", sock, reconnect_ms=300)])) as vm:
         meter = Meter({CONSUMER_QEMU: vm.qemu_pid, BACKEND: server.pid})
         return run_fio("host", vm.console, jobs, s, meter, raw)
 
@@ -484,8 +496,9 @@ def storage_appliance(tc: Toolchain, image: ApplianceImage, work: Path, jobs: Se
             def guest() -> dict[str, float]:
                 return {BACKEND: guest_proc_cpu(avm, pid, tick)}
 
-            with consumer_vm(tc, image, f"fio-{mode}", link.ram_file,
-                             [BlkDevice("blk0", link.vhost_socket, reconnect_ms=300)]) as vm:
+            with booted(consumer_vm(tc, image, f"fio-{mode}", link.ram_file,
+                                    [BlkDevice("blk0", link.vhost_socket,
+                                               reconnect_ms=300)])) as vm:
                 meter = Meter({CONSUMER_QEMU: vm.qemu_pid, DEVD: devd.pid,
                                APPL_QEMU: avm.qemu_pid}, devd, guest)
                 return run_fio(mode, vm.console, jobs, s, meter, raw)
@@ -532,8 +545,12 @@ def net_consumers(tc: Toolchain, image: ApplianceImage, mode: str, socks: Sequen
             stack.callback(vm.shutdown)
             vm.launch()  # both boot at once
             vms.append(vm)
+        say(f"{mode}: booting two consumer VMs")
+        start = time.monotonic()
         for vm in vms:
             vm.wait_for_boot()
+            vm.console.check("dmesg -n 1")
+        say(f"{mode}: consumers up in {time.monotonic() - start:.0f} s")
         yield vms
 
 
