@@ -29,7 +29,7 @@ switched (frames both guests sent): vvu-devd CPU, trapped doorbells, kicks.
 
     .venv/bin/python benchmarks/fio_bench.py [--only storage,switch]
         [--modes host,appliance,bypass] [--depths 1,8,32] [--ops randread,randwrite]
-        [--runtime 6] [--iperf-seconds 5] [--json] [--keep]
+        [--runtime 6] [--iperf-seconds 5] [--json] [--keep DIR]
 
 Progress goes to stderr, the tables (or with ``--json`` one JSON document) to
 stdout. Needs the tool chain (``./setup``); builds the storage, vswitch and
