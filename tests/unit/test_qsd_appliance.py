@@ -5,7 +5,6 @@ tells vvu-backend (READY=1 once armed, WATCHDOG=1, the link states of its log)."
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import shlex
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import lab_plans
 from tests.support.blk_driver import BlkDriver
 from tests.support.loop_thread import LoopThread
 from tests.support.vvu_chain import DeviceModel, FileRam, wait_for
@@ -25,10 +25,7 @@ from vvu_runtime.appliance.config import ConfigError, parse_config
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.launch import cli as launch_cli
-from vvu_runtime.launch.accel import Accelerator
-from vvu_runtime.launch.lab import ImageFiles, LabPaths, LabPlan, plan_lab
 from vvu_runtime.launch.topology import (
-    Topology,
     TopologyError,
     load_topology,
     load_topology_text,
@@ -123,27 +120,9 @@ def test_schema_command_documents_the_engine(capsys: pytest.CaptureFixture[str])
         capsys.readouterr().out
 
 
-def _appliance_config(plan: LabPlan, node: str) -> str:
-    argv = plan.node(node).argv
-    for i, a in enumerate(argv):
-        if a == "-smbios" and "credential.binary:vvu.appliance=" in argv[i + 1]:
-            return base64.b64decode(argv[i + 1].split("vvu.appliance=", 1)[1]).decode()
-    raise AssertionError(f"{node} has no vvu.appliance credential")
-
-
-def _plan(topo: Topology) -> LabPlan:
-    paths = LabPaths(name=topo.name, root=Path(f"/labs/{topo.name}"),
-                     run=Path(f"/run/vvu/{topo.name}"))
-    images = {kind: ImageFiles(kernel=Path(f"/images/{kind}.vmlinuz"),
-                               initrd=Path(f"/images/{kind}.initrd"), cmdline="console=ttyS0",
-                               disk=Path(f"/images/{kind}.raw"))
-              for kind in ("vswitch", "storage", "consumer")}
-    return plan_lab(topo, paths, accel=Accelerator.TCG, accel_reason="test", public_key="k",
-                    images=images, ports={"st1": 40001, "c1": 40002})
-
-
 def test_the_launcher_passes_the_engine_to_the_appliance() -> None:
-    text = _appliance_config(_plan(load_topology_text(LAB, Path("/labs/lab.yaml"))), "st1")
+    lab = lab_plans.plan(load_topology_text(LAB, Path("/labs/lab.yaml")))
+    text = lab_plans.appliance_config(lab, "st1")
     # vvu-blk exports are rendered as before (no engine key); the appliance reads both.
     assert json.loads(text)["exports"] == [
         {"name": "c1-disk0", "disk": "a", "readonly": False, "protocol": "blk"},
@@ -160,7 +139,7 @@ def test_the_qsd_example_is_one_qsd_export_and_its_consumer() -> None:
     (c1,) = topo.consumers
     assert [d.ref for d in c1.disks] == ["st1/disk"]
     assert "disk" in {c.kind.value for c in topo.checks}
-    config = parse_config(_appliance_config(_plan(topo), "st1"), "credential")
+    config = parse_config(lab_plans.appliance_config(lab_plans.plan(topo), "st1"), "credential")
     assert [(e.name, e.engine) for e in config.exports] == [("c1-disk0", "qsd")]
 
 

@@ -7,7 +7,6 @@ stand-in testpmd (tests/support/fake_testpmd.py)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import shlex
@@ -18,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import lab_plans
 from tests.unit.test_topology import at, load, only_problem, problems
 from vvu_runtime.appliance import backend, testpmd
 from vvu_runtime.appliance.config import ConfigError, parse_config
-from vvu_runtime.launch.accel import Accelerator
-from vvu_runtime.launch.lab import ImageFiles, LabPaths, LabPlan, plan_lab
-from vvu_runtime.launch.topology import Topology, load_topology
+from vvu_runtime.launch.topology import load_topology
 from vvu_runtime.proxy import cli
 from vvu_runtime.proxy.link import BackendProcess
 
@@ -174,29 +172,10 @@ def test_a_bad_engine_is_refused_at_its_value() -> None:
 # --------------------------------------------------------------------------
 
 
-def _appliance_config(plan: LabPlan, node: str) -> str:
-    argv = plan.node(node).argv
-    for i, a in enumerate(argv):
-        if a == "-smbios" and "credential.binary:vvu.appliance=" in argv[i + 1]:
-            return base64.b64decode(argv[i + 1].split("vvu.appliance=", 1)[1]).decode()
-    raise AssertionError(f"{node} has no vvu.appliance credential")
-
-
-def _plan(topo: Topology) -> LabPlan:
-    paths = LabPaths(name=topo.name, root=Path(f"/labs/{topo.name}"),
-                     run=Path(f"/run/vvu/{topo.name}"))
-    images = {kind: ImageFiles(kernel=Path(f"/images/{kind}.vmlinuz"),
-                               initrd=Path(f"/images/{kind}.initrd"), cmdline="console=ttyS0",
-                               disk=Path(f"/images/{kind}.raw"))
-              for kind in ("vswitch", "storage", "consumer")}
-    return plan_lab(topo, paths, accel=Accelerator.TCG, accel_reason="test", public_key="k",
-                    images=images, ports={"sw1": 40001, "c1": 40002, "c2": 40003})
-
-
 def test_the_example_runs_testpmd_with_two_links_and_two_cpus() -> None:
     topo = load_topology(REPO / "examples" / "testpmd.yaml")
-    plan = _plan(topo)
-    text = _appliance_config(plan, "sw1")
+    plan = lab_plans.plan(topo)
+    text = lab_plans.appliance_config(plan, "sw1")
     assert json.loads(text) == {"kind": "vswitch", "options": {"engine": "testpmd"},
                                 "links": [{"name": "c1-nic0"}, {"name": "c2-nic0"}]}
     assert parse_config(text, "credential").options["engine"] == "testpmd"
@@ -205,8 +184,8 @@ def test_the_example_runs_testpmd_with_two_links_and_two_cpus() -> None:
 
 
 def test_a_vvu_switch_lab_config_is_unchanged() -> None:
-    text = _appliance_config(_plan(load(LAB.replace("    options: {engine: testpmd}\n", ""))),
-                             "sw1")
+    lab = lab_plans.plan(load(LAB.replace("    options: {engine: testpmd}\n", "")))
+    text = lab_plans.appliance_config(lab, "sw1")
     assert json.loads(text)["options"] == {"busy_poll_us": 0}
 
 
