@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from benchmarks.host_daemon import stop_group
+
 __all__ = [
     "Launcher",
     "Peer",
@@ -288,15 +290,7 @@ class Testpmd:
                 proc.stdin.flush()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        for sig in (signal.SIGINT, signal.SIGKILL):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGINT, 5.0)
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()

@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmarks.process_cpu import find_descendant
 
@@ -35,6 +36,21 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return False
+
+
+def stop_group(proc: subprocess.Popen[Any], first: signal.Signals, wait: float) -> None:
+    """Stop ``proc`` and its process group: ``first``, up to ``wait`` s for the
+    leader, then SIGKILL (5 s); the group gets a last SIGKILL even when its
+    leader is gone, for children that ignored ``first``."""
+    for sig, timeout in ((first, wait), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class DaemonError(RuntimeError):
@@ -103,16 +119,8 @@ class HostDaemon:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(wait)
         # The group outlives its leader if the daemon ignored mkosi's signal.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGTERM, timeout)
         # The daemon is not our child (its wrapper is): wait until it is really gone.
         deadline = time.monotonic() + 5.0
         while self.pid is not None and _running(self.pid) and time.monotonic() < deadline:

@@ -23,7 +23,6 @@ receiver's port, read before it stops.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import subprocess
@@ -32,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.dpdk_peer import Launcher, PeerError, descendants, process_comm
+from benchmarks.host_daemon import stop_group
 
 __all__ = ["VSWITCHD", "OvsDpdk", "find_ovs_dpdk", "flow_packets_to"]
 
@@ -193,13 +193,5 @@ class OvsDpdk:
         # vswitchd first (it holds the ports), then the database; SIGTERM is
         # their clean exit, SIGKILL for whatever is left of each group.
         for proc in reversed(self.procs):
-            for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-                if proc.poll() is not None:
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(wait)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, signal.SIGTERM, 10.0)
         self.procs = []
