@@ -184,7 +184,11 @@ def test_files_cross_the_uplink_both_ways(toolchain: Toolchain,
 
         c = sw.counters()
         up, port = c[TAP], c["vm1"]
-        assert up["drops"] == {} and port["drops"] == {}, c
+        # The guest's RX ring may run dry while a TCG vCPU lags the host's sender:
+        # that backpressure drop is what a NIC does too (TCP resends, the hashes
+        # above prove it).  Any other drop reason on either port is a bug.
+        assert up["drops"] == {}, c
+        assert set(port["drops"]) <= {"rx_ring_full"}, c  # type: ignore[call-overload]
         # Both kernels' TSO crossed whole: GSO super-frames came in on both ports
         # and none had to be cut up (how many depends on the TCP stacks' pace).
         assert int(up["in_gso"]) > 0 and int(port["in_gso"]) > 0, c  # type: ignore[call-overload]
