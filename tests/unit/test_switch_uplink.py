@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,11 +181,9 @@ def test_real_tap_in_a_network_namespace() -> None:
     assert result["uso_segmented"] >= 4
 
 
-def _scenario() -> dict[str, object]:
+def _scenario(tmp: Path) -> dict[str, object]:
     """Runs inside a fresh network namespace: a switch with one guest port and
     the uplink; the guest talks to the namespace's own stack."""
-    import tempfile
-
     from tests.support.loop_thread import LoopThread
     from tests.support.net_frames import DriverPort
     from vvu_runtime.vhost_user.server import VhostUserServer
@@ -193,7 +192,6 @@ def _scenario() -> dict[str, object]:
     loop, call = lt.loop, lt.call
 
     sw = Switch()
-    tmp = tempfile.mkdtemp()
     ports = {n: SwitchPort(sw, n) for n in ("full", "plain")}
     servers = [VhostUserServer(f"{tmp}/{n}.sock", p, loop=loop) for n, p in ports.items()]
     uplink = TapUplink(sw, "vvutap0")
@@ -255,4 +253,6 @@ def _scenario() -> dict[str, object]:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["scenario"]:
-    print(json.dumps(_scenario()))
+    # The namespace's vhost-user sockets live in a directory removed with the run.
+    with tempfile.TemporaryDirectory(prefix="vvu-uplink-") as _tmp:
+        print(json.dumps(_scenario(Path(_tmp))))

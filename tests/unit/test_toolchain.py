@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,29 @@ def test_mkosi_wrapper_and_tree_link(tmp_path: Path) -> None:
     assert tc.tree_link.resolve() == tc.tree.resolve()
     standalone = (REPO / "appliances/standalone.conf").read_text()
     assert "ToolsTree=$VVU_CACHE_DIR/tools/tree" in standalone
+
+
+def test_collect_scratch_removes_only_the_directories_of_finished_processes(
+        tmp_path: Path) -> None:
+    tc = Toolchain(cache_dir=tmp_path, repo=REPO)
+    assert tc.collect_scratch() == []  # no scratch directory yet
+    done = subprocess.Popen(["true"])
+    done.wait()  # reaped: its pid runs no more
+    live, dead, odd = (tc.scratch_dir / str(os.getpid()), tc.scratch_dir / str(done.pid),
+                       tc.scratch_dir / "not-a-pid")
+    for d in (live, dead, odd):
+        (d / "mkosi-path-x").mkdir(parents=True)
+    assert sorted(tc.collect_scratch()) == sorted([dead, odd])
+    assert live.exists() and not dead.exists() and not odd.exists()
+
+
+def test_every_mkosi_command_gets_its_own_scratch_directory(tmp_path: Path) -> None:
+    _fake_mkosi(tmp_path, "27.1-1")
+    tc = Toolchain(cache_dir=tmp_path, repo=REPO)
+    argv = tc.mkosi_argv("summary")
+    # A shell that creates scratch/PID, points TMPDIR there and execs mkosi (same PID).
+    script = argv[argv.index("-c") + 1]
+    out = subprocess.run(["/bin/sh", "-c", script, str(tc.scratch_dir), "/bin/sh", "-c",
+                          'echo "$$ $TMPDIR"'], capture_output=True, text=True, check=True)
+    pid, tmpdir = out.stdout.split()
+    assert Path(tmpdir) == tc.scratch_dir / pid and Path(tmpdir).is_dir()

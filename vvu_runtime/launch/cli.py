@@ -407,6 +407,10 @@ def _clean_leftovers(paths: LabPaths, quiet: bool = False) -> list[str]:
             node["state"] = "stopped"
         state["links"] = {}
         write_json(paths.state, state)
+    # Temporary files of the mkosi wrappers just killed (Toolchain.scratch_dir); those
+    # of any other finished mkosi go too, so they say nothing about this lab.
+    with contextlib.suppress(OSError):
+        Toolchain().collect_scratch()
     if done and not quiet:
         for d in done:
             say(d)
@@ -647,6 +651,8 @@ def cmd_down(args: argparse.Namespace) -> int:
         if pid is not None:
             say(f"stopping lab {paths.name} (supervisor pid {pid})…")
             _stop_supervisor(paths, None)
+            with contextlib.suppress(OSError):
+                Toolchain().collect_scratch()
         else:
             if _clean_leftovers(paths):
                 say(f"lab {paths.name} was not running cleanly: its leftovers are removed")

@@ -50,6 +50,7 @@ from typing import Any
 
 from vvu_runtime.console import run_main
 from vvu_runtime.errors import VvuError
+from vvu_runtime.launch.procs import pid_alive
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -289,6 +290,36 @@ class Toolchain:
         (``ToolsTree=$VVU_CACHE_DIR/tools/tree``) whatever mkosi's version."""
         return self.tools_dir / "tree"
 
+    @property
+    def scratch_dir(self) -> Path:
+        """Where each mkosi process vvu starts keeps its temporary files: ``scratch/PID``.
+
+        mkosi copies itself (``mkosi-path-*``) and its resources to ``$TMPDIR`` for
+        every ``mkosi sandbox`` and removes them only when it unwinds; a killed one
+        leaves them. Under one PID-named directory per process they are found and
+        removed (:meth:`collect_scratch`) once that process is gone, instead of
+        piling up in the host's /tmp.
+        """
+        return self.cache_dir / "scratch"
+
+    def collect_scratch(self) -> list[Path]:
+        """Remove the scratch directories of mkosi processes that no longer run.
+
+        Returns what was removed. Called before every mkosi command and by
+        ``vvu-launch down``.
+        """
+        removed: list[Path] = []
+        try:
+            entries = list(self.scratch_dir.iterdir())
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            if entry.name.isdigit() and pid_alive(int(entry.name)):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        return removed
+
     def _link_tree(self) -> None:
         link = self.tree_link
         if link.is_symlink() and os.readlink(link) == self.tree.name:
@@ -447,7 +478,12 @@ class Toolchain:
             argv += [f"--output-directory={self.tools_dir}"]
         else:
             argv += [f"--directory={self.repo}"]
+        self.collect_scratch()
+        # "$$" is the shell's PID, which exec hands on to mkosi: its own directory.
+        scratch = ["/bin/sh", "-c", 'mkdir -p "$0/$$" && TMPDIR="$0/$$" exec "$@"',
+                   str(self.scratch_dir)]
         return [
+            *scratch,
             *argv,
             f"--package-cache-directory={self.package_cache}",
             f"--tools-tree-sandbox-tree={self.sources_tree}",
@@ -880,7 +916,7 @@ def _command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     elif args.cmd == "path":
         print(tc.path(args.name))
     elif args.cmd == "mkosi":
-        print(" ".join(tc.mkosi_argv()))
+        print(shlex.join(tc.mkosi_argv()))
     return 0
 
 
