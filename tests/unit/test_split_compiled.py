@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -509,3 +510,35 @@ def test_anything_goes_the_same_way(
         publish(mem, s, heads, idx)
 
     both(setup, ops, size=size, features=features)
+
+
+def test_a_compiled_module_older_than_its_sources_is_set_aside(tmp_path: Path) -> None:
+    """After a pull that changed the C without ./setup, the old extensions would run
+    against the new Python: every one of them is left alone, with a warning."""
+    compiled_class()
+    copy = tmp_path / "checkout"
+    shutil.copytree(REPO / "vvu_runtime", copy / "vvu_runtime",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # copy2: mtimes kept
+    code = ("from vvu_runtime.virtio import accel\n"
+            "from vvu_runtime.backends.blk import device\n"
+            "from vvu_runtime.backends.switch import switch\n"
+            "print(accel.status()['split ring'], device._compiled_serve_fast is None,"
+            " switch._compiled_forward_burst is None)\n")
+    env = {k: v for k, v in os.environ.items() if k != accel.ENV_PURE_PYTHON}
+    env["PYTHONPATH"] = str(copy)
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True, cwd=tmp_path)
+
+    fresh = run()
+    assert fresh.stdout.split() == ["compiled", "False", "False"], fresh.stderr
+    assert "older than" not in fresh.stderr
+    later = time.time() + 60  # edited after every build
+    for source in ("virtio/_split_core.h", "backends/blk/_serve_c.c"):
+        os.utime(copy / "vvu_runtime" / source, (later, later))
+    stale = run()
+    assert stale.stdout.split()[-2:] == ["True", "True"], stale.stderr
+    assert stale.stdout.startswith("pure (compiled module older than its sources")
+    for name in ("_split_c", "_serve_c", "_forward_c"):
+        assert f"{name}." in stale.stderr and "run ./setup" in stale.stderr, stale.stderr

@@ -9,7 +9,10 @@ Which one runs is decided once per process:
 * ``VVU_PURE_PYTHON=1`` (any value but empty or ``0``) forces pure Python
   everywhere: CI runs the unit tier once that way, and it is the first thing
   to try when a compiled path is suspected.
-* otherwise the compiled module is used when it can be imported.
+* otherwise the compiled module is used when it can be imported and is not
+  older than its C sources (:func:`current`): an extension left from before a
+  ``git pull`` would run the new Python against the old C, so it is set aside,
+  with a warning that says to run ``./setup``.
 
 Accelerated today: ``split.SplitQueue`` (``_split_c.c``, ``split.CompiledSplitQueue``),
 the IN/OUT fast path of ``backends.blk.device.BlkDevice.serve`` (``_serve_c.c``) and
@@ -19,14 +22,21 @@ which walks the compiled rings through ``_split_core.h`` and ``_split_c``'s caps
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from types import ModuleType
 
-__all__ = ["ENV_PURE_PYTHON", "build", "pure_python_forced", "status"]
+__all__ = ["ENV_PURE_PYTHON", "build", "current", "pure_python_forced", "status"]
+
+log = logging.getLogger(__name__)
+
+#: vvu_runtime/, where the C sources sit next to the modules built from them.
+PACKAGE = Path(__file__).resolve().parents[1]
 
 ENV_PURE_PYTHON = "VVU_PURE_PYTHON"
 
@@ -36,16 +46,43 @@ def pure_python_forced() -> bool:
     return os.environ.get(ENV_PURE_PYTHON, "") not in ("", "0")
 
 
+def current(module: ModuleType, *sources: str) -> bool:
+    """Whether compiled ``module`` is at least as new as each of its ``sources``
+    (paths under vvu_runtime/). A source that is not there (an install without
+    them) does not count against it. When one is newer, the module was built
+    from other code than the Python beside it: log why and return False, so the
+    caller keeps the pure-Python path."""
+    built = Path(module.__file__ or "")
+    try:
+        built_at = built.stat().st_mtime
+    except OSError:
+        return True  # not a file (a frozen or test module): nothing to compare
+    for source in sources:
+        try:
+            changed_at = (PACKAGE / source).stat().st_mtime
+        except OSError:
+            continue
+        if changed_at > built_at:
+            log.warning("%s is older than %s: it was built from other sources, so the "
+                        "pure-Python path runs instead; run ./setup (or `python -m "
+                        "vvu_runtime.virtio.accel build`) to rebuild it",
+                        built.name, PACKAGE / source)
+            return False
+    return True
+
+
 def status() -> dict[str, str]:
     """Which implementation each accelerated part uses in this process (for logs and
     ``vvu-appliance-info``-style reports): ``compiled``, ``pure (forced)`` or
     ``pure (not built)``."""
-    from vvu_runtime.virtio.split import compiled_split_queue
+    from vvu_runtime.virtio.split import compiled_split_queue, split_built
 
     if compiled_split_queue() is not None:
         split = "compiled"
     elif pure_python_forced():
         split = "pure (forced)"
+    elif split_built():
+        split = "pure (compiled module older than its sources: run ./setup)"
     else:
         split = "pure (not built)"
     return {"split ring": split}

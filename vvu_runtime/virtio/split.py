@@ -41,12 +41,14 @@ from vvu_runtime.virtio.memory import GuestMemory, memory_barrier
 from vvu_runtime.virtio.queue import DescriptorChain, RingAddresses, Virtqueue
 
 try:  # the compiled data path (virtio/accel.py); absent when built without a compiler
-    from vvu_runtime.virtio._split_c import SplitCore as _SplitCore
-    from vvu_runtime.virtio._split_c import configure as _configure_compiled
+    from vvu_runtime.virtio import _split_c
 except ImportError:
-    _BUILT = False
+    _IMPORTED = _BUILT = False
 else:
-    _BUILT = True
+    _IMPORTED = True
+    _BUILT = accel.current(_split_c, "virtio/_split_c.c", "virtio/_split_core.h")
+    _SplitCore = _split_c.SplitCore
+    _configure_compiled = _split_c.configure
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in sight
     raise ImportError("vvu_runtime.virtio.split casts ring memory natively: "
@@ -636,9 +638,14 @@ if _BUILT:
 
 
 @functools.cache
+def split_built() -> bool:
+    """Whether the compiled split ring could be imported (used or not)."""
+    return _IMPORTED
+
+
 def compiled_split_queue() -> type[SplitQueue] | None:
-    """The compiled SplitQueue, or None when its extension was not built or
-    ``VVU_PURE_PYTHON`` is set. Decided once per process."""
+    """The compiled SplitQueue, or None when its extension was not built, is older
+    than its sources, or ``VVU_PURE_PYTHON`` is set. Decided once per process."""
     if not _BUILT or accel.pure_python_forced():
         return None
     return CompiledSplitQueue

@@ -68,11 +68,12 @@ class ServeFast(Protocol):
 
 
 try:  # the compiled fast path of serve() (virtio/accel.py); absent without a compiler
-    from vvu_runtime.backends.blk._serve_c import serve_fast as _serve_c_fast
+    from vvu_runtime.backends.blk import _serve_c
 except ImportError:
     _compiled_serve_fast: ServeFast | None = None
 else:
-    _compiled_serve_fast = _serve_c_fast
+    _compiled_serve_fast = _serve_c.serve_fast if accel.current(
+        _serve_c, "backends/blk/_serve_c.c") else None
 
 if TYPE_CHECKING:
     from vvu_runtime.vhost_user.vring import Vring

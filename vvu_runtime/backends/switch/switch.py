@@ -59,11 +59,12 @@ if TYPE_CHECKING:
 ForwardBurst = Callable[..., "BurstResult | float | None"]
 
 try:  # the compiled burst of forward_chains (virtio/accel.py); absent without a compiler
-    from vvu_runtime.backends.switch._forward_c import forward_burst as _c_forward_burst
+    from vvu_runtime.backends.switch import _forward_c
 except ImportError:
     _compiled_forward_burst: ForwardBurst | None = None
 else:
-    _compiled_forward_burst = _c_forward_burst
+    _compiled_forward_burst = _forward_c.forward_burst if accel.current(
+        _forward_c, "backends/switch/_forward_c.c", "virtio/_split_core.h") else None
 
 log = logging.getLogger(__name__)
 
