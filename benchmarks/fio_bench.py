@@ -434,6 +434,11 @@ class Settings:
     runtime: int
     ramp: int
     iperf_seconds: int
+    #: vvu-blk --busy-poll (µs) for host mode and the appliance alike: 0, or both poll.
+    busy_poll_us: int = 0
+
+    def blk_args(self) -> list[str]:
+        return ["--busy-poll", str(self.busy_poll_us)] if self.busy_poll_us else []
 
 
 def run_fio(mode: str, c: GuestConsole, jobs: Sequence[FioJob], s: Settings, meter: Meter,
@@ -467,7 +472,8 @@ def storage_host(tc: Toolchain, image: ApplianceImage, work: Path, jobs: Sequenc
     with disk.open("wb") as f:
         f.truncate(DISK_MIB << 20)
     sock = work / "blk-host.sock"
-    server = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(disk)], [sock],
+    server = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(disk),
+                                        *s.blk_args()], [sock],
                             work / "vvu-blk-host.log", ready="listening on")
     with server, booted(consumer_vm(tc, image, "fio-host", None,
                                     [BlkDevice("blk0", sock, reconnect_ms=300)])) as vm:
@@ -488,7 +494,7 @@ def storage_appliance(tc: Toolchain, image: ApplianceImage, work: Path, jobs: Se
         fn = vvu_functions(avm)[0]
         avm.console.check(f"truncate -s {DISK_MIB}M /root/disk.raw")
         tick = int(avm.console.check("getconf CLK_TCK || echo 100").split()[0])
-        proc = appliance_engine(avm, fn, "vvu-blk", False)
+        proc = appliance_engine(avm, fn, "vvu-blk", False, s.blk_args())
         proc.start()
         try:
             pid = proc.pid
@@ -661,6 +667,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime", type=int, default=6, help="seconds per fio job (measured)")
     parser.add_argument("--ramp", type=int, default=1, help="fio --ramp_time, seconds")
     parser.add_argument("--iperf-seconds", type=int, default=5, help="iperf3 -t per direction")
+    parser.add_argument("--busy-poll", type=int, default=0, metavar="US",
+                        help="vvu-blk --busy-poll in host mode and in the appliance alike "
+                             "(after serving, poll with kicks off this many µs); default 0")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--keep", metavar="DIR", type=Path,
                         help="also save every raw fio / iperf3 output and logs under DIR")
@@ -685,9 +694,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                              ("--iperf-seconds", a.iperf_seconds, 1)):
         if not low <= value <= 600:
             parser.error(f"{name} {value}: from {low} to 600 seconds")
+    if not 0 <= a.busy_poll <= 1_000_000:
+        parser.error(f"--busy-poll {a.busy_poll}: from 0 to 1000000 µs")
     return Options(only, Settings(modes, _choices(parser, "--ops", a.ops, OPS),
                                   _depths(parser, a.depths), a.runtime, a.ramp,
-                                  a.iperf_seconds), a.json, a.keep)
+                                  a.iperf_seconds, a.busy_poll), a.json, a.keep)
 
 
 def _load() -> dict[str, Any]:
@@ -723,7 +734,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vvu-fio-bench-"))
     before = _load()
     say(f"work directory {work}; {before['cpus']} host CPUs, load "
-        f"{' '.join(map(str, before['loadavg']))}")
+        f"{' '.join(map(str, before['loadavg']))}; vvu-blk busy poll "
+        f"{opts.settings.busy_poll_us} µs")
     raw: dict[str, str] = {}
     started = time.monotonic()
     try:

@@ -327,9 +327,10 @@ def storage_host(tc: Toolchain, assets: ConsumerAssets, work: Path,
         return [run_phase(mode, c, p, probe) for p in phases]
 
 
-def appliance_engine(avm: ApplianceMachine, fn: str, engine: str, direct: bool
-                     ) -> ApplianceProcess:
-    """The engine's process in the appliance, started on VVU function ``fn``."""
+def appliance_engine(avm: ApplianceMachine, fn: str, engine: str, direct: bool,
+                     extra: Sequence[str] = ()) -> ApplianceProcess:
+    """The engine's process in the appliance, started on VVU function ``fn``
+    (``extra``: more vvu-blk options)."""
     shell = appliance_shell(avm)
     if engine == "qsd":
         run_dir = Path("/run/vvu")
@@ -341,7 +342,7 @@ def appliance_engine(avm: ApplianceMachine, fn: str, engine: str, direct: bool
                                   direct=direct),
             "/root/vvu-proxy", ready="BACKEND_UP (its back-end connected): ready")
     return ApplianceProcess(shell, ["vvu-blk", "--vvu", fn, "--image", "/root/disk.raw"]
-                            + (["--direct"] if direct else []),
+                            + (["--direct"] if direct else []) + list(extra),
                             "/root/vvu-blk", ready="ready for a front-end")
 
 

@@ -52,7 +52,7 @@ def test_yaml_subset_and_json_give_the_same_config() -> None:
     assert y.exports == j.exports and y.options == j.options
     assert y.exports[1].file is not None and y.exports[1].file.size == 256 << 20
     assert y.link_names == ["c1-disk0", "c2-disk0"] and y.backend == "blk"
-    assert y.options == {"direct": True, "queues": 4, "poll_us": 50}
+    assert y.options == {"direct": True, "queues": 4, "poll_us": 50, "busy_poll_us": 0}
 
 
 def test_vswitch_contract_example() -> None:
@@ -280,11 +280,14 @@ def test_command_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (disks / "virtio-data0").write_bytes(b"")
     monkeypatch.setattr(backend, "disk_path", lambda serial: disks / f"virtio-{serial}")
     s = parse_config('{"kind": "storage", "exports": [{"name": "c1-disk0", "disk": "data0",'
-                     ' "readonly": true}], "options": {"direct": true}}', "f")
+                     ' "readonly": true}], "options": {"direct": true, "busy_poll_us": 800}}',
+                     "f")
     (b,) = backend.commands(s, {"c1-disk0": "0000:03:00.0"})
     assert b.argv == ["vvu-blk", "--vvu", "0000:03:00.0", "--image", str(disks / "virtio-data0"),
                       "--serial", "c1-disk0", "--queues", "4", "--poll-us", "50",
-                      "--read-only", "--direct"]
+                      "--busy-poll", "800", "--read-only", "--direct"]
+    with pytest.raises(ConfigError, match="busy_poll_us"):
+        parse_config('{"kind": "storage", "exports": [], "options": {"busy_poll_us": -1}}', "f")
 
 
 def test_file_export_on_a_mounted_data_disk(tmp_path: Path,

@@ -24,7 +24,10 @@ def test_parse_args() -> None:
         "s", "i", 4, True, True, "abc")
     args = parse_args(["--socket-path", "s", "--blk-file", "i", "--read-only-mode"])
     assert (args.socket, args.image, args.read_only) == ("s", "i", True)
-    for bad in (["--queues", "0"], ["--serial", "x" * 21]):
+    assert args.busy_poll == 0
+    assert parse_args(["--socket", "s", "--image", "i", "--busy-poll", "750"]).busy_poll == 750
+    for bad in (["--queues", "0"], ["--serial", "x" * 21], ["--busy-poll", "-1"],
+                ["--busy-poll", "2000000"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(["--socket", "s", "--image", "i", *bad])
         assert exc.value.code == 2

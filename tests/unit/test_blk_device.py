@@ -38,6 +38,7 @@ class FakeVring:
         self.pushed: list[tuple[DescriptorChain, int]] = []
         self.notified = 0
         self.failed: list[BaseException] = []
+        self.suppressions: list[bool] = []  # kick_suppression() calls, in order
 
     def pop(self) -> DescriptorChain | None:
         return self.available.pop(0) if self.available else None
@@ -60,6 +61,10 @@ class FakeVring:
 
     def has_available(self) -> bool:
         return bool(self.available)
+
+    def kick_suppression(self, suppress: bool) -> bool:
+        self.suppressions.append(suppress)
+        return bool(self.available)  # re-reads the ring, as the real one does
 
     def fail(self, exc: BaseException) -> None:
         self.failed.append(exc)
@@ -489,3 +494,92 @@ def test_busy_ring_is_polled_briefly(device: BlkDevice) -> None:
     vring = FakeVring([request(RequestType.IN, 0, into=views(512)) for _ in range(16)])
     vring.has_available = lambda: pytest.fail("polling is off")  # type: ignore[method-assign]
     device.process(vring)  # type: ignore[arg-type]
+
+
+def _arriving(vring: FakeVring, late: dict[int, list[DescriptorChain]]) -> list[int]:
+    """Make ``vring.has_available`` publish ``late[n]`` on its n-th call (the driver
+    submitting while we poll); returns the list that counts the calls."""
+    real_has = vring.has_available
+    calls = [0]
+
+    def has_available() -> bool:
+        calls[0] += 1
+        vring.available.extend(late.pop(calls[0], []))
+        return real_has()
+
+    vring.has_available = has_available  # type: ignore[method-assign]
+    return calls
+
+
+def test_busy_poll_serves_the_next_request_without_a_kick(device: BlkDevice) -> None:
+    """QD1: after each completion the ring is polled with kicks off; a request the
+    driver submits within the window is served in the same call, then kicks go
+    back on once a window passes with nothing."""
+    device.busy_poll_us = 2000
+    vring = FakeVring([request(RequestType.IN, 0, into=views(512))])
+    _arriving(vring, {3: [request(RequestType.IN, 1, into=views(512))],
+                      9: [request(RequestType.IN, 2, into=views(512))]})
+    device.process(vring)  # type: ignore[arg-type]
+    assert len(vring.pushed) == 3 and vring.notified == 3  # each completion announced
+    # off while polling, on for good at the end
+    assert vring.suppressions[0] is True and vring.suppressions[-1] is False
+    assert vring.suppressions.count(False) == 1
+
+
+def test_busy_poll_catches_what_came_as_kicks_went_back_on(device: BlkDevice) -> None:
+    """A request published between our last look and the driver seeing kicks on again
+    would get no kick: re-enabling re-reads the ring and serves it."""
+    device.busy_poll_us = 1  # the window passes at once
+    vring = FakeVring([request(RequestType.IN, 0, into=views(512))])
+    real = vring.kick_suppression
+
+    def kick_suppression(suppress: bool) -> bool:
+        if not suppress and len(vring.pushed) == 1:
+            vring.available.append(request(RequestType.IN, 1, into=views(512)))
+        return real(suppress)
+
+    vring.kick_suppression = kick_suppression  # type: ignore[method-assign]
+    vring.has_available = lambda: False  # type: ignore[method-assign]
+    device.process(vring)  # type: ignore[arg-type]
+    assert len(vring.pushed) == 2
+    assert vring.suppressions[-1] is False
+
+
+def test_busy_poll_is_off_by_default_and_skips_an_idle_ring(device: BlkDevice) -> None:
+    assert BlkDevice.busy_poll_us == 0
+    vring = run(device, request(RequestType.IN, 0, into=views(512)))
+    assert vring.suppressions == [] and len(vring.pushed) == 1
+    device.busy_poll_us = 2000
+    idle = run(device)  # a kick with nothing to serve: no spinning
+    assert idle.suppressions == []
+
+
+def test_kicks_are_back_on_when_the_turn_ends_or_serving_fails(
+        device: BlkDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leaving with kicks off would leave the ring unserved forever."""
+    device.busy_poll_us = 2000
+    device.turn_budget = 2
+    vring = FakeVring([request(RequestType.IN, 0, into=views(512))])
+    _arriving(vring, {1: [request(RequestType.IN, i, into=views(512)) for i in range(4)]})
+    turns: list[object] = []
+    monkeypatch.setattr(device._turns, "come_back", lambda ring: turns.append(ring) or True)
+    device.process(vring)  # type: ignore[arg-type]
+    assert turns == [vring] and len(vring.pushed) == 5  # our turn ended after the poll
+    assert vring.suppressions == [True, False]
+
+    device.turn_budget = 256
+    real_serve = device.serve
+    served = [0]
+
+    def second_fails(chain: DescriptorChain) -> int:
+        served[0] += 1
+        if served[0] == 2:
+            raise RuntimeError("a bug")
+        return real_serve(chain)
+
+    monkeypatch.setattr(device, "serve", second_fails)
+    vring = FakeVring([request(RequestType.IN, 0, into=views(512))])
+    _arriving(vring, {1: [request(RequestType.IN, 1, into=views(512))]})
+    with pytest.raises(RuntimeError, match="a bug"):
+        device.process(vring)  # type: ignore[arg-type]
+    assert vring.suppressions == [True, False]

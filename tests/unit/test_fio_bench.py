@@ -220,7 +220,10 @@ def test_defaults_are_the_issue_matrix() -> None:
     assert s.modes == ("host", "appliance", "bypass")
     assert s.ops == ("randread", "randwrite")
     assert s.depths == (1, 8, 32)
+    assert s.busy_poll_us == 0 and s.blk_args() == []
     assert not opts.json and opts.keep is None
+    polled = parse_args(["--busy-poll", "1500"]).settings
+    assert polled.blk_args() == ["--busy-poll", "1500"]  # host and appliance alike
 
 
 def test_lists_are_put_in_canonical_order() -> None:
@@ -242,6 +245,7 @@ def test_lists_are_put_in_canonical_order() -> None:
     (["--runtime", "0"], "--runtime 0: from 1 to 600 seconds"),
     (["--ramp", "-1"], "--ramp -1: from 0 to 600 seconds"),
     (["--iperf-seconds", "601"], "--iperf-seconds 601: from 1 to 600 seconds"),
+    (["--busy-poll", "-5"], "--busy-poll -5: from 0 to 1000000 µs"),
 ])
 def test_bad_arguments_exit_2_naming_the_option(argv: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:

@@ -131,7 +131,7 @@ def test_resolved_lab() -> None:
     assert (sw1.cpus, sw1.memory_mib, sw1.access, sw1.image) == (1, 1024, ApplianceAccess.VIOMMU,
                                                                  None)
     assert dict(sw1.options) == {"busy_poll_us": 0, "engine": "vvu-switch"}
-    assert dict(st1.options) == {"direct": True, "queues": 1}
+    assert dict(st1.options) == {"direct": True, "queues": 1, "busy_poll_us": 0}
     assert st1.subnet is None
     assert [(e.name, e.size, e.readonly) for e in st1.exports] == [
         ("disk-a", 256 << 20, False), ("disk-b", 256 << 20, True)]
@@ -228,7 +228,7 @@ def test_inheritance_precedence() -> None:
     # backend options merge field by field
     assert dict(sw1.options) == {"busy_poll_us": 20, "engine": "vvu-switch"}
     assert dict(sw2.options) == {"busy_poll_us": 0, "engine": "vvu-switch"}
-    assert dict(st1.options) == {"direct": False, "queues": 4}
+    assert dict(st1.options) == {"direct": False, "queues": 4, "busy_poll_us": 0}
     c1, c2 = topo.consumers
     assert (c1.cpus, c1.memory_mib) == (2, 1024)
     assert (c2.cpus, c2.memory_mib) == (1, 256)

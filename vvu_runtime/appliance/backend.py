@@ -372,7 +372,8 @@ def commands(config: ApplianceConfig, matched: dict[str, str], *,
         else:
             argv = ["vvu-blk", "--vvu", addr, "--image", str(image),
                     "--serial", export.serial, "--queues", str(opts["queues"]),
-                    "--poll-us", str(opts["poll_us"])]
+                    "--poll-us", str(opts["poll_us"]),
+                    "--busy-poll", str(opts["busy_poll_us"])]
             if export.readonly:
                 argv.append("--read-only")
         if opts["direct"]:

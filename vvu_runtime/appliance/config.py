@@ -523,6 +523,8 @@ STORAGE_OPTIONS = (
           check=_between(1, 64)),
     Field("poll_us", "int", "poll a busy ring this long before sleeping", default=50,
           check=_at_least(0)),
+    Field("busy_poll_us", "int", "vvu-blk --busy-poll: after serving, poll with kicks off "
+          "this long (microseconds)", default=0, check=_between(0, 1_000_000)),
 )
 FS_OPTIONS = (
     Field("cache", "str", "virtiofsd --cache: auto, always, never or metadata",

@@ -75,6 +75,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-us", type=float, default=BlkDevice.poll_us, metavar="US",
                         help="after a busy batch, poll the ring this long before sleeping "
                              f"(0: never poll); default {BlkDevice.poll_us:g}")
+    parser.add_argument("--busy-poll", type=float, default=BlkDevice.busy_poll_us,
+                        metavar="US",
+                        help="after serving requests, poll the ring this long with the "
+                             "driver's kicks off: a next request within the window needs "
+                             "no kick or wakeup (queue depth 1), for a CPU spinning that "
+                             "long; default 0: never")
     parser.add_argument("--connect", action="store_true",
                         help="connect to a front-end listening on --socket instead of listening")
     parser.add_argument("--vvu", metavar="PCI_ADDRESS",
@@ -111,6 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--queues must be between 1 and {MAX_QUEUES}")
     if args.poll_us < 0:
         parser.error("--poll-us cannot be negative")
+    if not 0 <= args.busy_poll <= 1_000_000:
+        parser.error("--busy-poll must be between 0 and 1000000 microseconds")
     if len(args.serial.encode()) > ID_BYTES:
         parser.error(f"--serial is at most {ID_BYTES} bytes")
     return args
@@ -155,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
             device = BlkDevice(image, queues=args.queues, serial=args.serial,
                                name=f"disk {os.path.basename(path)} @ {where}")
             device.poll_us = args.poll_us
+            device.busy_poll_us = args.busy_poll
             devices.append(device)
             endpoints.append(
                 Endpoint(device, vvu=args.vvu, vvu_access=PciAccess(args.vvu_access))

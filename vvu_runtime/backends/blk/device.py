@@ -136,6 +136,14 @@ class BlkDevice(VhostUserDevice):
     #: IOPS, a saturated core at the same CPU per request, against 108-211k without;
     #: an idle or lightly loaded ring never spins. 0 disables.
     poll_us = 50.0
+    #: After any call that served a request, keep polling the ring this long with
+    #: the driver's kicks off (EVENT_IDX's avail_event left behind, or NO_NOTIFY),
+    #: like vvu-switch --busy-poll: a driver that submits its next request within
+    #: the window costs no kick, no vvu-devd relay and no wakeup, which is what a
+    #: queue-depth-1 stream through an appliance pays most for. It spins a CPU for
+    #: that long after each burst and holds up the event loop (other exports, session
+    #: messages) by at most that much. 0 (the default) disables it.
+    busy_poll_us = 0.0
     #: Polling stops for this call after this many requests (other queues and the
     #: session's messages get their turn); draining what is available still goes on.
     max_polled = 4096
@@ -270,7 +278,8 @@ class BlkDevice(VhostUserDevice):
         (``pop_many``/``push_many``: one avail-index read and one used-index store
         per group) with a notify after each group, so the driver reaps and refills
         while we serve the next one. When a busy ring runs empty we poll it for
-        :attr:`poll_us` before going back to the event loop (see there).
+        :attr:`poll_us` before going back to the event loop, and after any request
+        for :attr:`busy_poll_us` with the driver's kicks off (see both).
 
         A disabled ring is left alone: for a disk, "consume without side effects"
         would mean acknowledging writes that never happened, so its requests wait
@@ -285,37 +294,66 @@ class BlkDevice(VhostUserDevice):
         busy = 0  # served since the ring was last found empty
         polled = 0  # requests served in this call after polls
         left = self.turn_budget  # requests before we give the loop back
-        while True:
-            chains = pop_many(limit)
-            if not chains:
-                if (busy < limit or polled >= self.max_polled
-                        or not self._poll_for_more(vring)):
+        quiet = False  # the driver's kicks are off (busy polling)
+        try:
+            while True:
+                chains = pop_many(limit)
+                if not chains:
+                    if busy and self.busy_poll_us > 0:
+                        # Kicks stay off while requests keep coming within the window.
+                        quiet = True
+                        if not self._busy_poll(vring):
+                            quiet = False  # _busy_poll turned them back on
+                            return
+                        busy = 0
+                        continue
+                    if (busy < limit or polled >= self.max_polled
+                            or not self._poll_for_more(vring)):
+                        return
+                    polled += busy
+                    busy = 0
+                    continue
+                busy += len(chains)
+                done: list[tuple[DescriptorChain, int]] = []
+                append = done.append
+                try:
+                    for chain in chains:
+                        append((chain, serve(chain)))
+                except BadChain as exc:
+                    # Like QEMU's virtio_error(): a driver this broken gets NEEDS_RESET.
+                    # Announce what we completed first; the failed ring stays silent.
+                    if done:
+                        push_many(done)
+                        vring.notify()
+                    self._log_bad(vring.index, str(exc))
+                    vring.fail(exc)
                     return
-                polled += busy
-                busy = 0
-                continue
-            busy += len(chains)
-            done: list[tuple[DescriptorChain, int]] = []
-            append = done.append
-            try:
-                for chain in chains:
-                    append((chain, serve(chain)))
-            except BadChain as exc:
-                # Like QEMU's virtio_error(): a driver this broken gets NEEDS_RESET.
-                # Announce what we completed first; the failed ring stays silent.
-                if done:
-                    push_many(done)
-                    vring.notify()
-                self._log_bad(vring.index, str(exc))
-                vring.fail(exc)
-                return
-            push_many(done)
-            vring.notify()
-            left -= len(chains)
-            if left <= 0:
-                if self._turns.come_back(vring):
-                    return
-                left = self.turn_budget
+                push_many(done)
+                vring.notify()
+                left -= len(chains)
+                if left <= 0:
+                    if self._turns.come_back(vring):
+                        return
+                    left = self.turn_budget
+        finally:
+            if quiet:
+                # Leaving with work queued (our turn is up) or on an error: the
+                # driver must be able to wake us again.
+                vring.kick_suppression(False)
+
+    def _busy_poll(self, vring: Vring) -> bool:
+        """Spin up to ``busy_poll_us`` with the driver's kicks off. True: requests came
+        (kicks stay off, the caller serves them and polls again). False: nothing came;
+        kicks are back on, and nothing was published before they were."""
+        deadline = _clock() + self.busy_poll_us * 1e-6
+        vring.kick_suppression(True)
+        has_available = vring.has_available
+        while _clock() < deadline:
+            if has_available():
+                return True
+        # Re-enabling re-reads the ring: a request published just before a driver
+        # saw kicks on again would otherwise wait for the next one.
+        return vring.kick_suppression(False)
 
     def _poll_for_more(self, vring: Vring) -> bool:
         """Spin up to ``poll_us`` for the driver's next request; True if one came."""

@@ -182,6 +182,11 @@ STORAGE_OPTIONS = ObjectSpec(
               "loses them although the consumer's next flush succeeds", default=True),
         Field("queues", IntType(1, 16), "request queues offered to each consumer "
               "(vvu-blk --queues)", default=1),
+        Field("busy_poll_us", IntType(0, 1_000_000), "after serving requests, poll the "
+              "ring this many microseconds with the consumer's kicks off (vvu-blk "
+              "--busy-poll): a next request within the window costs no kick, no vvu-devd "
+              "relay and no wakeup, for a CPU spinning that long; vvu-blk exports only "
+              "(scsi and qsd exports do not poll); 0: never", default=0),
     ))
 
 EXPORT = ObjectSpec("export", "appliances.NAME.exports[]", "A disk a storage appliance offers; "
