@@ -195,6 +195,39 @@ def test_consumer_on_packed_rings(toolchain: Toolchain, consumer_assets: Consume
         assert md5(f.read(64 * 4096)) == want
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_busy_poll_serves_qd1_and_wakes_again_after_idle(
+        toolchain: Toolchain, consumer_assets: ConsumerAssets, image: Path, tmp_path: Path,
+        packed: bool) -> None:
+    """--busy-poll: requests submitted within the window are taken with the guest's
+    kicks off (EVENT_IDX on split rings, the event suppression area on packed ones);
+    after an idle pause longer than the window, the next request must still wake
+    the back-end: kicks were turned back on."""
+    server = VvuBlk(image, tmp_path / "poll.sock", "--busy-poll", "20000")
+    server.start()
+    try:
+        with consumer(toolchain, consumer_assets, server.socket, packed=packed) as vm:
+            c = vm.console
+            c.check("dd if=/dev/urandom of=/tmp/pattern bs=4096 count=128 2>/dev/null")
+            want = c.check("md5sum /tmp/pattern").split()[0]
+            for round_ in range(3):
+                # one 4 KiB write at a time (queue depth 1), then as many reads
+                c.check(f"dd if=/tmp/pattern of=/dev/vda bs=4096 seek={round_ * 256} "
+                        "oflag=direct 2>/dev/null", timeout=120)
+                got = c.check(f"dd if=/dev/vda bs=4096 skip={round_ * 256} count=128 "
+                              "iflag=direct 2>/dev/null | md5sum", timeout=120).split()[0]
+                assert got == want, f"round {round_}"
+                time.sleep(0.5)  # idle for 25 windows: the back-end sleeps, kicks on
+        assert server.stop() == 0, server.output()
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
+    with image.open("rb") as f:
+        f.seek(2 * 256 * 4096)
+        assert md5(f.read(128 * 4096)) == want
+    assert "Traceback" not in server.output()
+
+
 def test_read_only_disk(toolchain: Toolchain, consumer_assets: ConsumerAssets,
                         image: Path, tmp_path: Path) -> None:
     with image.open("r+b") as f:
