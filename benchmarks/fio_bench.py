@@ -434,10 +434,11 @@ class Settings:
     runtime: int
     ramp: int
     iperf_seconds: int
-    #: vvu-blk --busy-poll (µs) for host mode and the appliance alike: 0, or both poll.
+    #: --busy-poll (µs) of vvu-blk and vvu-switch, host mode and the appliance alike:
+    #: 0, or every setup polls.
     busy_poll_us: int = 0
 
-    def blk_args(self) -> list[str]:
+    def busy_poll_args(self) -> list[str]:
         return ["--busy-poll", str(self.busy_poll_us)] if self.busy_poll_us else []
 
 
@@ -473,7 +474,7 @@ def storage_host(tc: Toolchain, image: ApplianceImage, work: Path, jobs: Sequenc
         f.truncate(DISK_MIB << 20)
     sock = work / "blk-host.sock"
     server = BackendProcess("vvu-blk", ["--socket", str(sock), "--image", str(disk),
-                                        *s.blk_args()], [sock],
+                                        *s.busy_poll_args()], [sock],
                             work / "vvu-blk-host.log", ready="listening on")
     with server, booted(consumer_vm(tc, image, "fio-host", None,
                                     [BlkDevice("blk0", sock, reconnect_ms=300)])) as vm:
@@ -494,7 +495,7 @@ def storage_appliance(tc: Toolchain, image: ApplianceImage, work: Path, jobs: Se
         fn = vvu_functions(avm)[0]
         avm.console.check(f"truncate -s {DISK_MIB}M /root/disk.raw")
         tick = int(avm.console.check("getconf CLK_TCK || echo 100").split()[0])
-        proc = appliance_engine(avm, fn, "vvu-blk", False, s.blk_args())
+        proc = appliance_engine(avm, fn, "vvu-blk", False, s.busy_poll_args())
         proc.start()
         try:
             pid = proc.pid
@@ -590,7 +591,8 @@ def run_iperf(mode: str, vms: Sequence[QemuMachine], s: Settings, meter: Meter,
 def switch_host(tc: Toolchain, image: ApplianceImage, work: Path, s: Settings,
                 raw: dict[str, str]) -> list[Measurement]:
     socks = [work / "sw-a.sock", work / "sw-b.sock"]
-    sw = BackendProcess("vvu-switch", ["--port", f"a={socks[0]}", "--port", f"b={socks[1]}"],
+    sw = BackendProcess("vvu-switch", ["--port", f"a={socks[0]}", "--port", f"b={socks[1]}",
+                                       *s.busy_poll_args()],
                         socks, work / "vvu-switch-host.log")
     with sw, net_consumers(tc, image, "host", socks, [None, None]) as vms:
         meter = Meter({BACKEND: sw.pid}
@@ -610,7 +612,8 @@ def switch_appliance(tc: Toolchain, image: ApplianceImage, work: Path, s: Settin
     with devd, appliance_vm(tc, "vswitch", [ln.vfio_socket for ln in links], doorbell) as avm:
         fns = vvu_functions(avm)
         sw = ApplianceProcess(appliance_shell(avm),
-                              ["vvu-switch", "--vvu", f"a={fns[0]}", "--vvu", f"b={fns[1]}"],
+                              ["vvu-switch", "--vvu", f"a={fns[0]}", "--vvu", f"b={fns[1]}",
+                               *s.busy_poll_args()],
                               "/root/vvu-switch", ready="ready for a front-end")
         sw.start()
         sw.wait_for("ready for a front-end", 300, count=2)
@@ -668,8 +671,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ramp", type=int, default=1, help="fio --ramp_time, seconds")
     parser.add_argument("--iperf-seconds", type=int, default=5, help="iperf3 -t per direction")
     parser.add_argument("--busy-poll", type=int, default=0, metavar="US",
-                        help="vvu-blk --busy-poll in host mode and in the appliance alike "
-                             "(after serving, poll with kicks off this many µs); default 0")
+                        help="--busy-poll of vvu-blk and vvu-switch, in host mode and in the "
+                             "appliance alike (after serving, poll with kicks off this many "
+                             "µs); default 0")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument("--keep", metavar="DIR", type=Path,
                         help="also save every raw fio / iperf3 output and logs under DIR")
@@ -734,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vvu-fio-bench-"))
     before = _load()
     say(f"work directory {work}; {before['cpus']} host CPUs, load "
-        f"{' '.join(map(str, before['loadavg']))}; vvu-blk busy poll "
+        f"{' '.join(map(str, before['loadavg']))}; busy poll "
         f"{opts.settings.busy_poll_us} µs")
     raw: dict[str, str] = {}
     started = time.monotonic()

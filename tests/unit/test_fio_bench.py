@@ -220,10 +220,10 @@ def test_defaults_are_the_issue_matrix() -> None:
     assert s.modes == ("host", "appliance", "bypass")
     assert s.ops == ("randread", "randwrite")
     assert s.depths == (1, 8, 32)
-    assert s.busy_poll_us == 0 and s.blk_args() == []
+    assert s.busy_poll_us == 0 and s.busy_poll_args() == []
     assert not opts.json and opts.keep is None
     polled = parse_args(["--busy-poll", "1500"]).settings
-    assert polled.blk_args() == ["--busy-poll", "1500"]  # host and appliance alike
+    assert polled.busy_poll_args() == ["--busy-poll", "1500"]  # host and appliance alike
 
 
 def test_lists_are_put_in_canonical_order() -> None:
