@@ -583,3 +583,28 @@ def test_kicks_are_back_on_when_the_turn_ends_or_serving_fails(
     with pytest.raises(RuntimeError, match="a bug"):
         device.process(vring)  # type: ignore[arg-type]
     assert vring.suppressions == [True, False]
+
+
+def test_a_trickling_driver_cannot_keep_the_loop_while_we_busy_poll(
+        device: BlkDevice, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request inside every window would keep one call busy-polling for ever;
+    after busy_turn the loop gets the process back (other disks, session messages)."""
+    now = [0.0]
+    monkeypatch.setattr(device_mod, "_clock", lambda: now[0])
+    device.busy_poll_us = 2000
+    vring = FakeVring([request(RequestType.IN, 0, into=views(512))])
+    real_has = vring.has_available
+
+    def has_available() -> bool:
+        now[0] += 0.001  # 1 ms passes per look: always inside the 2 ms window
+        if not vring.available:
+            vring.available.append(request(RequestType.IN, 0, into=views(512)))
+        return real_has()
+
+    vring.has_available = has_available  # type: ignore[method-assign]
+    turns: list[object] = []
+    monkeypatch.setattr(device._turns, "come_back", lambda ring: turns.append(ring) or True)
+    device.process(vring)  # type: ignore[arg-type]
+    assert turns == [vring]  # handed back instead of spinning on
+    assert 3 <= len(vring.pushed) <= 10  # ~busy_turn (5 ms) of 1 ms requests
+    assert vring.suppressions[-1] is False  # and the driver can kick us again

@@ -144,6 +144,11 @@ class BlkDevice(VhostUserDevice):
     #: that long after each burst and holds up the event loop (other exports, session
     #: messages) by at most that much. 0 (the default) disables it.
     busy_poll_us = 0.0
+    #: A call that keeps finding requests while busy polling gives the event loop
+    #: back after this long (seconds; the ring is served again right after): a
+    #: driver trickling requests just inside the window must not hold up the
+    #: session's messages and the process's other disks for 256 windows.
+    busy_turn = 0.005
     #: Polling stops for this call after this many requests (other queues and the
     #: session's messages get their turn); draining what is available still goes on.
     max_polled = 4096
@@ -295,6 +300,7 @@ class BlkDevice(VhostUserDevice):
         polled = 0  # requests served in this call after polls
         left = self.turn_budget  # requests before we give the loop back
         quiet = False  # the driver's kicks are off (busy polling)
+        turn_ends = 0.0  # when this call gives the loop back, once it busy-polled
         try:
             while True:
                 chains = pop_many(limit)
@@ -306,6 +312,13 @@ class BlkDevice(VhostUserDevice):
                             quiet = False  # _busy_poll turned them back on
                             return
                         busy = 0
+                        now = _clock()
+                        if not turn_ends:
+                            turn_ends = now + self.busy_turn
+                        elif now >= turn_ends:
+                            if self._turns.come_back(vring):
+                                return  # kicks back on below; served again soon
+                            turn_ends = now + self.busy_turn
                         continue
                     if (busy < limit or polled >= self.max_polled
                             or not self._poll_for_more(vring)):
