@@ -106,10 +106,16 @@ def test_the_examples_checks_pass_through_testpmd(pmd: PmdLab) -> None:
     results = json.loads(r.stdout)
     assert len(results) == 3 and all(c["ok"] for c in results), results
     print("\n" + "\n".join(f"{c['check']}: {c['detail']} ({c['seconds']} s)" for c in results))
-    # vvu-backend runs vvu-proxy, which runs the one testpmd (not vvu-switch).
-    log = pmd.journal()
-    assert re.search(r"^vvu-backend: running: vvu-proxy --listen --link \S+ --link \S+ "
-                     rf"--exec-all .*{TESTPMD} ", log, re.M), log[-3000:]
+    # vvu-backend runs vvu-proxy, which runs the one testpmd (not vvu-switch). Read
+    # until the line is there: one CI run read an empty journal for the unit once.
+    started = re.compile(r"^vvu-backend: running: vvu-proxy --listen --link \S+ --link \S+ "
+                         rf"--exec-all .*{TESTPMD} ", re.M)
+    try:
+        wait_until("vvu-backend's start line in the unit's journal",
+                   lambda: started.search(pmd.journal()), 60, 2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{pmd.run('sw1', 'journalctl -b --no-pager | tail -n 60')}"
+                             ) from None
     assert pmd.run("sw1", "pidof vvu-switch || echo none").strip() == "none"
     main = pmd.run("sw1", f"systemctl show -P MainPID {UNIT}").strip()
     (pid,) = pmd.pids()
