@@ -637,12 +637,12 @@ if _BUILT:
                        self._max_indirect, memory)
 
 
-@functools.cache
 def split_built() -> bool:
     """Whether the compiled split ring could be imported (used or not)."""
     return _IMPORTED
 
 
+@functools.cache
 def compiled_split_queue() -> type[SplitQueue] | None:
     """The compiled SplitQueue, or None when its extension was not built, is older
     than its sources, or ``VVU_PURE_PYTHON`` is set. Decided once per process."""
