@@ -100,6 +100,16 @@ _HDR_SIZE = REQUEST_HEADER.size
 _SECTOR_MASK = SECTOR_SIZE - 1
 _preadv = os.preadv
 _clock = time.perf_counter
+
+
+def _spin(vring: Vring, us: float) -> bool:
+    """Look at the ring until a request is there (True) or ``us`` have passed."""
+    has_available = vring.has_available
+    deadline = _clock() + us * 1e-6
+    while _clock() < deadline:
+        if has_available():
+            return True
+    return False
 _pwritev = os.pwritev
 _unpack_header = REQUEST_HEADER.unpack_from
 _IN = RequestType.IN.value
@@ -358,12 +368,9 @@ class BlkDevice(VhostUserDevice):
         """Spin up to ``busy_poll_us`` with the driver's kicks off. True: requests came
         (kicks stay off, the caller serves them and polls again). False: nothing came;
         kicks are back on, and nothing was published before they were."""
-        deadline = _clock() + self.busy_poll_us * 1e-6
         vring.kick_suppression(True)
-        has_available = vring.has_available
-        while _clock() < deadline:
-            if has_available():
-                return True
+        if _spin(vring, self.busy_poll_us):
+            return True
         # Re-enabling re-reads the ring: a request published just before a driver
         # saw kicks on again would otherwise wait for the next one.
         return vring.kick_suppression(False)
@@ -372,12 +379,7 @@ class BlkDevice(VhostUserDevice):
         """Spin up to ``poll_us`` for the driver's next request; True if one came."""
         if self.poll_us <= 0:
             return False
-        has_available = vring.has_available
-        deadline = _clock() + self.poll_us * 1e-6
-        while _clock() < deadline:
-            if has_available():
-                return True
-        return has_available()
+        return _spin(vring, self.poll_us) or vring.has_available()
 
     # --- requests --------------------------------------------------------------------------
 
