@@ -963,3 +963,15 @@ def test_protocol_is_an_export_field_only() -> None:
                        "sw1: {kind: vswitch, subnet: 10.10.1.0/24, protocol: scsi}")
     msg = only_problem(text)
     assert msg.startswith(f"{at(text, 'protocol')}: appliances.sw1.protocol: unknown field"), msg
+
+
+def test_storage_busy_poll_is_bounded_and_reaches_the_appliance_options() -> None:
+    text = LAB.replace("    kind: storage\n",
+                       "    kind: storage\n    options: {busy_poll_us: 500}\n")
+    st1 = next(a for a in load(text).appliances if a.name == "st1")
+    assert st1.options["busy_poll_us"] == 500
+    bad = LAB.replace("    kind: storage\n",
+                      "    kind: storage\n    options: {busy_poll_us: 2000000}\n")
+    assert only_problem(bad) == (
+        f"{at(bad, '2000000')}: appliances.st1.options.busy_poll_us: expected an integer "
+        "0..1000000, got 2000000")
