@@ -39,6 +39,8 @@ class FakeVring:
         self.notified = 0
         self.failed: list[BaseException] = []
         self.suppressions: list[bool] = []  # kick_suppression() calls, in order
+        #: No ring of its own: BlkDevice.process() runs its Python loop over it.
+        self.tracked_queue = None
 
     def pop(self) -> DescriptorChain | None:
         return self.available.pop(0) if self.available else None

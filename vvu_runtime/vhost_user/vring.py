@@ -128,7 +128,8 @@ class Vring:
     """
 
     __slots__ = (
-        "_done_early", "_memory", "_on_fail", "_queue", "_resubmit", "_tracking", "addresses",
+        "_done_early", "_held_error", "_memory", "_on_fail", "_queue", "_resubmit", "_tracking",
+        "addresses",
         "base",
         "call", "device_name", "enabled", "err", "failed", "features", "index", "inflight",
         "kick", "kick_nofd", "missed_call", "name", "queue_factory", "size", "started",
@@ -162,6 +163,8 @@ class Vring:
         #: Heads a previous back-end completed past our base: popped once more from
         #: the avail ring, they are skipped instead of run (SplitQueue.completed_past_base).
         self._done_early: dict[int, int] = {}
+        #: A bad chain pop_many met after good ones (tracking): raised by the next pop.
+        self._held_error: VirtioError | None = None
 
     def __repr__(self) -> str:
         state = "started" if self.started else "stopped"
@@ -172,6 +175,9 @@ class Vring:
         """The next available chain, or None. Raises DescriptorError/GuestMemoryError."""
         if not self._tracking:
             return self._queue.pop()
+        if self._held_error is not None:
+            exc, self._held_error = self._held_error, None
+            raise exc
         if self._resubmit:
             return self._resubmit.pop(0)
         chain = self._queue.pop()
@@ -207,9 +213,26 @@ class Vring:
         """Up to ``limit`` chains at once (one avail-index read for the batch)."""
         if not self._tracking:
             return self._queue.pop_many(limit)
+        inflight = self.inflight
+        if (inflight is not None and self._held_error is None and not self._resubmit
+                and not self._done_early):
+            # The ring's own pop_many (one avail read; a bad chain after good ones is
+            # left for the next call), then the records of what it took.
+            taken = self._queue.pop_many(limit)
+            for one in taken:
+                inflight.fetched(one)
+            return taken
         chains: list[DescriptorChain] = []
         while len(chains) < limit:
-            chain = self.pop()
+            try:
+                chain = self.pop()
+            except VirtioError as exc:
+                if not chains:
+                    raise
+                # As the rings' own pop_many: the good chains before a bad one are
+                # handed out (and get completed); the next call raises for it.
+                self._held_error = exc
+                break
             if chain is None:
                 break
             chains.append(chain)
@@ -234,7 +257,8 @@ class Vring:
 
     def has_available(self) -> bool:
         """Whether pop() would return a chain."""
-        return bool(self._resubmit) or self._queue.has_available()
+        return (bool(self._resubmit) or self._held_error is not None
+                or self._queue.has_available())
 
     def kick_suppression(self, suppress: bool) -> bool:
         """Ask the driver not to kick (polling) or to kick again.
@@ -267,6 +291,17 @@ class Vring:
             return None
         return self._queue
 
+    @property
+    def tracked_queue(self) -> tuple[Virtqueue, InflightTracker | None] | None:
+        """The ring implementation and the inflight tracker pop/push keep up to date
+        (None: no tracking) while nothing is waiting to be resubmitted or skipped: a
+        compiled fast path may then pop and push itself, keeping the tracker's
+        records as pop and push would (backends/blk/_serve_c.c). None otherwise."""
+        if (self._queue is _STOPPED or self._resubmit or self._done_early
+                or self._held_error is not None):
+            return None
+        return self._queue, (self.inflight if self._tracking else None)
+
     # ---------------------------------------------------------------- session API
     @property
     def queue(self) -> Virtqueue | None:
@@ -294,6 +329,7 @@ class Vring:
         self.failed = False
         self.started = True
         self._resubmit = []
+        self._held_error = None
         if self.inflight is not None:
             self._resubmit = self.inflight.resubmit(queue)
             if self._resubmit:
@@ -346,6 +382,7 @@ class Vring:
         self._memory = None
         self._resubmit = []
         self._done_early = {}
+        self._held_error = None
         self._tracking = False
         self.started = False
         return self.base

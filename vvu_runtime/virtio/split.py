@@ -24,7 +24,7 @@ import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 from vvu_runtime.virtio import accel
 from vvu_runtime.virtio.errors import DescriptorError, GuestMemoryError, RingError, VirtioError
@@ -62,6 +62,7 @@ __all__ = [
     "SplitRingLayout",
     "check_queue_size",
     "compiled_split_queue",
+    "is_compiled",
     "split_ring_layout",
 ]
 
@@ -649,3 +650,9 @@ def compiled_split_queue() -> type[SplitQueue] | None:
     if not _BUILT or accel.pure_python_forced():
         return None
     return CompiledSplitQueue
+
+
+def is_compiled(queue: object) -> TypeGuard[SplitQueue]:
+    """Whether ``queue`` is a compiled split ring (one the compiled fast paths of the
+    back-ends may walk themselves), whichever way this process chose for new rings."""
+    return _BUILT and isinstance(queue, CompiledSplitQueue)

@@ -15,24 +15,35 @@
  * be pinned (an appliance's BAR2; image.py): the same requests, when offset and
  * length are multiples of `align` and fit `bounce` (page-aligned), go through
  * it in one pread/pwrite and one copy, as RawImage's bounce path would do them.
+ *
+ * serve_burst(...) is BlkDevice.process()'s loop over a compiled split ring
+ * (split.CompiledSplitQueue, walked through _split_core.h): pop, serve_fast's
+ * requests, inflight records, used ring, notify, and the busy poll between
+ * bursts, without a Python step per request. It serves a request only when
+ * serve_fast would and the Python loop would reach the same bytes; at the first
+ * request it will not serve it stops before consuming it and says DEFER, and
+ * the caller pops that one in Python (see serve_burst below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "virtio-blk headers are little-endian and this module reads them natively"
-#endif
+#include "../../virtio/_split_core.h"
+
+/* virtio-blk headers are little-endian: _split_core.h insists on a little-endian host. */
 
 #define HDR_SIZE 16
 #define SECTOR_SHIFT 9
 #define T_IN 0u
 #define T_OUT 1u
 #define MAX_SEGS 256 /* data segments we take on the stack; more: serve() does it */
+#define SEG_LIMIT 256 /* buffers of one chain serve_burst walks; more: Python does */
 
 /* The buffers of `views` [lo, hi) as an iovec array; 0 on success, -1 when a
  * view will not give its buffer (serve() then decides). */
@@ -204,10 +215,522 @@ out:
     return PyLong_FromLong(result);
 }
 
+/* ---------------------------------------------------------------- serve_burst */
+
+enum { WHY_EMPTY = 0, WHY_DEFER = 1, WHY_BUDGET = 2, WHY_TURN = 3 };
+
+#define MAX_GROUP 64         /* chains per group (notify_every is 16) */
+#define MAX_GROUP_SEGS 1024  /* data buffers per group; more: Python serves it */
+#define MAX_RANGES (MAX_GROUP_SEGS + 3 * MAX_GROUP + 3)
+
+typedef struct {
+    uint16_t head;
+    int in;               /* IN (read into the guest) or OUT */
+    uint64_t offset, length;
+    uint32_t seg, nseg;   /* its data buffers: group_t.iov[seg..seg+nseg) */
+    uint8_t *status;
+    const uint8_t *hdr;
+    const uint8_t *table; /* its indirect table, or NULL */
+    uint32_t table_len;
+} req_t;
+
+typedef struct {
+    uintptr_t start, end;
+    int write;
+} range_t;
+
+typedef struct {
+    req_t reqs[MAX_GROUP];
+    struct iovec iov[MAX_GROUP_SEGS];
+    range_t ranges[MAX_RANGES];
+    uint32_t nseg;
+} group_t;
+
+static SplitCoreAPI *api;
+static PyObject *str_refresh, *str_view, *str_counter, *str_batch, *str_queue_size;
+
+/* The split ring module's capsule, the first time a burst needs it (serve_fast
+ * works without the compiled ring). 0, or -1 with an exception. */
+static int need_api(void)
+{
+    if (api)
+        return 0;
+    PyObject *split = PyImport_ImportModule("vvu_runtime.virtio._split_c");
+    if (!split)
+        return -1;
+    Py_DECREF(split);
+    api = PyCapsule_Import(SPLIT_CORE_CAPSULE, 0);
+    return api ? 0 : -1;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* The chain at `head` as a request serve_fast would serve (header alone in the
+ * first readable buffer, status alone in the last writable one, IN or OUT of
+ * whole sectors inside the disk), walked with split.py's rules and giving the
+ * same buffers as its walk. 0: `r` filled in, its data buffers appended to
+ * g->iov; -1: anything else (Python pops it, walks it, judges it). Everything
+ * is read once, into the copies used. */
+static int take(SplitCore *s, group_t *g, uint16_t head, req_t *r, uint64_t capacity,
+                int write_ok)
+{
+    if (head >= s->size)
+        return -1;
+    desc_t d;
+    read_desc((const uint8_t *)s->desc_buf.buf + (size_t)head * DESC_SIZE, &d);
+    const uint8_t *table = s->desc_buf.buf;
+    uint32_t limit = s->size, count = 0;
+    r->table = NULL;
+    r->table_len = 0;
+    if (d.flags & F_INDIRECT) {
+        if (!s->indirect_ok || (d.flags & F_NEXT) || !d.len || d.len % DESC_SIZE
+                || d.len / DESC_SIZE > s->max_indirect)
+            return -1;
+        table = api->guest_ptr(s, d.addr, d.len);
+        if (!table)
+            return -1;
+        r->table = table;
+        r->table_len = d.len;
+        limit = d.len / DESC_SIZE;
+        read_desc(table, &d);
+    }
+    /* Buffers in chain order: readable ones, then writable ones. */
+    uint8_t *bufs[2 + SEG_LIMIT];
+    uint32_t lens[2 + SEG_LIMIT];
+    uint32_t n = 0, nr = 0;
+    for (;;) {
+        if (++count > limit || n == 2 + SEG_LIMIT)
+            return -1;
+        if (!d.len || (d.flags & F_INDIRECT))
+            return -1; /* Python skips empty buffers and refuses nested tables */
+        uint8_t *p = api->guest_ptr(s, d.addr, d.len);
+        if (!p)
+            return -1;
+        if (d.flags & F_WRITE) {
+            bufs[n] = p;
+            lens[n++] = d.len;
+        } else {
+            if (n != nr)
+                return -1; /* readable after writable */
+            bufs[n] = p;
+            lens[n++] = d.len;
+            nr++;
+        }
+        if (!(d.flags & F_NEXT))
+            break;
+        if (d.next >= limit)
+            return -1;
+        read_desc(table + (size_t)d.next * DESC_SIZE, &d);
+    }
+    uint32_t nw = n - nr;
+    if (!nr || !nw || lens[0] != HDR_SIZE || lens[n - 1] != 1)
+        return -1;
+    uint32_t type;
+    uint64_t sector;
+    memcpy(&type, bufs[0], 4);
+    memcpy(&sector, bufs[0] + 8, 8);
+    __asm__ __volatile__("" ::: "memory");
+    uint32_t lo, hi;
+    if (type == T_IN && nr == 1) {
+        r->in = 1;
+        lo = 1;
+        hi = n - 1;
+    } else if (type == T_OUT && nw == 1 && write_ok) {
+        r->in = 0;
+        lo = 1;
+        hi = nr;
+    } else {
+        return -1;
+    }
+    if (sector > (UINT64_MAX >> SECTOR_SHIFT) || g->nseg + (hi - lo) > MAX_GROUP_SEGS)
+        return -1;
+    uint64_t length = 0;
+    r->seg = g->nseg;
+    for (uint32_t k = lo; k < hi; k++) {
+        g->iov[g->nseg].iov_base = bufs[k];
+        g->iov[g->nseg++].iov_len = lens[k];
+        length += lens[k];
+    }
+    r->nseg = hi - lo;
+    r->offset = sector << SECTOR_SHIFT;
+    r->length = length;
+    /* The used element holds length + 1 in 32 bits: bigger is Python's to refuse. */
+    if (!length || (length & ((1u << SECTOR_SHIFT) - 1)) || r->offset > capacity
+            || length > capacity - r->offset || r->offset > (uint64_t)LLONG_MAX
+            || length >= UINT32_MAX) {
+        g->nseg = r->seg;
+        return -1;
+    }
+    r->head = head;
+    r->hdr = bufs[0];
+    r->status = bufs[n - 1];
+    return 0;
+}
+
+static int by_start(const void *a, const void *b)
+{
+    uintptr_t x = ((const range_t *)a)->start, y = ((const range_t *)b)->start;
+    return (x > y) - (x < y);
+}
+
+/* Whether memory this group writes (data read into the guest, status bytes)
+ * overlaps memory it reads (rings, indirect tables, headers, data written out).
+ * The Python loop walks every chain of a group before serving the first and reads
+ * each header as it serves it; with no such overlap the order of those steps
+ * cannot change what they see, so this one may differ from it. */
+static int group_overlaps(SplitCore *s, group_t *g, uint32_t n)
+{
+    range_t *rg = g->ranges;
+    uint32_t k = 0;
+#define ADD(p, len, w) do { rg[k].start = (uintptr_t)(p); rg[k].end = (uintptr_t)(p) + (len); \
+                            rg[k++].write = (w); } while (0)
+    ADD(s->desc_buf.buf, (size_t)s->desc_buf.len, 0);
+    ADD(s->avail_buf.buf, (size_t)s->avail_buf.len, 0);
+    ADD(s->used_buf.buf, (size_t)s->used_buf.len, 0);
+    for (uint32_t i = 0; i < n; i++) {
+        req_t *r = &g->reqs[i];
+        ADD(r->hdr, HDR_SIZE, 0);
+        ADD(r->status, 1, 1);
+        if (r->table)
+            ADD(r->table, r->table_len, 0);
+        for (uint32_t j = r->seg; j < r->seg + r->nseg; j++)
+            ADD(g->iov[j].iov_base, g->iov[j].iov_len, r->in);
+    }
+#undef ADD
+    qsort(rg, k, sizeof *rg, by_start);
+    uintptr_t read_end = 0, write_end = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        if (rg[i].start < (rg[i].write ? read_end : write_end))
+            return 1;
+        uintptr_t *end = rg[i].write ? &write_end : &read_end;
+        if (rg[i].end > *end)
+            *end = rg[i].end;
+    }
+    return 0;
+}
+
+/* One request's transfer, GIL held (the guest pointers are valid only while no
+ * other Python code runs); 0 when every byte moved. */
+static int transfer(int fd, const req_t *r, const struct iovec *iov, Py_buffer *bounce)
+{
+    const struct iovec *v = iov + r->seg;
+    if (bounce) {
+        if ((uint64_t)bounce->len < r->length)
+            return -1;
+        char *b = bounce->buf;
+        ssize_t done;
+        if (r->in) {
+            done = pread(fd, b, (size_t)r->length, (off_t)r->offset);
+            if (done < 0 || (uint64_t)done != r->length)
+                return -1;
+            for (uint32_t k = 0; k < r->nseg; b += v[k].iov_len, k++)
+                memcpy(v[k].iov_base, b, v[k].iov_len);
+        } else {
+            for (uint32_t k = 0; k < r->nseg; b += v[k].iov_len, k++)
+                memcpy(b, v[k].iov_base, v[k].iov_len);
+            done = pwrite(fd, bounce->buf, (size_t)r->length, (off_t)r->offset);
+            if (done < 0 || (uint64_t)done != r->length)
+                return -1;
+        }
+        return 0;
+    }
+    ssize_t done = r->in ? preadv(fd, v, (int)r->nseg, (off_t)r->offset)
+                         : pwritev(fd, v, (int)r->nseg, (off_t)r->offset);
+    return (done < 0 || (uint64_t)done != r->length) ? -1 : 0;
+}
+
+/* inflight.SplitInflight's records (its `view`, `_counter`), as begin, complete and
+ * commit write them. */
+typedef struct {
+    Py_buffer buf;
+    uint64_t counter;
+    int on;
+} tracker_t;
+
+static inline uint8_t *rec(tracker_t *t, uint32_t head)
+{
+    return (uint8_t *)t->buf.buf + 16 + 16 * (size_t)head;
+}
+
+static void begin(tracker_t *t, uint32_t head)
+{
+    memcpy(rec(t, head) + 8, &t->counter, 8);
+    t->counter++;
+    rec(t, head)[0] = 1;
+}
+
+/* Up to `limit` chains' worth of the ring's avail entries known ready, re-reading
+ * avail idx as SplitQueue.pop_many does; -1: let Python pop (a bad index jump, or
+ * an error in _refresh_avail: Python calls it again and raises). `python_refresh`:
+ * an empty ring asks Python's _refresh_avail, which re-arms avail_event. */
+static Py_ssize_t ready(SplitCore *s, Py_ssize_t limit, int python_refresh)
+{
+    Py_ssize_t n = (s->shadow_avail - s->last_avail) & 0xFFFF;
+    if (n >= limit)
+        return n;
+    uint16_t avail = avail_at(s, 1);
+    if (avail != (uint16_t)s->last_avail) {
+        n = (uint16_t)(avail - (uint16_t)s->last_avail);
+        if ((uint32_t)n > s->size)
+            return -1;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        s->shadow_avail = avail;
+        return n;
+    }
+    if (!python_refresh)
+        return 0;
+    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)s, str_refresh);
+    n = r ? PyLong_AsSsize_t(r) : -1;
+    Py_XDECREF(r);
+    if (n < 0)
+        PyErr_Clear();
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return n;
+}
+
+/* serve_burst(ring, tracker, notify, limit, budget, spin_us, turn_s, fd,
+ *             capacity_bytes, write_ok[, bounce, align]) -> (served, why)
+ *
+ * BlkDevice.process()'s loop, compiled, for a CompiledSplitQueue without dirty
+ * logging: groups of up to `limit` chains (as pop_many(limit) takes them), each
+ * served, pushed with one used-idx update (inflight records kept as the Python
+ * Vring keeps them when `tracker`, a SplitInflight bound to this ring, is given)
+ * and followed by notify(). When the ring is empty: with `spin_us` > 0 (the
+ * caller turned the driver's kicks off) it watches avail idx that long for more,
+ * otherwise it asks _refresh_avail (re-arming kicks) and returns.
+ *
+ * why: EMPTY (nothing more came), DEFER (the next chain is not one we serve:
+ * Python pops it), BUDGET (`budget` requests served), TURN (`turn_s` passed while
+ * spinning found more). After DEFER the caller serves one group in Python (the
+ * one we declined, as pop_many(limit) takes it) and calls again. Groups are
+ * served whole or left whole, so pushes and notifications fall where the Python
+ * loop's do; an I/O that fails or comes up short leaves its group to Python,
+ * which redoes it (I/O is idempotent) and reports the error. */
+static PyObject *serve_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10 && nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "serve_burst() takes 10 or 12 arguments");
+        return NULL;
+    }
+    if (need_api() < 0)
+        return NULL;
+    PyObject *tracker_obj = args[1], *notify = args[2];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t budget = PyLong_AsSsize_t(args[4]);
+    double spin_us = PyFloat_AsDouble(args[5]);
+    double turn_s = PyFloat_AsDouble(args[6]);
+    long fd = PyLong_AsLong(args[7]);
+    unsigned long long capacity = PyLong_AsUnsignedLongLong(args[8]);
+    int write_ok = PyObject_IsTrue(args[9]);
+    unsigned long long align = nargs == 12 ? PyLong_AsUnsignedLongLong(args[11]) : 1;
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyObject_TypeCheck(args[0], api->core_type)) {
+        PyErr_SetString(PyExc_TypeError, "serve_burst() needs a compiled split ring");
+        return NULL;
+    }
+    SplitCore *s = (SplitCore *)args[0];
+    if (!s->bound || s->log_all || limit <= 0 || limit > MAX_GROUP || budget <= 0
+            || fd < 0 || fd > INT_MAX || !align || (align & (align - 1)))
+        return Py_BuildValue("(ii)", 0, WHY_DEFER);
+
+    tracker_t t = {.on = 0};
+    Py_buffer bounce_buf;
+    Py_buffer *bounce = NULL;
+    if (tracker_obj != Py_None) {
+        PyObject *batch = PyObject_GetAttr(tracker_obj, str_batch);
+        PyObject *view = batch ? PyObject_GetAttr(tracker_obj, str_view) : NULL;
+        PyObject *counter = view ? PyObject_GetAttr(tracker_obj, str_counter) : NULL;
+        PyObject *qsize = counter ? PyObject_GetAttr(tracker_obj, str_queue_size) : NULL;
+        int ok = qsize && PyList_CheckExact(batch) && !PyList_GET_SIZE(batch)
+                 && PyLong_CheckExact(counter) && PyLong_CheckExact(qsize)
+                 && PyLong_AsLong(qsize) >= (long)s->size
+                 && PyObject_GetBuffer(view, &t.buf, PyBUF_WRITABLE) == 0;
+        if (ok) {
+            t.on = 1;
+            t.counter = PyLong_AsUnsignedLongLong(counter);
+            if (PyErr_Occurred() || (size_t)t.buf.len < 16 + 16 * (size_t)s->size
+                    || t.counter > (UINT64_MAX >> 1))
+                ok = 0;
+        }
+        Py_XDECREF(batch);
+        Py_XDECREF(view);
+        Py_XDECREF(counter);
+        Py_XDECREF(qsize);
+        if (!ok) {
+            PyErr_Clear();
+            if (t.on)
+                PyBuffer_Release(&t.buf);
+            return Py_BuildValue("(ii)", 0, WHY_DEFER);
+        }
+    }
+    if (nargs == 12) {
+        if (PyObject_GetBuffer(args[10], &bounce_buf, PyBUF_WRITABLE) < 0) {
+            PyErr_Clear();
+            if (t.on)
+                PyBuffer_Release(&t.buf);
+            return Py_BuildValue("(ii)", 0, WHY_DEFER);
+        }
+        bounce = &bounce_buf;
+    }
+
+    static group_t *kept;
+    static int kept_busy;
+    group_t *g = kept_busy ? NULL : kept;
+    if (!g) {
+        g = PyMem_Malloc(sizeof(group_t));
+        if (!g) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        if (!kept_busy && !kept)
+            kept = g;
+    }
+    if (g == kept)
+        kept_busy = 1;
+
+    Py_ssize_t served = 0;
+    int why = WHY_EMPTY, error = 0;
+    double start = (spin_us > 0 || turn_s > 0) ? now_s() : 0.0;
+    for (;;) {
+        Py_ssize_t n = ready(s, limit, spin_us <= 0);
+        if (n < 0) {
+            why = WHY_DEFER;
+            break;
+        }
+        if (n == 0) {
+            if (spin_us <= 0)
+                break; /* EMPTY, kicks re-armed by _refresh_avail */
+            double deadline = now_s() + spin_us * 1e-6;
+            while (avail_at(s, 1) == (uint16_t)s->last_avail && now_s() < deadline)
+                ;
+            if (avail_at(s, 1) == (uint16_t)s->last_avail)
+                break; /* EMPTY: the caller turns kicks back on and looks again */
+            if (turn_s > 0 && now_s() - start >= turn_s) {
+                why = WHY_TURN;
+                break;
+            }
+            continue;
+        }
+        if (n > limit)
+            n = limit;
+
+        /* The group pop_many(limit) would take, served whole or not at all: the
+         * Python loop pushes and notifies once per group, after serving all of it,
+         * and a group split between us and Python would interleave our used-ring
+         * writes with its transfers. So every chain is walked and judged first. */
+        api->sync_regions(s);
+        g->nseg = 0;
+        uint32_t last = (uint32_t)s->last_avail, m = 0;
+        while (m < (uint32_t)n) {
+            uint16_t head = avail_at(s, 2 + ((last + m) & s->mask));
+            if (take(s, g, head, &g->reqs[m], capacity, write_ok) < 0)
+                break;
+            m++;
+        }
+        if (m < (uint32_t)n || group_overlaps(s, g, m)) {
+            why = WHY_DEFER;
+            break;
+        }
+        /* Serve in ring order, each status right after its transfer, as serve()
+         * does. A transfer that fails or comes up short hands the whole group to
+         * Python, which redoes it: I/O is idempotent, and with no overlaps (above)
+         * what it reads is what it read here. */
+        uint32_t done = 0;
+        while (done < m) {
+            req_t *r = &g->reqs[done];
+            if (transfer((int)fd, r, g->iov, bounce) < 0)
+                break;
+            *(volatile uint8_t *)r->status = 0; /* Status.OK */
+            done++;
+        }
+        if (done < m) {
+            why = WHY_DEFER;
+            break;
+        }
+        /* Consumed: inflight records (begin, then complete into the last-batch
+         * list), the used elements, one used-idx update, the records cleared. */
+        uint32_t idx = (uint32_t)s->used_idx;
+        uint16_t lbh = 0;
+        if (t.on)
+            memcpy(&lbh, (uint8_t *)t.buf.buf + 12, 2);
+        for (uint32_t k = 0; k < m; k++) {
+            req_t *r = &g->reqs[k];
+            uint64_t written = r->in ? r->length + 1 : 1;
+            if (t.on) {
+                begin(&t, r->head);
+                memcpy(rec(&t, r->head) + 6, &lbh, 2);
+                lbh = r->head;
+            }
+            put_elem(s, idx + k, (int64_t)(r->head | written << 32));
+        }
+        if (t.on)
+            memcpy((uint8_t *)t.buf.buf + 12, &lbh, 2);
+        s->last_avail = (int)((last + m) & 0xFFFF);
+        publish(s, (idx + m) & 0xFFFF);
+        if (t.on) {
+            uint16_t used = (uint16_t)s->used_idx;
+            for (uint32_t k = 0; k < m; k++)
+                rec(&t, g->reqs[k].head)[0] = 0;
+            memcpy((uint8_t *)t.buf.buf + 14, &used, 2);
+        }
+        served += m;
+        PyObject *res = PyObject_CallNoArgs(notify);
+        if (!res) {
+            error = 1;
+            break;
+        }
+        Py_DECREF(res);
+        if (served >= budget) {
+            why = WHY_BUDGET;
+            break;
+        }
+    }
+
+    if (g == kept)
+        kept_busy = 0;
+    else
+        PyMem_Free(g);
+    if (t.on) {
+        /* The records written stay: the next counter must follow them (keeping
+         * notify()'s exception, if any, for the caller). */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyObject *c = PyLong_FromUnsignedLongLong(t.counter);
+        if (!c || PyObject_SetAttr(tracker_obj, str_counter, c) < 0)
+            error = 1;
+        Py_XDECREF(c);
+        if (et) {
+            PyErr_Clear();
+            PyErr_Restore(et, ev, tb);
+        }
+        PyBuffer_Release(&t.buf);
+    }
+    if (bounce)
+        PyBuffer_Release(bounce);
+    if (error)
+        return NULL;
+    return Py_BuildValue("(ni)", served, why);
+
+fail:
+    if (t.on)
+        PyBuffer_Release(&t.buf);
+    if (bounce)
+        PyBuffer_Release(bounce);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"serve_fast", (PyCFunction)(void (*)(void))serve_fast, METH_FASTCALL,
      "BlkDevice.serve's fast path (IN/OUT of whole sectors, optionally through an O_DIRECT "
      "bounce buffer); -1: not served, do it in Python."},
+    {"serve_burst", (PyCFunction)(void (*)(void))serve_burst, METH_FASTCALL,
+     "BlkDevice.process()'s loop over a compiled split ring; (served, why)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -219,5 +742,12 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__serve_c(void)
 {
+    str_refresh = PyUnicode_InternFromString("_refresh_avail");
+    str_view = PyUnicode_InternFromString("view");
+    str_counter = PyUnicode_InternFromString("_counter");
+    str_batch = PyUnicode_InternFromString("_batch");
+    str_queue_size = PyUnicode_InternFromString("queue_size");
+    if (!str_refresh || !str_view || !str_counter || !str_batch || !str_queue_size)
+        return NULL;
     return PyModule_Create(&module_def);
 }

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from vvu_runtime.backends.blk.image import RawImage
@@ -56,6 +57,9 @@ from vvu_runtime.virtio.blk import (
 )
 from vvu_runtime.virtio.errors import DescriptorError
 from vvu_runtime.virtio.features import RING_FEATURES
+from vvu_runtime.virtio.inflight import SplitInflight
+from vvu_runtime.virtio.queue import Virtqueue
+from vvu_runtime.virtio.split import compiled_split_queue, is_compiled
 
 
 class ServeFast(Protocol):
@@ -67,13 +71,30 @@ class ServeFast(Protocol):
                  align: int = ..., /) -> int: ...
 
 
-try:  # the compiled fast path of serve() (virtio/accel.py); absent without a compiler
+class ServeBurst(Protocol):
+    """serve_burst(ring, tracker, notify, limit, budget, spin_us, turn_s, fd,
+    capacity_bytes, write_ok[, bounce, align]) -> (served, why) (_serve_c.c)."""
+
+    def __call__(self, ring: Virtqueue, tracker: SplitInflight | None,
+                 notify: Callable[[], None], limit: int, budget: int, spin_us: float,
+                 turn_s: float, fd: int, capacity_bytes: int, write_ok: bool,
+                 bounce: memoryview = ..., align: int = ..., /) -> tuple[int, int]: ...
+
+
+try:  # the compiled fast paths (virtio/accel.py); absent without a compiler
     from vvu_runtime.backends.blk import _serve_c
 except ImportError:
     _compiled_serve_fast: ServeFast | None = None
+    _compiled_serve_burst: ServeBurst | None = None
 else:
-    _compiled_serve_fast = _serve_c.serve_fast if accel.current(
-        _serve_c, "backends/blk/_serve_c.c") else None
+    _CURRENT = accel.current(_serve_c, "backends/blk/_serve_c.c", "virtio/_split_core.h")
+    _compiled_serve_fast = _serve_c.serve_fast if _CURRENT else None
+    _compiled_serve_burst = _serve_c.serve_burst if _CURRENT else None
+
+#: Why serve_burst returned: the ring stayed empty (after spinning, if asked); the
+#: next chain is one for Python to pop; `budget` requests were served; `turn_s`
+#: passed while polling kept finding requests.
+BURST_EMPTY, BURST_DEFER, BURST_BUDGET, BURST_TURN = 0, 1, 2, 3
 
 if TYPE_CHECKING:
     from vvu_runtime.vhost_user.vring import Vring
@@ -203,6 +224,9 @@ class BlkDevice(VhostUserDevice):
         self._fast_write = self._fast and self._write_ok
         #: serve()'s fast path in C, when built and not switched off (None: Python's).
         self._serve_fast = None if accel.pure_python_forced() else _compiled_serve_fast
+        #: process()'s loop in C over compiled split rings (None: Python's only).
+        self._serve_burst = (None if accel.pure_python_forced()
+                             or compiled_split_queue() is None else _compiled_serve_burst)
 
     # --- VhostUserDevice -------------------------------------------------------------------
 
@@ -296,15 +320,133 @@ class BlkDevice(VhostUserDevice):
         :attr:`poll_us` before going back to the event loop, and after any request
         for :attr:`busy_poll_us` with the driver's kicks off (see both).
 
+        On a compiled split ring the loop runs in C (``_serve_c.serve_burst``) for
+        the requests it serves, and this one's steps for every other.
+
         A disabled ring is left alone: for a disk, "consume without side effects"
         would mean acknowledging writes that never happened, so its requests wait
         in the ring until it is enabled again.
         """
         if not vring.enabled:
             return
-        pop_many = vring.pop_many
-        push_many = vring.push_many
+        burst = self._burst_args(vring)
+        if burst is None:
+            self._process_python(vring)
+        else:
+            self._process_burst(vring, *burst)
+
+    def _burst_args(self, vring: Vring) -> tuple[tuple[object, ...], tuple[object, ...]] | None:
+        """What serve_burst needs for this ring, before and after its loop arguments;
+        None when it cannot run it (not built, a packed or dirty-logging ring,
+        requests to resubmit, an image it cannot do the I/O of)."""
+        if self._serve_burst is None:
+            return None
+        target = vring.tracked_queue
+        if target is None:
+            return None
+        queue, tracker = target
+        if not is_compiled(queue) or queue.log_all:
+            return None
+        if tracker is not None and (type(tracker) is not SplitInflight
+                                    or tracker._queue is not queue):
+            return None
+        io: tuple[object, ...]
+        if self._fast:
+            io = (self._fd, self._capacity_bytes, self._fast_write)
+        elif not self.image.pinnable:
+            image = self.image
+            io = (self._fd, self._capacity_bytes, self._write_ok, image.bounce,
+                  image.alignment)
+        else:
+            return None
+        return (queue, tracker, vring.notify), io
+
+    def _process_burst(self, vring: Vring, head: tuple[object, ...],
+                       io: tuple[object, ...]) -> None:
+        """process() with serve_burst doing the groups (and the busy poll) it can."""
+        assert self._serve_burst is not None
+        burst: Callable[..., tuple[int, int]] = self._serve_burst
+        limit = self.notify_every
+        busy = 0  # served since the ring was last found empty
+        polled = 0  # requests served in this call after polls
+        left = self.turn_budget  # requests before we give the loop back
+        quiet = False  # the driver's kicks are off (busy polling)
+        try:
+            while True:
+                if quiet:
+                    served, why = burst(*head, limit, left, self.busy_poll_us,
+                                        self.busy_turn, *io)
+                else:
+                    served, why = burst(*head, limit, left, 0.0, 0.0, *io)
+                busy += served
+                left -= served
+                if why == BURST_DEFER:
+                    served = self._serve_group(vring)  # the group it declined
+                    if served < 0:
+                        return  # the ring failed
+                    busy += served
+                    left -= served
+                    if served:
+                        if left <= 0:
+                            if self._turns.come_back(vring):
+                                return
+                            left = self.turn_budget
+                        continue
+                    why = BURST_EMPTY  # nothing there after all
+                if why != BURST_EMPTY or left <= 0:
+                    if self._turns.come_back(vring):
+                        return  # kicks back on below; served again soon
+                    left = self.turn_budget
+                    continue
+                if self.busy_poll_us > 0 and (busy or quiet):
+                    if not quiet:
+                        # Served something: poll on with the driver's kicks off.
+                        vring.kick_suppression(True)
+                        quiet = True
+                        busy = 0
+                        continue
+                    # A whole window without a request: kicks back on, and the ring
+                    # re-read so that a request published just then is not stranded.
+                    quiet = False
+                    if vring.kick_suppression(False):
+                        continue
+                    return
+                if (busy < limit or polled >= self.max_polled
+                        or not self._poll_for_more(vring)):
+                    return
+                polled += busy
+                busy = 0
+        finally:
+            if quiet:
+                vring.kick_suppression(False)
+
+    def _serve_group(self, vring: Vring) -> int:
+        """Pop up to ``notify_every`` chains, serve, push and notify them; how many
+        (0: the ring was empty; -1: a bad chain failed the ring)."""
+        chains = vring.pop_many(self.notify_every)
+        if not chains:
+            return 0
         serve = self.serve
+        done: list[tuple[DescriptorChain, int]] = []
+        append = done.append
+        try:
+            for chain in chains:
+                append((chain, serve(chain)))
+        except BadChain as exc:
+            # Like QEMU's virtio_error(): a driver this broken gets NEEDS_RESET.
+            # Announce what we completed first; the failed ring stays silent.
+            if done:
+                vring.push_many(done)
+                vring.notify()
+            self._log_bad(vring.index, str(exc))
+            vring.fail(exc)
+            return -1
+        vring.push_many(done)
+        vring.notify()
+        return len(chains)
+
+    def _process_python(self, vring: Vring) -> None:
+        """process() in Python: the reference, and the loop for packed rings."""
         limit = self.notify_every
         busy = 0  # served since the ring was last found empty
         polled = 0  # requests served in this call after polls
@@ -313,8 +455,10 @@ class BlkDevice(VhostUserDevice):
         turn_ends = 0.0  # when this call gives the loop back, once it busy-polled
         try:
             while True:
-                chains = pop_many(limit)
-                if not chains:
+                served = self._serve_group(vring)
+                if served < 0:
+                    return
+                if not served:
                     if busy and self.busy_poll_us > 0:
                         # Kicks stay off while requests keep coming within the window.
                         quiet = True
@@ -336,24 +480,8 @@ class BlkDevice(VhostUserDevice):
                     polled += busy
                     busy = 0
                     continue
-                busy += len(chains)
-                done: list[tuple[DescriptorChain, int]] = []
-                append = done.append
-                try:
-                    for chain in chains:
-                        append((chain, serve(chain)))
-                except BadChain as exc:
-                    # Like QEMU's virtio_error(): a driver this broken gets NEEDS_RESET.
-                    # Announce what we completed first; the failed ring stays silent.
-                    if done:
-                        push_many(done)
-                        vring.notify()
-                    self._log_bad(vring.index, str(exc))
-                    vring.fail(exc)
-                    return
-                push_many(done)
-                vring.notify()
-                left -= len(chains)
+                busy += served
+                left -= served
                 if left <= 0:
                     if self._turns.come_back(vring):
                         return
