@@ -209,6 +209,7 @@ class Rig:
             "position": None if q is None else (q.last_avail_idx, q.used_idx),
             "failed": self.vring.failed,
             "calls": self.calls.count,
+            "missed call": self.vring.missed_call,
             "errs": self.errs.count,
         }
 
@@ -216,9 +217,11 @@ class Rig:
 def run(tmp: Path, reqs: list[Req], compiled: bool, *, features: int = BASE | EVENT_IDX,
         inflight: bool = True, read_only: bool = False, bounce: bool = False,
         busy_poll_us: float = 0.0, prepare: Callable[[Rig], None] | None = None,
-        ) -> tuple[dict[str, object], Rig]:
+        call: bool = True) -> tuple[dict[str, object], Rig]:
     rig = Rig(tmp, "compiled" if compiled else "python", features=features, inflight=inflight,
               read_only=read_only, bounce=bounce)
+    if not call:  # SET_VRING_CALL not sent (yet): notifications are remembered instead
+        rig.vring.call = None
     try:
         for req in reqs:
             rig.add(req)
@@ -342,6 +345,54 @@ def test_same_outcome_as_the_python_loop(tmp_path: Path, name: str, setup: str) 
     same(tmp_path, SCENARIOS[name], **kw)
 
 
+@pytest.mark.parametrize("features", [BASE | EVENT_IDX, BASE])
+def test_no_call_notifier_is_remembered_as_a_missed_call(tmp_path: Path, features: int) -> None:
+    got = same(tmp_path, reads(3), features=features, call=False)
+    assert got["missed call"] is True
+
+
+@pytest.mark.parametrize("features", [BASE | EVENT_IDX, BASE])
+def test_a_driver_that_wants_no_interrupts_gets_none(tmp_path: Path, features: int) -> None:
+    def quiet(rig: Rig) -> None:
+        rig.driver.disable_interrupts()
+
+    got = same(tmp_path, reads(20), features=features, prepare=quiet)
+    if not features & EVENT_IDX:  # NO_INTERRUPT is only a hint with EVENT_IDX off
+        assert got["calls"] == 0
+
+
+class Bell(Notifier):
+    """A call whose register() is a word in a bytearray; signal() must not be used."""
+
+    def __init__(self) -> None:
+        self.window = memoryview(bytearray(16))
+
+    def register(self) -> tuple[memoryview, int, int]:
+        return self.window, 2, 0xABCD_0001
+
+    def signal(self) -> None:
+        raise AssertionError("signal() called although the doorbell register was given")
+
+
+def test_a_doorbell_register_is_stored_to_instead_of_signal(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, "bell", features=BASE | EVENT_IDX, inflight=True)
+    try:
+        bell = Bell()
+        rig.vring.call = bell
+        for req in reads(3):
+            rig.add(req)
+        rig.dev._serve_burst = serve_burst()
+        rig.dev.process(rig.vring)
+        assert bytes(bell.window[8:12]) == (0xABCD_0001).to_bytes(4, "little")
+        assert len(rig.driver.get_used()) == 3
+        q = rig.vring.queue
+        assert q is not None and q._signalled_used == 3  # type: ignore[attr-defined]
+        # should_notify's state went back to the ring: nothing new, no notification.
+        assert not q.should_notify()
+    finally:
+        rig.close()
+
+
 def test_indirect_without_the_feature(tmp_path: Path) -> None:
     same(tmp_path, reads(2, indirect=True), features=int(VirtioFeature.VERSION_1))
 
@@ -403,8 +454,10 @@ def counted(rig: Rig) -> dict[str, int]:
 
 @pytest.mark.parametrize("inflight", [True, False])
 @pytest.mark.parametrize("bounce", [False, True])
-def test_linux_requests_never_reach_python(tmp_path: Path, inflight: bool, bounce: bool) -> None:
-    rig = Rig(tmp_path, "guard", features=BASE | EVENT_IDX, inflight=inflight, bounce=bounce)
+@pytest.mark.parametrize("features", [BASE | EVENT_IDX, BASE])
+def test_linux_requests_never_reach_python(tmp_path: Path, inflight: bool, bounce: bool,
+                                           features: int) -> None:
+    rig = Rig(tmp_path, "guard", features=features, inflight=inflight, bounce=bounce)
     try:
         reqs = [*reads(8), *writes(8), *reads(5, indirect=True, data=[512, 3584])]
         for req in reqs:

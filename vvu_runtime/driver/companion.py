@@ -22,6 +22,7 @@ import os
 from vvu_runtime.driver.errors import PciError
 from vvu_runtime.driver.pci import PciFunction, Registers
 from vvu_runtime.driver.sysfs import SysfsPciFunction
+from vvu_runtime.vhost_user.transport import Register32
 from vvu_runtime.virtio.vvu_abi import (
     IVSHMEM_DEVICE_ID,
     IVSHMEM_DOORBELL,
@@ -60,6 +61,12 @@ class DoorbellCompanion:
         """One 32-bit write of ``peer << 16 | vector`` to the Doorbell register."""
         self.rung += 1
         self._regs.write(IVSHMEM_DOORBELL, 4, value)
+
+    def register(self, value: int) -> Register32 | None:
+        """:meth:`ring` as a store a compiled loop makes itself (not counted in
+        ``rung``); None when the BAR is not memory-mapped."""
+        word = self._regs.word32(IVSHMEM_DOORBELL)
+        return None if word is None else (word[0], word[1], value)
 
     def close(self) -> None:
         self.pci.close()

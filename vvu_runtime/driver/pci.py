@@ -89,6 +89,12 @@ class Registers(ABC):
         """A 64-bit field as two 32-bit reads, low half first (virtio allows it)."""
         return self.read(offset, 4) | self.read(offset + 4, 4) << 32
 
+    def word32(self, offset: int) -> tuple[memoryview, int] | None:
+        """The mapped window and the 32-bit word index of the register at ``offset``,
+        for a compiled caller that stores to it itself; None when the registers
+        are not memory-mapped (or ``offset`` is not a 32-bit register in them)."""
+        return None
+
     def write64(self, offset: int, value: int) -> None:
         """A 64-bit field as two 32-bit writes, low half first."""
         self.write(offset, 4, value & 0xFFFFFFFF)
@@ -136,6 +142,11 @@ class MmioRegisters(Registers):
             self._u16[offset >> 1] = value
         else:
             self._u8[offset] = value
+
+    def word32(self, offset: int) -> tuple[memoryview, int] | None:
+        if offset & 3 or not 0 <= offset < self.length:
+            return None
+        return self._u8, offset >> 2
 
     def close(self) -> None:
         for view in (self._u32, self._u16, self._u8):

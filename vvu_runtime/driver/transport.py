@@ -54,6 +54,7 @@ from vvu_runtime.vhost_user.transport import (
     KickSource,
     Notifier,
     NotifierKind,
+    Register32,
     Transport,
 )
 from vvu_runtime.virtio.errors import GuestMemoryError
@@ -376,6 +377,9 @@ class CompanionNotifier(Notifier):
         self.queue = queue
         self.doorbell = doorbell
         self._failed = False
+
+    def register(self) -> Register32 | None:
+        return self.vvu.call_register(self.queue)
 
     def signal(self) -> None:
         try:

@@ -53,6 +53,7 @@ from vvu_runtime.driver.pci import (
     PciFunction,
 )
 from vvu_runtime.driver.virtio_pci import DriverQueue, Structure, VirtioPciDriver, ring_bytes
+from vvu_runtime.vhost_user.transport import Register32
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.pci_layout import NO_VECTOR, DeviceStatus, VirtioPciCapType
 from vvu_runtime.virtio.vvu_abi import (
@@ -342,6 +343,16 @@ class VvuDriver:
             self.doorbell(doorbell)
             return
         companion.ring(ivshmem_doorbell(peer, queue))
+
+    def call_register(self, queue: int) -> Register32 | None:
+        """:meth:`ring_call` of ``queue`` as the register store a compiled loop makes
+        itself, while the companion carries it under the current peer ID; None
+        otherwise (call ring_call)."""
+        companion = self.companion
+        peer = self.doorbell_peer
+        if companion is None or peer == NO_DOORBELL_PEER:
+            return None
+        return companion.register(ivshmem_doorbell(peer, queue))
 
     def doorbell(self, index: int) -> None:
         """Ring doorbell ``index`` (one trapped 16-bit write)."""

@@ -60,6 +60,10 @@ from vvu_runtime.virtio.memory import DirtyLog, MappedRegion, MemoryRegion, map_
 
 # --------------------------------------------------------------------------- notifiers
 
+#: A memory-mapped 32-bit register and what to store in it: (its window, writable;
+#: the register's index in that window counted in 32-bit words; the value).
+Register32 = tuple[memoryview, int, int]
+
 
 class NotifierKind(enum.StrEnum):
     """What a notifier signals: a vring's call or err, or the dirty log (SET_LOG_FD)."""
@@ -79,6 +83,12 @@ class Notifier(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the resource behind the notifier."""
+
+    def register(self) -> Register32 | None:
+        """The 32-bit store that raises this notification now, for a compiled loop
+        that rings it itself (backends/blk/_serve_c.c); None: call :meth:`signal`.
+        Valid until the session next changes the notifier."""
+        return None
 
 
 class KickSource(ABC):

@@ -248,6 +248,8 @@ typedef struct {
 
 static SplitCoreAPI *api;
 static PyObject *str_refresh, *str_view, *str_counter, *str_batch, *str_queue_size;
+static PyObject *str_event_idx, *str_signalled_used, *str_signalled_valid, *str_call,
+    *str_missed_call, *str_signal;
 
 /* The split ring module's capsule, the first time a burst needs it (serve_fast
  * works without the compiled ring). 0, or -1 with an exception. */
@@ -493,91 +495,240 @@ static Py_ssize_t ready(SplitCore *s, Py_ssize_t limit, int python_refresh)
     return n;
 }
 
-/* serve_burst(ring, tracker, notify, limit, budget, spin_us, turn_s, fd,
+/* SplitQueue.should_notify's state (_event_idx, _signalled_used, _signalled_valid):
+ * read when a burst starts, written back when it ends (nothing else runs on the
+ * ring in between). */
+typedef struct {
+    int event_idx;
+    uint16_t signalled_used;
+    int signalled_valid;
+    int changed;
+} notice_t;
+
+static int notice_read(PyObject *ring, notice_t *n)
+{
+    PyObject *e = PyObject_GetAttr(ring, str_event_idx);
+    PyObject *u = e ? PyObject_GetAttr(ring, str_signalled_used) : NULL;
+    PyObject *v = u ? PyObject_GetAttr(ring, str_signalled_valid) : NULL;
+    int ok = v && PyLong_Check(u);
+    if (ok) {
+        long used = PyLong_AsLong(u);
+        n->event_idx = PyObject_IsTrue(e);
+        n->signalled_valid = PyObject_IsTrue(v);
+        ok = used >= 0 && used <= 0xFFFF && n->event_idx >= 0 && n->signalled_valid >= 0;
+        n->signalled_used = (uint16_t)used;
+        n->changed = 0;
+    }
+    Py_XDECREF(e);
+    Py_XDECREF(u);
+    Py_XDECREF(v);
+    if (!ok)
+        PyErr_Clear();
+    return ok ? 0 : -1;
+}
+
+static int notice_write(PyObject *ring, const notice_t *n)
+{
+    if (!n->changed)
+        return 0;
+    PyObject *u = PyLong_FromLong(n->signalled_used);
+    int rc = (!u || PyObject_SetAttr(ring, str_signalled_used, u) < 0
+              || PyObject_SetAttr(ring, str_signalled_valid,
+                                  n->signalled_valid ? Py_True : Py_False) < 0) ? -1 : 0;
+    Py_XDECREF(u);
+    return rc;
+}
+
+/* SplitQueue.should_notify(), on that state. */
+static int should_notify(SplitCore *s, notice_t *n)
+{
+    uint16_t new_idx = (uint16_t)s->used_idx, old = n->signalled_used;
+    if (new_idx == old)
+        return 0;
+    n->signalled_used = new_idx;
+    n->changed = 1;
+    /* Our used idx before the driver's wishes (store then load). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (!n->event_idx)
+        return !(avail_at(s, 0) & 1); /* VRING_AVAIL_F_NO_INTERRUPT */
+    if (!n->signalled_valid) {
+        n->signalled_valid = 1;
+        return 1;
+    }
+    uint16_t event = avail_at(s, 2 + s->size); /* used_event */
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+/* What a burst holds while it runs. */
+typedef struct {
+    tracker_t t;
+    Py_buffer bounce_buf, bell_buf;
+    Py_buffer *bounce, *bell;
+    uint32_t bell_word, bell_value;
+    notice_t notice;
+} held_t;
+
+/* The tracker's records (see tracker_t); 0, or -1: not one we can keep (defer). */
+static int hold_tracker(PyObject *obj, SplitCore *s, tracker_t *t)
+{
+    t->on = 0;
+    if (obj == Py_None)
+        return 0;
+    PyObject *batch = PyObject_GetAttr(obj, str_batch);
+    PyObject *view = batch ? PyObject_GetAttr(obj, str_view) : NULL;
+    PyObject *counter = view ? PyObject_GetAttr(obj, str_counter) : NULL;
+    PyObject *qsize = counter ? PyObject_GetAttr(obj, str_queue_size) : NULL;
+    int ok = qsize && PyList_CheckExact(batch) && !PyList_GET_SIZE(batch)
+             && PyLong_CheckExact(counter) && PyLong_CheckExact(qsize)
+             && PyLong_AsLong(qsize) >= (long)s->size
+             && PyObject_GetBuffer(view, &t->buf, PyBUF_WRITABLE) == 0;
+    if (ok) {
+        t->on = 1;
+        t->counter = PyLong_AsUnsignedLongLong(counter);
+        if (PyErr_Occurred() || (size_t)t->buf.len < 16 + 16 * (size_t)s->size
+                || t->counter > (UINT64_MAX >> 1))
+            ok = 0;
+    }
+    Py_XDECREF(batch);
+    Py_XDECREF(view);
+    Py_XDECREF(counter);
+    Py_XDECREF(qsize);
+    if (!ok) {
+        PyErr_Clear();
+        if (t->on)
+            PyBuffer_Release(&t->buf);
+        t->on = 0;
+        return -1;
+    }
+    return 0;
+}
+
+/* The doorbell register (vhost_user.transport.Register32): (window, word, value). */
+static int hold_bell(PyObject *obj, held_t *h)
+{
+    h->bell = NULL;
+    if (obj == Py_None)
+        return 0;
+    if (!PyTuple_CheckExact(obj) || PyTuple_GET_SIZE(obj) != 3)
+        return -1;
+    unsigned long word = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(obj, 1));
+    unsigned long value = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(obj, 2));
+    if (PyErr_Occurred() || value > UINT32_MAX
+            || PyObject_GetBuffer(PyTuple_GET_ITEM(obj, 0), &h->bell_buf, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (word > ((size_t)h->bell_buf.len >> 2) - 1 || h->bell_buf.len < 4
+            || ((uintptr_t)h->bell_buf.buf & 3)) {
+        PyBuffer_Release(&h->bell_buf);
+        return -1;
+    }
+    h->bell = &h->bell_buf;
+    h->bell_word = (uint32_t)word;
+    h->bell_value = (uint32_t)value;
+    return 0;
+}
+
+/* Vring.notify(), after a group: the driver's wishes, then the doorbell store, or
+ * the call notifier's signal(), or missed_call when there is none. */
+static int notify(SplitCore *s, PyObject *vring, held_t *h)
+{
+    if (!should_notify(s, &h->notice))
+        return 0;
+    if (h->bell) {
+        ((volatile uint32_t *)h->bell->buf)[h->bell_word] = h->bell_value;
+        return 0;
+    }
+    PyObject *call = PyObject_GetAttr(vring, str_call);
+    if (!call)
+        return -1;
+    int rc = 0;
+    if (call == Py_None) {
+        rc = PyObject_SetAttr(vring, str_missed_call, Py_True);
+    } else {
+        PyObject *r = PyObject_CallMethodNoArgs(call, str_signal);
+        rc = r ? 0 : -1;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(call);
+    return rc;
+}
+
+static void let_go(held_t *h)
+{
+    if (h->t.on)
+        PyBuffer_Release(&h->t.buf);
+    if (h->bounce)
+        PyBuffer_Release(h->bounce);
+    if (h->bell)
+        PyBuffer_Release(h->bell);
+}
+
+/* serve_burst(ring, tracker, vring, bell, limit, budget, spin_us, turn_s, fd,
  *             capacity_bytes, write_ok[, bounce, align]) -> (served, why)
  *
  * BlkDevice.process()'s loop, compiled, for a CompiledSplitQueue without dirty
  * logging: groups of up to `limit` chains (as pop_many(limit) takes them), each
  * served, pushed with one used-idx update (inflight records kept as the Python
  * Vring keeps them when `tracker`, a SplitInflight bound to this ring, is given)
- * and followed by notify(). When the ring is empty: with `spin_us` > 0 (the
- * caller turned the driver's kicks off) it watches avail idx that long for more,
- * otherwise it asks _refresh_avail (re-arming kicks) and returns.
+ * and followed by what vring.notify() does, should_notify included; `bell` (the
+ * call notifier's register(), or None) is stored to instead of calling its
+ * signal(). When the ring is empty: with `spin_us` > 0 (the caller turned the
+ * driver's kicks off) it watches avail idx that long for more, otherwise it asks
+ * _refresh_avail (re-arming kicks) and returns.
  *
- * why: EMPTY (nothing more came), DEFER (the next chain is not one we serve:
- * Python pops it), BUDGET (`budget` requests served), TURN (`turn_s` passed while
- * spinning found more). After DEFER the caller serves one group in Python (the
- * one we declined, as pop_many(limit) takes it) and calls again. Groups are
- * served whole or left whole, so pushes and notifications fall where the Python
- * loop's do; an I/O that fails or comes up short leaves its group to Python,
- * which redoes it (I/O is idempotent) and reports the error. */
+ * why: EMPTY (nothing more came), DEFER (the next group is not one we serve:
+ * the caller serves one group in Python, as pop_many(limit) takes it, and calls
+ * again), BUDGET (`budget` requests served), TURN (`turn_s` passed while
+ * spinning found more). Groups are served whole or left whole, so pushes and
+ * notifications fall where the Python loop's do; an I/O that fails or comes up
+ * short leaves its group to Python, which redoes it (I/O is idempotent) and
+ * reports the error. */
 static PyObject *serve_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10 && nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "serve_burst() takes 10 or 12 arguments");
+    if (nargs != 11 && nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "serve_burst() takes 11 or 13 arguments");
         return NULL;
     }
     if (need_api() < 0)
         return NULL;
-    PyObject *tracker_obj = args[1], *notify = args[2];
-    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
-    Py_ssize_t budget = PyLong_AsSsize_t(args[4]);
-    double spin_us = PyFloat_AsDouble(args[5]);
-    double turn_s = PyFloat_AsDouble(args[6]);
-    long fd = PyLong_AsLong(args[7]);
-    unsigned long long capacity = PyLong_AsUnsignedLongLong(args[8]);
-    int write_ok = PyObject_IsTrue(args[9]);
-    unsigned long long align = nargs == 12 ? PyLong_AsUnsignedLongLong(args[11]) : 1;
+    PyObject *ring = args[0], *tracker_obj = args[1], *vring = args[2];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t budget = PyLong_AsSsize_t(args[5]);
+    double spin_us = PyFloat_AsDouble(args[6]);
+    double turn_s = PyFloat_AsDouble(args[7]);
+    long fd = PyLong_AsLong(args[8]);
+    unsigned long long capacity = PyLong_AsUnsignedLongLong(args[9]);
+    int write_ok = PyObject_IsTrue(args[10]);
+    unsigned long long align = nargs == 13 ? PyLong_AsUnsignedLongLong(args[12]) : 1;
     if (PyErr_Occurred())
         return NULL;
-    if (!PyObject_TypeCheck(args[0], api->core_type)) {
+    if (!PyObject_TypeCheck(ring, api->core_type)) {
         PyErr_SetString(PyExc_TypeError, "serve_burst() needs a compiled split ring");
         return NULL;
     }
-    SplitCore *s = (SplitCore *)args[0];
+    SplitCore *s = (SplitCore *)ring;
     if (!s->bound || s->log_all || limit <= 0 || limit > MAX_GROUP || budget <= 0
             || fd < 0 || fd > INT_MAX || !align || (align & (align - 1)))
         return Py_BuildValue("(ii)", 0, WHY_DEFER);
 
-    tracker_t t = {.on = 0};
-    Py_buffer bounce_buf;
-    Py_buffer *bounce = NULL;
-    if (tracker_obj != Py_None) {
-        PyObject *batch = PyObject_GetAttr(tracker_obj, str_batch);
-        PyObject *view = batch ? PyObject_GetAttr(tracker_obj, str_view) : NULL;
-        PyObject *counter = view ? PyObject_GetAttr(tracker_obj, str_counter) : NULL;
-        PyObject *qsize = counter ? PyObject_GetAttr(tracker_obj, str_queue_size) : NULL;
-        int ok = qsize && PyList_CheckExact(batch) && !PyList_GET_SIZE(batch)
-                 && PyLong_CheckExact(counter) && PyLong_CheckExact(qsize)
-                 && PyLong_AsLong(qsize) >= (long)s->size
-                 && PyObject_GetBuffer(view, &t.buf, PyBUF_WRITABLE) == 0;
-        if (ok) {
-            t.on = 1;
-            t.counter = PyLong_AsUnsignedLongLong(counter);
-            if (PyErr_Occurred() || (size_t)t.buf.len < 16 + 16 * (size_t)s->size
-                    || t.counter > (UINT64_MAX >> 1))
-                ok = 0;
-        }
-        Py_XDECREF(batch);
-        Py_XDECREF(view);
-        Py_XDECREF(counter);
-        Py_XDECREF(qsize);
-        if (!ok) {
+    held_t h = {.bounce = NULL, .bell = NULL};
+    h.t.on = 0;
+    if (hold_tracker(tracker_obj, s, &h.t) < 0 || notice_read(ring, &h.notice) < 0
+            || (h.notice.event_idx && s->avail_buf.len < 2 * (Py_ssize_t)(3 + s->size))
+            || hold_bell(args[3], &h) < 0) {
+        let_go(&h);
+        return Py_BuildValue("(ii)", 0, WHY_DEFER);
+    }
+    if (nargs == 13) {
+        if (PyObject_GetBuffer(args[11], &h.bounce_buf, PyBUF_WRITABLE) < 0) {
             PyErr_Clear();
-            if (t.on)
-                PyBuffer_Release(&t.buf);
+            let_go(&h);
             return Py_BuildValue("(ii)", 0, WHY_DEFER);
         }
+        h.bounce = &h.bounce_buf;
     }
-    if (nargs == 12) {
-        if (PyObject_GetBuffer(args[10], &bounce_buf, PyBUF_WRITABLE) < 0) {
-            PyErr_Clear();
-            if (t.on)
-                PyBuffer_Release(&t.buf);
-            return Py_BuildValue("(ii)", 0, WHY_DEFER);
-        }
-        bounce = &bounce_buf;
-    }
+    tracker_t *t = &h.t;
 
     static group_t *kept;
     static int kept_busy;
@@ -585,8 +736,8 @@ static PyObject *serve_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py
     if (!g) {
         g = PyMem_Malloc(sizeof(group_t));
         if (!g) {
-            PyErr_NoMemory();
-            goto fail;
+            let_go(&h);
+            return PyErr_NoMemory();
         }
         if (!kept_busy && !kept)
             kept = g;
@@ -644,7 +795,7 @@ static PyObject *serve_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py
         uint32_t done = 0;
         while (done < m) {
             req_t *r = &g->reqs[done];
-            if (transfer((int)fd, r, g->iov, bounce) < 0)
+            if (transfer((int)fd, r, g->iov, h.bounce) < 0)
                 break;
             *(volatile uint8_t *)r->status = 0; /* Status.OK */
             done++;
@@ -657,35 +808,33 @@ static PyObject *serve_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py
          * list), the used elements, one used-idx update, the records cleared. */
         uint32_t idx = (uint32_t)s->used_idx;
         uint16_t lbh = 0;
-        if (t.on)
-            memcpy(&lbh, (uint8_t *)t.buf.buf + 12, 2);
+        if (t->on)
+            memcpy(&lbh, (uint8_t *)t->buf.buf + 12, 2);
         for (uint32_t k = 0; k < m; k++) {
             req_t *r = &g->reqs[k];
             uint64_t written = r->in ? r->length + 1 : 1;
-            if (t.on) {
-                begin(&t, r->head);
-                memcpy(rec(&t, r->head) + 6, &lbh, 2);
+            if (t->on) {
+                begin(t, r->head);
+                memcpy(rec(t, r->head) + 6, &lbh, 2);
                 lbh = r->head;
             }
             put_elem(s, idx + k, (int64_t)(r->head | written << 32));
         }
-        if (t.on)
-            memcpy((uint8_t *)t.buf.buf + 12, &lbh, 2);
+        if (t->on)
+            memcpy((uint8_t *)t->buf.buf + 12, &lbh, 2);
         s->last_avail = (int)((last + m) & 0xFFFF);
         publish(s, (idx + m) & 0xFFFF);
-        if (t.on) {
+        if (t->on) {
             uint16_t used = (uint16_t)s->used_idx;
             for (uint32_t k = 0; k < m; k++)
-                rec(&t, g->reqs[k].head)[0] = 0;
-            memcpy((uint8_t *)t.buf.buf + 14, &used, 2);
+                rec(t, g->reqs[k].head)[0] = 0;
+            memcpy((uint8_t *)t->buf.buf + 14, &used, 2);
         }
         served += m;
-        PyObject *res = PyObject_CallNoArgs(notify);
-        if (!res) {
+        if (notify(s, vring, &h) < 0) {
             error = 1;
             break;
         }
-        Py_DECREF(res);
         if (served >= budget) {
             why = WHY_BUDGET;
             break;
@@ -696,33 +845,26 @@ static PyObject *serve_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py
         kept_busy = 0;
     else
         PyMem_Free(g);
-    if (t.on) {
-        /* The records written stay: the next counter must follow them (keeping
-         * notify()'s exception, if any, for the caller). */
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        PyObject *c = PyLong_FromUnsignedLongLong(t.counter);
+    /* What the ring and the tracker must remember (keeping notify()'s exception,
+     * if any, for the caller). */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (notice_write(ring, &h.notice) < 0)
+        error = 1;
+    if (t->on) {
+        PyObject *c = PyLong_FromUnsignedLongLong(t->counter);
         if (!c || PyObject_SetAttr(tracker_obj, str_counter, c) < 0)
             error = 1;
         Py_XDECREF(c);
-        if (et) {
-            PyErr_Clear();
-            PyErr_Restore(et, ev, tb);
-        }
-        PyBuffer_Release(&t.buf);
     }
-    if (bounce)
-        PyBuffer_Release(bounce);
+    if (et) {
+        PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
+    let_go(&h);
     if (error)
         return NULL;
     return Py_BuildValue("(ni)", served, why);
-
-fail:
-    if (t.on)
-        PyBuffer_Release(&t.buf);
-    if (bounce)
-        PyBuffer_Release(bounce);
-    return NULL;
 }
 
 static PyMethodDef methods[] = {
@@ -747,7 +889,15 @@ PyMODINIT_FUNC PyInit__serve_c(void)
     str_counter = PyUnicode_InternFromString("_counter");
     str_batch = PyUnicode_InternFromString("_batch");
     str_queue_size = PyUnicode_InternFromString("queue_size");
-    if (!str_refresh || !str_view || !str_counter || !str_batch || !str_queue_size)
+    str_event_idx = PyUnicode_InternFromString("_event_idx");
+    str_signalled_used = PyUnicode_InternFromString("_signalled_used");
+    str_signalled_valid = PyUnicode_InternFromString("_signalled_valid");
+    str_call = PyUnicode_InternFromString("call");
+    str_missed_call = PyUnicode_InternFromString("missed_call");
+    str_signal = PyUnicode_InternFromString("signal");
+    if (!str_refresh || !str_view || !str_counter || !str_batch || !str_queue_size
+            || !str_event_idx || !str_signalled_used || !str_signalled_valid || !str_call
+            || !str_missed_call || !str_signal)
         return NULL;
     return PyModule_Create(&module_def);
 }

@@ -42,6 +42,7 @@ from vvu_runtime.backends.blk.image import RawImage
 from vvu_runtime.backends.turns import LoopTurns
 from vvu_runtime.vhost_user.device import VhostUserDevice
 from vvu_runtime.vhost_user.messages import ProtocolFeature as PF
+from vvu_runtime.vhost_user.transport import Register32
 from vvu_runtime.virtio import accel, blk
 from vvu_runtime.virtio.blk import (
     ID_BYTES,
@@ -72,11 +73,11 @@ class ServeFast(Protocol):
 
 
 class ServeBurst(Protocol):
-    """serve_burst(ring, tracker, notify, limit, budget, spin_us, turn_s, fd,
+    """serve_burst(ring, tracker, vring, bell, limit, budget, spin_us, turn_s, fd,
     capacity_bytes, write_ok[, bounce, align]) -> (served, why) (_serve_c.c)."""
 
-    def __call__(self, ring: Virtqueue, tracker: SplitInflight | None,
-                 notify: Callable[[], None], limit: int, budget: int, spin_us: float,
+    def __call__(self, ring: Virtqueue, tracker: SplitInflight | None, vring: Vring,
+                 bell: Register32 | None, limit: int, budget: int, spin_us: float,
                  turn_s: float, fd: int, capacity_bytes: int, write_ok: bool,
                  bounce: memoryview = ..., align: int = ..., /) -> tuple[int, int]: ...
 
@@ -359,7 +360,10 @@ class BlkDevice(VhostUserDevice):
                   image.alignment)
         else:
             return None
-        return (queue, tracker, vring.notify), io
+        call = vring.call
+        # The call as one register store (the appliance's doorbell companion), or None.
+        bell = None if call is None else call.register()
+        return (queue, tracker, vring, bell), io
 
     def _process_burst(self, vring: Vring, head: tuple[object, ...],
                        io: tuple[object, ...]) -> None:
