@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch_lab import Lab, explain
-from tests.support.soak_lab import IVSHMEM, VVU_FUNCTION, SoakLab, topology_yaml
+from tests.support.soak_lab import (
+    BUSY_POLL_US,
+    IVSHMEM,
+    VVU_FUNCTION,
+    SoakLab,
+    topology_yaml,
+)
 from vvu_runtime.launch.toolchain import Toolchain
 
 pytestmark = [pytest.mark.integration, pytest.mark.acceptance, pytest.mark.timeout(900)]
@@ -47,6 +53,26 @@ def soak(toolchain: Toolchain) -> Iterator[SoakLab]:
         left = lab.leftovers()
         shutil.rmtree(state, ignore_errors=True)
         assert down.returncode == 0 and left == [], f"{explain(down)}\nleft: {left}"
+
+
+def test_completions_bypass_vvu_devd_through_the_companion(soak: SoakLab) -> None:
+    """First, while nothing was disrupted: st1 runs with doorbell_bypass and busy
+    polling, so vvu-blk's compiled loop rings c1's calls as one store to the
+    companion's Doorbell register. Every acknowledged record is verified, and the
+    link's trapped doorbells (vvu-devd's count) stay at the err/log ones: none."""
+    st1 = soak.host("st1")
+    polling = st1.check_output("ps -eo args | grep -c '/usr/bin/[v]vu-blk .*--busy-poll "
+                               f"{BUSY_POLL_US}' || true")
+    assert polling.strip() == "1", polling
+    before = {lk["name"]: lk for lk in soak.lab.status()["links"]}
+    r = soak.phase("writes through the companion", lambda _: None, 0, count=400)
+    after = {lk["name"]: lk for lk in soak.lab.status()["links"]}
+    print(r.to_json(), before, after)  # the figures, shown with -rP
+    assert r.lost == [] and r.acknowledged == 400, r
+    assert r.verified_in_consumer == r.verified_in_image == r.acknowledged, r
+    (name,) = after
+    assert after[name]["doorbells"] == before[name]["doorbells"], (before, after)
+    assert after[name]["kicks"] > before[name]["kicks"]  # the link carried the I/O
 
 
 def test_consumer_reconnects_during_verified_writes_lose_nothing(soak: SoakLab) -> None:
