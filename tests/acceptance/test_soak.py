@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.launch_lab import Lab, explain
+from tests.support.launch_lab import Lab, explain, wait_until
 from tests.support.soak_lab import (
     BUSY_POLL_US,
     IVSHMEM,
@@ -60,10 +60,17 @@ def test_completions_bypass_vvu_devd_through_the_companion(soak: SoakLab) -> Non
     polling, so vvu-blk's compiled loop rings c1's calls as one store to the
     companion's Doorbell register. Every acknowledged record is verified, and the
     link's trapped doorbells (vvu-devd's count) stay at the err/log ones: none."""
+    soak.wait_backend_serving()
     st1 = soak.host("st1")
-    polling = st1.check_output("ps -eo args | grep -c '/usr/bin/[v]vu-blk .*--busy-poll "
-                               f"{BUSY_POLL_US}' || true")
-    assert polling.strip() == "1", polling
+    seen: list[str] = []
+
+    def polling() -> bool:
+        seen.append(st1.check_output("ps -eo args | grep '[v]vu-blk' || true"))
+        return f"--busy-poll {BUSY_POLL_US}" in seen[-1]
+    try:
+        wait_until(f"vvu-blk in st1 running with --busy-poll {BUSY_POLL_US}", polling, 120, 2)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; its processes: {seen[-1]!r}") from None
     before = {lk["name"]: lk for lk in soak.lab.status()["links"]}
     r = soak.phase("writes through the companion", lambda _: None, 0, count=400)
     after = {lk["name"]: lk for lk in soak.lab.status()["links"]}
