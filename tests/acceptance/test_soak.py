@@ -64,13 +64,14 @@ def test_completions_bypass_vvu_devd_through_the_companion(soak: SoakLab) -> Non
     st1 = soak.host("st1")
     seen: list[str] = []
 
-    def polling() -> bool:
-        seen.append(st1.check_output("ps -eo args | grep '[v]vu-blk' || true"))
-        return f"--busy-poll {BUSY_POLL_US}" in seen[-1]
+    def polling() -> bool:  # vvu-blk's start line (it may run inside vvu-backend)
+        seen.append(st1.check_output("journalctl -u vvu-blk --no-pager -o cat | grep -a "
+                                     "'sectors of 512 bytes' || true"))
+        return f"busy poll {BUSY_POLL_US} us" in seen[-1]
     try:
-        wait_until(f"vvu-blk in st1 running with --busy-poll {BUSY_POLL_US}", polling, 120, 2)
+        wait_until(f"vvu-blk in st1 serving with busy poll {BUSY_POLL_US} us", polling, 120, 2)
     except AssertionError as e:
-        raise AssertionError(f"{e}; its processes: {seen[-1]!r}") from None
+        raise AssertionError(f"{e}; its start lines: {seen[-1]!r}") from None
     before = {lk["name"]: lk for lk in soak.lab.status()["links"]}
     r = soak.phase("writes through the companion", lambda _: None, 0, count=400)
     after = {lk["name"]: lk for lk in soak.lab.status()["links"]}

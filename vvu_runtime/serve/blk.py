@@ -172,10 +172,11 @@ def _serve(args: argparse.Namespace) -> int:
         def announce() -> None:
             mode = "read-only" if args.read_only else "read-write"
             cache = ", O_DIRECT" if args.direct else ""
+            poll = f", busy poll {args.busy_poll:g} us" if args.busy_poll else ""
             for dev in devices:
-                log.info("%s: %s, %d sectors of 512 bytes, blk_size %d, %d queue(s), %s%s",
+                log.info("%s: %s, %d sectors of 512 bytes, blk_size %d, %d queue(s), %s%s%s",
                          dev.name, dev.image.path, dev.capacity, dev.blk_size, args.queues,
-                         mode, cache)
+                         mode, cache, poll)
 
         return run(endpoints, program=PROGRAM, log_level=args.log_level, ready=announce)
     finally:
