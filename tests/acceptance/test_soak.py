@@ -73,10 +73,10 @@ def test_completions_bypass_vvu_devd_through_the_companion(soak: SoakLab) -> Non
     except AssertionError as e:
         raise AssertionError(f"{e}; its start lines: {seen[-1]!r}") from None
     before = {lk["name"]: lk for lk in soak.lab.status()["links"]}
-    r = soak.phase("writes through the companion", lambda _: None, 0, count=400)
+    r = soak.phase("writes through the companion", lambda _: None, 0, count=400, progress=300)
     after = {lk["name"]: lk for lk in soak.lab.status()["links"]}
     print(r.to_json(), before, after)  # the figures, shown with -rP
-    assert r.lost == [] and r.acknowledged == 400, r
+    assert r.lost == [] and r.acknowledged >= 300, r
     assert r.verified_in_consumer == r.verified_in_image == r.acknowledged, r
     (name,) = after
     assert after[name]["doorbells"] == before[name]["doorbells"], (before, after)
