@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ TABLES = 0x8000  # indirect tables, 1 KiB each
 BUFS = 0x2_0000  # headers, data and status bytes from here
 SECTORS = 256  # a 128 KiB image
 HOLE = 0xF0_0000_0000  # mapped by nobody
+REPO = Path(__file__).resolve().parents[2]
 BASE = int(VirtioFeature.VERSION_1) | int(VirtioFeature.INDIRECT_DESC)
 EVENT_IDX = int(VirtioFeature.EVENT_IDX)
 
@@ -578,3 +581,17 @@ def requests(draw: st.DrawFn) -> Req:
 def test_random_requests(tmp_path: Path, reqs: list[Req], event_idx: bool,
                          inflight: bool) -> None:
     same(tmp_path, reqs, features=BASE | (EVENT_IDX if event_idx else 0), inflight=inflight)
+
+
+def test_the_loop_benchmark_runs_all_three_loops(tmp_path: Path) -> None:
+    """benchmarks/blk_loop.py, briefly, in its own process (with the compiled path on,
+    whatever this run forces)."""
+    env = {k: v for k, v in os.environ.items() if k != "VVU_PURE_PYTHON"}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "blk_loop.py"),
+                          "--seconds", "0.05", "--depths", "1,4"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"QD1", "QD4"}, out.stdout
+    for cells in rows.values():
+        assert len(cells) == 5 and all(float(c) > 0 for c in cells), out.stdout
