@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.test_split_compiled import compiled_class
+from tests.unit.test_switch_compiled import Counting
 from vvu_runtime.backends.blk import device as device_mod
 from vvu_runtime.backends.blk.device import BlkDevice
 from vvu_runtime.backends.blk.image import RawImage
@@ -71,14 +72,6 @@ def serve_burst() -> device_mod.ServeBurst:
         pytest.fail("the compiled ring is built but _serve_c.serve_burst is not: run ./setup",
                     pytrace=False)
     return fn
-
-
-class Counting(Notifier):
-    def __init__(self) -> None:
-        self.count = 0
-
-    def signal(self) -> None:
-        self.count += 1
 
 
 @dataclass
