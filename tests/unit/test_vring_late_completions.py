@@ -19,6 +19,7 @@ import pytest
 from vvu_runtime.vhost_user.transport import Notifier
 from vvu_runtime.vhost_user.vring import Vring
 from vvu_runtime.virtio.driver_ring import SplitDriverRing
+from vvu_runtime.virtio.errors import GuestMemoryError
 from vvu_runtime.virtio.features import VirtioFeature
 from vvu_runtime.virtio.memory import GuestMemory, memfd_region
 from vvu_runtime.virtio.queue import RingAddresses
@@ -192,3 +193,27 @@ def test_without_event_idx_a_used_ring_with_entries_is_signalled(
     vring.features, vring.kick_nofd = features, True
     vring.start(memory)
     assert vring.missed_call  # no call fd yet: signalled when SET_VRING_CALL comes
+
+
+def test_pop_many_hands_out_good_chains_before_a_bad_one_and_raises_next(
+        memory: GuestMemory) -> None:
+    """While late completions are skipped, pop_many pops one chain at a time: a bad
+    chain after good ones must not cost the good ones (popped, then never completed)
+    nor be lost itself. As the rings' own pop_many: the good ones come out, the next
+    call raises for the bad one."""
+    driver: SplitDriverRing[int] = SplitDriverRing.contiguous(memory, SIZE, RING,
+                                                              event_idx=True)
+    for token in range(2):
+        driver.add([(BUFS + 64 * token, 8)], [], token)
+    old = SplitQueue(0, SIZE, addresses(driver), memory, FEATURES, 0)
+    first, second = old.pop(), old.pop()
+    assert first is not None and second is not None
+    saved_base = old.used_idx
+    old.push(second, 0)  # the orphan's late completion: skipped by the new session
+    driver.add([(BUFS + 128, 8)], [], 2)
+    driver.add([(0xDEAD_0000_0000, 8)], [], 3)  # a buffer outside guest memory
+    vring = new_session(memory, driver, saved_base, CountingCall())
+    chains = vring.pop_many(8)
+    assert [c.head for c in chains] == [first.head, 2]
+    with pytest.raises(GuestMemoryError, match="not inside guest memory"):
+        vring.pop_many(8)

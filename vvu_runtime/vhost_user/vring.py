@@ -177,6 +177,7 @@ class Vring:
             return self._queue.pop()
         if self._held_error is not None:
             exc, self._held_error = self._held_error, None
+            self._tracking = self.inflight is not None or bool(self._done_early)
             raise exc
         if self._resubmit:
             return self._resubmit.pop(0)
@@ -230,8 +231,10 @@ class Vring:
                 if not chains:
                     raise
                 # As the rings' own pop_many: the good chains before a bad one are
-                # handed out (and get completed); the next call raises for it.
+                # handed out (and get completed); the next call raises for it (the
+                # tracking path stays on until then, whatever ended meanwhile).
                 self._held_error = exc
+                self._tracking = True
                 break
             if chain is None:
                 break
