@@ -177,7 +177,7 @@ class Vring:
             return self._queue.pop()
         if self._held_error is not None:
             exc, self._held_error = self._held_error, None
-            self._tracking = self.inflight is not None or bool(self._done_early)
+            self._retrack()
             raise exc
         if self._resubmit:
             return self._resubmit.pop(0)
@@ -191,11 +191,16 @@ class Vring:
             log.info("%s: chain %d was completed by the previous back-end: not run again",
                      self.name, chain.head)
             if not self._done_early:
-                self._tracking = self.inflight is not None
+                self._retrack()
             chain = self._queue.pop()
         if chain is not None and self.inflight is not None:
             self.inflight.fetched(chain)
         return chain
+
+    def _retrack(self) -> None:
+        """pop/push take the tracking path while there are inflight records to keep or
+        late completions to skip (a held error turns it on by itself)."""
+        self._tracking = self.inflight is not None or bool(self._done_early)
 
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Give ``chain`` back to the driver with ``written`` bytes filled in."""
@@ -347,7 +352,7 @@ class Vring:
                             "previous back-end completed after the front-end saved the "
                             "base; they will not run twice", self.name,
                             sum(self._done_early.values()), self.base)
-        self._tracking = self.inflight is not None or bool(self._done_early)
+        self._retrack()
         # A previous back-end may have completed requests whose call went to a
         # connection that is gone (vvu-devd killed between the used-ring update and
         # the doorbell). Interrupt the driver once when the ring says it may be

@@ -81,43 +81,48 @@ static Py_ssize_t view_len(PyObject *list, Py_ssize_t k)
     return PyMemoryView_Check(v) ? PyMemoryView_GET_BUFFER(v)->len : -1;
 }
 
-/* The transfer through the aligned `bounce` buffer: one pread then a copy out,
- * or a copy in then one pwrite. 0 when every byte moved, -1 otherwise (nothing
- * reported: serve() redoes the request). */
-static int bounced(PyObject *bounce, long fd, int in, const struct iovec *iov, Py_ssize_t n,
-                   uint64_t offset, uint64_t length)
+/* One request's transfer between the image and the guest buffers `iov`: one
+ * preadv/pwritev, or, with `bounce` (O_DIRECT into memory it cannot pin), through
+ * that aligned buffer when offset and length are multiples of `align`: one pread
+ * then a copy out, or a copy in then one pwrite. 0 when every byte moved, -1
+ * otherwise (nothing reported: the Python path redoes it). `unlocked`: release the
+ * GIL around the syscall; serve_burst keeps it, its raw guest pointers being valid
+ * only while no other Python code runs. */
+static int move(int fd, int in, const struct iovec *iov, Py_ssize_t n, uint64_t offset,
+                uint64_t length, const Py_buffer *bounce, uint64_t align, int unlocked)
 {
-    Py_buffer bb;
-    if (PyObject_GetBuffer(bounce, &bb, PyBUF_WRITABLE) < 0) {
-        PyErr_Clear();
-        return -1;
-    }
-    int rc = -1;
-    if ((uint64_t)bb.len < length)
-        goto out;
-    char *b = bb.buf;
     ssize_t done;
+    PyThreadState *ts;
+    if (!bounce) {
+        ts = unlocked ? PyEval_SaveThread() : NULL;
+        done = in ? preadv(fd, iov, (int)n, (off_t)offset) : pwritev(fd, iov, (int)n, (off_t)offset);
+        if (ts)
+            PyEval_RestoreThread(ts);
+        return (done < 0 || (uint64_t)done != length) ? -1 : 0;
+    }
+    if ((offset | length) & (align - 1) || (uint64_t)bounce->len < length)
+        return -1;
+    char *b = bounce->buf;
     if (in) {
-        Py_BEGIN_ALLOW_THREADS
-        done = pread((int)fd, b, (size_t)length, (off_t)offset);
-        Py_END_ALLOW_THREADS
+        ts = unlocked ? PyEval_SaveThread() : NULL;
+        done = pread(fd, b, (size_t)length, (off_t)offset);
+        if (ts)
+            PyEval_RestoreThread(ts);
         if (done < 0 || (uint64_t)done != length)
-            goto out;
+            return -1;
         for (Py_ssize_t k = 0; k < n; b += iov[k].iov_len, k++)
             memcpy(iov[k].iov_base, b, iov[k].iov_len);
     } else {
         for (Py_ssize_t k = 0; k < n; b += iov[k].iov_len, k++)
             memcpy(b, iov[k].iov_base, iov[k].iov_len);
-        Py_BEGIN_ALLOW_THREADS
-        done = pwrite((int)fd, bb.buf, (size_t)length, (off_t)offset);
-        Py_END_ALLOW_THREADS
+        ts = unlocked ? PyEval_SaveThread() : NULL;
+        done = pwrite(fd, bounce->buf, (size_t)length, (off_t)offset);
+        if (ts)
+            PyEval_RestoreThread(ts);
         if (done < 0 || (uint64_t)done != length)
-            goto out;
+            return -1;
     }
-    rc = 0;
-out:
-    PyBuffer_Release(&bb);
-    return rc;
+    return 0;
 }
 
 static PyObject *serve_fast(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
@@ -189,19 +194,17 @@ static PyObject *serve_fast(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_
     if (!length || (length & ((1u << SECTOR_SHIFT) - 1)) || offset > capacity
             || length > capacity - offset || offset > (uint64_t)LLONG_MAX)
         goto out;
-    ssize_t done;
-    if (nargs == 7) {
-        if ((offset | length) & (align - 1) || bounced(args[5], fd, in, iov, held, offset,
-                                                       length) < 0)
-            goto out;
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        done = in ? preadv((int)fd, iov, (int)held, (off_t)offset)
-                  : pwritev((int)fd, iov, (int)held, (off_t)offset);
-        Py_END_ALLOW_THREADS
-        if (done < 0 || (uint64_t)done != length)
-            goto out; /* serve() redoes it and reports the error its way */
+    Py_buffer bb;
+    if (nargs == 7 && PyObject_GetBuffer(args[5], &bb, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        goto out;
     }
+    /* A transfer that fails: serve() redoes it and reports the error its way. */
+    int moved = move((int)fd, in, iov, held, offset, length, nargs == 7 ? &bb : NULL, align, 1);
+    if (nargs == 7)
+        PyBuffer_Release(&bb);
+    if (moved < 0)
+        goto out;
     Py_buffer sb;
     if (PyObject_GetBuffer(PyList_GET_ITEM(writable, nw - 1), &sb, PyBUF_WRITABLE) < 0) {
         PyErr_Clear();
@@ -414,36 +417,6 @@ static int group_overlaps(SplitCore *s, group_t *g, uint32_t n)
             *end = rg[i].end;
     }
     return 0;
-}
-
-/* One request's transfer, GIL held (the guest pointers are valid only while no
- * other Python code runs); 0 when every byte moved. */
-static int transfer(int fd, const req_t *r, const struct iovec *iov, Py_buffer *bounce)
-{
-    const struct iovec *v = iov + r->seg;
-    if (bounce) {
-        if ((uint64_t)bounce->len < r->length)
-            return -1;
-        char *b = bounce->buf;
-        ssize_t done;
-        if (r->in) {
-            done = pread(fd, b, (size_t)r->length, (off_t)r->offset);
-            if (done < 0 || (uint64_t)done != r->length)
-                return -1;
-            for (uint32_t k = 0; k < r->nseg; b += v[k].iov_len, k++)
-                memcpy(v[k].iov_base, b, v[k].iov_len);
-        } else {
-            for (uint32_t k = 0; k < r->nseg; b += v[k].iov_len, k++)
-                memcpy(b, v[k].iov_base, v[k].iov_len);
-            done = pwrite(fd, bounce->buf, (size_t)r->length, (off_t)r->offset);
-            if (done < 0 || (uint64_t)done != r->length)
-                return -1;
-        }
-        return 0;
-    }
-    ssize_t done = r->in ? preadv(fd, v, (int)r->nseg, (off_t)r->offset)
-                         : pwritev(fd, v, (int)r->nseg, (off_t)r->offset);
-    return (done < 0 || (uint64_t)done != r->length) ? -1 : 0;
 }
 
 /* inflight.SplitInflight's records (its `view`, `_counter`), as begin, complete and
@@ -795,7 +768,8 @@ static PyObject *serve_burst(PyObject *Py_UNUSED(mod), PyObject *const *args, Py
         uint32_t done = 0;
         while (done < m) {
             req_t *r = &g->reqs[done];
-            if (transfer((int)fd, r, g->iov, h.bounce) < 0)
+            if (move((int)fd, r->in, g->iov + r->seg, r->nseg, r->offset, r->length, h.bounce,
+                     align, 0) < 0)
                 break;
             *(volatile uint8_t *)r->status = 0; /* Status.OK */
             done++;

@@ -390,13 +390,9 @@ class BlkDevice(VhostUserDevice):
                         return  # the ring failed
                     busy += served
                     left -= served
-                    if served:
-                        if left <= 0:
-                            if self._turns.come_back(vring):
-                                return
-                            left = self.turn_budget
+                    if served and left > 0:
                         continue
-                    why = BURST_EMPTY  # nothing there after all
+                    why = BURST_BUDGET if served else BURST_EMPTY  # or nothing there after all
                 if why != BURST_EMPTY or left <= 0:
                     if self._turns.come_back(vring):
                         return  # kicks back on below; served again soon
